@@ -1,0 +1,1 @@
+"""Pure jitted array kernels over batched (client-axis) pytrees."""
