@@ -1,1 +1,92 @@
-"""algorithms."""
+"""Algorithm registry: ``make(name, model, **hparams)`` validates and builds an algorithm.
+
+Each algorithm lives in its own module, with its paper in the module docstring, a factory
+``(model, **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own hyperparameters;
+the common ones (local budget, optimizer, participation, execution strategy) are
+``base.COMMON``.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from fedjax_sim.algorithms import (
+    apfl,
+    ditto,
+    fedavg,
+    fedavg_ft,
+    fedbabu,
+    fedper,
+    fedrep,
+    lg_fedavg,
+    local,
+)
+from fedjax_sim.algorithms.base import COMMON, Algorithm, HParam
+from fedjax_sim.models.base import Model
+
+_MODULES: dict[str, ModuleType] = {
+    "fedavg": fedavg,
+    "local": local,
+    "fedavg_ft": fedavg_ft,
+    "fedper": fedper,
+    "fedrep": fedrep,
+    "fedbabu": fedbabu,
+    "lg_fedavg": lg_fedavg,
+    "ditto": ditto,
+    "apfl": apfl,
+}
+
+ALGORITHMS: tuple[str, ...] = tuple(_MODULES)
+
+
+def hparam_specs(name: str) -> tuple[HParam, ...]:
+    """The common hyperparameters followed by the algorithm's own."""
+    return COMMON + _module(name).HPARAMS
+
+
+def _module(name: str) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {name!r}")
+    return _MODULES[name]
+
+
+def resolve(name: str, **hparams) -> dict:
+    """Checks ``hparams`` against the algorithm's specs and fills in defaults.
+
+    Raises:
+      ValueError: unknown algorithm or hyperparameter, wrong type, or value out of range;
+        the message names the parameter and what it allows.
+    """
+    specs = {spec.name: spec for spec in hparam_specs(name)}
+    unknown = sorted(set(hparams) - set(specs))
+    if unknown:
+        raise ValueError(
+            f"{name} has no hyperparameter {', '.join(unknown)}; valid: {', '.join(specs)}"
+        )
+    resolved = {}
+    for key, spec in specs.items():
+        value = hparams.get(key, spec.default)
+        if value is None and spec.default is not None:
+            raise ValueError(f"{key} must be {spec.allowed}, got None")
+        if value is not None:
+            if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, spec.kind) or (
+                spec.kind is int and isinstance(value, bool)
+            ):
+                raise ValueError(
+                    f"{key} must be {spec.allowed} ({spec.kind.__name__}), got {value!r}"
+                )
+        if not spec.check(value):
+            raise ValueError(f"{key} must be {spec.allowed}, got {value!r}")
+        resolved[key] = value
+    return resolved
+
+
+def make(name: str, model: Model, **hparams) -> Algorithm:
+    """Builds algorithm ``name`` for ``model`` after validating ``hparams``."""
+    module = _module(name)
+    return getattr(module, name)(model, **resolve(name, **hparams))
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "HParam", "hparam_specs", "make", "resolve"]

@@ -1,0 +1,107 @@
+"""APFL: adaptive personalized federated learning.
+
+Deng, Kamani, Mahdavi. "Adaptive Personalized Federated Learning." arXiv:2003.13461, 2020.
+
+Each client holds a personal model v and a mixing weight α. Per mini-batch it steps the
+global copy w on its own loss, then steps v on the loss of the mixed output
+``α·v(x) + (1 − α)·w(x)`` with w's output held fixed, and (adaptive α) steps α on the same
+loss, clipped to [0, 1]. w is uploaded and averaged; clients are evaluated on the mixed
+output with the current global model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.algorithms.base import (
+    Algorithm,
+    HParam,
+    client_optimizer,
+    cross_entropy_loss,
+    map_options,
+    num_params_bytes,
+    per_round_bytes,
+    schedule,
+)
+from fedjax_sim.core import local
+from fedjax_sim.core.evaluate import count_correct
+from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.state import SimState
+from fedjax_sim.kernels.aggregation import broadcast, weighted_mean
+from fedjax_sim.models.base import Model
+
+HPARAMS = (
+    HParam("apfl_alpha", 0.5, float, lambda v: 0 <= v <= 1, "in [0, 1]",
+           "APFL: initial mixing weight α of the personal model"),
+    HParam("apfl_adaptive", True, bool, lambda v: isinstance(v, bool), "true or false",
+           "APFL: learn α by gradient descent"),
+)
+
+
+def apfl(model: Model, **hp) -> Algorithm:
+    loss_fn = cross_entropy_loss(model)
+    optimizer = client_optimizer(hp)
+    budget = schedule(hp)
+    lr = hp["lr"]
+    adaptive = hp["apfl_adaptive"]
+
+    def init(key, data):
+        state_key, model_key = jax.random.split(key)
+        params = model.init(model_key)
+        clients = {
+            "params": broadcast(params, data.num_clients),
+            "alpha": jnp.full((data.num_clients,), hp["apfl_alpha"], jnp.float32),
+        }
+        return SimState.create(state_key, {"params": params}, clients, data.num_clients)
+
+    def step(carry, xb, yb, wb):
+        w, v, alpha, w_opt, v_opt = carry
+        loss, grads = jax.value_and_grad(loss_fn)(w, xb, yb, wb)
+        updates, w_opt = optimizer.update(grads, w_opt, w)
+        w = optax.apply_updates(w, updates)
+        w_logits = jax.lax.stop_gradient(model.apply(w, xb))
+
+        def mixed_loss(v, a):
+            logits = a * model.apply(v, xb) + (1.0 - a) * w_logits
+            return local.weighted_cross_entropy(logits, yb, wb)
+
+        v_grads, alpha_grad = jax.grad(mixed_loss, argnums=(0, 1))(v, alpha)
+        updates, v_opt = optimizer.update(v_grads, v_opt, v)
+        v = optax.apply_updates(v, updates)
+        if adaptive:
+            alpha = jnp.clip(alpha - lr * alpha_grad, 0.0, 1.0)
+        return (w, v, alpha, w_opt, v_opt), loss
+
+    def round_fn(state, data):
+        next_key, round_key = jax.random.split(state.key)
+        global_params = state.server["params"]
+
+        def client(own, x, y, n, key):
+            carry = (global_params, own["params"], own["alpha"],
+                     optimizer.init(global_params), optimizer.init(own["params"]))
+            (w, v, alpha, _, _), loss = local.scan_batches(step, carry, x, y, n, key, **budget)
+            return w, {"params": v, "alpha": alpha}, loss
+
+        result = run_cohort(
+            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
+            **map_options(hp),
+        )
+        server = {"params": weighted_mean(result.uploads, result.counts)}
+        return advance(state, next_key, server=server, clients=result.clients), {
+            "train_loss": result.loss
+        }
+
+    def evaluate(state, data):
+        def logits(own, global_params, x):
+            a = own["alpha"]
+            return a * model.apply(own["params"], x) + (1 - a) * model.apply(global_params, x)
+
+        return count_correct(
+            logits, state.clients, state.server["params"],
+            data.test_x, data.test_y, data.test_counts, **map_options(hp),
+        )
+
+    size = num_params_bytes(model)
+    return Algorithm("apfl", init, round_fn, evaluate, per_round_bytes(hp, size, size), hp)

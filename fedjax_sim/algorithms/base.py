@@ -1,0 +1,176 @@
+"""What every algorithm is: a pure (init, round, evaluate) triple made by a factory.
+
+A factory captures the model and the hyperparameters, optax-style, and returns an
+``Algorithm``. ``round`` and ``evaluate`` are pure and jittable; the host loop lives in
+``fedjax_sim.runner``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from fedjax_sim.core.cohort import STRATEGIES
+from fedjax_sim.core.local import weighted_cross_entropy
+from fedjax_sim.core.state import SimState
+from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.models.base import Model
+
+
+class Algorithm(NamedTuple):
+    """A federated algorithm bound to a model and its hyperparameters.
+
+    Attributes:
+      name: registry name.
+      init: ``(key, data) -> SimState``.
+      round: ``(state, data) -> (state, metrics)``; pure, jittable.
+      evaluate: ``(state, data) -> (correct[K], loss_sum[K])`` of the model each client
+        would use (its personalized model) on its own test set; pure, jittable.
+      comm_bytes: ``(data) -> (up, down)`` bytes per round over all sampled clients,
+        float32 payloads.
+      hparams: the resolved hyperparameters.
+    """
+
+    name: str
+    init: Callable[[jax.Array, FederatedData], SimState]
+    round: Callable[[SimState, FederatedData], tuple[SimState, dict]]
+    evaluate: Callable[[SimState, FederatedData], tuple[jax.Array, jax.Array]]
+    comm_bytes: Callable[[FederatedData], tuple[int, int]]
+    hparams: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class HParam:
+    """One hyperparameter: its default, type, valid range and help text."""
+
+    name: str
+    default: Any
+    kind: type
+    check: Callable[[Any], bool]
+    allowed: str
+    help: str
+    choices: tuple | None = None
+
+
+def _positive_int(name, default, help):
+    return HParam(name, default, int, lambda v: v >= 1, "a positive integer", help)
+
+
+def _optional_positive_int(name, help):
+    return HParam(
+        name, None, int, lambda v: v is None or v >= 1, "a positive integer or unset", help
+    )
+
+
+COMMON = (
+    _positive_int("local_epochs", 5, "local epochs per round"),
+    _optional_positive_int(
+        "local_steps", "fixed local steps per round instead of epochs (batches drawn with "
+        "replacement)"
+    ),
+    _positive_int("batch_size", 32, "local mini-batch size"),
+    HParam("lr", 0.01, float, lambda v: v > 0, "> 0", "client learning rate"),
+    HParam("momentum", 0.0, float, lambda v: 0 <= v < 1, "in [0, 1)", "client SGD momentum"),
+    HParam("weight_decay", 0.0, float, lambda v: v >= 0, ">= 0", "client L2 weight decay"),
+    HParam(
+        "join_ratio", 1.0, float, lambda v: 0 < v <= 1, "in (0, 1]",
+        "fraction of clients sampled per round",
+    ),
+    HParam(
+        "client_strategy", "auto", str, lambda v: v in STRATEGIES, f"one of {STRATEGIES}",
+        "how clients run: vmap, sequential map, chunked map, or auto by backend",
+        choices=STRATEGIES,
+    ),
+    _positive_int("chunk_size", 8, "clients per chunk for client_strategy=chunked"),
+)
+
+
+def client_optimizer(hp: dict) -> optax.GradientTransformation:
+    """SGD with optional momentum and L2 weight decay (the PFL benchmarks' client optimizer)."""
+    sgd = optax.sgd(hp["lr"], momentum=hp["momentum"] or None)
+    if hp["weight_decay"]:
+        return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd)
+    return sgd
+
+
+def cross_entropy_loss(model: Model) -> Callable:
+    """``(params, xb, yb, wb) -> weighted mean cross-entropy`` for ``model``."""
+
+    def loss(params, xb, yb, wb):
+        return weighted_cross_entropy(model.apply(params, xb), yb, wb)
+
+    return loss
+
+
+def schedule(hp: dict, epochs: int | None = None) -> dict:
+    """Keyword arguments of ``core.local`` for this run's local budget."""
+    if hp["local_steps"] is not None:
+        return {"batch_size": hp["batch_size"], "steps": hp["local_steps"]}
+    return {"batch_size": hp["batch_size"], "epochs": hp["local_epochs"] if epochs is None
+            else epochs}
+
+
+def map_options(hp: dict) -> dict:
+    """Keyword arguments of ``core.cohort.client_map``."""
+    return {"strategy": hp["client_strategy"], "chunk_size": hp["chunk_size"]}
+
+
+def num_params_bytes(model: Model, names: tuple[str, ...] | None = None) -> int:
+    """float32 bytes of the model's parameters (of the top-level layers ``names`` if given)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
+    if names is not None:
+        shapes = {n: s for n, s in shapes.items() if n in names}
+    return 4 * sum(int(leaf.size) for leaf in jax.tree.leaves(shapes))
+
+
+def per_round_bytes(hp: dict, up_per_client: int, down_per_client: int) -> Callable:
+    """``comm_bytes`` for algorithms whose payload per sampled client is fixed."""
+    from fedjax_sim.core.cohort import cohort_size
+
+    def comm_bytes(data: FederatedData) -> tuple[int, int]:
+        size = cohort_size(data.num_clients, hp["join_ratio"])
+        return size * up_per_client, size * down_per_client
+
+    return comm_bytes
+
+
+def shared_logits(model: Model) -> Callable:
+    """Evaluation logits for algorithms whose clients all use the global model."""
+    return lambda _client, params, x: model.apply(params, x)
+
+
+def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
+    """``evaluate`` that first fine-tunes the global model on each client's own training
+    data for ``epochs`` epochs (FedAvg+FT, FedBABU). The state is left untouched: every
+    evaluation fine-tunes afresh from the current global model."""
+    from fedjax_sim.core import local
+    from fedjax_sim.core.cohort import client_map
+
+    loss_fn = cross_entropy_loss(model)
+    optimizer = client_optimizer(hp)
+    budget = schedule(hp, epochs=epochs)
+
+    def evaluate(state: SimState, data: FederatedData):
+        global_params = state.server["params"]
+        keys = jax.random.split(jax.random.fold_in(state.key, 1), data.num_clients)
+
+        def one_client(x, y, n, tx, ty, tn, key):
+            params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
+            logits = model.apply(params, tx)
+            valid = jax.numpy.arange(tx.shape[0]) < tn
+            hits = jax.numpy.sum((logits.argmax(-1) == ty) & valid).astype(jax.numpy.int32)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, ty)
+            return hits, jax.numpy.sum(jax.numpy.where(valid, nll, 0.0))
+
+        return client_map(
+            one_client,
+            (data.train_x, data.train_y, data.train_counts,
+             data.test_x, data.test_y, data.test_counts, keys),
+            **map_options(hp),
+        )
+
+    return evaluate

@@ -1,0 +1,81 @@
+"""FedAvg.
+
+McMahan, Moore, Ramage, Hampson, Agüera y Arcas. "Communication-Efficient Learning of Deep
+Networks from Decentralized Data." AISTATS 2017.
+
+Each sampled client runs local SGD from the global model; the server replaces the global
+model by the sample-weighted mean of the returned models.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from fedjax_sim.algorithms.base import (
+    Algorithm,
+    client_optimizer,
+    cross_entropy_loss,
+    map_options,
+    num_params_bytes,
+    per_round_bytes,
+    schedule,
+    shared_logits,
+)
+from fedjax_sim.core import local
+from fedjax_sim.core.evaluate import count_correct
+from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.state import SimState
+from fedjax_sim.kernels.aggregation import weighted_mean
+from fedjax_sim.models.base import Model
+
+HPARAMS = ()
+
+
+def fedavg_round(model: Model, hp: dict):
+    """The FedAvg round, shared with the algorithms that only change evaluation."""
+    loss_fn = cross_entropy_loss(model)
+    optimizer = client_optimizer(hp)
+    budget = schedule(hp)
+
+    def round_fn(state: SimState, data):
+        next_key, round_key = jax.random.split(state.key)
+        global_params = state.server["params"]
+
+        def client(_, x, y, n, key):
+            params, loss = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
+            return params, None, loss
+
+        result = run_cohort(
+            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
+            **map_options(hp),
+        )
+        server = {"params": weighted_mean(result.uploads, result.counts)}
+        return advance(state, next_key, server=server), {"train_loss": result.loss}
+
+    return round_fn
+
+
+def global_init(model: Model):
+    """``init`` for algorithms that keep only a global model."""
+
+    def init(key, data):
+        state_key, model_key = jax.random.split(key)
+        return SimState.create(state_key, {"params": model.init(model_key)}, None, data.num_clients)
+
+    return init
+
+
+def fedavg(model: Model, **hp) -> Algorithm:
+    """FedAvg bound to ``model``; ``hp`` holds the common hyperparameters."""
+
+    def evaluate(state, data):
+        return count_correct(
+            shared_logits(model), None, state.server["params"],
+            data.test_x, data.test_y, data.test_counts, **map_options(hp),
+        )
+
+    size = num_params_bytes(model)
+    return Algorithm(
+        "fedavg", global_init(model), fedavg_round(model, hp), evaluate,
+        per_round_bytes(hp, size, size), hp,
+    )

@@ -1,0 +1,32 @@
+"""FedAvg + fine-tuning: FedAvg, then each client fine-tunes the global model on its own
+training data before it is tested.
+
+The standard strong baseline for personalization (e.g. Wang et al., "Federated Evaluation
+of On-device Personalization", 2019; Collins et al., FedRep, ICML 2021, Table 1).
+"""
+
+from __future__ import annotations
+
+from fedjax_sim.algorithms.base import (
+    Algorithm,
+    HParam,
+    finetuned_evaluate,
+    num_params_bytes,
+    per_round_bytes,
+)
+from fedjax_sim.algorithms.fedavg import fedavg_round, global_init
+from fedjax_sim.models.base import Model
+
+HPARAMS = (
+    HParam("finetune_epochs", 1, int, lambda v: v >= 1, "a positive integer",
+           "epochs of local fine-tuning before each evaluation"),
+)
+
+
+def fedavg_ft(model: Model, **hp) -> Algorithm:
+    size = num_params_bytes(model)
+    return Algorithm(
+        "fedavg_ft", global_init(model), fedavg_round(model, hp),
+        finetuned_evaluate(model, hp, hp["finetune_epochs"]),
+        per_round_bytes(hp, size, size), hp,
+    )

@@ -1,0 +1,80 @@
+"""The shape shared by every round: sample a cohort, train it, hand back what it produced.
+
+Algorithms supply only the per-client function and what the server does with the
+uploads; gathering the cohort's rows, splitting keys, mapping over clients and scattering
+personal state back are done here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.core.cohort import client_map, cohort_size, sample_cohort
+from fedjax_sim.core.state import SimState
+from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.kernels.aggregation import gather, scatter
+
+# client_fn(client_state_k, x_k, y_k, n_k, key_k) -> (upload_k, new_client_state_k, loss_k)
+ClientFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, Any, jax.Array]]
+
+
+class CohortResult(NamedTuple):
+    """What one round's cohort produced.
+
+    Attributes:
+      index: (M,) client indices, or ``None`` under full participation.
+      counts: (M,) training sample counts (the FedAvg aggregation weights).
+      uploads: per-client uploads, leaves (M, ...).
+      clients: the full (K, ...) client state with the cohort's new rows written back.
+      loss: scalar, sample-weighted mean training loss of the cohort.
+    """
+
+    index: jax.Array | None
+    counts: jax.Array
+    uploads: Any
+    clients: Any
+    loss: jax.Array
+
+
+def run_cohort(
+    key: jax.Array,
+    clients: Any,
+    data: FederatedData,
+    client_fn: ClientFn,
+    *,
+    join_ratio: float,
+    strategy: str = "auto",
+    chunk_size: int = 8,
+) -> CohortResult:
+    """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them."""
+    num_clients = data.num_clients
+    size = cohort_size(num_clients, join_ratio)
+    cohort_key, train_key = jax.random.split(key)
+    index = sample_cohort(cohort_key, num_clients, size)
+    x, y, counts = gather((data.train_x, data.train_y, data.train_counts), index)
+    keys = jax.random.split(train_key, size)
+    uploads, new_rows, losses = client_map(
+        client_fn,
+        (gather(clients, index), x, y, counts, keys),
+        strategy=strategy,
+        chunk_size=chunk_size,
+    )
+    weights = counts.astype(jnp.float32)
+    loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+
+def advance(
+    state: SimState, key: jax.Array, *, server: Any = None, clients: Any = None
+) -> SimState:
+    """The state after a round: new key, round + 1, and whichever parts changed."""
+    return state.replace(
+        key=key,
+        round=state.round + 1,
+        server=state.server if server is None else server,
+        clients=state.clients if clients is None else clients,
+    )

@@ -1,0 +1,35 @@
+"""The simulation state: one server part and one batched client part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class SimState:
+    """Everything a round reads and writes.
+
+    Attributes:
+      key: PRNG key, split once per round.
+      round: scalar int32, rounds completed.
+      server: server-side pytree (global parameters, server optimizer state, ...), no
+        client axis.
+      clients: per-client pytree; every leaf shaped (K, ...). ``None`` or ``{}`` when the
+        algorithm keeps nothing on clients between rounds.
+    """
+
+    key: jax.Array
+    round: jax.Array
+    server: Any
+    clients: Any
+
+    @classmethod
+    def create(cls, key: jax.Array, server: Any, clients: Any, num_clients: int) -> SimState:
+        if jax.tree.leaves(clients):
+            chex.assert_tree_shape_prefix(clients, (num_clients,))
+        return cls(key=key, round=jnp.zeros((), jnp.int32), server=server, clients=clients)
