@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax
+import numpy as np
 from flax import struct
 
 
@@ -40,3 +44,44 @@ class FederatedData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[2:])
+
+
+def build_federated(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> FederatedData:
+    """Gathers every client's train and test examples into padded arrays.
+
+    Args:
+      pooled: a ``Pooled`` data set (anything with ``x``, ``y``, ``num_classes``, ``name``).
+      splits: per client, ``(train, test)`` indices into the pooled arrays.
+
+    Returns:
+      ``FederatedData`` holding NumPy arrays, padded with zeros to the largest client
+      (at least one row, so that shapes are never empty).
+    """
+    if len(splits) == 0:
+        raise ValueError("splits must hold at least one client")
+    x = np.asarray(pooled.x, dtype=np.float32)
+    y = np.asarray(pooled.y, dtype=np.int32)
+
+    def pad(index_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        counts = np.array([len(idx) for idx in index_lists], dtype=np.int32)
+        width = max(1, int(counts.max()))
+        out_x = np.zeros((len(index_lists), width, *x.shape[1:]), dtype=np.float32)
+        out_y = np.zeros((len(index_lists), width), dtype=np.int32)
+        for k, idx in enumerate(index_lists):
+            idx = np.asarray(idx, dtype=np.int64)
+            out_x[k, : len(idx)] = x[idx]
+            out_y[k, : len(idx)] = y[idx]
+        return out_x, out_y, counts
+
+    train_x, train_y, train_counts = pad([train for train, _ in splits])
+    test_x, test_y, test_counts = pad([test for _, test in splits])
+    return FederatedData(
+        train_x=train_x,
+        train_y=train_y,
+        train_counts=train_counts,
+        test_x=test_x,
+        test_y=test_y,
+        test_counts=test_counts,
+        num_classes=int(pooled.num_classes),
+        name=str(pooled.name),
+    )
