@@ -1,0 +1,346 @@
+"""``fedjax-sim``: run, compare and benchmark algorithms from the command line.
+
+  fedjax-sim run --algorithm fedper --dataset digits --alpha 0.1 --output runs/fedper
+  fedjax-sim compare                      # the default comparison on digits, 3 seeds
+  fedjax-sim bench --model cnn --num-clients 50 --local-steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fedjax_sim import algorithms
+from fedjax_sim.algorithms.base import COMMON, HParam
+
+DEFAULT_COMPARE = ("fedavg", "local", "fedavg_ft", "fedper", "fedrep", "fedbabu", "lg_fedavg",
+                   "ditto", "apfl")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _add_hparam(group, spec: HParam, seen: set[str]) -> None:
+    if spec.name in seen:
+        return
+    seen.add(spec.name)
+    kind = _parse_bool if spec.kind is bool else spec.kind
+    group.add_argument(
+        _flag(spec.name), dest=spec.name, type=kind, default=None, choices=spec.choices,
+        help=f"{spec.help} ({spec.allowed}; default {spec.default})",
+    )
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    from fedjax_sim.data import PARTITIONS, SOURCES
+
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="digits", help=f"one of {', '.join(SOURCES)}")
+    group.add_argument("--data-dir", default=None, help="tfds data directory (tfds sources)")
+    group.add_argument("--partition", default="dirichlet", help=f"one of {', '.join(PARTITIONS)}")
+    group.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (> 0)")
+    group.add_argument("--num-clients", type=int, default=20, help="number of clients K")
+    group.add_argument("--min-samples", type=int, default=10,
+                       help="minimum samples per client (dirichlet)")
+    group.add_argument("--shards-per-client", type=int, default=2)
+    group.add_argument("--classes-per-client", type=int, default=2)
+    group.add_argument("--test-ratio", type=float, default=0.25,
+                       help="share of each client's data held out for its test set")
+    group.add_argument("--partition-file", default=None,
+                       help="load the client split from this JSON file")
+    group.add_argument("--save-partition", default=None,
+                       help="write the client split to this JSON file")
+    group.add_argument("--model", default="auto",
+                       help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
+
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--rounds", type=int, default=30, help="communication rounds")
+    group.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
+    seen: set[str] = set()
+    for spec in COMMON:
+        _add_hparam(group, spec, seen)
+    for name in algorithms.ALGORITHMS:
+        own = algorithms.hparam_specs(name)[len(COMMON):]
+        if own:
+            sub = parser.add_argument_group(f"{name} hyperparameters")
+            for spec in own:
+                _add_hparam(sub, spec, seen)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run one algorithm")
+    run.add_argument("--algorithm", default="fedavg",
+                     help=f"one of {', '.join(algorithms.ALGORITHMS)}")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--output", default="runs/latest", help="output directory")
+    run.add_argument("--compare-local", action="store_true",
+                     help="also run Local on the same split and report the hurt fraction "
+                     "and the incentivized participation rate")
+    run.add_argument("--checkpoint-every", type=int, default=0)
+    run.add_argument("--resume", action="store_true",
+                     help="continue from OUTPUT/checkpoint.npz")
+    run.add_argument("--no-progress", action="store_true")
+    _add_data_args(run)
+    _add_training_args(run)
+
+    compare = commands.add_parser(
+        "compare", help="run several algorithms on the same partitions; print a table"
+    )
+    compare.add_argument("--algorithms", default=",".join(DEFAULT_COMPARE),
+                         help="comma-separated algorithm names")
+    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--output", default="runs/compare", help="output directory")
+    compare.add_argument("--no-progress", action="store_true")
+    _add_data_args(compare)
+    _add_training_args(compare)
+
+    bench = commands.add_parser("bench", help="time rounds on random 28x28x1 data")
+    bench.add_argument("--algorithm", default="fedavg")
+    bench.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    bench.add_argument("--num-clients", type=int, default=50)
+    bench.add_argument("--local-steps", type=int, default=10)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--rounds", type=int, default=5)
+    bench.add_argument("--samples-per-client", type=int, default=320)
+    bench.add_argument("--client-strategy", default="auto")
+    bench.add_argument("--chunk-size", type=int, default=8)
+    bench.add_argument("--conv-impl", default="auto")
+    bench.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _hparams_for(name: str, args: argparse.Namespace, *, strict: bool) -> dict:
+    """The hyperparameters set on the command line that ``name`` takes.
+
+    With ``strict``, a flag set for a hyperparameter that ``name`` does not take is an
+    error (it would otherwise be silently ignored).
+    """
+    own = {spec.name for spec in algorithms.hparam_specs(name)}
+    every = {spec.name for spec in COMMON}
+    for other in algorithms.ALGORITHMS:
+        every |= {spec.name for spec in algorithms.hparam_specs(other)}
+    chosen = {}
+    for key in sorted(every):
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key in own:
+            chosen[key] = value
+        elif strict:
+            raise ValueError(f"{_flag(key)} does not apply to {name}")
+    return chosen
+
+
+def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int):
+    from fedjax_sim.models import make_model
+
+    if name == "auto":
+        image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
+        name = "cnn" if image else "mlp"
+    return make_model(name, input_shape, num_classes)
+
+
+def _load_data(args: argparse.Namespace, seed: int, save_partition=None):
+    from fedjax_sim.data import make_federated_data
+
+    data, _, _ = make_federated_data(
+        args.dataset, partition=args.partition, num_clients=args.num_clients, alpha=args.alpha,
+        min_samples=args.min_samples, shards_per_client=args.shards_per_client,
+        classes_per_client=args.classes_per_client, test_ratio=args.test_ratio, seed=seed,
+        data_dir=args.data_dir, partition_file=args.partition_file,
+        save_partition=save_partition,
+    )
+    return data
+
+
+def _check_loop(args: argparse.Namespace) -> None:
+    from fedjax_sim.runner import validate_run_options
+
+    validate_run_options(rounds=args.rounds, eval_every=args.eval_every,
+                         checkpoint_every=getattr(args, "checkpoint_every", 0))
+
+
+def cmd_run(args: argparse.Namespace) -> dict:
+    from fedjax_sim.runner import run
+
+    hparams = _hparams_for(args.algorithm, args, strict=True)
+    algorithms.resolve(args.algorithm, **hparams)  # fail before loading or compiling
+    _check_loop(args)
+    data = _load_data(args, args.seed, args.save_partition)
+    model = _model_for(args.model, data.input_shape, data.num_classes)
+    local_accuracies = None
+    if args.compare_local and args.algorithm != "local":
+        reference = algorithms.make("local", model, **_hparams_for("local", args, strict=False))
+        local_accuracies = run(
+            reference, data, rounds=args.rounds, eval_every=args.rounds, seed=args.seed,
+            progress=not args.no_progress,
+        ).summary["client_accuracies"]
+    algorithm = algorithms.make(args.algorithm, model, **hparams)
+    result = run(
+        algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed,
+        output=args.output, local_accuracies=local_accuracies,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        progress=not args.no_progress, extra_summary={"model": model.name},
+    )
+    summary = result.summary
+    keys = ("algorithm", "dataset", "accuracy", "client_mean_accuracy", "client_p10",
+            "hurt_fraction", "ipr", "bytes_up", "wall_s")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    return summary
+
+
+def _mean_std(values) -> str:
+    values = np.asarray(values, np.float64)
+    return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
+
+
+def cmd_compare(args: argparse.Namespace) -> list[dict]:
+    from fedjax_sim.runner import run
+
+    names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not names or not seeds:
+        raise ValueError("--algorithms and --seeds must each name at least one value")
+    for name in names:
+        algorithms.resolve(name, **_hparams_for(name, args, strict=False))
+    _check_loop(args)
+    out = Path(args.output)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
+    for seed in seeds:
+        data = _load_data(args, seed)
+        model = _model_for(args.model, data.input_shape, data.num_classes)
+        local_accuracies = None
+        for name in order:
+            if name == "local" and name not in names and local_accuracies is not None:
+                continue
+            algorithm = algorithms.make(name, model, **_hparams_for(name, args, strict=False))
+            summary = run(
+                algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
+                output=out / f"{name}_seed{seed}" if name in names else None,
+                local_accuracies=local_accuracies, progress=not args.no_progress,
+                extra_summary={"model": model.name},
+            ).summary
+            if name == "local":
+                local_accuracies = summary["client_accuracies"]
+            if name in names:
+                results[name].append(summary)
+            print(f"seed {seed} {name}: accuracy {summary['accuracy']:.4f} "
+                  f"({summary['wall_s']:.1f} s)", file=sys.stderr)
+
+    header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
+              "| MB up | wall s |")
+    lines = [header, "|" + "---|" * 8]
+    for name in names:
+        rows = results[name]
+        lines.append(
+            f"| {name} | {_mean_std([r['accuracy'] for r in rows])} "
+            f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
+            f"| {_mean_std([r['client_p10'] for r in rows])} "
+            f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
+            f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
+            f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
+            f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
+        )
+    table = "\n".join(lines)
+    setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), K={args.num_clients}, "
+               f"{args.rounds} rounds, seeds {','.join(map(str, seeds))}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(f"{setting}\n\n{table}\n")
+    (out / "compare.json").write_text(json.dumps(
+        {name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
+         for name, rows in results.items()}, indent=2, default=str))
+    print(setting + "\n\n" + table)
+    return [r for rows in results.values() for r in rows]
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    import jax
+
+    from fedjax_sim.data.federated import FederatedData
+    from fedjax_sim.models import make_model
+    from fedjax_sim.runner import to_device
+
+    for name in ("num_clients", "local_steps", "batch_size", "rounds", "samples_per_client"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    algorithm_hp = algorithms.resolve(
+        args.algorithm, local_steps=args.local_steps, batch_size=args.batch_size,
+        client_strategy=args.client_strategy, chunk_size=args.chunk_size,
+    )
+    rng = np.random.default_rng(args.seed)
+    k, n = args.num_clients, args.samples_per_client
+    data = FederatedData(
+        train_x=rng.random((k, n, 28, 28, 1), dtype=np.float32),
+        train_y=rng.integers(0, 10, (k, n)).astype(np.int32),
+        train_counts=np.full((k,), n, np.int32),
+        test_x=rng.random((k, 8, 28, 28, 1), dtype=np.float32),
+        test_y=rng.integers(0, 10, (k, 8)).astype(np.int32),
+        test_counts=np.full((k,), 8, np.int32),
+        num_classes=10, name="random28",
+    )
+    data = to_device(data)
+    model = make_model(args.model, (28, 28, 1), 10, **(
+        {"conv_impl": args.conv_impl} if args.model == "cnn" else {}))
+    algorithm = algorithms.make(args.algorithm, model, **{
+        k_: v for k_, v in algorithm_hp.items() if k_ in
+        ("local_steps", "batch_size", "client_strategy", "chunk_size")})
+    state = algorithm.init(jax.random.key(args.seed), data)
+    round_fn = jax.jit(algorithm.round, donate_argnums=0)
+    tic = time.perf_counter()
+    state, _ = round_fn(state, data)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    for _ in range(args.rounds):
+        state, _ = round_fn(state, data)
+    jax.block_until_ready(state)
+    round_s = (time.perf_counter() - tic) / args.rounds
+    from fedjax_sim.core.cohort import resolve_strategy
+
+    result = {
+        "algorithm": args.algorithm, "model": args.model, "num_clients": k,
+        "local_steps": args.local_steps, "batch_size": args.batch_size,
+        "strategy": resolve_strategy(args.client_strategy), "backend": jax.default_backend(),
+        "round_s": round_s, "compile_s": compile_s,
+        "client_steps_per_s": k * args.local_steps / round_s,
+    }
+    print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"run": cmd_run, "compare": cmd_compare, "bench": cmd_bench}
+    try:
+        handlers[args.command](args)
+    except ValueError as error:
+        parser.exit(2, f"fedjax-sim {args.command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
