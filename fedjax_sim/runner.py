@@ -8,6 +8,7 @@ side only (the jitted round stays pure): handlers registered with ``Events.on`` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import chex
 import jax
 import numpy as np
 
@@ -53,6 +53,25 @@ class RunResult:
     summary: dict
     history: list[dict]
     state: SimState
+
+
+def traced_once(fn: Callable, name: str) -> Callable:
+    """Wraps ``fn`` so that tracing it a second time raises: every round of a run must reuse
+    the first compilation (a retrace means a shape or a static value changed between
+    rounds). Unlike ``chex.assert_max_traces``, the count belongs to this wrapper alone, so
+    separate runs of the same algorithm do not add up."""
+    traces = 0
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        nonlocal traces
+        traces += 1
+        if traces > 1:
+            raise RuntimeError(f"{name}: the round was traced again; every round must have "
+                               "the same shapes and static arguments")
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def validate_run_options(*, rounds: int, eval_every: int, checkpoint_every: int = 0) -> None:
@@ -137,7 +156,7 @@ def run(
     elif out is not None:
         (out / "metrics.jsonl").write_text("")
 
-    round_fn = jax.jit(chex.assert_max_traces(algorithm.round, n=1), donate_argnums=0)
+    round_fn = jax.jit(traced_once(algorithm.round, algorithm.name), donate_argnums=0)
     evaluate_fn = jax.jit(algorithm.evaluate)
     up_per_round, down_per_round = algorithm.comm_bytes(data)
     first_round = int(state.round)
