@@ -190,7 +190,7 @@ def test_every_algorithm_runs_and_evaluates(small_data, name):
     summary = run(alg, small_data, rounds=2, progress=False).summary
     assert 0.0 <= summary["accuracy"] <= 1.0
     assert len(summary["client_accuracies"]) == small_data.num_clients
-    up, down = alg.comm_bytes(small_data)
+    up, _ = alg.comm_bytes(small_data)
     assert (up == 0) == (name == "local")
     assert summary["bytes_up"] == 2 * up
 

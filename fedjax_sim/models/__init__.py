@@ -1,1 +1,86 @@
-"""models."""
+"""Classifiers as pure (init, apply) pairs over plain parameter dicts.
+
+Every model names its classifier layer ``head`` (``Model.head == ("head",)``), so that
+personalized methods can split head and base by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_sim.models.base import Model, Params
+from fedjax_sim.models.cnn import cnn
+from fedjax_sim.models.layers import conv2d, max_pool_2x2, resolve_conv_impl
+from fedjax_sim.models.mlp import mlp
+from fedjax_sim.models.resnet import resnet
+
+MODELS = ("mlp", "cnn", "resnet")
+
+_FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
+_CONV_MODELS = ("cnn", "resnet")
+
+
+def make_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    conv_impl: str = "auto",
+    **options: Any,
+) -> Model:
+    """Builds a registered model.
+
+    Args:
+      name: one of :data:`MODELS`.
+      input_shape: one example's shape, without the batch axis.
+      num_classes: number of logits, at least 2.
+      conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"`` for the convolutional models
+        (ignored by ``mlp``); ``"auto"`` picks im2col on CPU and XLA's convolution elsewhere.
+      **options: further keyword arguments of the model's factory (e.g. ``hidden`` for
+        ``mlp``, ``padding`` for ``cnn``, ``stages`` for ``resnet``).
+
+    Returns:
+      The model.
+
+    Raises:
+      ValueError: on an unknown name, ``num_classes < 2`` or an unsuitable shape.
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    resolve_conv_impl(conv_impl)  # validate the name even where it is unused
+    if name in _CONV_MODELS:
+        options["conv_impl"] = conv_impl
+    return _FACTORIES[name](input_shape, num_classes, **options)
+
+
+def count_params(params: Params) -> int:
+    """Number of scalar parameters in a pytree.
+
+    Args:
+      params: any pytree of arrays.
+
+    Returns:
+      The total number of elements over all leaves.
+    """
+    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+__all__ = [
+    "MODELS",
+    "Model",
+    "Params",
+    "cnn",
+    "conv2d",
+    "count_params",
+    "make_model",
+    "max_pool_2x2",
+    "mlp",
+    "resnet",
+    "resolve_conv_impl",
+]
