@@ -213,6 +213,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
 
 def _mean_std(values) -> str:
     values = np.asarray(values, np.float64)
+    if np.isnan(values).all():
+        return "—"
     return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
 
 
