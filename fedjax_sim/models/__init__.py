@@ -6,6 +6,7 @@ personalized methods can split head and base by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,12 +64,13 @@ def count_params(params: Params) -> int:
     """Number of scalar parameters in a pytree.
 
     Args:
-      params: any pytree of arrays.
+      params: any pytree of arrays, or of ``jax.ShapeDtypeStruct`` (e.g.
+        ``jax.eval_shape(model.init, key)``, which counts without compiling anything).
 
     Returns:
       The total number of elements over all leaves.
     """
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params)))
 
 
 __all__ = [

@@ -1,0 +1,115 @@
+"""Training throughput of the FedAvg CNN with XLA's convolution vs. im2col.
+
+One jitted SGD step (value_and_grad of the softmax cross-entropy, then a plain update) on a
+fixed batch; prints one JSON line per implementation with steps per second, then one line
+with the im2col / xla ratio. Repeats are interleaved across implementations and the best
+is kept, since timings on a shared machine are noisy.
+
+Usage:
+  python experiments/bench_conv.py [--batch 32] [--shape 28 28 1] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.models import make_model
+
+IMPLS = ("xla", "im2col")
+
+
+def make_step(model, lr: float):
+    """Builds a jitted SGD step.
+
+    Args:
+      model: a :class:`~fedjax_sim.models.base.Model`.
+      lr: learning rate.
+
+    Returns:
+      ``step(params, x, y) -> (params, loss)``.
+    """
+
+    def loss_fn(params, x, y):
+        logits = model.apply(params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        return jax.tree.map(lambda p, g: p - lr * g, params, grads), loss
+
+    return step
+
+
+def steps_per_second(step, params, x, y, min_time: float) -> float:
+    """Runs chunks of 10 steps until ``min_time`` seconds have passed.
+
+    Args:
+      step: a compiled step.
+      params: initial parameters.
+      x: inputs.
+      y: labels.
+      min_time: least seconds to measure.
+
+    Returns:
+      Steps per second.
+    """
+    n, start = 0, time.perf_counter()
+    while True:
+        for _ in range(10):
+            params, loss = step(params, x, y)
+        jax.block_until_ready(loss)
+        n += 10
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--shape", type=int, nargs="+", default=[28, 28, 1])
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
+    args = parser.parse_args()
+
+    shape = tuple(args.shape)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch, *shape), dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, args.classes, args.batch), dtype=jnp.int32)
+
+    runs = {}
+    for impl in IMPLS:
+        model = make_model("cnn", shape, args.classes, conv_impl=impl)
+        params = model.init(jax.random.key(0))
+        step = make_step(model, lr=0.01)
+        start = time.perf_counter()
+        jax.block_until_ready(step(params, x, y))
+        runs[impl] = dict(step=step, params=params, compile_s=time.perf_counter() - start)
+
+    best = {impl: 0.0 for impl in IMPLS}
+    for _ in range(args.repeats):
+        for impl, run in runs.items():
+            rate = steps_per_second(run["step"], run["params"], x, y, args.min_time)
+            best[impl] = max(best[impl], rate)
+
+    common = dict(
+        model="cnn", batch=args.batch, input_shape=list(shape), backend=jax.default_backend()
+    )
+    for impl in IMPLS:
+        line = dict(impl=impl, steps_per_s=round(best[impl], 2), **common)
+        line["compile_s"] = round(runs[impl]["compile_s"], 2)
+        print(json.dumps(line))
+    print(json.dumps(dict(ratio_im2col_over_xla=round(best["im2col"] / best["xla"], 2), **common)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The CNN of FedAvg, as used by FL-bench ("avgcnn") and PFLlib.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017: two 5x5 convolutions (32, 64 channels), each followed by a 2x2 max
+pool, a 512-unit ReLU layer and a linear classifier. With VALID padding it has 582,026
+parameters on 28x28x1 with 10 classes, and 878,538 on 32x32x3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fedjax_sim.models.base import Model
+from fedjax_sim.models.layers import (
+    Conv,
+    check_model_args,
+    linen_model,
+    max_pool_2x2,
+    resolve_conv_impl,
+)
+
+PADDINGS = ("auto", "VALID", "SAME")
+
+
+class CNN(nn.Module):
+    """conv1 -> pool -> conv2 -> pool -> fc1 -> head.
+
+    Attributes:
+      num_classes: number of logits.
+      padding: ``"VALID"`` or ``"SAME"`` for both convolutions.
+      conv_impl: ``"xla"`` or ``"im2col"`` (see :func:`~fedjax_sim.models.layers.conv2d`).
+      channels: output channels of conv1 and conv2.
+      hidden: width of fc1.
+    """
+
+    num_classes: int
+    padding: str = "VALID"
+    conv_impl: str = "xla"
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 512
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Computes logits.
+
+        Args:
+          x: (B, H, W, C).
+
+        Returns:
+          (B, num_classes) logits.
+        """
+        x = jnp.asarray(x, jnp.float32)
+        for i, ch in enumerate(self.channels):
+            conv = Conv(ch, (5, 5), padding=self.padding, impl=self.conv_impl, name=f"conv{i + 1}")
+            x = max_pool_2x2(nn.relu(conv(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+def _feature_side(n: int, padding: str) -> int:
+    # Spatial size after two (5x5 conv, 2x2 pool) stages.
+    for _ in range(2):
+        n = (n - 4 if padding == "VALID" else n) // 2
+    return n
+
+
+def cnn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    conv_impl: str = "auto",
+    padding: str = "auto",
+) -> Model:
+    """The FedAvg / FL-bench avgcnn.
+
+    ``padding="auto"`` uses VALID padding, which gives the published parameter counts,
+    whenever the input is large enough for two valid 5x5 convolutions and pools (H, W >=
+    16), and SAME padding otherwise (e.g. 8x8 scikit-learn digits), which needs H, W >= 4.
+
+    Args:
+      input_shape: (H, W, C).
+      num_classes: number of logits, at least 2.
+      conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"``, resolved once here.
+      padding: ``"auto"``, ``"VALID"`` or ``"SAME"``.
+
+    Returns:
+      The model; parameters ``{"conv1", "conv2", "fc1", "head"}``, each
+      ``{"kernel", "bias"}``.
+
+    Raises:
+      ValueError: if ``input_shape`` is not (H, W, C) or is too small for ``padding``.
+    """
+    shape = check_model_args(input_shape, num_classes, model="cnn", rank=3)
+    if padding not in PADDINGS:
+        raise ValueError(f"cnn: unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+    h, w, _ = shape
+    if padding == "auto":
+        fits = min(_feature_side(h, "VALID"), _feature_side(w, "VALID")) >= 1
+        padding = "VALID" if fits else "SAME"
+    if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
+        raise ValueError(f"cnn: input_shape {shape} is too small for {padding} padding")
+    module = CNN(
+        num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl)
+    )
+    return linen_model(module, name="cnn", input_shape=shape, num_classes=int(num_classes))

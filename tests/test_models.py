@@ -1,0 +1,174 @@
+"""Tests of fedjax_sim.models: conv / pool equivalences, parameter counts, shapes, registry.
+
+Shape-only checks go through ``jax.eval_shape``, which compiles nothing, to keep the file
+fast on CPU; value checks are jitted once per case.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from fedjax_sim.models import MODELS, count_params, make_model
+from fedjax_sim.models.layers import Conv, conv2d, max_pool_2x2, resolve_conv_impl
+
+KEY = jax.random.key(0)
+
+
+def _normal(seed, shape):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _lax_conv(x, kernel, bias, padding):
+    y = lax.conv_general_dilated(
+        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + bias
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize(
+    "x_shape,k_shape",
+    [((2, 9, 9, 1), (5, 5, 1, 4)), ((3, 7, 6, 3), (3, 2, 3, 5)), ((2, 5, 5, 4), (1, 1, 4, 3))],
+)
+def test_im2col_matches_lax_conv(padding, x_shape, k_shape):
+    x, kernel = _normal(0, x_shape), _normal(1, k_shape)
+    bias = _normal(2, k_shape[-1:])
+
+    def outputs_and_grads(conv):
+        out = conv(x, kernel, bias)
+        # A random cotangent, so that every output position weighs differently.
+        g = _normal(3, out.shape)
+        grads = jax.grad(lambda *a: jnp.sum(conv(*a) * g), argnums=(0, 1, 2))(x, kernel, bias)
+        return out, grads
+
+    ref_out, ref_grads = jax.jit(outputs_and_grads, static_argnums=0)(
+        lambda x, k, b: _lax_conv(x, k, b, padding)
+    )
+    for impl in ("im2col", "xla"):
+        out, grads = jax.jit(outputs_and_grads, static_argnums=0)(
+            lambda x, k, b, impl=impl: conv2d(x, k, b, padding=padding, impl=impl)
+        )
+        assert out.shape == ref_out.shape
+        np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_rejects_bad_names():
+    x, k = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2))
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(x, k, padding="FULL")
+    with pytest.raises(ValueError, match="im2col"):
+        conv2d(x, k, impl="cudnn")
+    assert resolve_conv_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
+def test_max_pool_matches_flax(shape):
+    x = _normal(4, shape)
+
+    @jax.jit
+    def pools(x):
+        ref = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+        grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) ** 2))(x)
+        return max_pool_2x2(x), ref(x), grad(max_pool_2x2), grad(ref)
+
+    out, ref, g, g_ref = pools(x)
+    np.testing.assert_array_equal(out, ref)
+    # Normal samples have no ties, so the gradients agree too.
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6)
+
+
+def test_conv_module_matches_nn_conv():
+    x = _normal(5, (2, 6, 6, 3))
+    ours = Conv(4, (3, 3), padding="SAME", impl="im2col")
+    ref = nn.Conv(4, (3, 3), padding="SAME")
+
+    @jax.jit
+    def run(key):
+        p_ours, p_ref = ours.init(key, x), ref.init(key, x)
+        return p_ours, p_ref, ours.apply(p_ref, x), ref.apply(p_ref, x)
+
+    p_ours, p_ref, y_ours, y_ref = run(KEY)
+    # Same names, shapes and initial values as nn.Conv.
+    jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)
+    np.testing.assert_allclose(y_ours, y_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,shape,expected",
+    [("mlp", (28, 28, 1), 199_210), ("cnn", (28, 28, 1), 582_026), ("cnn", (32, 32, 3), 878_538)],
+)
+def test_param_counts(name, shape, expected):
+    model = make_model(name, shape, 10)
+    assert count_params(jax.eval_shape(model.init, KEY)) == expected
+
+
+SHAPES = [(28, 28, 1), (8, 8, 1), (32, 32, 3)]
+CASES = [(n, s) for n in MODELS for s in SHAPES] + [("mlp", (40, 1)), ("mlp", (60,))]
+
+
+@pytest.mark.parametrize("name,shape", CASES)
+def test_apply_shapes_and_head(name, shape):
+    model = make_model(name, shape, 7)
+    params = jax.eval_shape(model.init, KEY)
+    assert type(params) is dict and "params" not in params and model.head == ("head",)
+    assert set(params["head"]) == {"kernel", "bias"}
+    logits = jax.eval_shape(model.apply, params, jax.ShapeDtypeStruct((3, *shape), jnp.float32))
+    assert logits.shape == (3, 7)
+
+    mask = model.head_mask(params)
+    assert jax.tree.structure(mask) == jax.tree.structure(params)
+    for top, sub in mask.items():
+        assert all(leaf is (top == "head") for leaf in jax.tree.leaves(sub))
+
+
+@pytest.mark.parametrize(
+    "name,shape", [("cnn", (28, 28, 1)), ("cnn", (8, 8, 1)), ("resnet", (8, 8, 3))]
+)
+def test_conv_impls_agree(name, shape):
+    xla = make_model(name, shape, 10, conv_impl="xla")
+    im2col = make_model(name, shape, 10, conv_impl="im2col")
+    x = _normal(6, (4, *shape))
+
+    @jax.jit
+    def run(key):
+        params = xla.init(key)
+        return xla.apply(params, x), im2col.apply(params, x)
+
+    out_xla, out_im2col = run(KEY)
+    assert out_xla.shape == (4, 10) and bool(jnp.all(jnp.isfinite(out_xla)))
+    np.testing.assert_allclose(out_im2col, out_xla, rtol=1e-4, atol=1e-5)
+
+
+def test_cnn_padding_choice():
+    # 8x8 digits are too small for two valid 5x5 convolutions; SAME keeps 2x2x64 features.
+    small = jax.eval_shape(make_model("cnn", (8, 8, 1), 10).init, KEY)
+    assert small["fc1"]["kernel"].shape == (2 * 2 * 64, 512)
+    with pytest.raises(ValueError, match="too small"):
+        make_model("cnn", (3, 3, 1), 10)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mlp, cnn, resnet"):
+        make_model("vgg", (28, 28, 1), 10)
+    with pytest.raises(ValueError, match="num_classes"):
+        make_model("mlp", (28, 28, 1), 1)
+    for name in ("cnn", "resnet"):
+        with pytest.raises(ValueError, match="input_shape"):
+            make_model(name, (40, 1), 10)
+    with pytest.raises(ValueError, match="conv impl"):
+        make_model("cnn", (28, 28, 1), 10, conv_impl="fast")
+
+
+def test_init_vmaps_over_clients():
+    # Per-client parameters are stacked on a leading client axis (K, ...).
+    model = make_model("cnn", (28, 28, 1), 10)
+    params = jax.eval_shape(jax.vmap(model.init), jax.random.split(KEY, 5))
+    assert params["conv1"]["kernel"].shape == (5, 5, 5, 1, 32)
+    assert params["head"]["bias"].shape == (5, 10)
