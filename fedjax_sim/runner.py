@@ -214,6 +214,8 @@ def run(
         "hparams": algorithm.hparams,
         **(extra_summary or {}),
     }
+    if algorithm.report is not None:
+        summary.update(algorithm.report(state))
     if local_accuracies is not None:
         summary.update(federation_incentives(final["client_accuracies"], local_accuracies))
     if out is not None:

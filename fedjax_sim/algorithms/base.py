@@ -33,6 +33,8 @@ class Algorithm(NamedTuple):
       comm_bytes: ``(data) -> (up, down)`` bytes per round over all sampled clients,
         float32 payloads.
       hparams: the resolved hyperparameters.
+      report: optional ``(state) -> dict`` of algorithm-specific facts for ``summary.json``
+        (e.g. FedOBP's personalized fraction); called on the host after the last round.
     """
 
     name: str
@@ -41,6 +43,7 @@ class Algorithm(NamedTuple):
     evaluate: Callable[[SimState, FederatedData], tuple[jax.Array, jax.Array]]
     comm_bytes: Callable[[FederatedData], tuple[int, int]]
     hparams: dict
+    report: Callable[[SimState], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
