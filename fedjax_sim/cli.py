@@ -18,6 +18,11 @@ import numpy as np
 from fedjax_sim import algorithms
 from fedjax_sim.algorithms.base import COMMON, HParam
 
+# Federated distillation: public data held out of the pool unless --public-dataset is given.
+DEFAULT_PUBLIC_FRACTION = 0.2
+DEFAULT_VAL_FRACTION = 0.05
+_HETEROGENEOUS = ("fedmd", "fccl")
+
 DEFAULT_COMPARE = ("fedavg", "local", "fedavg_ft", "fedper", "fedrep", "fedbabu", "lg_fedavg",
                    "ditto", "apfl")
 
@@ -67,6 +72,23 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="write the client split to this JSON file")
     group.add_argument("--model", default="auto",
                        help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
+    public = parser.add_argument_group(
+        "public data (federated distillation: " + ", ".join(algorithms.DISTILLATION) + ")")
+    public.add_argument("--public-fraction", type=float, default=None,
+                        help="share of the pool held out as public data before partitioning, "
+                        f"in (0, 1) (default {DEFAULT_PUBLIC_FRACTION} when an algorithm needs "
+                        "public data and --public-dataset is not given)")
+    public.add_argument("--public-dataset", default=None,
+                        help="take the public data from this source instead (same input shape)")
+    public.add_argument("--public-size", type=int, default=None,
+                        help="with --public-dataset: use this many random examples of it")
+    public.add_argument("--public-val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
+                        help="share of the pool held out as the server's labeled validation "
+                        "split (FedDF early stopping), in [0, 1)")
+    public.add_argument("--architectures", default=None,
+                        help="heterogeneous models for " + " and ".join(_HETEROGENEOUS)
+                        + ": comma-separated mlp[:WIDTHS], cnn, resnet, e.g. "
+                        "mlp:32,mlp:128,mlp:256x128; client k runs architecture k mod A")
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +98,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     seen: set[str] = set()
     for spec in COMMON:
         _add_hparam(group, spec, seen)
-    for name in algorithms.ALGORITHMS:
+    for name in algorithms.ALGORITHMS + algorithms.DISTILLATION:
         own = algorithms.hparam_specs(name)[len(COMMON):]
         if own:
             sub = parser.add_argument_group(f"{name} hyperparameters")
@@ -92,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run one algorithm")
     run.add_argument("--algorithm", default="fedavg",
-                     help=f"one of {', '.join(algorithms.ALGORITHMS)}")
+                     help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--output", default="runs/latest", help="output directory")
     run.add_argument("--compare-local", action="store_true",
@@ -139,7 +161,7 @@ def _hparams_for(name: str, args: argparse.Namespace, *, strict: bool) -> dict:
     """
     own = {spec.name for spec in algorithms.hparam_specs(name)}
     every = {spec.name for spec in COMMON}
-    for other in algorithms.ALGORITHMS:
+    for other in algorithms.ALGORITHMS + algorithms.DISTILLATION:
         every |= {spec.name for spec in algorithms.hparam_specs(other)}
     chosen = {}
     for key in sorted(every):
@@ -175,6 +197,88 @@ def _load_data(args: argparse.Namespace, seed: int, save_partition=None):
     return data
 
 
+def _wants_public(names, args: argparse.Namespace) -> bool:
+    return (any(algorithms.uses_public(n) for n in names) or args.public_fraction is not None
+            or args.public_dataset is not None)
+
+
+def _load_with_public(args: argparse.Namespace, seed: int, names, save_partition=None):
+    """``(data, public)``: the public set (and the validation split) held out of the pool
+    before partitioning when any of ``names`` needs it or a public flag is set, so that
+    every algorithm of a comparison sees the same private data."""
+    if not _wants_public(names, args):
+        return _load_data(args, seed, save_partition), None
+    from fedjax_sim.data.public import make_federated_data_with_public
+
+    fraction = args.public_fraction
+    if fraction is None and args.public_dataset is None:
+        fraction = DEFAULT_PUBLIC_FRACTION
+    data, public, _, _ = make_federated_data_with_public(
+        args.dataset, public_fraction=fraction, public_dataset=args.public_dataset,
+        public_size=args.public_size, val_fraction=args.public_val_fraction,
+        partition=args.partition, num_clients=args.num_clients, alpha=args.alpha,
+        min_samples=args.min_samples, shards_per_client=args.shards_per_client,
+        classes_per_client=args.classes_per_client, test_ratio=args.test_ratio, seed=seed,
+        data_dir=args.data_dir, partition_file=args.partition_file,
+        save_partition_to=save_partition,
+    )
+    return data, public
+
+
+def _public_kw(name: str, public) -> dict:
+    return {"public": public} if algorithms.uses_public(name) else {}
+
+
+def _parse_architectures(spec: str) -> list[tuple[str, dict]]:
+    """``mlp:64,mlp:128x64,cnn`` -> [(name, options), ...]; checked before any data loads."""
+    from fedjax_sim.models import MODELS
+
+    parsed = []
+    for item in spec.split(","):
+        name, _, widths = item.strip().partition(":")
+        if name not in MODELS:
+            raise ValueError(f"--architectures: unknown model {name!r} in {spec!r}; "
+                             f"valid: {', '.join(MODELS)}")
+        options = {}
+        if widths:
+            if name != "mlp" or not all(w.isdigit() and int(w) > 0 for w in widths.split("x")):
+                raise ValueError(f"--architectures: {item!r} must be mlp:W or mlp:W1xW2 with "
+                                 "positive widths (only mlp takes widths)")
+            options["hidden"] = tuple(int(w) for w in widths.split("x"))
+        parsed.append((name, options))
+    return parsed
+
+
+def _models_for(args: argparse.Namespace, input_shape, num_classes):
+    """The model, or with --architectures a tuple of models (FedMD, FCCL)."""
+    if args.architectures is None:
+        return _model_for(args.model, input_shape, num_classes)
+    from fedjax_sim.models import make_model
+
+    return tuple(make_model(name, input_shape, num_classes, **options)
+                 for name, options in _parse_architectures(args.architectures))
+
+
+def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[float]:
+    """Per-client accuracies of Local on ``data``; with several architectures each client
+    uses its own (client k runs architecture k mod A, as in FedMD and FCCL)."""
+    from fedjax_sim.algorithms.fedmd import group_members
+    from fedjax_sim.runner import run
+
+    models = model if isinstance(model, tuple) else (model,)
+    accuracies = np.zeros(data.num_clients)
+    for m, idx in zip(models, group_members(data.num_clients, len(models)), strict=True):
+        reference = algorithms.make("local", m, **_hparams_for("local", args, strict=False))
+        result = run(reference, data, rounds=args.rounds, eval_every=args.rounds, seed=seed,
+                     progress=not args.no_progress)
+        accuracies[idx] = np.asarray(result.summary["client_accuracies"])[idx]
+    return accuracies.tolist()
+
+
+def _model_names(model) -> str:
+    return ",".join(m.name for m in model) if isinstance(model, tuple) else model.name
+
+
 def _check_loop(args: argparse.Namespace) -> None:
     from fedjax_sim.runner import validate_run_options
 
@@ -188,21 +292,27 @@ def cmd_run(args: argparse.Namespace) -> dict:
     hparams = _hparams_for(args.algorithm, args, strict=True)
     algorithms.resolve(args.algorithm, **hparams)  # fail before loading or compiling
     _check_loop(args)
-    data = _load_data(args, args.seed, args.save_partition)
-    model = _model_for(args.model, data.input_shape, data.num_classes)
+    if args.architectures is not None:
+        if args.algorithm not in _HETEROGENEOUS:
+            raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
+                             f"not {args.algorithm}")
+        _parse_architectures(args.architectures)
+    data, public = _load_with_public(args, args.seed, [args.algorithm], args.save_partition)
+    model = _models_for(args, data.input_shape, data.num_classes)
     local_accuracies = None
     if args.compare_local and args.algorithm != "local":
-        reference = algorithms.make("local", model, **_hparams_for("local", args, strict=False))
-        local_accuracies = run(
-            reference, data, rounds=args.rounds, eval_every=args.rounds, seed=args.seed,
-            progress=not args.no_progress,
-        ).summary["client_accuracies"]
-    algorithm = algorithms.make(args.algorithm, model, **hparams)
+        local_accuracies = _local_reference(args, model, data, args.seed)
+    algorithm = algorithms.make(args.algorithm, model, **_public_kw(args.algorithm, public),
+                                **hparams)
+    extra = {"model": _model_names(model)}
+    if public is not None:
+        extra.update(public=public.name, public_size=public.num_samples,
+                     public_val_size=public.num_val)
     result = run(
         algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed,
         output=args.output, local_accuracies=local_accuracies,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
-        progress=not args.no_progress, extra_summary={"model": model.name},
+        progress=not args.no_progress, extra_summary=extra,
     )
     summary = result.summary
     keys = ("algorithm", "dataset", "accuracy", "client_mean_accuracy", "client_p10",
@@ -228,17 +338,20 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     for name in names:
         algorithms.resolve(name, **_hparams_for(name, args, strict=False))
     _check_loop(args)
+    if args.architectures is not None:
+        raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
     out = Path(args.output)
     results: dict[str, list[dict]] = {name: [] for name in names}
     order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
     for seed in seeds:
-        data = _load_data(args, seed)
+        data, public = _load_with_public(args, seed, names)
         model = _model_for(args.model, data.input_shape, data.num_classes)
         local_accuracies = None
         for name in order:
             if name == "local" and name not in names and local_accuracies is not None:
                 continue
-            algorithm = algorithms.make(name, model, **_hparams_for(name, args, strict=False))
+            algorithm = algorithms.make(name, model, **_public_kw(name, public),
+                                        **_hparams_for(name, args, strict=False))
             summary = run(
                 algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
                 output=out / f"{name}_seed{seed}" if name in names else None,

@@ -3,15 +3,21 @@
 Shipped as ``fedjax_sim.kernels``; nothing here imports from the rest of ``fedjax_sim``.
 """
 
-from . import aggregation, obp, split
+from . import aggregation, distill, obp, split
 from .aggregation import broadcast, gather, scatter, tree_bytes, tree_where, weighted_mean
+from .distill import client_predictions, era, fccl_collaboration_loss, soft_targets
 
 __all__ = [
     "aggregation",
     "broadcast",
+    "client_predictions",
+    "distill",
+    "era",
+    "fccl_collaboration_loss",
     "gather",
     "obp",
     "scatter",
+    "soft_targets",
     "split",
     "tree_bytes",
     "tree_where",

@@ -4,6 +4,10 @@ Each algorithm lives in its own module, with its paper in the module docstring, 
 ``(model, **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own hyperparameters;
 the common ones (local budget, optimizer, participation, execution strategy) are
 ``base.COMMON``.
+
+``DISTILLATION`` lists the algorithms that also need a public data set, passed as
+``make(name, model, public=PublicData(...))`` (see ``fedjax_sim.data.public``); FedMD and
+FCCL also accept a sequence of models (heterogeneous architectures) for ``model``.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ from types import ModuleType
 from fedjax_sim.algorithms import (
     apfl,
     ditto,
+    dsfl,
+    fccl,
     fedavg,
     fedavg_ft,
     fedbabu,
+    feddf,
+    fedmd,
     fedper,
     fedrep,
     lg_fedavg,
@@ -38,6 +46,10 @@ _MODULES: dict[str, ModuleType] = {
 
 ALGORITHMS: tuple[str, ...] = tuple(_MODULES)
 
+# Federated distillation: these take public data (``uses_public``).
+_MODULES.update({"dsfl": dsfl, "fedmd": fedmd, "fccl": fccl, "feddf": feddf})
+DISTILLATION: tuple[str, ...] = ("dsfl", "fedmd", "fccl", "feddf")
+
 
 def hparam_specs(name: str) -> tuple[HParam, ...]:
     """The common hyperparameters followed by the algorithm's own."""
@@ -46,8 +58,14 @@ def hparam_specs(name: str) -> tuple[HParam, ...]:
 
 def _module(name: str) -> ModuleType:
     if name not in _MODULES:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {name!r}")
+        raise ValueError(
+            f"algorithm must be one of {', '.join(ALGORITHMS + DISTILLATION)}; got {name!r}")
     return _MODULES[name]
+
+
+def uses_public(name: str) -> bool:
+    """Whether algorithm ``name`` needs public data (``make(..., public=...)``)."""
+    return getattr(_module(name), "USES_PUBLIC", False)
 
 
 def resolve(name: str, **hparams) -> dict:
@@ -83,10 +101,20 @@ def resolve(name: str, **hparams) -> dict:
     return resolved
 
 
-def make(name: str, model: Model, **hparams) -> Algorithm:
-    """Builds algorithm ``name`` for ``model`` after validating ``hparams``."""
+def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
+    """Builds algorithm ``name`` for ``model`` after validating ``hparams``.
+
+    ``public`` (a ``PublicData``) is required by the ``DISTILLATION`` algorithms and refused
+    by the others.
+    """
     module = _module(name)
-    return getattr(module, name)(model, **resolve(name, **hparams))
+    resolved = resolve(name, **hparams)
+    if uses_public(name):
+        return getattr(module, name)(model, public=public, **resolved)
+    if public is not None:
+        raise ValueError(f"{name} takes no public data")
+    return getattr(module, name)(model, **resolved)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "HParam", "hparam_specs", "make", "resolve"]
+__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "hparam_specs", "make",
+           "resolve", "uses_public"]

@@ -1,0 +1,218 @@
+"""FCCL: federated cross-correlation and continual learning.
+
+Huang, Ye, Du. "Learn from Others and Be Yourself in Heterogeneous Federated Learning."
+CVPR 2022.
+
+Clients may run different architectures. Before federating, every client trains its model
+on its own data; a frozen copy is its intra-domain teacher. Each round, on a random
+subset of the unlabeled public set:
+
+1. Collaborative updating: for every public mini-batch, each sampled client computes its
+   logits Z_i, the server averages them into Z̄ (all participants, treated as constants),
+   and each client takes an Adam step on the cross-correlation loss
+   Σ_u (1 − M_uu)² + λ Σ_{u≠v} (1 + M_uv)², M = Z̃_iᵀ Z̄̃ / B, with logits standardized
+   along the batch (λ = 0.0051). All clients step in lockstep: one scan over the public
+   mini-batches, every group vmapped inside it.
+2. Local updating with dual-domain distillation on private data:
+   L = CE + KL(σ(f_inter(x)) ‖ σ(f(x))) + KL(σ(f_intra(x)) ‖ σ(f(x))), T = 1, where the
+   inter-domain teacher is the client's model from the end of the previous round and
+   the intra-domain teacher its frozen pretrained model.
+
+Heterogeneous models use the groups of ``fedmd`` (client k runs architecture k mod A).
+Each sampled client sends its logits on every public example once per collaboration
+epoch and receives Z̄ for it: B·C float32 each way per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_sim.algorithms.base import (
+    Algorithm,
+    HParam,
+    client_optimizer,
+    map_options,
+    schedule,
+)
+from fedjax_sim.algorithms.dsfl import SHARED, sample_public
+from fedjax_sim.algorithms.fedmd import (
+    as_models,
+    cohort_loss,
+    distill_bytes,
+    global_rows,
+    group_cohorts,
+    group_members,
+    grouped_evaluate,
+    grouped_state,
+    private_data,
+)
+from fedjax_sim.core import local
+from fedjax_sim.core.cohort import client_map
+from fedjax_sim.core.rounds import advance
+from fedjax_sim.data.public import PublicData, check_public, check_public_matches
+from fedjax_sim.kernels import distill
+from fedjax_sim.kernels.aggregation import gather, scatter
+from fedjax_sim.models.base import Model
+
+USES_PUBLIC = True
+
+HPARAMS = (
+    *SHARED,
+    HParam("fccl_lambda", 0.0051, float, lambda v: v >= 0, ">= 0",
+           "FCCL: weight λ of the off-diagonal cross-correlation terms"),
+    HParam("fccl_public_lr", 0.001, float, lambda v: v > 0, "> 0",
+           "FCCL: Adam learning rate of the collaborative updating"),
+    HParam("fccl_pretrain_epochs", 10, int, lambda v: v >= 1, "a positive integer",
+           "FCCL: epochs on private data that make the intra-domain teacher"),
+)
+
+
+def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+    """FCCL over one or more architectures and the unlabeled ``public`` set.
+
+    Args:
+      model: a Model, or a sequence of Models (clients assigned round-robin).
+      public: the public set (its labels are not read).
+      **hp: the common hyperparameters and ``HPARAMS``.
+    """
+    models = as_models(model, "fccl")
+    batch = hp["public_batch"]
+    check_public(public, algorithm="fccl", input_shape=models[0].input_shape,
+                 num_classes=models[0].num_classes, batch=batch)
+    if hp["distill_batch_size"] > batch:
+        raise ValueError(
+            f"distill_batch_size must be <= public_batch ({batch}) for fccl, got "
+            f"{hp['distill_batch_size']}"
+        )
+    public_x = jnp.asarray(public.x)
+    num_public = public.num_samples
+    optimizer = client_optimizer(hp)
+    budget = schedule(hp)
+    pretrain = schedule(hp, epochs=hp["fccl_pretrain_epochs"])
+    adam = optax.adam(hp["fccl_public_lr"])
+    lam = hp["fccl_lambda"]
+    col_batch = hp["distill_batch_size"]
+    steps_per_epoch = batch // col_batch  # a trailing partial batch is dropped
+
+    def ce(m):
+        return lambda p, xb, yb, wb: local.weighted_cross_entropy(m.apply(p, xb), yb, wb)
+
+    def dual_loss(m):
+        def loss(p, xb, yb, wb, prev, intra):
+            logits = m.apply(p, xb)
+            inter_t = jax.nn.softmax(m.apply(prev, xb), axis=-1)
+            intra_t = jax.nn.softmax(m.apply(intra, xb), axis=-1)
+            return (local.weighted_cross_entropy(logits, yb, wb)
+                    + distill.kl_distillation(logits, inter_t, weights=wb)
+                    + distill.kl_distillation(logits, intra_t, weights=wb))
+
+        return loss
+
+    ce_losses = [ce(m) for m in models]
+    dual_losses = [dual_loss(m) for m in models]
+
+    def init(key, data):
+        check_public_matches(public, data, "fccl")
+        members = group_members(data.num_clients, len(models))
+        keys = jax.random.split(key, 2 * len(models) + 1)
+        groups = []
+        for g, (m, idx) in enumerate(zip(models, members, strict=True)):
+
+            @jax.jit
+            def prepare(init_key, train_key, x, y, n, m=m, g=g):
+                start = m.init(init_key)
+                client_keys = jax.random.split(train_key, x.shape[0])
+                return client_map(
+                    lambda xk, yk, nk, kk: local.train(ce_losses[g], optimizer, start, xk, yk,
+                                                       nk, kk, **pretrain)[0],
+                    (x, y, n, client_keys), **map_options(hp),
+                )
+
+            intra = prepare(keys[1 + 2 * g], keys[2 + 2 * g],
+                            *private_data(data, jnp.asarray(idx)))
+            # Separate buffers: the runner donates the state to each round.
+            groups.append({"params": jax.tree.map(jnp.copy, intra), "intra": intra})
+        return grouped_state(keys[0], None, tuple(groups))
+
+    def collaborate(params, xs, key):
+        """Lockstep Adam steps of every sampled client (tuple over groups) on the FCCL loss."""
+        epochs = hp["distill_epochs"]
+        order = jax.vmap(lambda k: jax.random.permutation(k, batch))(
+            jax.random.split(key, epochs))
+        order = order[:, :steps_per_epoch * col_batch].reshape(-1, col_batch)
+        states = tuple(jax.vmap(adam.init)(p) for p in params)
+
+        def step(carry, rows):
+            params, states = carry
+            xb = xs[rows]
+            logits = [distill.client_predictions(m.apply, p, xb)
+                      for m, p in zip(models, params, strict=True)]
+            mean = jax.lax.stop_gradient(distill.weighted_average(jnp.concatenate(logits)))
+            new_params, new_states, losses = [], [], []
+            for m, p, s in zip(models, params, states, strict=True):
+
+                def one(pk, sk, m=m):
+                    loss, grads = jax.value_and_grad(
+                        lambda q: distill.fccl_collaboration_loss(
+                            m.apply(q, xb), mean, off_diagonal_weight=lam))(pk)
+                    updates, sk = adam.update(grads, sk, pk)
+                    return optax.apply_updates(pk, updates), sk, loss
+
+                p, s, loss = jax.vmap(one)(p, s)
+                new_params.append(p)
+                new_states.append(s)
+                losses.append(loss)
+            return (tuple(new_params), tuple(new_states)), jnp.mean(jnp.concatenate(losses))
+
+        (params, _), losses = jax.lax.scan(step, (params, states), order)
+        return params, jnp.mean(losses) if losses.size else jnp.zeros(())
+
+    def round_fn(state, data):
+        members = group_members(data.num_clients, len(models))
+        next_key, round_key = jax.random.split(state.key)
+        subset_key, cohort_key, col_key, train_key = jax.random.split(round_key, 4)
+        xs = public_x[sample_public(subset_key, num_public, batch)]
+        cohorts = group_cohorts(cohort_key, members, hp["join_ratio"])
+        rows = [gather(tree, c) for tree, c in zip(state.clients, cohorts, strict=True)]
+        # The inter-domain teacher is each client's model as the previous round left it.
+        previous = tuple(r["params"] for r in rows)
+        params = previous
+        col_loss = jnp.zeros(())
+        if hp["distill_epochs"] > 0 and steps_per_epoch > 0:
+            params, col_loss = collaborate(params, xs, col_key)
+
+        new_groups, losses, counts = [], [], []
+        for g, (idx, tree, c, r, p, prev) in enumerate(
+            zip(members, state.clients, cohorts, rows, params, previous, strict=True)
+        ):
+            clients = global_rows(idx, c)
+            x, y, n = private_data(data, clients)
+            keys = jax.random.split(jax.random.fold_in(train_key, g), clients.shape[0])
+
+            def client(pk, prev, intra, xk, yk, nk, kk, g=g):
+                def dual(q, xb, yb, wb):
+                    return dual_losses[g](q, xb, yb, wb, prev, intra)
+
+                return local.train(dual, optimizer, pk, xk, yk, nk, kk, **budget)
+
+            trained, loss = client_map(
+                client, (p, prev, r["intra"], x, y, n, keys), **map_options(hp))
+            rows_out = {"params": trained, "intra": r["intra"]}
+            new_groups.append(scatter(tree, c, rows_out))
+            losses.append(loss)
+            counts.append(n)
+        metrics = {"train_loss": cohort_loss(losses, counts), "collaboration_loss": col_loss}
+        return advance(state, next_key, clients=tuple(new_groups)), metrics
+
+    def evaluate(state, data):
+        members = group_members(data.num_clients, len(models))
+        return grouped_evaluate(models, members, lambda m, own, x: m.apply(own["params"], x),
+                                state.clients, data, hp)
+
+    payload = 4 * hp["distill_epochs"] * steps_per_epoch * col_batch * models[0].num_classes
+    return Algorithm("fccl", init, round_fn, evaluate, distill_bytes(hp, len(models), payload),
+                     hp)
