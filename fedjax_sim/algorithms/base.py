@@ -117,6 +117,35 @@ def schedule(hp: dict, epochs: int | None = None) -> dict:
             else epochs}
 
 
+def local_sgd(
+    model: Model,
+    hp: dict,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    loss_fn: Callable | None = None,
+    epochs: int | None = None,
+) -> Callable:
+    """One client's local training with this run's budget:
+    ``(params, x, y, n, key) -> (params, mean loss)``.
+
+    Args:
+      optimizer: defaults to ``client_optimizer(hp)`` (pass a ``core.local.frozen`` one to
+        train only some layers).
+      loss_fn: defaults to the model's weighted cross-entropy.
+      epochs: overrides ``local_epochs`` (ignored when ``local_steps`` is set).
+    """
+    from fedjax_sim.core import local
+
+    optimizer = optimizer or client_optimizer(hp)
+    loss_fn = loss_fn or cross_entropy_loss(model)
+    budget = schedule(hp, epochs=epochs)
+
+    def train(params, x, y, n, key):
+        return local.train(loss_fn, optimizer, params, x, y, n, key, **budget)
+
+    return train
+
+
 def map_options(hp: dict) -> dict:
     """Keyword arguments of ``core.cohort.client_map``."""
     return {"strategy": hp["client_strategy"], "chunk_size": hp["chunk_size"]}

@@ -17,14 +17,12 @@ import jax.numpy as jnp
 from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
-    client_optimizer,
     cross_entropy_loss,
+    local_sgd,
     map_options,
     num_params_bytes,
     per_round_bytes,
-    schedule,
 )
-from fedjax_sim.core import local
 from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.core.state import SimState
@@ -41,9 +39,7 @@ HPARAMS = (
 
 def ditto(model: Model, **hp) -> Algorithm:
     loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
-    budget = schedule(hp)
-    personal_budget = schedule(hp, epochs=hp["personal_epochs"])
+    train = local_sgd(model, hp)
     lam = hp["ditto_lambda"]
 
     def init(key, data):
@@ -60,12 +56,13 @@ def ditto(model: Model, **hp) -> Algorithm:
             gap = jax.tree.map(lambda a, b: jnp.sum((a - b) ** 2), v, global_params)
             return loss_fn(v, xb, yb, wb) + 0.5 * lam * sum(jax.tree.leaves(gap))
 
+        train_personal = local_sgd(model, hp, loss_fn=proximal_loss,
+                                   epochs=hp["personal_epochs"])
+
         def client(own, x, y, n, key):
             global_key, personal_key = jax.random.split(key)
-            w, loss = local.train(loss_fn, optimizer, global_params, x, y, n, global_key, **budget)
-            v, _ = local.train(
-                proximal_loss, optimizer, own["params"], x, y, n, personal_key, **personal_budget
-            )
+            w, loss = train(global_params, x, y, n, global_key)
+            v, _ = train_personal(own["params"], x, y, n, personal_key)
             return w, {"params": v}, loss
 
         result = run_cohort(

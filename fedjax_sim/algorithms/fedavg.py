@@ -13,15 +13,12 @@ import jax
 
 from fedjax_sim.algorithms.base import (
     Algorithm,
-    client_optimizer,
-    cross_entropy_loss,
+    local_sgd,
     map_options,
     num_params_bytes,
     per_round_bytes,
-    schedule,
     shared_logits,
 )
-from fedjax_sim.core import local
 from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.core.state import SimState
@@ -33,16 +30,14 @@ HPARAMS = ()
 
 def fedavg_round(model: Model, hp: dict):
     """The FedAvg round, shared with the algorithms that only change evaluation."""
-    loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
-    budget = schedule(hp)
+    train = local_sgd(model, hp)
 
     def round_fn(state: SimState, data):
         next_key, round_key = jax.random.split(state.key)
         global_params = state.server["params"]
 
         def client(_, x, y, n, key):
-            params, loss = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
+            params, loss = train(global_params, x, y, n, key)
             return params, None, loss
 
         result = run_cohort(

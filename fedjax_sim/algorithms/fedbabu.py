@@ -16,12 +16,11 @@ from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
     client_optimizer,
-    cross_entropy_loss,
     finetuned_evaluate,
+    local_sgd,
     map_options,
     num_params_bytes,
     per_round_bytes,
-    schedule,
 )
 from fedjax_sim.algorithms.fedavg import global_init
 from fedjax_sim.core import local
@@ -37,19 +36,18 @@ HPARAMS = (
 
 
 def fedbabu(model: Model, **hp) -> Algorithm:
-    loss_fn = cross_entropy_loss(model)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     body_only = local.frozen(
         client_optimizer(hp), jax.tree.map(lambda h: not h, model.head_mask(shapes))
     )
-    budget = schedule(hp)
+    train = local_sgd(model, hp, optimizer=body_only)
 
     def round_fn(state, data):
         next_key, round_key = jax.random.split(state.key)
         global_params = state.server["params"]
 
         def client(_, x, y, n, key):
-            params, loss = local.train(loss_fn, body_only, global_params, x, y, n, key, **budget)
+            params, loss = train(global_params, x, y, n, key)
             return split.drop(params, model.head), None, loss
 
         result = run_cohort(

@@ -11,22 +11,14 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import Algorithm, client_optimizer, cross_entropy_loss, schedule
+from fedjax_sim.algorithms.base import Algorithm, local_sgd
 from fedjax_sim.algorithms.partial import decoupled
-from fedjax_sim.core import local
 from fedjax_sim.models.base import Model
 
 HPARAMS = ()
 
 
 def lg_fedavg(model: Model, **hp) -> Algorithm:
-    loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
-    budget = schedule(hp)
-
-    def local_fn(params, x, y, n, key):
-        return local.train(loss_fn, optimizer, params, x, y, n, key, **budget)
-
     layers = tuple(jax.eval_shape(model.init, jax.random.key(0)))
     personal = tuple(name for name in layers if name not in model.head)
-    return decoupled("lg_fedavg", model, hp, personal, local_fn)
+    return decoupled("lg_fedavg", model, hp, personal, local_sgd(model, hp))

@@ -8,14 +8,7 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import (
-    Algorithm,
-    client_optimizer,
-    cross_entropy_loss,
-    map_options,
-    schedule,
-)
-from fedjax_sim.core import local as local_training
+from fedjax_sim.algorithms.base import Algorithm, local_sgd, map_options
 from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.core.state import SimState
@@ -26,9 +19,7 @@ HPARAMS = ()
 
 
 def local(model: Model, **hp) -> Algorithm:
-    loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
-    budget = schedule(hp)
+    train = local_sgd(model, hp)
 
     def init(key, data):
         state_key, model_key = jax.random.split(key)
@@ -40,9 +31,7 @@ def local(model: Model, **hp) -> Algorithm:
         next_key, round_key = jax.random.split(state.key)
 
         def client(own, x, y, n, key):
-            params, loss = local_training.train(
-                loss_fn, optimizer, own["params"], x, y, n, key, **budget
-            )
+            params, loss = train(own["params"], x, y, n, key)
             return None, {"params": params}, loss
 
         result = run_cohort(
