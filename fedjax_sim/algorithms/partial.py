@@ -21,7 +21,7 @@ from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels import split
-from fedjax_sim.kernels.aggregation import broadcast, weighted_mean
+from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
 # local_fn(params, x, y, n, key) -> (params, loss)
@@ -65,9 +65,9 @@ def decoupled(
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            mean_uploads=True, **map_options(hp),
         )
-        new_shared = weighted_mean(result.uploads, result.counts)
+        new_shared = result.uploads
         # The server's copy of the personal layers is never used by anyone; it keeps the
         # initial values so that the global tree has the model's full structure.
         server = {"params": split.merge(global_params, new_shared)}

@@ -1,13 +1,40 @@
-"""Cohort sampling and execution strategies over the client axis."""
+"""Cohort sampling and execution strategies over the client axis.
+
+A strategy says how the per-client function runs over the rows of the client axis:
+
+* ``vmap``: all clients as one batched program (best on GPU / TPU);
+* ``sequential``: one client after another inside a single compiled loop (best on CPU,
+  where a batched matmul of many small client matrices is slower than the same matmuls
+  one at a time);
+* ``chunked``: ``chunk_size`` clients at a time, vmapped inside the loop, which spans the
+  two;
+* ``auto``: the measured best per backend, :data:`AUTO_TABLE` (overridden by the
+  ``FEDJAX_SIM_STRATEGY`` environment variable, e.g. ``chunked:4``).
+
+All strategies give the same results (up to float summation order). When the client axis
+is sharded over a device mesh (see :func:`client_mesh`), each device runs the strategy on
+its own block of clients under ``shard_map`` and partial sums meet in one ``psum``.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 STRATEGIES = ("auto", "vmap", "sequential", "chunked")
+
+# Mesh axis name of the client axis.
+CLIENT_AXIS = "clients"
+
+# ``auto`` per backend, from fedjax-sim bench --client-strategy all (experiments/
+# README_scale.md has the figures): on CPU the sequential loop wins for the mlp and the cnn,
+# on accelerators the full vmap does.
+AUTO_TABLE = {"cpu": ("sequential", 1), "gpu": ("vmap", 0), "tpu": ("vmap", 0)}
 
 
 def cohort_size(num_clients: int, join_ratio: float) -> int:
@@ -25,14 +52,119 @@ def sample_cohort(key: jax.Array, num_clients: int, size: int) -> jax.Array | No
     return jax.random.choice(key, num_clients, (size,), replace=False)
 
 
-def resolve_strategy(strategy: str) -> str:
-    """``auto`` picks by backend: a sequential map on CPU, where per-client steps are
-    faster than one wide vmapped step, and a full vmap on accelerators."""
+def _parse_override(text: str) -> tuple[str, int]:
+    name, _, size = text.partition(":")
+    if name not in STRATEGIES[1:]:
+        raise ValueError(f"FEDJAX_SIM_STRATEGY must name one of {STRATEGIES[1:]}, got {text!r}")
+    return name, int(size) if size else 8
+
+
+def resolve(strategy: str, chunk_size: int = 8) -> tuple[str, int]:
+    """The concrete ``(strategy, chunk_size)`` that ``strategy`` stands for here."""
     if strategy not in STRATEGIES:
         raise ValueError(f"client_strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto":
-        return strategy
-    return "sequential" if jax.default_backend() == "cpu" else "vmap"
+        return strategy, int(chunk_size)
+    override = os.environ.get("FEDJAX_SIM_STRATEGY")
+    if override:
+        return _parse_override(override)
+    return AUTO_TABLE.get(jax.default_backend(), ("vmap", 0))
+
+
+def resolve_strategy(strategy: str) -> str:
+    """The concrete strategy name that ``strategy`` (possibly ``auto``) stands for here."""
+    return resolve(strategy)[0]
+
+
+def client_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh in context (``jax.set_mesh``) if it shards the client axis over >1 devices."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or CLIENT_AXIS not in mesh.axis_names:
+        return None
+    return mesh if mesh.shape[CLIENT_AXIS] > 1 else None
+
+
+def _leading(args: Any) -> int:
+    return jax.tree.leaves(args)[0].shape[0]
+
+
+def _local_map(fn, args, weights, strategy, chunk_size):
+    """Runs ``fn`` over the rows of ``args`` on one device.
+
+    With ``weights`` (M,), ``fn`` returns ``(to_sum, rest)`` and this returns
+    ``(Σ_m weights[m] * to_sum_m, stacked rest)`` without ever stacking ``to_sum``.
+    """
+    if strategy == "vmap" or (strategy == "chunked" and chunk_size >= _leading(args)):
+        out = jax.vmap(fn)(*args)
+        if weights is None:
+            return out
+        total = jax.tree.map(lambda leaf: jnp.tensordot(weights.astype(leaf.dtype), leaf, 1),
+                             out[0])
+        return total, out[1]
+    chunk = 1 if strategy == "sequential" else int(chunk_size)
+    if weights is None:
+        return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk if chunk > 1 else None)
+    return _summing_map(fn, args, weights, chunk)
+
+
+def _summing_map(fn, args, weights, chunk):
+    """``lax.map`` in chunks of ``chunk`` that keeps a running weighted sum of the first
+    output in the loop carry instead of stacking it."""
+    size = _leading(args)
+    full, rem = divmod(size, chunk)
+
+    def run_block(block_args, block_weights):
+        if chunk == 1:
+            summed, rest = fn(*jax.tree.map(lambda a: a[0], block_args))
+            return (jax.tree.map(lambda leaf: leaf * block_weights[0].astype(leaf.dtype), summed),
+                    jax.tree.map(lambda leaf: leaf[None], rest))
+        summed, rest = jax.vmap(fn)(*block_args)
+        return (jax.tree.map(lambda leaf: jnp.tensordot(block_weights.astype(leaf.dtype),
+                                                        leaf, 1), summed), rest)
+
+    def split(tree, start, stop, blocks):
+        return jax.tree.map(lambda a: a[start:stop].reshape(blocks, -1, *a.shape[1:]), tree)
+
+    out_shapes = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], args))
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes[0])
+
+    def body(carry, block):
+        block_args, block_weights = block
+        summed, rest = run_block(block_args, block_weights)
+        return jax.tree.map(jnp.add, carry, summed), rest
+
+    total, rest = jax.lax.scan(body, total, split((args, weights), 0, full * chunk, full))
+    rest = jax.tree.map(lambda a: a.reshape(full * chunk, *a.shape[2:]), rest)
+    if rem:
+        tail_args, tail_weights = jax.tree.map(lambda a: a[full * chunk:], (args, weights))
+        summed, tail_rest = jax.vmap(fn)(*tail_args)
+        total = jax.tree.map(
+            lambda t, leaf: t + jnp.tensordot(tail_weights.astype(leaf.dtype), leaf, 1),
+            total, summed)
+        rest = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), rest, tail_rest)
+    return total, rest
+
+
+def _mapped(fn, args, weights, strategy, chunk_size):
+    strategy, chunk_size = resolve(strategy, chunk_size)
+    mesh = client_mesh()
+    if mesh is None or _leading(args) % mesh.shape[CLIENT_AXIS]:
+        return _local_map(fn, args, weights, strategy, chunk_size)
+
+    # Each device maps its own block of rows; the weighted sums meet in one psum.
+    spec = PartitionSpec(CLIENT_AXIS)
+
+    def per_device(block_args, block_weights):
+        out = _local_map(fn, block_args, block_weights, strategy, chunk_size)
+        if block_weights is None:
+            return out
+        return jax.lax.psum(out[0], CLIENT_AXIS), out[1]
+
+    if weights is None:
+        return jax.shard_map(lambda a: per_device(a, None), mesh=mesh, in_specs=(spec,),
+                             out_specs=spec, check_vma=False)(args)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec),
+                         out_specs=(PartitionSpec(), spec), check_vma=False)(args, weights)
 
 
 def client_map(
@@ -44,8 +176,32 @@ def client_map(
     inside a single compiled loop, ``chunked`` ``chunk_size`` at a time. All give the same
     results; which is fastest depends on the backend and the model.
     """
-    strategy = resolve_strategy(strategy)
-    if strategy == "vmap":
-        return jax.vmap(fn)(*args)
-    batch = 1 if strategy == "sequential" else chunk_size
-    return jax.lax.map(lambda a: fn(*a), args, batch_size=batch if batch > 1 else None)
+    return _mapped(fn, args, None, strategy, chunk_size)
+
+
+def client_map_mean(
+    fn: Callable[..., Any],
+    args: tuple,
+    weights: jax.Array,
+    *,
+    strategy: str = "auto",
+    chunk_size: int = 8,
+) -> tuple[Any, Any]:
+    """Like :func:`client_map` for a ``fn`` returning ``(upload, rest)``, but hands back the
+    ``weights``-weighted mean of the uploads (no client axis) instead of stacking them.
+
+    The loop strategies keep a running sum in their carry, so an upload as large as the
+    model is never materialized M times.
+
+    Args:
+      fn: per-client function returning ``(upload, rest)``.
+      args: tuple of trees with leading axis M.
+      weights: (M,) non-negative weights, normalized here (all zero gives zeros).
+
+    Returns:
+      ``(weighted mean of upload, stacked rest)``.
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    total = jnp.sum(weights)
+    normalized = weights / jnp.where(total > 0, total, 1.0)
+    return _mapped(fn, args, normalized, strategy, chunk_size)

@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.kernels.aggregation import tree_where
-
 PyTree = Any
 # step_fn(carry, x_batch, y_batch, weights) -> (carry, loss)
 StepFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], tuple[PyTree, jax.Array]]
@@ -112,10 +110,26 @@ def scan_batches(
         key, count, x.shape[0], batch_size, epochs=epochs, steps=steps
     )
 
-    def body(carry, inputs):
-        rows, w, is_active = inputs
-        new_carry, loss = step_fn(carry, x[rows], y[rows], w)
-        return tree_where(is_active, new_carry, carry), jnp.where(is_active, loss, 0.0)
+    if steps is not None:
+        # Every step of a fixed-steps budget is active: no masking needed.
+        def body(carry, inputs):
+            rows, w, _ = inputs
+            return step_fn(carry, x[rows], y[rows], w)
+
+    else:
+
+        def body(carry, inputs):
+            rows, w, is_active = inputs
+
+            def skip(carry):
+                loss = jax.eval_shape(step_fn, carry, x[rows], y[rows], w)[1]
+                return carry, jnp.zeros(loss.shape, loss.dtype)
+
+            # A branch, not a select: a client past its last batch of the epoch does no
+            # work in the loop strategies (under vmap this becomes a select, as before).
+            return jax.lax.cond(
+                is_active, lambda c: step_fn(c, x[rows], y[rows], w), skip, carry
+            )
 
     carry, losses = jax.lax.scan(body, carry, (index, weight, active))
     n_active = jnp.maximum(jnp.sum(active), 1)

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.core.cohort import client_map, cohort_size, sample_cohort
+from fedjax_sim.core.cohort import client_map, client_map_mean, cohort_size, sample_cohort
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.aggregation import gather, scatter
@@ -28,7 +28,8 @@ class CohortResult(NamedTuple):
     Attributes:
       index: (M,) client indices, or ``None`` under full participation.
       counts: (M,) training sample counts (the FedAvg aggregation weights).
-      uploads: per-client uploads, leaves (M, ...).
+      uploads: per-client uploads, leaves (M, ...); with ``mean_uploads`` their
+        sample-weighted mean instead (no client axis).
       clients: the full (K, ...) client state with the cohort's new rows written back.
       loss: scalar, sample-weighted mean training loss of the cohort.
     """
@@ -49,23 +50,39 @@ def run_cohort(
     join_ratio: float,
     strategy: str = "auto",
     chunk_size: int = 8,
+    mean_uploads: bool = False,
 ) -> CohortResult:
-    """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them."""
+    """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them.
+
+    Args:
+      mean_uploads: hand back the sample-weighted mean of the uploads (what FedAvg-style
+        servers compute) rather than the stacked uploads; the loop strategies then keep a
+        running sum instead of materializing M copies of the model.
+    """
     num_clients = data.num_clients
     size = cohort_size(num_clients, join_ratio)
     cohort_key, train_key = jax.random.split(key)
     index = sample_cohort(cohort_key, num_clients, size)
     x, y, counts = gather((data.train_x, data.train_y, data.train_counts), index)
     keys = jax.random.split(train_key, size)
-    uploads, new_rows, losses = client_map(
-        client_fn,
-        (gather(clients, index), x, y, counts, keys),
-        strategy=strategy,
-        chunk_size=chunk_size,
-    )
+    cohort_args = (gather(clients, index), x, y, counts, keys)
     weights = counts.astype(jnp.float32)
+    if mean_uploads:
+        uploads, (new_rows, losses) = client_map_mean(
+            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights,
+            strategy=strategy, chunk_size=chunk_size,
+        )
+    else:
+        uploads, new_rows, losses = client_map(
+            client_fn, cohort_args, strategy=strategy, chunk_size=chunk_size
+        )
     loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+
+def _upload_first(out):
+    upload, new_row, loss = out
+    return upload, (new_row, loss)
 
 
 def advance(

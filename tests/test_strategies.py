@@ -1,0 +1,78 @@
+"""Execution strategies give the same results; ``auto`` resolves per backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_federated
+
+from fedjax_sim import algorithms
+from fedjax_sim.core import cohort
+from fedjax_sim.kernels.aggregation import weighted_mean
+from fedjax_sim.models import make_model
+from fedjax_sim.runner import to_device
+
+
+def _fn(a, b):
+    # A per-client function with a tree upload and a side output.
+    upload = {"w": jnp.tanh(a) * b, "s": jnp.sum(a) + b}
+    return upload, (a[0] - b, b * 2)
+
+
+@pytest.mark.parametrize("strategy,chunk", [("vmap", 8), ("sequential", 8), ("chunked", 3),
+                                            ("chunked", 7), ("chunked", 50)])
+def test_client_map_mean_equals_stack_then_mean(strategy, chunk):
+    rng = np.random.default_rng(0)
+    a = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
+    weights = jnp.asarray(rng.integers(1, 9, 7), jnp.float32)
+    uploads, rest = jax.vmap(_fn)(a, b)
+    mean, got_rest = jax.jit(lambda a, b, w: cohort.client_map_mean(
+        _fn, (a, b), w, strategy=strategy, chunk_size=chunk))(a, b, weights)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 mean, weighted_mean(uploads, weights))
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), got_rest, rest)
+    stacked = cohort.client_map(_fn, (a, b), strategy=strategy, chunk_size=chunk)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), stacked,
+                 (uploads, rest))
+
+
+def test_zero_weights_give_zeros_not_nans():
+    a = jnp.ones((4, 3))
+    b = jnp.ones((4,))
+    mean, _ = cohort.client_map_mean(_fn, (a, b), jnp.zeros(4), strategy="sequential")
+    assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(mean))
+
+
+def test_auto_follows_table_and_override(monkeypatch):
+    monkeypatch.delenv("FEDJAX_SIM_STRATEGY", raising=False)
+    assert cohort.resolve("auto") == cohort.AUTO_TABLE[jax.default_backend()]
+    assert cohort.resolve("chunked", 5) == ("chunked", 5)
+    monkeypatch.setenv("FEDJAX_SIM_STRATEGY", "chunked:4")
+    assert cohort.resolve("auto") == ("chunked", 4)
+    assert cohort.resolve("vmap") == ("vmap", 8)
+    monkeypatch.setenv("FEDJAX_SIM_STRATEGY", "warp")
+    with pytest.raises(ValueError, match="FEDJAX_SIM_STRATEGY"):
+        cohort.resolve("auto")
+    with pytest.raises(ValueError, match="client_strategy"):
+        cohort.resolve("fastest")
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedper", "ditto"])
+def test_strategies_give_equal_rounds(name):
+    data = to_device(random_federated(seed=4, num_clients=7))
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    results = []
+    for strategy, chunk in (("vmap", 8), ("sequential", 8), ("chunked", 3)):
+        alg = algorithms.make(name, model, local_epochs=2, batch_size=4, join_ratio=0.8,
+                              client_strategy=strategy, chunk_size=chunk)
+        state = alg.init(jax.random.key(0), data)
+        round_fn = jax.jit(alg.round)
+        for _ in range(2):
+            state, metrics = round_fn(state, data)
+        results.append((state.server, state.clients, metrics["train_loss"]))
+    for other in results[1:]:
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5),
+                     other, results[0])
