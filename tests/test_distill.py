@@ -196,6 +196,7 @@ def test_heterogeneous_groups_train_in_one_round(name):
         logits = models[k % 3].apply(params, data.test_x[k])
         hits = (np.argmax(np.asarray(logits), -1) == np.asarray(data.test_y[k]))
         assert int(correct[k]) == int(hits[: int(data.test_counts[k])].sum())
+    assert len(alg.report(new)["architectures"]) == 3
     # One sampled client per group; FCCL sends logits on every collaboration batch.
     per_client = (16 // 8) * 8 * 4 * 4 if name == "fccl" else 16 * 4 * 4
     assert alg.comm_bytes(data) == (3 * per_client, 3 * per_client)
@@ -216,6 +217,7 @@ def test_dsfl_runs_traces_once_resumes_and_sends_fewer_bytes_than_fedavg(tmp_pat
     assert [h["accuracy"] for h in resumed.history] == [h["accuracy"] for h in full.history]
     assert 0 <= full.summary["accuracy"] <= 1
     assert full.summary["bytes_up"] == full.summary["bytes_down"] == 3 * 2 * 16 * 4 * 4
+    assert full.summary["target_entropy"] > 0  # the algorithm's report reaches the summary
     fedavg = algorithms.make("fedavg", model, join_ratio=0.5, **COMMON)
     assert full.summary["bytes_up"] < 3 * fedavg.comm_bytes(data)[0]
 
@@ -316,3 +318,19 @@ def test_cli_bad_public_input(argv, message, capsys, tmp_path):
         main(["run", *argv, "--output", str(tmp_path), "--no-progress", "--num-clients", "5"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_runs_dsfl_with_held_out_public_data(tmp_path, capsys):
+    import json
+
+    from fedjax_sim.cli import main
+
+    out = tmp_path / "dsfl"
+    main(["run", "--algorithm", "dsfl", "--public-fraction", "0.3", "--public-batch", "64",
+          "--distill-batch-size", "32", "--dsfl-aggregation", "sa", "--num-clients", "5",
+          "--rounds", "2", "--eval-every", "1", "--local-epochs", "1", "--no-progress",
+          "--output", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["public_size"] == round(0.3 * 1797) and summary["public_val_size"] == 90
+    assert summary["bytes_up"] == 2 * 5 * 64 * 10 * 4
+    assert summary["hparams"]["dsfl_aggregation"] == "sa"

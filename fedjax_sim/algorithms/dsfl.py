@@ -65,7 +65,11 @@ DISTILL_BATCH = HParam(
     "distill_batch_size", 64, int, lambda v: v >= 1, "a positive integer",
     "distillation: mini-batch size on the public subset",
 )
-SHARED = (PUBLIC_BATCH, DISTILL_EPOCHS, DISTILL_BATCH)
+DISTILL_LR = HParam(
+    "distill_lr", None, float, lambda v: v is None or v > 0, "> 0 or unset",
+    "distillation: SGD learning rate on the public set (unset: the client lr)",
+)
+SHARED = (PUBLIC_BATCH, DISTILL_EPOCHS, DISTILL_BATCH, DISTILL_LR)
 
 AGGREGATIONS = ("era", "sa")
 LOSSES = ("kl", "ce")
@@ -94,6 +98,12 @@ def single_model(model, algorithm: str) -> Model:
             "models are for fedmd and fccl)"
         )
     return model
+
+
+def distill_optimizer(hp: dict) -> optax.GradientTransformation:
+    """The client optimizer with ``distill_lr`` (when set) as its learning rate."""
+    lr = hp["lr"] if hp["distill_lr"] is None else hp["distill_lr"]
+    return client_optimizer({**hp, "lr": lr})
 
 
 def sample_public(key: jax.Array, num_public: int, size: int) -> jax.Array:
@@ -152,6 +162,7 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
     loss_fn = cross_entropy_loss(model)
     kd_loss = soft_target_loss(model, hp["dsfl_distill_loss"])
     optimizer = client_optimizer(hp)
+    kd_optimizer = distill_optimizer(hp)
     budget = schedule(hp)
     kd = {"batch_size": hp["distill_batch_size"], "epochs": hp["distill_epochs"]}
     distills = hp["distill_epochs"] > 0
@@ -188,7 +199,7 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
             if distills:
                 params = jax.lax.cond(
                     server["has_targets"],
-                    lambda p: distill_train(kd_loss, optimizer, p, previous_x,
+                    lambda p: distill_train(kd_loss, kd_optimizer, p, previous_x,
                                             server["targets"], distill_key, **kd)[0],
                     lambda p: p,
                     params,
@@ -204,7 +215,7 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
         targets = aggregate(result.uploads)  # (M, B, C) -> (B, C)
         global_params = server["params"]
         if distills:
-            global_params, _ = distill_train(kd_loss, optimizer, global_params, next_x,
+            global_params, _ = distill_train(kd_loss, kd_optimizer, global_params, next_x,
                                              targets, server_key, **kd)
         new_server = {
             "params": global_params,
@@ -226,5 +237,9 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
             data.test_x, data.test_y, data.test_counts, **map_options(hp),
         )
 
+    def report(state):
+        return {"target_entropy": float(mean_entropy(state.server["targets"]))}
+
     payload = 4 * batch * num_classes
-    return Algorithm("dsfl", init, round_fn, evaluate, per_round_bytes(hp, payload, payload), hp)
+    return Algorithm("dsfl", init, round_fn, evaluate, per_round_bytes(hp, payload, payload), hp,
+                     report)

@@ -40,6 +40,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.dsfl import SHARED, sample_public
 from fedjax_sim.algorithms.fedmd import (
+    architecture_report,
     as_models,
     cohort_loss,
     distill_bytes,
@@ -66,7 +67,7 @@ HPARAMS = (
            "FCCL: weight λ of the off-diagonal cross-correlation terms"),
     HParam("fccl_public_lr", 0.001, float, lambda v: v > 0, "> 0",
            "FCCL: Adam learning rate of the collaborative updating"),
-    HParam("fccl_pretrain_epochs", 10, int, lambda v: v >= 1, "a positive integer",
+    HParam("fccl_pretrain_epochs", 50, int, lambda v: v >= 1, "a positive integer",
            "FCCL: epochs on private data that make the intra-domain teacher"),
 )
 
@@ -215,4 +216,4 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
 
     payload = 4 * hp["distill_epochs"] * steps_per_epoch * col_batch * models[0].num_classes
     return Algorithm("fccl", init, round_fn, evaluate, distill_bytes(hp, len(models), payload),
-                     hp)
+                     hp, architecture_report(models))

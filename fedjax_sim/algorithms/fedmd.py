@@ -37,9 +37,10 @@ from fedjax_sim.algorithms.base import (
     client_optimizer,
     cross_entropy_loss,
     map_options,
+    num_params_bytes,
     schedule,
 )
-from fedjax_sim.algorithms.dsfl import SHARED, distill_train, sample_public
+from fedjax_sim.algorithms.dsfl import SHARED, distill_optimizer, distill_train, sample_public
 from fedjax_sim.core import local
 from fedjax_sim.core.cohort import client_map, cohort_size, sample_cohort
 from fedjax_sim.core.evaluate import count_correct
@@ -160,6 +161,12 @@ def cohort_loss(losses: Sequence[jax.Array], counts: Sequence[jax.Array]) -> jax
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def architecture_report(models: Sequence[Model]) -> Callable:
+    """``report`` listing each group's architecture and parameter count."""
+    described = [f"{m.name} ({num_params_bytes(m) // 4} parameters)" for m in models]
+    return lambda _state: {"architectures": described}
+
+
 def distill_bytes(hp: dict, num_groups: int, payload: int) -> Callable:
     """``comm_bytes`` for a grouped algorithm sending ``payload`` bytes each way per sampled
     client and round."""
@@ -191,6 +198,7 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
     public_y = None if public.y is None else jnp.asarray(public.y)
     num_public = public.num_samples
     optimizer = client_optimizer(hp)
+    digest_optimizer = distill_optimizer(hp)
     budget = schedule(hp)
     transfer = schedule(hp, epochs=hp["fedmd_transfer_epochs"])
     digest = {"batch_size": hp["distill_batch_size"], "epochs": hp["distill_epochs"]}
@@ -252,8 +260,8 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
             def client(params, xk, yk, nk, kk, g=g):
                 digest_key, revisit_key = jax.random.split(kk)
                 if digest["epochs"] > 0:
-                    params, _ = distill_train(mae_losses[g], optimizer, params, xs, consensus,
-                                              digest_key, **digest)
+                    params, _ = distill_train(mae_losses[g], digest_optimizer, params, xs,
+                                              consensus, digest_key, **digest)
                 return local.train(ce[g], optimizer, params, xk, yk, nk, revisit_key, **budget)
 
             params, loss = client_map(client, (r["params"], x, y, n, keys), **map_options(hp))
@@ -270,4 +278,4 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
 
     payload = 4 * batch * models[0].num_classes
     return Algorithm("fedmd", init, round_fn, evaluate, distill_bytes(hp, len(models), payload),
-                     hp)
+                     hp, architecture_report(models))
