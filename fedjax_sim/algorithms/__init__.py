@@ -24,6 +24,7 @@ from fedjax_sim.algorithms import (
     fedbabu,
     feddf,
     fedmd,
+    fedobp,
     fedper,
     fedrep,
     lg_fedavg,
@@ -42,6 +43,7 @@ _MODULES: dict[str, ModuleType] = {
     "lg_fedavg": lg_fedavg,
     "ditto": ditto,
     "apfl": apfl,
+    "fedobp": fedobp,
 }
 
 ALGORITHMS: tuple[str, ...] = tuple(_MODULES)
