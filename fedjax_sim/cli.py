@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=32)
     bench.add_argument("--rounds", type=int, default=5)
     bench.add_argument("--samples-per-client", type=int, default=320)
-    bench.add_argument("--client-strategy", default="auto")
-    bench.add_argument("--chunk-size", type=int, default=8)
+    bench.add_argument("--client-strategy", default="auto",
+                       help="auto, vmap, sequential, chunked, or all (time each in turn)")
+    bench.add_argument("--chunk-size", default="8",
+                       help="clients per chunk for chunked; a comma list with --client-strategy "
+                       "all")
+    bench.add_argument("--rounds-per-call", type=int, default=1,
+                       help="rounds per jitted call (lax.scan over rounds)")
     bench.add_argument("--conv-impl", default="auto")
+    bench.add_argument("--peak", action="store_true",
+                       help="also measure a 2048x2048 float32 matmul and report the fraction "
+                       "of it reached")
     bench.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -391,59 +398,33 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     return [r for rows in results.values() for r in rows]
 
 
-def cmd_bench(args: argparse.Namespace) -> dict:
-    import jax
+def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
+    from fedjax_sim.bench import bench, matmul_peak
 
-    from fedjax_sim.data.federated import FederatedData
-    from fedjax_sim.models import make_model
-    from fedjax_sim.runner import to_device
-
-    for name in ("num_clients", "local_steps", "batch_size", "rounds", "samples_per_client"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    algorithm_hp = algorithms.resolve(
-        args.algorithm, local_steps=args.local_steps, batch_size=args.batch_size,
-        client_strategy=args.client_strategy, chunk_size=args.chunk_size,
-    )
-    rng = np.random.default_rng(args.seed)
-    k, n = args.num_clients, args.samples_per_client
-    data = FederatedData(
-        train_x=rng.random((k, n, 28, 28, 1), dtype=np.float32),
-        train_y=rng.integers(0, 10, (k, n)).astype(np.int32),
-        train_counts=np.full((k,), n, np.int32),
-        test_x=rng.random((k, 8, 28, 28, 1), dtype=np.float32),
-        test_y=rng.integers(0, 10, (k, 8)).astype(np.int32),
-        test_counts=np.full((k,), 8, np.int32),
-        num_classes=10, name="random28",
-    )
-    data = to_device(data)
-    model = make_model(args.model, (28, 28, 1), 10, **(
-        {"conv_impl": args.conv_impl} if args.model == "cnn" else {}))
-    algorithm = algorithms.make(args.algorithm, model, **{
-        k_: v for k_, v in algorithm_hp.items() if k_ in
-        ("local_steps", "batch_size", "client_strategy", "chunk_size")})
-    state = algorithm.init(jax.random.key(args.seed), data)
-    round_fn = jax.jit(algorithm.round, donate_argnums=0)
-    tic = time.perf_counter()
-    state, _ = round_fn(state, data)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    for _ in range(args.rounds):
-        state, _ = round_fn(state, data)
-    jax.block_until_ready(state)
-    round_s = (time.perf_counter() - tic) / args.rounds
-    from fedjax_sim.core.cohort import resolve_strategy
-
-    result = {
-        "algorithm": args.algorithm, "model": args.model, "num_clients": k,
-        "local_steps": args.local_steps, "batch_size": args.batch_size,
-        "strategy": resolve_strategy(args.client_strategy), "backend": jax.default_backend(),
-        "round_s": round_s, "compile_s": compile_s,
-        "client_steps_per_s": k * args.local_steps / round_s,
-    }
-    print(json.dumps(result))
-    return result
+    chunks = [int(c) for c in str(args.chunk_size).split(",") if c.strip()]
+    if not chunks or min(chunks) < 1:
+        raise ValueError("--chunk-size must hold positive integers")
+    if args.client_strategy == "all":
+        plan = [("vmap", chunks[0]), ("sequential", chunks[0])]
+        plan += [("chunked", c) for c in chunks]
+    else:
+        plan = [(args.client_strategy, chunks[0])]
+    peak = matmul_peak() if args.peak else None
+    results = []
+    for strategy, chunk in plan:
+        result = bench(
+            algorithm=args.algorithm, model=args.model, num_clients=args.num_clients,
+            local_steps=args.local_steps, batch_size=args.batch_size, rounds=args.rounds,
+            rounds_per_call=args.rounds_per_call, samples_per_client=args.samples_per_client,
+            client_strategy=strategy, chunk_size=chunk, conv_impl=args.conv_impl,
+            seed=args.seed,
+        )
+        if peak is not None:
+            result["matmul_peak_gflops"] = peak
+            result["peak_fraction"] = result["gflops"] / peak
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    return results[0] if len(results) == 1 else results
 
 
 def main(argv: list[str] | None = None) -> int:

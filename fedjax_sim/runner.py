@@ -7,6 +7,7 @@ side only (the jitted round stays pure): handlers registered with ``Events.on`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,8 +20,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.core.cohort import CLIENT_AXIS
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
@@ -82,27 +85,143 @@ def validate_run_options(*, rounds: int, eval_every: int, checkpoint_every: int 
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def to_device(data: FederatedData) -> FederatedData:
-    """Moves the padded arrays to the default device once, before the loop."""
-    return jax.tree.map(jax.numpy.asarray, data)
+def client_axis_mesh(num_clients: int, devices: int | None = None) -> Mesh | None:
+    """A one-axis mesh (``"clients"``) over the devices the client axis is sharded across.
+
+    Args:
+      num_clients: K; the number of devices used divides it.
+      devices: how many devices to use (``None``: all visible ones, over every process).
+
+    Returns:
+      The mesh, or ``None`` when only one device would be used.
+
+    Raises:
+      ValueError: in a multi-process run whose device count does not divide K (every
+        process must hold a block of clients), or on a bad ``devices``.
+    """
+    available = jax.devices()
+    wanted = len(available) if devices is None else int(devices)
+    if not 1 <= wanted <= len(available):
+        raise ValueError(f"devices must be in [1, {len(available)}], got {devices!r}")
+    if jax.process_count() > 1:
+        if num_clients % wanted:
+            raise ValueError(f"{num_clients} clients cannot be split evenly over {wanted} "
+                             "devices in a multi-process run")
+        count = wanted
+    else:
+        count = max(d for d in range(1, wanted + 1) if num_clients % d == 0)
+    if count == 1:
+        return None
+    return Mesh(np.asarray(available[:count]), (CLIENT_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    """Puts host values on the devices of ``shardings``; works across processes (every
+    process holds the full host value and contributes its own shards)."""
+
+    def put(leaf, sharding):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def _client_sharded(tree: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree whose every leaf has the client axis first."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec(CLIENT_AXIS)), tree)
+
+
+def _state_shardings(state_shape: SimState, mesh: Mesh) -> SimState:
+    """Client part sharded over the mesh, everything else replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return state_shape.replace(
+        key=replicated,
+        round=replicated,
+        server=jax.tree.map(lambda _: replicated, state_shape.server),
+        clients=_client_sharded(state_shape.clients, mesh),
+    )
+
+
+def to_device(data: FederatedData, mesh: Mesh | None = None) -> FederatedData:
+    """Moves the padded arrays to the devices once, before the loop; with ``mesh``, the
+    client axis is sharded over it."""
+    if mesh is None:
+        return jax.tree.map(jax.numpy.asarray, data)
+    return _place(data, _client_sharded(data, mesh))
+
+
+def _to_host(tree: Any) -> Any:
+    """NumPy copies of every leaf, gathering shards held by other processes if needed."""
+
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(fetch, tree)
+
+
+def make_round_block(
+    algorithm: Algorithm,
+    length: int,
+    *,
+    state_shardings: Any = None,
+    check_traces: bool = False,
+) -> Callable:
+    """One jitted call running ``length`` rounds with ``lax.scan`` (the state buffers are
+    donated, nothing returns to the host in between).
+
+    Returns:
+      ``(state, data) -> (state, metrics)``, every metric stacked over the ``length``
+      rounds.
+    """
+    if length < 1:
+        raise ValueError(f"rounds per call must be >= 1, got {length}")
+
+    def block(state, data):
+        if length == 1:
+            state, metrics = algorithm.round(state, data)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
+
+    if check_traces:
+        block = traced_once(block, f"{algorithm.name} ({length} rounds per call)")
+    if state_shardings is None:
+        return jax.jit(block, donate_argnums=0)
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, PartitionSpec())
+    return jax.jit(block, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
 def save_checkpoint(path: Path, state: SimState) -> None:
-    """Writes the state's leaves atomically (a crash mid-write keeps the previous file)."""
-    leaves = jax.tree.leaves(state.replace(key=jax.random.key_data(state.key)))
+    """Writes the state's leaves atomically (a crash mid-write keeps the previous file).
+
+    In a multi-process run every process must call it (shards are gathered); process 0
+    writes."""
+    leaves = _to_host(jax.tree.leaves(state.replace(key=jax.random.key_data(state.key))))
+    if jax.process_index() != 0:
+        return
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, *[np.asarray(leaf) for leaf in leaves])
+    np.savez(tmp, *leaves)
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, template: SimState) -> SimState:
-    """Restores a state written by ``save_checkpoint`` into ``template``'s structure."""
+def load_checkpoint(path: Path, template: SimState, shardings: SimState | None = None
+                    ) -> SimState:
+    """Restores a state written by ``save_checkpoint`` into ``template``'s structure (and
+    onto ``shardings`` when given)."""
     raw = template.replace(key=jax.random.key_data(template.key))
     treedef = jax.tree.structure(raw)
     with np.load(path) as archive:
         leaves = [archive[f"arr_{i}"] for i in range(len(archive.files))]
-    restored = jax.tree.unflatten(treedef, [jax.numpy.asarray(leaf) for leaf in leaves])
-    return restored.replace(key=jax.random.wrap_key_data(restored.key))
+    restored = jax.tree.unflatten(treedef, leaves)
+    if shardings is None:
+        restored = jax.tree.map(jax.numpy.asarray, restored)
+        return restored.replace(key=jax.random.wrap_key_data(restored.key))
+    restored = _place(restored, shardings.replace(key=shardings.round))
+    return jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)),
+                   out_shardings=shardings)(restored)
 
 
 def run(
@@ -119,6 +238,8 @@ def run(
     resume: bool = False,
     progress: bool = True,
     extra_summary: dict | None = None,
+    rounds_per_call: int = 1,
+    devices: int | None = None,
 ) -> RunResult:
     """Runs ``rounds`` rounds of ``algorithm`` on ``data``.
 
@@ -130,117 +251,160 @@ def run(
       seed: seed of the one PRNG key everything is split from.
       events: host-side handlers.
       output: directory for ``metrics.jsonl`` (appended at each evaluation),
-        ``summary.json``, plots and checkpoints; nothing is written when None.
+        ``summary.json``, plots and checkpoints; nothing is written when None (nor by any
+        process but the first in a multi-process run).
       local_accuracies: per-client accuracies of a local-only run on the same split; when
         given, the summary adds the hurt fraction and the participation rate.
       checkpoint_every: save the state every this many rounds (0: never).
       resume: continue from ``output/checkpoint.npz`` if it exists.
       progress: show a progress bar.
       extra_summary: more fields for ``summary.json``.
+      rounds_per_call: rounds run by one jitted call (a ``lax.scan`` over rounds); a call
+        also ends at every evaluation and checkpoint. With more than one, the
+        ``round_start`` and ``round_end`` events of a call's rounds fire around the call,
+        with the state at its start and at its end.
+      devices: number of devices the client axis is sharded over (``None``: all visible
+        devices, across processes after ``jax.distributed.initialize()``); the count used
+        divides K and is recorded as ``devices`` in the summary.
 
     Returns:
       A RunResult.
     """
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
+        raise ValueError(f"rounds_per_call must be an integer >= 1, got {rounds_per_call!r}")
     events = events or Events()
+    lead = jax.process_index() == 0
     out = Path(output) if output is not None else None
-    if out is not None:
+    if out is not None and lead:
         out.mkdir(parents=True, exist_ok=True)
-    data = to_device(data)
-    start = time.perf_counter()
-    state = algorithm.init(jax.random.key(seed), data)
-    history: list[dict] = []
-    if resume and out is not None and (out / "checkpoint.npz").exists():
-        state = load_checkpoint(out / "checkpoint.npz", state)
-        history = _read_history(out / "metrics.jsonl", int(state.round))
-    elif out is not None:
-        (out / "metrics.jsonl").write_text("")
+    mesh = client_axis_mesh(data.num_clients, devices)
+    num_devices = 1 if mesh is None else mesh.size
+    test_counts = np.asarray(data.test_counts)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        data = to_device(data, mesh)
+        start = time.perf_counter()
+        shardings = None
+        if mesh is None:
+            state = algorithm.init(jax.random.key(seed), data)
+        else:
+            shape = jax.eval_shape(lambda d: algorithm.init(jax.random.key(seed), d), data)
+            shardings = _state_shardings(shape, mesh)
+            state = jax.jit(lambda d: algorithm.init(jax.random.key(seed), d),
+                            out_shardings=shardings)(data)
+        history: list[dict] = []
+        if resume and out is not None and (out / "checkpoint.npz").exists():
+            state = load_checkpoint(out / "checkpoint.npz", state, shardings)
+            history = _read_history(out / "metrics.jsonl", int(state.round), write=lead)
+        elif out is not None and lead:
+            (out / "metrics.jsonl").write_text("")
 
-    round_fn = jax.jit(traced_once(algorithm.round, algorithm.name), donate_argnums=0)
-    evaluate_fn = jax.jit(algorithm.evaluate)
-    up_per_round, down_per_round = algorithm.comm_bytes(data)
-    first_round = int(state.round)
-    compile_s = None
-    bar = _progress(range(first_round, rounds), progress, algorithm.name)
-    metrics: dict = {}
-    for r in bar:
-        events.emit("round_start", round=r, state=state)
-        tic = time.perf_counter()
-        state, metrics = round_fn(state, data)
-        if compile_s is None:
-            jax.block_until_ready(state)
-            compile_s = time.perf_counter() - tic
-        events.emit("round_end", round=r + 1, state=state, metrics=metrics)
-        done = r + 1
-        if done % eval_every == 0 or done == rounds:
-            correct, _ = evaluate_fn(state, data)
-            record = {
-                "round": done,
-                "train_loss": float(metrics["train_loss"]),
-                **summarize(np.asarray(correct), np.asarray(data.test_counts)),
-                "bytes_up": up_per_round * done,
-                "bytes_down": down_per_round * done,
-                "wall_s": time.perf_counter() - start,
-            }
-            history.append(record)
-            if out is not None:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{record['accuracy']:.4f}")
-            events.emit("evaluate", round=done, state=state, record=record)
-        if out is not None and checkpoint_every and done % checkpoint_every == 0:
-            save_checkpoint(out / "checkpoint.npz", state)
-            events.emit("checkpoint", round=done, state=state, path=out / "checkpoint.npz")
+        blocks: dict[int, Callable] = {}
+        if mesh is None:
+            evaluate_fn = jax.jit(algorithm.evaluate)
+        else:
+            evaluate_fn = jax.jit(algorithm.evaluate,
+                                  out_shardings=NamedSharding(mesh, PartitionSpec()))
+        up_per_round, down_per_round = algorithm.comm_bytes(data)
+        first_round = int(state.round)
+        compile_s = None
+        bar = _progress(rounds - first_round, progress and lead, algorithm.name)
+        r = first_round
+        while r < rounds:
+            stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+            if checkpoint_every:
+                stop = min(stop, (r // checkpoint_every + 1) * checkpoint_every)
+            length = stop - r
+            if length not in blocks:
+                blocks[length] = make_round_block(algorithm, length, state_shardings=shardings,
+                                                  check_traces=True)
+            for i in range(length):
+                events.emit("round_start", round=r + i, state=state)
+            tic = time.perf_counter()
+            state, metrics = blocks[length](state, data)
+            if compile_s is None:
+                jax.block_until_ready(state)
+                compile_s = time.perf_counter() - tic
+            for i in range(length):
+                events.emit("round_end", round=r + i + 1, state=state,
+                            metrics=jax.tree.map(lambda m, i=i: m[i], metrics))
+            if bar is not None:
+                bar.update(length)
+            r = done = stop
+            if done % eval_every == 0 or done == rounds:
+                correct, _ = evaluate_fn(state, data)
+                record = {
+                    "round": done,
+                    "train_loss": float(np.asarray(metrics["train_loss"])[-1]),
+                    **summarize(np.asarray(correct), test_counts),
+                    "bytes_up": up_per_round * done,
+                    "bytes_down": down_per_round * done,
+                    "wall_s": time.perf_counter() - start,
+                }
+                history.append(record)
+                if out is not None and lead:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.set_postfix(acc=f"{record['accuracy']:.4f}")
+                events.emit("evaluate", round=done, state=state, record=record)
+            if out is not None and checkpoint_every and done % checkpoint_every == 0:
+                save_checkpoint(out / "checkpoint.npz", state)
+                events.emit("checkpoint", round=done, state=state, path=out / "checkpoint.npz")
+        if bar is not None:
+            bar.close()
 
-    final = history[-1]
-    summary = {
-        "algorithm": algorithm.name,
-        "dataset": data.name,
-        "num_clients": data.num_clients,
-        "rounds": rounds,
-        "seed": seed,
-        "accuracy": final["accuracy"],
-        "client_mean_accuracy": final["client_mean_accuracy"],
-        "client_std": final["client_std"],
-        "client_min": final["client_min"],
-        "client_p10": final["client_p10"],
-        "client_accuracies": final["client_accuracies"],
-        "wall_s": time.perf_counter() - start,
-        "compile_s": compile_s,
-        "bytes_up": up_per_round * rounds,
-        "bytes_down": down_per_round * rounds,
-        "devices": 1,
-        "hparams": algorithm.hparams,
-        **(extra_summary or {}),
-    }
-    if algorithm.report is not None:
-        summary.update(algorithm.report(state))
+        final = history[-1]
+        summary = {
+            "algorithm": algorithm.name,
+            "dataset": data.name,
+            "num_clients": data.num_clients,
+            "rounds": rounds,
+            "seed": seed,
+            "accuracy": final["accuracy"],
+            "client_mean_accuracy": final["client_mean_accuracy"],
+            "client_std": final["client_std"],
+            "client_min": final["client_min"],
+            "client_p10": final["client_p10"],
+            "client_accuracies": final["client_accuracies"],
+            "wall_s": time.perf_counter() - start,
+            "compile_s": compile_s,
+            "bytes_up": up_per_round * rounds,
+            "bytes_down": down_per_round * rounds,
+            "devices": num_devices,
+            "processes": jax.process_count(),
+            "rounds_per_call": rounds_per_call,
+            "hparams": algorithm.hparams,
+            **(extra_summary or {}),
+        }
+        if algorithm.report is not None:
+            summary.update(algorithm.report(state))
     if local_accuracies is not None:
         summary.update(federation_incentives(final["client_accuracies"], local_accuracies))
-    if out is not None:
+    if out is not None and lead:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         _plots(out, history, summary)
     events.emit("finish", summary=summary, state=state, history=history)
     return RunResult(summary, history, state)
 
 
-def _read_history(path: Path, up_to_round: int) -> list[dict]:
+def _read_history(path: Path, up_to_round: int, *, write: bool = True) -> list[dict]:
     """Evaluation records already written, up to the checkpointed round."""
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [rec for rec in records if rec["round"] <= up_to_round]
-    path.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
+    if write:
+        path.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
     return kept
 
 
-def _progress(iterable, enabled: bool, name: str):
+def _progress(total: int, enabled: bool, name: str):
     if not enabled:
-        return iterable
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=name, leave=False)
+    return tqdm(total=total, desc=name, leave=False)
 
 
 def _plots(out: Path, history: list[dict], summary: dict) -> None:
