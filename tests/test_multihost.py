@@ -1,0 +1,103 @@
+"""Two processes on localhost (jax.distributed, CPU collectives through gloo) agree with a
+single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    process_id, port = int(sys.argv[1]), int(sys.argv[2])
+    if process_id >= 0:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{{port}}", num_processes=2,
+                                   process_id=process_id, local_device_ids=[0])
+    sys.path.insert(0, {tests!r})
+    from conftest import random_federated
+    from fedjax_sim import algorithms
+    from fedjax_sim.models import make_model
+    from fedjax_sim.runner import _to_host, run
+
+    data = random_federated(seed=5, num_clients=6)
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    out = {{"devices": jax.device_count(), "processes": jax.process_count()}}
+    for name, join in (("fedavg", 1.0), ("fedper", 0.67)):
+        alg = algorithms.make(name, model, local_epochs=1, batch_size=4, join_ratio=join)
+        r = run(alg, data, rounds=2, eval_every=2, progress=False,
+                output={out!r} + f"/{{name}}_{{process_id}}")
+        out[name] = {{"summary": {{k: r.summary[k] for k in ("accuracy", "client_accuracies",
+                                                             "devices", "processes")}},
+                     "leaves": [x.tolist() for x in _to_host(jax.tree.leaves(
+                         (r.state.server, r.state.clients)))]}}
+    print("RESULT " + json.dumps(out), flush=True)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _result(text: str) -> dict:
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    assert lines, text[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multihost")
+    script = WORKER.format(tests=str(HERE), out=str(out))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    single = subprocess.run([sys.executable, "-c", script, "-1", "0"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    logs = [open(out / f"worker{i}.log", "w+") for i in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(i), str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+               for i, log in enumerate(logs)]
+    outputs = []
+    for worker, log in zip(workers, logs, strict=True):
+        try:
+            worker.wait(timeout=600)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert worker.returncode == 0, text[-3000:]
+        outputs.append(_result(text))
+    return _result(single.stdout), outputs, out
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedper"])
+def test_two_processes_agree_with_one(runs, name):
+    single, (p0, p1), out = runs
+    assert single["processes"] == 1 and single["devices"] == 1
+    assert p0["processes"] == p1["processes"] == 2 and p0["devices"] == 2
+    assert p0[name]["summary"]["devices"] == 2
+    for worker in (p0, p1):
+        for a, b in zip(single[name]["leaves"], worker[name]["leaves"], strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+        assert worker[name]["summary"]["client_accuracies"] == pytest.approx(
+            single[name]["summary"]["client_accuracies"], abs=1e-9)
+    # Only the first process writes the run's files.
+    assert json.loads((out / f"{name}_0" / "summary.json").read_text())["devices"] == 2
+    assert not (out / f"{name}_1").exists()

@@ -1,0 +1,72 @@
+"""The client axis sharded over 4 CPU devices gives the results of one device."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, {tests!r})
+    from conftest import random_federated
+    from fedjax_sim import algorithms
+    from fedjax_sim.models import make_model
+    from fedjax_sim.runner import run
+
+    assert jax.device_count() == 4, jax.devices()
+    data = random_federated(seed=3, num_clients=8)
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    out = {{}}
+    for name, join, strategy in [("fedavg", 1.0, "sequential"), ("fedper", 0.5, "auto"),
+                                 ("fedavg", 0.5, "vmap"), ("ditto", 0.75, "chunked")]:
+        alg = algorithms.make(name, model, local_epochs=1, batch_size=4, join_ratio=join,
+                              client_strategy=strategy, chunk_size=2)
+        res = {{}}
+        for devices in (1, None):
+            r = run(alg, data, rounds=2, eval_every=2, progress=False, devices=devices,
+                    rounds_per_call=2, output={out!r} + f"/{{name}}{{join}}{{devices}}")
+            leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(
+                (r.state.server, r.state.clients))]
+            shardings = sorted({{str(x.sharding.spec) for x in jax.tree.leaves(
+                r.state.clients) if hasattr(x.sharding, "spec")}})
+            res[str(devices)] = {{"summary": r.summary, "leaves": leaves,
+                                  "client_specs": shardings}}
+        out[f"{{name}}{{join}}"] = res
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(HERE), out=str(out))],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+
+
+@pytest.mark.parametrize("case", ["fedavg1.0", "fedper0.5", "fedavg0.5", "ditto0.75"])
+def test_sharded_equals_single_device(sharded, case):
+    import numpy as np
+
+    results, out = sharded
+    one, four = results[case]["1"], results[case]["None"]
+    assert one["summary"]["devices"] == 1 and four["summary"]["devices"] == 4
+    for a, b in zip(one["leaves"], four["leaves"], strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=2e-5, atol=2e-5)
+    assert four["summary"]["accuracy"] == pytest.approx(one["summary"]["accuracy"], abs=1e-9)
+    saved = json.loads((out / f"{case}None" / "summary.json").read_text())
+    assert saved["devices"] == 4
+    if case != "fedavg1.0" and case != "fedavg0.5":
+        assert any("clients" in spec for spec in four["client_specs"])
