@@ -139,13 +139,17 @@ def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, *
             params, loss = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
             return params, None, loss
 
+        # Without distillation this is FedAvg's round, line for line; with it the server
+        # needs every client model (the ensemble), not only their average.
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            mean_uploads=steps == 0, **map_options(hp),
         )
-        fused = weighted_mean(result.uploads, result.counts)
         metrics = {"train_loss": result.loss}
-        if steps > 0:
+        if steps == 0:
+            fused = result.uploads
+        else:
+            fused = weighted_mean(result.uploads, result.counts)
             fused, done, val_acc = server_distill(
                 fused, result.uploads, result.counts, jax.random.fold_in(round_key, 1))
             metrics.update(distill_steps=done, val_accuracy=val_acc)

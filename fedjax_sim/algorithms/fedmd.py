@@ -13,6 +13,9 @@ client
    ``distill_epochs`` epochs, mini-batches of ``distill_batch_size``),
 2. revisits: trains on its private data for the local budget.
 
+With ``distill_epochs = 0`` nobody digests and nothing is sent: transfer learning and
+private training only, the paper's no-collaboration baseline.
+
 Heterogeneous models: clients are assigned to the given architectures round-robin
 (client k runs architecture k mod A). Each architecture's clients form a group with its
 own batched parameter tree (leaves (K_g, ...)); the client state is the tuple of the
@@ -243,12 +246,14 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
         xs = public_x[sample_public(subset_key, num_public, batch)]
         cohorts = group_cohorts(cohort_key, members, hp["join_ratio"])
         rows = [gather(tree, c) for tree, c in zip(state.clients, cohorts, strict=True)]
-        # Communicate: every sampled client's class scores on the subset, (M, B, C).
-        scores = jnp.concatenate([
-            distill.client_predictions(m.apply, r["params"], xs)
-            for m, r in zip(models, rows, strict=True)
-        ])
-        consensus = distill.weighted_average(scores)
+        consensus = None
+        if digest["epochs"] > 0:
+            # Communicate: every sampled client's class scores on the subset, (M, B, C).
+            scores = jnp.concatenate([
+                distill.client_predictions(m.apply, r["params"], xs)
+                for m, r in zip(models, rows, strict=True)
+            ])
+            consensus = distill.weighted_average(scores)
         new_groups, losses, counts = [], [], []
         for g, (idx, tree, c, r) in enumerate(
             zip(members, state.clients, cohorts, rows, strict=True)
@@ -276,6 +281,7 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
         return grouped_evaluate(models, members, lambda m, own, x: m.apply(own["params"], x),
                                 state.clients, data, hp)
 
-    payload = 4 * batch * models[0].num_classes
+    # Without digesting there is no collaboration and nothing is sent.
+    payload = 4 * batch * models[0].num_classes if digest["epochs"] > 0 else 0
     return Algorithm("fedmd", init, round_fn, evaluate, distill_bytes(hp, len(models), payload),
                      hp, architecture_report(models))
