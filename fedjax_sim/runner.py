@@ -434,3 +434,148 @@ def _plots(out: Path, history: list[dict], summary: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "clients.png", dpi=100)
     plt.close(fig)
+
+
+def _traced_factory(name: str, model: Any, hparams: dict) -> Callable[[Any], Algorithm]:
+    """``lr -> Algorithm`` with the learning rate left as a (possibly traced) value.
+
+    The hyperparameters are validated once with a float learning rate; the registry's
+    convention (module ``fedjax_sim.algorithms.<name>`` with a factory ``<name>``) then
+    builds the algorithm around whatever ``lr`` is, so that it can be vmapped.
+    """
+    import importlib
+
+    from fedjax_sim import algorithms
+
+    if algorithms.uses_public(name):
+        raise ValueError(f"sweep does not support {name}: it needs public data")
+    resolved = algorithms.resolve(name, **hparams)
+    factory = getattr(importlib.import_module(f"fedjax_sim.algorithms.{name}"), name)
+    return lambda lr: factory(model, **{**resolved, "lr": lr})
+
+
+def sweep(
+    name: str,
+    model: Any,
+    data: FederatedData,
+    *,
+    seeds: list[int],
+    lrs: list[float] | None = None,
+    rounds: int,
+    eval_every: int = 1,
+    hparams: dict | None = None,
+    output: str | os.PathLike | None = None,
+    rounds_per_call: int = 1,
+    config_strategy: str = "vmap",
+    progress: bool = True,
+) -> list[dict]:
+    """Runs every (seed, learning rate) pair as one batched simulation.
+
+    The states of all configurations are stacked on a leading axis and one jitted program
+    advances them together (``vmap`` over configurations, or ``map``: a compiled loop over
+    them), so the round compiles once for the whole grid. Configuration ``(s, lr)`` follows
+    the same random stream as ``run(..., seed=s)`` with that ``lr``.
+
+    Args:
+      name: algorithm name (one without public data).
+      model: the model.
+      data: the federated data.
+      seeds: seeds, one run per seed (and per learning rate).
+      lrs: client learning rates to sweep (``None``: the ``lr`` of ``hparams``).
+      rounds / eval_every / rounds_per_call: as in :func:`run`.
+      hparams: the algorithm's other hyperparameters.
+      output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}/summary.json`` per
+        configuration.
+      config_strategy: ``vmap`` or ``map`` over the configurations.
+      progress: show a progress bar.
+
+    Returns:
+      One summary dict per configuration, seeds varying fastest.
+    """
+    validate_run_options(rounds=rounds, eval_every=eval_every)
+    if config_strategy not in ("vmap", "map"):
+        raise ValueError(f"config_strategy must be vmap or map, got {config_strategy!r}")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    hparams = dict(hparams or {})
+    if lrs is None:
+        lrs = [float(hparams.get("lr", 0.01))]
+    hparams["lr"] = float(lrs[0])
+    make = _traced_factory(name, model, hparams)
+    configs = [(int(s), float(lr)) for lr in lrs for s in seeds]
+    seed_arr = np.asarray([s for s, _ in configs], np.uint32)
+    lr_arr = jax.numpy.asarray([lr for _, lr in configs], jax.numpy.float32)
+    data = to_device(data)
+
+    def over_configs(fn):
+        if config_strategy == "vmap":
+            return jax.vmap(fn)
+        return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+
+    start = time.perf_counter()
+    states = jax.jit(over_configs(lambda seed, lr: make(lr).init(jax.random.key(seed), data)))(
+        seed_arr, lr_arr)
+
+    def make_block(length):
+        def block(states, lrs_):
+            def one(state, lr):
+                alg = make(lr)
+                if length == 1:
+                    state, metrics = alg.round(state, data)
+                    return state, jax.tree.map(lambda m: m[None], metrics)
+                return jax.lax.scan(lambda s, _: alg.round(s, data), state, None, length=length)
+
+            return over_configs(one)(states, lrs_)
+
+        return jax.jit(block, donate_argnums=0)
+
+    evaluate = jax.jit(over_configs(lambda state, lr: make(lr).evaluate(state, data)))
+    blocks: dict[int, Callable] = {}
+    histories: list[list[dict]] = [[] for _ in configs]
+    test_counts = np.asarray(data.test_counts)
+    bar = _progress(rounds, progress, f"{name} x{len(configs)}")
+    r, compile_s = 0, None
+    while r < rounds:
+        stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+        if stop - r not in blocks:
+            blocks[stop - r] = make_block(stop - r)
+        tic = time.perf_counter()
+        states, metrics = blocks[stop - r](states, lr_arr)
+        if compile_s is None:
+            jax.block_until_ready(states)
+            compile_s = time.perf_counter() - tic
+        if bar is not None:
+            bar.update(stop - r)
+        r = stop
+        if r % eval_every == 0 or r == rounds:
+            correct = np.asarray(evaluate(states, lr_arr)[0])
+            losses = np.asarray(metrics["train_loss"])[:, -1]
+            for c in range(len(configs)):
+                histories[c].append({"round": r, "train_loss": float(losses[c]),
+                                     **summarize(correct[c], test_counts),
+                                     "wall_s": time.perf_counter() - start})
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    summaries = []
+    for (seed, lr), history in zip(configs, histories, strict=True):
+        final = history[-1]
+        summaries.append({
+            "algorithm": name, "dataset": data.name, "num_clients": data.num_clients,
+            "rounds": rounds, "seed": seed, "lr": lr,
+            **{k: final[k] for k in ("accuracy", "client_mean_accuracy", "client_std",
+                                     "client_min", "client_p10", "client_accuracies")},
+            "history": history, "sweep_size": len(configs), "sweep_wall_s": wall,
+            "compile_s": compile_s, "config_strategy": config_strategy, "devices": 1,
+        })
+    if output is not None:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        for summary in summaries:
+            sub = out / f"seed{summary['seed']}_lr{summary['lr']:g}"
+            sub.mkdir(exist_ok=True)
+            (sub / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (out / "sweep.json").write_text(json.dumps(
+            [{k: v for k, v in s.items() if k not in ("client_accuracies", "history")}
+             for s in summaries], indent=2, default=str))
+    return summaries

@@ -76,3 +76,32 @@ def test_strategies_give_equal_rounds(name):
     for other in results[1:]:
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-5),
                      other, results[0])
+
+
+def test_sweep_equals_separate_runs(tmp_path):
+    from fedjax_sim.runner import run, sweep
+
+    data = random_federated(seed=6, num_clients=5)
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    hp = {"local_epochs": 1, "batch_size": 8, "join_ratio": 0.6}
+    kwargs = {"seeds": [0, 1], "lrs": [0.05, 0.2], "rounds": 3, "eval_every": 3,
+              "hparams": hp, "progress": False}
+    summaries = sweep("fedper", model, data, output=tmp_path, rounds_per_call=3, **kwargs)
+    assert [(s["seed"], s["lr"]) for s in summaries] == [(0, 0.05), (1, 0.05), (0, 0.2),
+                                                          (1, 0.2)]
+    for summary in summaries:
+        alg = algorithms.make("fedper", model, lr=summary["lr"], **hp)
+        alone = run(alg, data, rounds=3, eval_every=3, seed=summary["seed"], progress=False)
+        np.testing.assert_allclose(summary["client_accuracies"],
+                                   alone.summary["client_accuracies"], atol=1e-9)
+        assert summary["history"][-1]["train_loss"] == pytest.approx(
+            alone.history[-1]["train_loss"], rel=1e-4)
+    assert (tmp_path / "sweep.json").exists() and (tmp_path / "seed1_lr0.2").is_dir()
+    # Different learning rates do give different models.
+    assert summaries[0]["history"][-1]["train_loss"] != summaries[2]["history"][-1]["train_loss"]
+    # A compiled loop over the configurations gives the vmapped results.
+    looped = sweep("fedper", model, data, config_strategy="map", **kwargs)
+    for a, b in zip(looped, summaries, strict=True):
+        np.testing.assert_allclose(a["client_accuracies"], b["client_accuracies"], atol=1e-9)
+        assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"],
+                                                               rel=1e-4)
