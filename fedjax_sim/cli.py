@@ -115,6 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--algorithm", default="fedavg",
                      help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seeds", default=None,
+                     help="comma-separated seeds run together as one batched simulation on "
+                     "the split drawn with --seed (a sweep; see --sweep-lr)")
+    run.add_argument("--sweep-lr", default=None,
+                     help="comma-separated client learning rates, swept with --seeds")
+    run.add_argument("--sweep-strategy", default="vmap", choices=("vmap", "map"),
+                     help="how a sweep runs its configurations: vmap or a compiled loop")
+    run.add_argument("--rounds-per-call", type=int, default=1,
+                     help="rounds per jitted call (lax.scan over rounds)")
+    run.add_argument("--devices", type=int, default=None,
+                     help="devices to shard the client axis over (default: all visible)")
     run.add_argument("--output", default="runs/latest", help="output directory")
     run.add_argument("--compare-local", action="store_true",
                      help="also run Local on the same split and report the hurt fraction "
@@ -293,9 +304,45 @@ def _check_loop(args: argparse.Namespace) -> None:
                          checkpoint_every=getattr(args, "checkpoint_every", 0))
 
 
+def _csv(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as error:
+        raise ValueError(f"{flag}: {error}") from None
+    if not values:
+        raise ValueError(f"{flag} must name at least one value")
+    return values
+
+
+def cmd_sweep(args: argparse.Namespace) -> list[dict]:
+    """``run`` with ``--seeds`` / ``--sweep-lr``: the whole grid as one simulation."""
+    from fedjax_sim.runner import sweep
+
+    if algorithms.uses_public(args.algorithm) or args.compare_local or args.resume:
+        raise ValueError("--seeds/--sweep-lr take no public-data algorithm, --compare-local "
+                         "or --resume")
+    seeds = _csv(args.seeds, int, "--seeds") if args.seeds else [args.seed]
+    lrs = _csv(args.sweep_lr, float, "--sweep-lr") if args.sweep_lr else None
+    hparams = _hparams_for(args.algorithm, args, strict=True)
+    algorithms.resolve(args.algorithm, **hparams)
+    _check_loop(args)
+    data = _load_data(args, args.seed, args.save_partition)
+    model = _model_for(args.model, data.input_shape, data.num_classes)
+    summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
+                      eval_every=args.eval_every, hparams=hparams, output=args.output,
+                      rounds_per_call=args.rounds_per_call,
+                      config_strategy=args.sweep_strategy, progress=not args.no_progress)
+    for summary in summaries:
+        print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "lr", "accuracy",
+                                                  "client_p10", "sweep_wall_s")}))
+    return summaries
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from fedjax_sim.runner import run
 
+    if args.seeds or args.sweep_lr:
+        return cmd_sweep(args)
     hparams = _hparams_for(args.algorithm, args, strict=True)
     algorithms.resolve(args.algorithm, **hparams)  # fail before loading or compiling
     _check_loop(args)
@@ -320,6 +367,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         output=args.output, local_accuracies=local_accuracies,
         checkpoint_every=args.checkpoint_every, resume=args.resume,
         progress=not args.no_progress, extra_summary=extra,
+        rounds_per_call=args.rounds_per_call, devices=args.devices,
     )
     summary = result.summary
     keys = ("algorithm", "dataset", "accuracy", "client_mean_accuracy", "client_p10",
