@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "the split drawn with --seed (a sweep; see --sweep-lr)")
     run.add_argument("--sweep-lr", default=None,
                      help="comma-separated client learning rates, swept with --seeds")
-    run.add_argument("--sweep-strategy", default="vmap", choices=("vmap", "map"),
-                     help="how a sweep runs its configurations: vmap or a compiled loop")
+    run.add_argument("--sweep-strategy", default="auto", choices=("auto", "vmap", "map"),
+                     help="how a sweep runs its configurations: vmap, a compiled loop, or "
+                     "auto (the loop on CPU, vmap on accelerators)")
     run.add_argument("--rounds-per-call", type=int, default=1,
                      help="rounds per jitted call (lax.scan over rounds)")
     run.add_argument("--devices", type=int, default=None,

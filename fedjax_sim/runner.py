@@ -466,7 +466,7 @@ def sweep(
     hparams: dict | None = None,
     output: str | os.PathLike | None = None,
     rounds_per_call: int = 1,
-    config_strategy: str = "vmap",
+    config_strategy: str = "auto",
     progress: bool = True,
 ) -> list[dict]:
     """Runs every (seed, learning rate) pair as one batched simulation.
@@ -486,15 +486,20 @@ def sweep(
       hparams: the algorithm's other hyperparameters.
       output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}/summary.json`` per
         configuration.
-      config_strategy: ``vmap`` or ``map`` over the configurations.
+      config_strategy: ``vmap`` or ``map`` over the configurations, or ``auto``: ``map``
+        on CPU (where the vmapped client steps become batched matmuls of small matrices,
+        and a client's inactive epoch steps become selects instead of skipped branches)
+        and ``vmap`` on accelerators.
       progress: show a progress bar.
 
     Returns:
       One summary dict per configuration, seeds varying fastest.
     """
     validate_run_options(rounds=rounds, eval_every=eval_every)
-    if config_strategy not in ("vmap", "map"):
-        raise ValueError(f"config_strategy must be vmap or map, got {config_strategy!r}")
+    if config_strategy not in ("auto", "vmap", "map"):
+        raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
+    if config_strategy == "auto":
+        config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
     hparams = dict(hparams or {})
