@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rounds per jitted call (lax.scan over rounds)")
     run.add_argument("--devices", type=int, default=None,
                      help="devices to shard the client axis over (default: all visible)")
+    run.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() first (one process per host; "
+                     "cluster settings auto-detected on TPU pods, SLURM and Open MPI, or "
+                     "given by --coordinator/--num-processes/--process-id)")
+    run.add_argument("--coordinator", default=None, help="host:port of process 0")
+    run.add_argument("--num-processes", type=int, default=None)
+    run.add_argument("--process-id", type=int, default=None)
     run.add_argument("--output", default="runs/latest", help="output directory")
     run.add_argument("--compare-local", action="store_true",
                      help="also run Local on the same split and report the hurt fraction "
@@ -339,9 +346,21 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict]:
     return summaries
 
 
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    if not args.distributed:
+        if args.coordinator or args.num_processes or args.process_id is not None:
+            raise ValueError("--coordinator/--num-processes/--process-id need --distributed")
+        return
+    import jax
+
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
 def cmd_run(args: argparse.Namespace) -> dict:
     from fedjax_sim.runner import run
 
+    _initialize_distributed(args)
     if args.seeds or args.sweep_lr:
         return cmd_sweep(args)
     hparams = _hparams_for(args.algorithm, args, strict=True)

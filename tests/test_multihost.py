@@ -101,3 +101,10 @@ def test_two_processes_agree_with_one(runs, name):
     # Only the first process writes the run's files.
     assert json.loads((out / f"{name}_0" / "summary.json").read_text())["devices"] == 2
     assert not (out / f"{name}_1").exists()
+
+
+def test_cluster_flags_need_distributed():
+    from fedjax_sim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--coordinator", "127.0.0.1:1", "--no-progress"])

@@ -105,3 +105,19 @@ def test_sweep_equals_separate_runs(tmp_path):
         np.testing.assert_allclose(a["client_accuracies"], b["client_accuracies"], atol=1e-9)
         assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"],
                                                                rel=1e-4)
+
+
+def test_cli_seed_sweep(tmp_path, capsys):
+    import json
+
+    from fedjax_sim.cli import main
+
+    main(["run", "--algorithm", "fedavg", "--dataset", "digits", "--num-clients", "6",
+          "--seeds", "0,1", "--sweep-lr", "0.05", "--rounds", "2", "--eval-every", "2",
+          "--local-epochs", "1", "--no-progress", "--output", str(tmp_path)])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+             if line.startswith("{")]
+    assert [(r["seed"], r["lr"]) for r in lines] == [(0, 0.05), (1, 0.05)]
+    assert len(json.loads((tmp_path / "sweep.json").read_text())) == 2
+    with pytest.raises(SystemExit):
+        main(["run", "--seeds", "0,x", "--no-progress", "--output", str(tmp_path)])
