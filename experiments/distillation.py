@@ -42,8 +42,9 @@ from fedjax_sim.runner import Events, run, to_device
 
 # Shared by every method: the README's digits comparison settings.
 COMMON = {"local_epochs": 5, "batch_size": 32, "lr": 0.01}
-# DS-FL and FedMD: chosen on seed 0 from distill_epochs in {1, 2, 5} and distill_lr in
-# {0.01 (the client lr), 0.1}; the ERA temperature is the paper's 0.1.
+# DS-FL: (distill_epochs, distill_lr) chosen on seed 0 among (1, 0.01), (5, 0.01), (2, 0.1)
+# and (5, 0.1); FedMD's digest lr among 0.01 (the client lr) and 0.1. The ERA temperature
+# is the paper's 0.1.
 DSFL = {"public_batch": 256, "distill_epochs": 5, "distill_lr": 0.1, "dsfl_temperature": 0.1}
 FEDMD = {"public_batch": 256, "distill_epochs": 1, "distill_lr": 0.1}
 FCCL = {"public_batch": 256}
