@@ -23,11 +23,12 @@ SCRIPT = textwrap.dedent("""
     from fedjax_sim.runner import run
 
     assert jax.device_count() == 4, jax.devices()
-    data = random_federated(seed=3, num_clients=8)
+    data = random_federated(seed=3, num_clients=16)
     model = make_model("mlp", data.input_shape, data.num_classes)
     out = {{}}
-    for name, join, strategy in [("fedavg", 1.0, "sequential"), ("fedper", 0.5, "auto"),
-                                 ("fedavg", 0.5, "vmap"), ("ditto", 0.75, "chunked")]:
+    # Cohorts of 16 and 8 clients: 4 and 2 per device.
+    for name, join, strategy in [("fedavg", 1.0, "sequential"), ("fedper", 0.5, "chunked"),
+                                 ("ditto", 0.5, "vmap")]:
         alg = algorithms.make(name, model, local_epochs=1, batch_size=4, join_ratio=join,
                               client_strategy=strategy, chunk_size=2)
         res = {{}}
@@ -56,7 +57,7 @@ def sharded(tmp_path_factory):
     return json.loads(proc.stdout.strip().splitlines()[-1]), out
 
 
-@pytest.mark.parametrize("case", ["fedavg1.0", "fedper0.5", "fedavg0.5", "ditto0.75"])
+@pytest.mark.parametrize("case", ["fedavg1.0", "fedper0.5", "ditto0.5"])
 def test_sharded_equals_single_device(sharded, case):
     import numpy as np
 
@@ -68,5 +69,5 @@ def test_sharded_equals_single_device(sharded, case):
     assert four["summary"]["accuracy"] == pytest.approx(one["summary"]["accuracy"], abs=1e-9)
     saved = json.loads((out / f"{case}None" / "summary.json").read_text())
     assert saved["devices"] == 4
-    if case != "fedavg1.0" and case != "fedavg0.5":
+    if case != "fedavg1.0":
         assert any("clients" in spec for spec in four["client_specs"])
