@@ -140,7 +140,7 @@ def bench(
         "local_steps": local_steps, "batch_size": batch_size,
         "strategy": strategy, "chunk_size": chunk if strategy == "chunked" else None,
         "rounds_per_call": rounds_per_call, "backend": jax.default_backend(),
-        "devices": jax.device_count(), **timing,
+        "devices": 1, **timing,
         "client_steps_per_s": steps / timing["round_s"],
         "client_steps_per_s_best": steps / timing["round_s_best"],
         "flops_per_client_step": flops,
