@@ -42,6 +42,17 @@ SCRIPT = textwrap.dedent("""
             res[str(devices)] = {{"summary": r.summary, "leaves": leaves,
                                   "client_specs": shardings}}
         out[f"{{name}}{{join}}"] = res
+    # Resuming a sharded run from its checkpoint equals the uninterrupted sharded run.
+    alg = algorithms.make("fedper", model, local_epochs=1, batch_size=4, join_ratio=0.5)
+    full = run(alg, data, rounds=4, eval_every=2, progress=False, output={out!r} + "/full")
+    run(alg, data, rounds=2, eval_every=2, progress=False, output={out!r} + "/cut",
+        checkpoint_every=2)
+    resumed = run(alg, data, rounds=4, eval_every=2, progress=False, output={out!r} + "/cut",
+                  checkpoint_every=2, resume=True)
+    out["resume_equal"] = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+        jax.tree.leaves((full.state.server, full.state.clients)),
+        jax.tree.leaves((resumed.state.server, resumed.state.clients))))
+    out["resume_devices"] = resumed.summary["devices"]
     print(json.dumps(out))
 """)
 
@@ -71,3 +82,9 @@ def test_sharded_equals_single_device(sharded, case):
     assert saved["devices"] == 4
     if case != "fedavg1.0":
         assert any("clients" in spec for spec in four["client_specs"])
+
+
+def test_sharded_resume_equals_uninterrupted(sharded):
+    results, _ = sharded
+    assert results["resume_devices"] == 4
+    assert results["resume_equal"] is True
