@@ -12,6 +12,8 @@ the share of clients hurt by federating and the participation rate (IPR).
     python experiments/fedobp_experiments.py variants --dataset mnist1d --alpha 0.1
     python experiments/fedobp_experiments.py layers          # the figure, from a CNN run
     python experiments/fedobp_experiments.py table results/fedobp/compare_digits_a0.1.json
+    python experiments/fedobp_experiments.py figure results/fedobp/sweep_*.json \
+        --ig-ratios 0.9999,0.999,0.99,0.9 --figure figures/fedobp_layers.png
 
 Results go to ``experiments/results/fedobp/<kind>_<dataset>_a<alpha>.{json,md}``.
 """
@@ -126,11 +128,30 @@ def table(result: dict) -> str:
             f"| {_pct(r['client_p10'] for r in runs)} "
             f"| {_pct(r.get('hurt_fraction') for r in runs)} "
             f"| {_pct(r.get('ipr') for r in runs)} | {personal_text} |")
+    if result["kind"] == "compare":
+        lines += ["", paired(result)]
     return "\n".join(lines) + "\n"
 
 
-def layers_figure(results: list[dict], out: Path) -> None:
-    """Per-layer fraction of elements personalized, one panel per result, a bar per q."""
+def paired(result: dict, against: tuple[str, ...] = ("fedper", "fedavg", "local")) -> str:
+    """FedOBP minus each baseline on the same partition and seed, in accuracy points:
+    mean, and the per-seed differences."""
+    acc = {row["label"]: 100 * np.array([r["accuracy"] for r in row["runs"]])
+           for row in result["rows"]}
+    lines = ["| FedOBP − baseline (points, same seed) | "
+             + " | ".join(against) + " |", "|---" * (len(against) + 1) + "|"]
+    for label in (row["label"] for row in result["rows"] if row["algorithm"] == "fedobp"):
+        cells = []
+        for other in against:
+            d = acc[label] - acc[other]
+            cells.append(f"{d.mean():+.2f} ({', '.join(f'{x:+.1f}' for x in d)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def layers_figure(results: list[dict], out: Path, ig_ratios: list[float] | None = None) -> None:
+    """Per-layer fraction of elements personalized, one panel per result, a bar per q
+    (those in ``ig_ratios`` if given, else every q strictly between 0 and 1)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -138,7 +159,8 @@ def layers_figure(results: list[dict], out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
     for ax, result in zip(axes[0], results, strict=True):
-        rows = [r for r in result["rows"] if 0 < r["hparams"].get("ig_ratio", 1) < 1]
+        rows = [r for r in result["rows"] if 0 < r["hparams"].get("ig_ratio", 1) < 1
+                and (ig_ratios is None or r["hparams"]["ig_ratio"] in ig_ratios)]
         names = list(rows[0]["runs"][0]["personalized_by_layer"])
         width = 0.8 / len(rows)
         for i, row in enumerate(rows):
@@ -167,8 +189,12 @@ def layers_figure(results: list[dict], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("compare", "sweep", "variants", "layers", "table"))
-    parser.add_argument("paths", nargs="*", help="table: result JSON files")
+    parser.add_argument("kind", choices=("compare", "sweep", "variants", "layers", "table",
+                                         "figure"))
+    parser.add_argument("paths", nargs="*", help="table, figure: result JSON files (sweeps)")
+    parser.add_argument("--tag", default="", help="suffix of the result file names")
+    parser.add_argument("--figure", default=str(FIGURES / "fedobp_layers.png"),
+                        help="figure: output PNG")
     parser.add_argument("--dataset", default="digits", choices=("digits", "mnist1d"))
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--seeds", default="0,1,2")
@@ -184,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.paths:
             print(table(json.loads(Path(path).read_text())))
         return 0
+    if args.kind == "figure":
+        qs = [float(q) for q in args.ig_ratios.split(",")] if args.ig_ratios else None
+        layers_figure([json.loads(Path(p).read_text()) for p in args.paths],
+                      Path(args.figure), qs)
+        return 0
     if args.alpha <= 0 or args.rounds < 1:
         parser.error("--alpha must be > 0 and --rounds >= 1")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -198,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                             ig_ratios, args.num_clients)
     result["wall_s"] = time.perf_counter() - tic
     stem = f"{args.kind}_{args.dataset}_a{args.alpha:g}" + (
-        f"_{args.model}" if args.model != "mlp" else "")
+        f"_{args.model}" if args.model != "mlp" else "") + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     text = table(result)
