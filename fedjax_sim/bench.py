@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_sim import algorithms
 from fedjax_sim.core import cohort
@@ -19,7 +20,7 @@ from fedjax_sim.core.local import weighted_cross_entropy
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.models import make_model
 from fedjax_sim.models.base import Model
-from fedjax_sim.runner import make_round_block, to_device
+from fedjax_sim.runner import client_axis_mesh, make_round_block, mesh_context, place
 
 
 def random_data(
@@ -62,9 +63,19 @@ def flops_per_step(model: Model, batch_size: int) -> float:
     return float(cost["flops"])
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best GFLOP/s of an ``n x n`` float32 matmul through XLA on the default device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_peak(n: int = 2048, repeats: int = 10, *, all_devices: bool = False) -> float:
+    """Best GFLOP/s of ``n x n`` float32 matmuls through XLA.
+
+    Args:
+      n: matrix side.
+      repeats: timed calls; the fastest counts.
+      all_devices: one matmul per visible device at once (the client axis's way of using
+        several CPU devices) instead of one matmul on the default device.
+    """
+    count = jax.device_count() if all_devices else 1
+    a = jax.random.normal(jax.random.key(0), (count, n, n), jnp.float32)
+    if count > 1:
+        a = jax.device_put(a, NamedSharding(jax.make_mesh((count,), ("d",)), PartitionSpec("d")))
     mm = jax.jit(lambda a: a @ a)
     mm(a).block_until_ready()
     best = np.inf
@@ -72,36 +83,49 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
         tic = time.perf_counter()
         mm(a).block_until_ready()
         best = min(best, time.perf_counter() - tic)
-    return 2 * n**3 / best / 1e9
+    return 2 * count * n**3 / best / 1e9
 
 
 def time_rounds(
-    algorithm, data: FederatedData, *, rounds: int, rounds_per_call: int = 1, seed: int = 0
+    algorithm,
+    data: FederatedData,
+    *,
+    rounds: int,
+    rounds_per_call: int = 1,
+    seed: int = 0,
+    devices: int | None = None,
 ) -> dict:
     """Compiles the round (``rounds_per_call`` rounds per jitted call), then times ``rounds``
-    rounds.
+    rounds, with the client axis sharded as :func:`fedjax_sim.runner.run` shards it.
+
+    Args:
+      devices: devices to shard the client axis over (``None``: all visible ones; the
+        count used divides K).
 
     Returns:
       ``compile_s`` (first call, compile included), ``round_s`` (mean over the timed
-      calls) and ``round_s_best`` (the fastest call, per round).
+      calls), ``round_s_best`` (the fastest call, per round) and ``devices`` (the count
+      the client axis was sharded over).
     """
-    data = to_device(data)
-    state = algorithm.init(jax.random.key(seed), data)
-    block = make_round_block(algorithm, rounds_per_call)
-    tic = time.perf_counter()
-    state, _ = block(state, data)
-    jax.block_until_ready(state)
-    compile_s = time.perf_counter() - tic
-    calls = max(1, -(-rounds // rounds_per_call))
-    times = []
-    for _ in range(calls):
+    mesh = client_axis_mesh(data.num_clients, devices)
+    with mesh_context(mesh):
+        data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
+        block = make_round_block(algorithm, rounds_per_call, state_shardings=shardings)
         tic = time.perf_counter()
         state, _ = block(state, data)
         jax.block_until_ready(state)
-        times.append(time.perf_counter() - tic)
+        compile_s = time.perf_counter() - tic
+        calls = max(1, -(-rounds // rounds_per_call))
+        times = []
+        for _ in range(calls):
+            tic = time.perf_counter()
+            state, _ = block(state, data)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - tic)
     per_round = np.asarray(times) / rounds_per_call
     return {"compile_s": compile_s, "round_s": float(per_round.mean()),
-            "round_s_best": float(per_round.min())}
+            "round_s_best": float(per_round.min()),
+            "devices": 1 if mesh is None else mesh.size}
 
 
 def bench(
@@ -118,8 +142,14 @@ def bench(
     chunk_size: int = 8,
     conv_impl: str = "auto",
     seed: int = 0,
+    devices: int | None = None,
 ) -> dict:
-    """Times ``algorithm`` rounds on random 28x28x1 data; the figures of ``fedjax-sim bench``."""
+    """Times ``algorithm`` rounds on random 28x28x1 data; the figures of ``fedjax-sim bench``.
+
+    The client axis is sharded over ``devices`` devices (``None``: all visible ones) as in
+    ``fedjax-sim run``; on a CPU host the command line shows one device per core
+    (:mod:`fedjax_sim.platform`).
+    """
     for name, value in (("num_clients", num_clients), ("local_steps", local_steps),
                         ("batch_size", batch_size), ("rounds", rounds),
                         ("rounds_per_call", rounds_per_call),
@@ -131,7 +161,8 @@ def bench(
                      **({"conv_impl": conv_impl} if model == "cnn" else {}))
     alg = algorithms.make(algorithm, net, local_steps=local_steps, batch_size=batch_size,
                           client_strategy=client_strategy, chunk_size=chunk_size)
-    timing = time_rounds(alg, data, rounds=rounds, rounds_per_call=rounds_per_call, seed=seed)
+    timing = time_rounds(alg, data, rounds=rounds, rounds_per_call=rounds_per_call, seed=seed,
+                         devices=devices)
     strategy, chunk = cohort.resolve(client_strategy, chunk_size)
     steps = num_clients * local_steps
     flops = flops_per_step(net, batch_size)
@@ -140,7 +171,7 @@ def bench(
         "local_steps": local_steps, "batch_size": batch_size,
         "strategy": strategy, "chunk_size": chunk if strategy == "chunked" else None,
         "rounds_per_call": rounds_per_call, "backend": jax.default_backend(),
-        "devices": 1, **timing,
+        **timing,
         "client_steps_per_s": steps / timing["round_s"],
         "client_steps_per_s_best": steps / timing["round_s_best"],
         "flops_per_client_step": flops,

@@ -150,6 +150,32 @@ def to_device(data: FederatedData, mesh: Mesh | None = None) -> FederatedData:
     return _place(data, _client_sharded(data, mesh))
 
 
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)``, or nothing for a single-device run."""
+    return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def place(
+    algorithm: Algorithm, data: FederatedData, *, seed: int, mesh: Mesh | None
+) -> tuple[FederatedData, SimState, SimState | None]:
+    """Puts the data on the devices and initializes the state there.
+
+    With ``mesh``, the client axis of the data and of the client state is sharded over
+    it and the rest of the state is replicated; call it inside ``mesh_context(mesh)``.
+
+    Returns:
+      ``(data, state, state shardings or None)``.
+    """
+    data = to_device(data, mesh)
+    if mesh is None:
+        return data, algorithm.init(jax.random.key(seed), data), None
+    shape = jax.eval_shape(lambda d: algorithm.init(jax.random.key(seed), d), data)
+    shardings = _state_shardings(shape, mesh)
+    state = jax.jit(lambda d: algorithm.init(jax.random.key(seed), d),
+                    out_shardings=shardings)(data)
+    return data, state, shardings
+
+
 def _to_host(tree: Any) -> Any:
     """NumPy copies of every leaf, gathering shards held by other processes if needed."""
 
@@ -281,17 +307,9 @@ def run(
     mesh = client_axis_mesh(data.num_clients, devices)
     num_devices = 1 if mesh is None else mesh.size
     test_counts = np.asarray(data.test_counts)
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        data = to_device(data, mesh)
+    with mesh_context(mesh):
         start = time.perf_counter()
-        shardings = None
-        if mesh is None:
-            state = algorithm.init(jax.random.key(seed), data)
-        else:
-            shape = jax.eval_shape(lambda d: algorithm.init(jax.random.key(seed), d), data)
-            shardings = _state_shardings(shape, mesh)
-            state = jax.jit(lambda d: algorithm.init(jax.random.key(seed), d),
-                            out_shardings=shardings)(data)
+        data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
         history: list[dict] = []
         if resume and out is not None and (out / "checkpoint.npz").exists():
             state = load_checkpoint(out / "checkpoint.npz", state, shardings)

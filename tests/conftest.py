@@ -6,10 +6,15 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import numpy as np
 import pytest
 
 from fedjax_sim.data.federated import FederatedData
+
+# Start the backends now: the command line (tests/test_cli.py) would otherwise show one CPU
+# device per core to every test that runs after it in this process.
+jax.devices()
 
 
 def random_federated(

@@ -69,6 +69,8 @@ def test_bench_prints_throughput(capsys):
     (["run", "--dataset", "imagenet"], "imagenet"),
     (["run", "--partition", "zipf"], "zipf"),
     (["run", "--algorithm", "fedavg", "--body-epochs", "2"], "does not apply to fedavg"),
+    (["run", "--cpu-devices", "0"], "cpu_devices must be 'auto' or an integer >= 1"),
+    (["compare", "--cpu-devices", "many"], "cpu_devices must be 'auto' or an integer >= 1"),
 ])
 def test_bad_input_is_a_clear_error(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:

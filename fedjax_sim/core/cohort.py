@@ -109,34 +109,40 @@ def _local_map(fn, args, weights, strategy, chunk_size):
 
 def _summing_map(fn, args, weights, chunk):
     """``lax.map`` in chunks of ``chunk`` that keeps a running weighted sum of the first
-    output in the loop carry instead of stacking it."""
+    output in the loop carry instead of stacking it.
+
+    The loop runs over block numbers and slices each block's rows out of ``args`` inside
+    the body: scanning over ``args`` reshaped to (blocks, chunk, ...) made XLA copy every
+    input (the whole training data) once per call.
+    """
     size = _leading(args)
     full, rem = divmod(size, chunk)
 
-    def run_block(block_args, block_weights):
+    def block_rows(tree, start, length):
+        return jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, length), tree)
+
+    def run_block(block):
         if chunk == 1:
-            summed, rest = fn(*jax.tree.map(lambda a: a[0], block_args))
-            return (jax.tree.map(lambda leaf: leaf * block_weights[0].astype(leaf.dtype), summed),
+            row_args, row_weight = jax.tree.map(lambda a: a[block], (args, weights))
+            summed, rest = fn(*row_args)
+            return (jax.tree.map(lambda leaf: leaf * row_weight.astype(leaf.dtype), summed),
                     jax.tree.map(lambda leaf: leaf[None], rest))
+        block_args, block_weights = block_rows((args, weights), block * chunk, chunk)
         summed, rest = jax.vmap(fn)(*block_args)
         return (jax.tree.map(lambda leaf: jnp.tensordot(block_weights.astype(leaf.dtype),
                                                         leaf, 1), summed), rest)
-
-    def split(tree, start, stop, blocks):
-        return jax.tree.map(lambda a: a[start:stop].reshape(blocks, -1, *a.shape[1:]), tree)
 
     out_shapes = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], args))
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shapes[0])
 
     def body(carry, block):
-        block_args, block_weights = block
-        summed, rest = run_block(block_args, block_weights)
+        summed, rest = run_block(block)
         return jax.tree.map(jnp.add, carry, summed), rest
 
-    total, rest = jax.lax.scan(body, total, split((args, weights), 0, full * chunk, full))
+    total, rest = jax.lax.scan(body, total, jnp.arange(full))
     rest = jax.tree.map(lambda a: a.reshape(full * chunk, *a.shape[2:]), rest)
     if rem:
-        tail_args, tail_weights = jax.tree.map(lambda a: a[full * chunk:], (args, weights))
+        tail_args, tail_weights = block_rows((args, weights), full * chunk, rem)
         summed, tail_rest = jax.vmap(fn)(*tail_args)
         total = jax.tree.map(
             lambda t, leaf: t + jnp.tensordot(tail_weights.astype(leaf.dtype), leaf, 1),
