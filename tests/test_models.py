@@ -33,7 +33,9 @@ def _lax_conv(x, kernel, bias, padding):
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize(
     "x_shape,k_shape",
-    [((2, 9, 9, 1), (5, 5, 1, 4)), ((3, 7, 6, 3), (3, 2, 3, 5)), ((2, 5, 5, 4), (1, 1, 4, 3))],
+    [((2, 9, 9, 1), (5, 5, 1, 4)), ((3, 7, 6, 3), (3, 2, 3, 5)), ((2, 5, 5, 4), (1, 1, 4, 3)),
+     # patches 3 * 3 * 32 wide: the kernel gradient takes the transposed orientation
+     ((2, 7, 6, 32), (3, 3, 32, 8))],
 )
 def test_im2col_matches_lax_conv(padding, x_shape, k_shape):
     x, kernel = _normal(0, x_shape), _normal(1, k_shape)

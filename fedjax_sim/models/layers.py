@@ -7,7 +7,9 @@ than one large matmul does, and the backward pass of ``nn.max_pool``
 * :func:`conv2d`: a stride-1 NHWC/HWIO convolution, either through ``lax.conv``
   (``impl="xla"``) or as im2col (``impl="im2col"``): ``kh * kw`` shifted slices of the
   padded input concatenated on the channel axis, then a single matmul. Both give the same
-  values and gradients.
+  values and gradients. The im2col gradient is written by hand (:func:`_im2col_conv`):
+  the patch gradient is folded back in one fusion, and the kernel gradient runs as the
+  matmul orientation XLA:CPU is fast at.
 * :func:`max_pool_2x2` and :func:`avg_pool_2x2`: 2x2, stride-2 pools written as a
   reshape followed by a reduction.
 * :class:`Conv`: a ``flax.linen`` module over :func:`conv2d` with the parameter names and
@@ -86,7 +88,7 @@ def conv2d(
     """
     impl = resolve_conv_impl(impl)
     padding = _check_padding(padding)
-    kh, kw, cin, cout = kernel.shape
+    kh, kw, cin, _ = kernel.shape
     if x.ndim != 4 or x.shape[-1] != cin:
         raise ValueError(f"expected x of shape (B, H, W, {cin}), got {x.shape}")
     if impl == "xla":
@@ -96,23 +98,80 @@ def conv2d(
     else:
         if padding == "SAME":
             x = jnp.pad(x, ((0, 0), _same_pads(kh), _same_pads(kw), (0, 0)))
-        b, h, w, _ = x.shape
-        ho, wo = h - kh + 1, w - kw + 1
-        if ho < 1 or wo < 1:
+        _, h, w, _ = x.shape
+        if h < kh or w < kw:
             raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h}x{w}")
-        if kh == 1 and kw == 1:
-            patches = x
-        else:
-            # Channel layout (i, j, c), row-major: the same order as kernel.reshape below.
-            patches = jnp.concatenate(
-                [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)],
-                axis=-1,
-            )
-        y = patches.reshape(b * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
-        y = y.reshape(b, ho, wo, cout)
+        y = _im2col_conv(x, kernel)
     if bias is not None:
         y = y + bias
     return y
+
+
+# Patch widths (kh * kw * Cin) from which the kernel gradient is computed as
+# (dY^T P)^T rather than P^T dY: XLA:CPU runs a matmul whose left operand is contracted
+# over its leading axis at about half speed when that operand is the large patch matrix
+# (conv2 of the FedAvg CNN, width 800: 2.3 ms against 4.2 ms on one core); for narrow
+# patches (the first layer, width 25) the direct form is the faster one.
+_WIDE_PATCHES = 128
+
+
+def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+    """(B, H, W, C) -> (B, H', W', kh * kw * C), channel layout (i, j, c) row-major: the
+    order of ``kernel.reshape(kh * kw * C, Cout)``."""
+    _, h, w, _ = x.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    if kh == 1 and kw == 1:
+        return x
+    return jnp.concatenate(
+        [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
+    )
+
+
+def _fold_patches(d_patches: jax.Array, kh: int, kw: int, h: int, w: int) -> jax.Array:
+    """The transpose of :func:`_patches`: sums each patch entry back onto the input
+    position it was read from. (B, H', W', kh * kw * C) -> (B, h, w, C)."""
+    b, ho, wo, width = d_patches.shape
+    c = width // (kh * kw)
+    per_offset = d_patches.reshape(b, ho, wo, kh * kw, c)
+    # One sum of zero-padded slices: XLA fuses it into a single pass over the output.
+    return sum(
+        jnp.pad(per_offset[:, :, :, i * kw + j, :],
+                ((0, 0), (i, h - ho - i), (j, w - wo - j), (0, 0)))
+        for i in range(kh)
+        for j in range(kw)
+    )
+
+
+@jax.custom_vjp
+def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """VALID stride-1 convolution of an already padded ``x`` as one matmul of patches."""
+    return _im2col_forward(x, kernel)[0]
+
+
+def _im2col_forward(x, kernel):
+    kh, kw, _, cout = kernel.shape
+    patches = _patches(x, kh, kw)
+    b, ho, wo, width = patches.shape
+    y = patches.reshape(b * ho * wo, width) @ kernel.reshape(width, cout)
+    return y.reshape(b, ho, wo, cout), (patches, kernel, x.shape[1:3])
+
+
+def _im2col_backward(residuals, dy):
+    patches, kernel, (h, w) = residuals
+    kh, kw, cin, cout = kernel.shape
+    width = kh * kw * cin
+    dy2 = dy.reshape(-1, cout)
+    p2 = patches.reshape(-1, width)
+    if width >= _WIDE_PATCHES:
+        # The barrier keeps XLA from folding the transpose back into the slow orientation.
+        d_kernel = lax.optimization_barrier(dy2.T @ p2).T
+    else:
+        d_kernel = p2.T @ dy2
+    d_patches = (dy2 @ kernel.reshape(width, cout).T).reshape(patches.shape)
+    return _fold_patches(d_patches, kh, kw, h, w), d_kernel.reshape(kernel.shape)
+
+
+_im2col_conv.defvjp(_im2col_forward, _im2col_backward)
 
 
 def _crop_even(x: jax.Array) -> jax.Array:
