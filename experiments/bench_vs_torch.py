@@ -7,9 +7,13 @@ and FL-bench run clients: a deep copy of the global model per client, ``torch.op
 over the client's batches, and a state-dict average at the server.
 
 Both sides run in this one command, alternately, ``--repeats`` times; the best round of
-each is kept (contention from other processes only ever slows a run down). PyTorch is
-timed with one intra-op thread and with its default count, and the faster is the
-reference. The matmul peak is the best 2048x2048 float32 matmul of XLA and of PyTorch.
+each is kept (contention from other processes only ever slows a run down). fedjax-sim
+runs as ``fedjax-sim bench`` does by default, with one XLA device per core on a CPU host
+(the client axis sharded over them), and also with ``--cpu-devices 1`` (one device whose
+operations use every core) for comparison. PyTorch is timed with one intra-op thread and
+with its default count, and the faster is the reference. The matmul peak is the best
+2048x2048 float32 matmul of XLA (one on one device, and one per device at once) and of
+PyTorch.
 
     pip install -e ".[bench]"      # torch: a benchmark-only extra
     python experiments/bench_vs_torch.py --models mlp,cnn
@@ -96,13 +100,14 @@ def torch_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def jax_bench(model: str, args) -> dict:
+def jax_bench(model: str, args, cpu_devices: str = "auto") -> dict:
     """``fedjax-sim bench`` in a fresh process (so that XLA's thread pool is its own)."""
     command = [sys.executable, "-m", "fedjax_sim.cli", "bench", "--model", model,
                "--num-clients", str(args.num_clients), "--local-steps", str(args.local_steps),
                "--batch-size", str(args.batch_size), "--rounds", str(args.rounds),
                "--rounds-per-call", str(args.rounds_per_call),
-               "--client-strategy", args.client_strategy, "--peak"]
+               "--client-strategy", args.client_strategy, "--cpu-devices", cpu_devices,
+               "--peak"]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -122,13 +127,17 @@ def main(argv=None) -> None:
     steps = args.num_clients * args.local_steps
     rows = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        jax_best, torch_best, peaks, flops = [], {1: [], None: []}, [], None
+        jax_best, one_device_best, torch_best = [], [], {1: [], None: []}
+        peaks, flops, devices = [], None, None
         for _ in range(args.repeats):
-            result = jax_bench(model, args)
-            print(json.dumps({"side": "jax", **result}), flush=True)
-            jax_best.append(result["round_s_best"])
-            peaks.append(result["matmul_peak_gflops"])
-            flops = result["flops_per_client_step"]
+            for cpu_devices, best in (("auto", jax_best), ("1", one_device_best)):
+                result = jax_bench(model, args, cpu_devices)
+                print(json.dumps({"side": "jax", **result}), flush=True)
+                best.append(result["round_s_best"])
+                peaks.append(result["matmul_peak_gflops"])
+                flops = result["flops_per_client_step"]
+                if cpu_devices == "auto":
+                    devices, strategy = result["devices"], result["strategy"]
             for threads in (1, None):
                 seconds = torch_rounds(model, num_clients=args.num_clients,
                                        local_steps=args.local_steps, batch_size=args.batch_size,
@@ -142,18 +151,21 @@ def main(argv=None) -> None:
         torch_rate = steps / min(min(v) for v in torch_best.values())
         peak = max(peaks)
         rows.append({
-            "model": model, "jax_client_steps_per_s": jax_rate,
+            "model": model, "devices": devices, "jax_client_steps_per_s": jax_rate,
+            "jax_one_device_client_steps_per_s": steps / min(one_device_best),
             "torch_client_steps_per_s": torch_rate, "speedup": jax_rate / torch_rate,
             "jax_gflops": jax_rate * flops / 1e9, "matmul_peak_gflops": peak,
-            "peak_fraction": jax_rate * flops / 1e9 / peak, "strategy": result["strategy"],
+            "peak_fraction": jax_rate * flops / 1e9 / peak, "strategy": strategy,
         })
         print(json.dumps({"summary": rows[-1]}), flush=True)
-    print("\n| model | fedjax-sim client-steps/s | PyTorch loop client-steps/s | speedup "
-          "| fedjax-sim GFLOP/s | matmul peak GFLOP/s | of peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model | fedjax-sim client-steps/s (devices) | fedjax-sim, 1 device "
+          "| PyTorch loop client-steps/s | speedup | fedjax-sim GFLOP/s | matmul peak GFLOP/s "
+          "| of peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['jax_client_steps_per_s']:.0f} "
-              f"| {r['torch_client_steps_per_s']:.0f} | {r['speedup']:.2f}x "
+        print(f"| {r['model']} | {r['jax_client_steps_per_s']:,.0f} ({r['devices']}) "
+              f"| {r['jax_one_device_client_steps_per_s']:,.0f} "
+              f"| {r['torch_client_steps_per_s']:,.0f} | {r['speedup']:.2f}x "
               f"| {r['jax_gflops']:.0f} | {r['matmul_peak_gflops']:.0f} "
               f"| {100 * r['peak_fraction']:.0f}% |")
 

@@ -24,19 +24,23 @@ CHILD = r"""
 import json, re, resource, sys, time
 import jax
 import numpy as np
+from fedjax_sim.platform import configure_cpu_devices
+configure_cpu_devices(sys.argv[7])
 from fedjax_sim import algorithms
 from fedjax_sim.bench import random_data
 from fedjax_sim.models import make_model
-from fedjax_sim.runner import make_round_block, to_device
+from fedjax_sim.runner import client_axis_mesh, make_round_block, mesh_context, place
 
 name, k, cohort, samples, steps, rounds = sys.argv[1], *map(int, sys.argv[2:7])
-data = to_device(random_data(k, samples, test_samples=4))
-model = make_model("mlp", (28, 28, 1), 10)
-alg = algorithms.make(name, model, local_steps=steps, batch_size=32, join_ratio=cohort / k)
-state = alg.init(jax.random.key(0), data)
+alg = algorithms.make(name, make_model("mlp", (28, 28, 1), 10), local_steps=steps,
+                      batch_size=32, join_ratio=cohort / k)
+mesh = client_axis_mesh(k)
+context = mesh_context(mesh)
+context.__enter__()
+data, state, shardings = place(alg, random_data(k, samples, test_samples=4), seed=0, mesh=mesh)
 jax.block_until_ready(state)
 state_bytes = sum(x.nbytes for x in jax.tree.leaves(state.clients))
-block = make_round_block(alg, 1)
+block = make_round_block(alg, 1, state_shardings=shardings)
 hlo = block.lower(state, data).compile().as_text()
 # A float copy whose result has the client axis K in front copies a whole (K, ...) buffer
 # (at K = cohort every cohort-sized temporary matches too).
@@ -58,6 +62,7 @@ print(json.dumps({
     "client_state_mb": state_bytes / 2**20, "full_state_copies": len(copies),
     "copies": copies[:3],
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "devices": 1 if mesh is None else mesh.size,
 }))
 """
 
@@ -73,6 +78,8 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=32, help="training rows per client")
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per K")
+    parser.add_argument("--cpu-devices", default="auto",
+                        help="XLA CPU devices to show, as fedjax-sim --cpu-devices")
     args = parser.parse_args(argv)
     names = [a.strip() for a in args.algorithms.split(",") if a.strip()]
     missing = [a for a in ("fedper", "fedobp") if a not in algorithms.ALGORITHMS]
@@ -83,7 +90,7 @@ def main(argv=None) -> None:
         for k in [int(v) for v in args.ks.split(",")]:
             proc = subprocess.run(
                 [sys.executable, "-c", CHILD, name, str(k), str(min(args.cohort, k)),
-                 str(args.samples), str(args.local_steps), str(args.rounds)],
+                 str(args.samples), str(args.local_steps), str(args.rounds), args.cpu_devices],
                 capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-3:]

@@ -21,6 +21,7 @@ def main(argv=None) -> None:
     from fedjax_sim import algorithms
     from fedjax_sim.data import make_federated_data
     from fedjax_sim.models import make_model
+    from fedjax_sim.platform import configure_cpu_devices
     from fedjax_sim.runner import run, sweep
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,7 +33,10 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--cpu-devices", default="auto",
+                        help="XLA CPU devices to show, as fedjax-sim --cpu-devices")
     args = parser.parse_args(argv)
+    configure_cpu_devices(args.cpu_devices)
     seeds = [int(s) for s in args.seeds.split(",")]
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else [0.01]
     data, _, _ = make_federated_data(args.dataset, partition="dirichlet", alpha=0.1,

@@ -29,7 +29,7 @@ from fedjax_sim.core import local
 from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.core.state import SimState
-from fedjax_sim.kernels.aggregation import broadcast, weighted_mean
+from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -86,9 +86,9 @@ def apfl(model: Model, **hp) -> Algorithm:
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            mean_uploads=True, **map_options(hp),
         )
-        server = {"params": weighted_mean(result.uploads, result.counts)}
+        server = {"params": result.uploads}
         return advance(state, next_key, server=server, clients=result.clients), {
             "train_loss": result.loss
         }

@@ -26,7 +26,6 @@ from fedjax_sim.algorithms.fedavg import global_init
 from fedjax_sim.core import local
 from fedjax_sim.core.rounds import advance, run_cohort
 from fedjax_sim.kernels import split
-from fedjax_sim.kernels.aggregation import weighted_mean
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -52,10 +51,9 @@ def fedbabu(model: Model, **hp) -> Algorithm:
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            mean_uploads=True, **map_options(hp),
         )
-        body = weighted_mean(result.uploads, result.counts)
-        server = {"params": split.merge(global_params, body)}
+        server = {"params": split.merge(global_params, result.uploads)}
         return advance(state, next_key, server=server), {"train_loss": result.loss}
 
     body_names = tuple(n for n in shapes if n not in model.head)

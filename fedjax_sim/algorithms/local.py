@@ -34,9 +34,10 @@ def local(model: Model, **hp) -> Algorithm:
             params, loss = train(own["params"], x, y, n, key)
             return None, {"params": params}, loss
 
+        # No uploads; the mean-upload path trains the cohort in place.
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            mean_uploads=True, **map_options(hp),
         )
         return advance(state, next_key, clients=result.clients), {"train_loss": result.loss}
 

@@ -173,6 +173,122 @@ def _mapped(fn, args, weights, strategy, chunk_size):
                          out_specs=(PartitionSpec(), spec), check_vma=False)(args, weights)
 
 
+def _train_owned(fn, clients, rows, index, keys, weights, chunk, device):
+    """The in-place cohort loop over one block of clients (one device's, or all of them).
+
+    Trains, in cohort order, the members of ``index`` whose rows this block holds: rows
+    ``device * K_block`` onwards. Returns the weighted sum of their uploads, the block with
+    their new rows written in, and the (M,) losses with zeros at other blocks' positions.
+    """
+    block_size = _leading(rows)  # the client state may be empty (FedAvg)
+    size = index.shape[0]
+    owned = index // block_size == device
+    count = jnp.sum(owned)
+    # This block's cohort positions first, each group kept in cohort order.
+    positions = jnp.argsort(jnp.logical_not(owned), stable=True)
+    local_rows = index[positions] - device * block_size
+    first = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], (clients, *rows)), keys[0])
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0])
+    losses = jnp.zeros((size,), first[2].dtype)
+
+    if chunk == 1:
+        def body(i, carry):
+            total, clients, losses = carry
+            position, row = positions[i], local_rows[i]
+            own, *data = jax.tree.map(lambda a: a[row], (clients, *rows))
+            upload, new_row, loss = fn(own, *data, keys[position])
+            weight = weights[position]
+            total = jax.tree.map(lambda t, u: t + weight.astype(u.dtype) * u, total, upload)
+            clients = jax.tree.map(lambda a, v: a.at[row].set(v), clients, new_row)
+            return total, clients, losses.at[position].set(loss)
+
+        return jax.lax.fori_loop(0, count, body, (total, clients, losses))
+
+    def chunk_body(c, carry):
+        total, clients, losses = carry
+        slots = c * chunk + jnp.arange(chunk)
+        valid = slots < count
+        slots = jnp.minimum(slots, size - 1)
+        position, row = positions[slots], local_rows[slots]
+        own, *data = jax.tree.map(lambda a: a[row], (clients, *rows))
+        upload, new_rows, loss = jax.vmap(fn)(own, *data, keys[position])
+        weight = jnp.where(valid, weights[position], 0.0)
+        total = jax.tree.map(
+            lambda t, u: t + jnp.tensordot(weight.astype(u.dtype), u, 1), total, upload)
+        # Slots past this block's last member write nowhere.
+        drop_row = jnp.where(valid, row, block_size)
+        clients = jax.tree.map(lambda a, v: a.at[drop_row].set(v, mode="drop"), clients,
+                               new_rows)
+        losses = losses.at[jnp.where(valid, position, size)].set(loss, mode="drop")
+        return total, clients, losses
+
+    chunks = (count + chunk - 1) // chunk
+    return jax.lax.fori_loop(0, chunks, chunk_body, (total, clients, losses))
+
+
+def train_in_place(
+    fn: Callable[..., Any],
+    clients: Any,
+    rows: tuple,
+    index: jax.Array | None,
+    keys: jax.Array,
+    weights: jax.Array,
+    *,
+    strategy: str = "auto",
+    chunk_size: int = 8,
+) -> tuple[Any, Any, jax.Array]:
+    """Trains a cohort with a loop strategy, reading and writing the resident client state.
+
+    Each member's client row and data rows are read from the (K, ...) arrays inside the
+    loop and its new client row is written back in place, so a round holds no (M, ...)
+    copy of the cohort (neither gathered before nor stacked after training). When the
+    client axis is sharded over a mesh, every device trains the members it holds, so no
+    client row crosses devices: only the weighted sum of the uploads and the (M,) losses
+    are summed over devices. Results equal :func:`client_map_mean` on gathered rows
+    followed by a scatter, up to float summation order.
+
+    Args:
+      fn: ``(client_row, *data_rows, key) -> (upload, new_client_row, loss)``.
+      clients: the client state, leaves (K, ...).
+      rows: per-client data, each leaf (K, ...) (e.g. train_x, train_y, train_counts).
+      index: (M,) distinct client indices, or ``None`` for all K clients in order.
+      keys: (M,) PRNG keys, one per cohort position.
+      weights: (M,) non-negative weights, normalized here (all zero gives zeros).
+      strategy: ``sequential``, ``chunked`` or ``auto`` (resolving to either).
+      chunk_size: clients vmapped per loop iteration with ``chunked``.
+
+    Returns:
+      ``(weighted mean of the uploads, clients with the cohort's rows replaced,
+      losses (M,))``.
+    """
+    strategy, chunk_size = resolve(strategy, chunk_size)
+    if strategy not in ("sequential", "chunked"):
+        raise ValueError(f"train_in_place needs a loop strategy, got {strategy!r}")
+    chunk = 1 if strategy == "sequential" else int(chunk_size)
+    num_clients = _leading(rows)
+    if index is None:
+        index = jnp.arange(num_clients, dtype=jnp.int32)
+    weights = jnp.asarray(weights, jnp.float32)
+    total = jnp.sum(weights)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    mesh = client_mesh()
+    if mesh is None or num_clients % mesh.shape[CLIENT_AXIS]:
+        return _train_owned(fn, clients, rows, index, keys, weights, chunk, 0)
+
+    spec, replicated = PartitionSpec(CLIENT_AXIS), PartitionSpec()
+
+    def per_device(clients, rows, index, keys, weights):
+        device = jax.lax.axis_index(CLIENT_AXIS)
+        total, clients, losses = _train_owned(fn, clients, rows, index, keys, weights,
+                                              chunk, device)
+        return jax.lax.psum(total, CLIENT_AXIS), clients, jax.lax.psum(losses, CLIENT_AXIS)
+
+    return jax.shard_map(
+        per_device, mesh=mesh, in_specs=(spec, spec, replicated, replicated, replicated),
+        out_specs=(replicated, spec, replicated), check_vma=False,
+    )(clients, rows, index, keys, weights)
+
+
 def client_map(
     fn: Callable[..., Any], args: tuple, *, strategy: str = "auto", chunk_size: int = 8
 ) -> Any:

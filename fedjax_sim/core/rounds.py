@@ -13,7 +13,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fedjax_sim.core.cohort import client_map, client_map_mean, cohort_size, sample_cohort
+from fedjax_sim.core.cohort import (
+    client_map,
+    client_map_mean,
+    cohort_size,
+    resolve_strategy,
+    sample_cohort,
+    train_in_place,
+)
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.aggregation import gather, scatter
@@ -56,17 +63,28 @@ def run_cohort(
 
     Args:
       mean_uploads: hand back the sample-weighted mean of the uploads (what FedAvg-style
-        servers compute) rather than the stacked uploads; the loop strategies then keep a
-        running sum instead of materializing M copies of the model.
+        servers compute) rather than the stacked uploads. The loop strategies then keep a
+        running sum and train the cohort in place (``core.cohort.train_in_place``): no
+        (M, ...) copy of the cohort's state, data or uploads is made, and with the client
+        axis sharded every device trains the members it holds.
     """
     num_clients = data.num_clients
     size = cohort_size(num_clients, join_ratio)
     cohort_key, train_key = jax.random.split(key)
     index = sample_cohort(cohort_key, num_clients, size)
-    x, y, counts = gather((data.train_x, data.train_y, data.train_counts), index)
     keys = jax.random.split(train_key, size)
-    cohort_args = (gather(clients, index), x, y, counts, keys)
+    counts = gather(data.train_counts, index)
     weights = counts.astype(jnp.float32)
+    if mean_uploads and resolve_strategy(strategy) != "vmap":
+        # Loop strategies read and write the resident (K, ...) arrays in place.
+        uploads, new_clients, losses = train_in_place(
+            client_fn, clients, (data.train_x, data.train_y, data.train_counts), index, keys,
+            weights, strategy=strategy, chunk_size=chunk_size,
+        )
+        loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return CohortResult(index, counts, uploads, new_clients, loss)
+    x, y = gather((data.train_x, data.train_y), index)
+    cohort_args = (gather(clients, index), x, y, counts, keys)
     if mean_uploads:
         uploads, (new_rows, losses) = client_map_mean(
             lambda *a: _upload_first(client_fn(*a)), cohort_args, weights,
