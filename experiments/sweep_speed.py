@@ -53,12 +53,13 @@ def main(argv=None) -> None:
             sequential.append(run(alg, data, seed=seed, progress=False, **loop).summary)
     sequential_s = time.perf_counter() - tic
     row = {"algorithm": args.algorithm, "configs": len(sequential), "rounds": args.rounds,
-           "sequential_s": sequential_s}
+           "sequential_s": sequential_s, "run_devices": sequential[0]["devices"]}
     for strategy in ("vmap", "map"):
         tic = time.perf_counter()
         swept = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, hparams=hp,
                       config_strategy=strategy, progress=False, **loop)
         row[f"sweep_{strategy}_s"] = time.perf_counter() - tic
+        row["sweep_devices"] = swept[0]["devices"]
         row[f"speedup_{strategy}"] = sequential_s / row[f"sweep_{strategy}_s"]
         row[f"max_accuracy_gap_{strategy}"] = float(np.max(np.abs(
             np.array([s["accuracy"] for s in swept]) -

@@ -355,7 +355,8 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict]:
     summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
                       eval_every=args.eval_every, hparams=hparams, output=args.output,
                       rounds_per_call=args.rounds_per_call,
-                      config_strategy=args.sweep_strategy, progress=not args.no_progress)
+                      config_strategy=args.sweep_strategy, progress=not args.no_progress,
+                      devices=args.devices)
     for summary in summaries:
         print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "lr", "accuracy",
                                                   "client_p10", "sweep_wall_s")}))

@@ -472,6 +472,23 @@ def _traced_factory(name: str, model: Any, hparams: dict) -> Callable[[Any], Alg
     return lambda lr: factory(model, **{**resolved, "lr": lr})
 
 
+# Mesh axis name of a sweep's configuration axis.
+_CONFIG_AXIS = "configs"
+
+
+def _config_mesh(num_configs: int, devices: int | None) -> Mesh | None:
+    """A one-axis mesh over the most devices of this process that divide ``num_configs``,
+    or ``None`` for one."""
+    available = jax.local_devices()
+    wanted = len(available) if devices is None else int(devices)
+    if not 1 <= wanted <= len(available):
+        raise ValueError(f"devices must be in [1, {len(available)}], got {devices!r}")
+    count = max(d for d in range(1, wanted + 1) if num_configs % d == 0)
+    if count == 1:
+        return None
+    return Mesh(np.asarray(available[:count]), (_CONFIG_AXIS,), axis_types=(AxisType.Auto,))
+
+
 def sweep(
     name: str,
     model: Any,
@@ -486,13 +503,16 @@ def sweep(
     rounds_per_call: int = 1,
     config_strategy: str = "auto",
     progress: bool = True,
+    devices: int | None = None,
 ) -> list[dict]:
     """Runs every (seed, learning rate) pair as one batched simulation.
 
     The states of all configurations are stacked on a leading axis and one jitted program
     advances them together (``vmap`` over configurations, or ``map``: a compiled loop over
-    them), so the round compiles once for the whole grid. Configuration ``(s, lr)`` follows
-    the same random stream as ``run(..., seed=s)`` with that ``lr``.
+    them), so the round compiles once for the whole grid. The configuration axis is
+    sharded over the devices (the most that divide the number of configurations), each
+    device advancing its own configurations; the data is replicated. Configuration
+    ``(s, lr)`` follows the same random stream as ``run(..., seed=s)`` with that ``lr``.
 
     Args:
       name: algorithm name (one without public data).
@@ -509,6 +529,8 @@ def sweep(
         and a client's inactive epoch steps become selects instead of skipped branches)
         and ``vmap`` on accelerators.
       progress: show a progress bar.
+      devices: devices to shard the configurations over (``None``: all visible ones of
+        this process; the count used divides the number of configurations).
 
     Returns:
       One summary dict per configuration, seeds varying fastest.
@@ -527,32 +549,50 @@ def sweep(
     make = _traced_factory(name, model, hparams)
     configs = [(int(s), float(lr)) for lr in lrs for s in seeds]
     seed_arr = np.asarray([s for s, _ in configs], np.uint32)
-    lr_arr = jax.numpy.asarray([lr for _, lr in configs], jax.numpy.float32)
-    data = to_device(data)
+    lr_arr = np.asarray([lr for _, lr in configs], np.float32)
+    mesh = _config_mesh(len(configs), devices)
+    if mesh is None:
+        data = to_device(data)
+        lr_arr = jax.numpy.asarray(lr_arr)
+    else:
+        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+        lr_arr = jax.device_put(lr_arr, NamedSharding(mesh, PartitionSpec(_CONFIG_AXIS)))
 
     def over_configs(fn):
+        """``fn(data, *config_args)`` mapped over the configurations; data is shared."""
         if config_strategy == "vmap":
-            return jax.vmap(fn)
-        return lambda *args: jax.lax.map(lambda a: fn(*a), args)
+            mapped = jax.vmap(fn, in_axes=(None, 0, 0))
+        else:
+            def mapped(data, *args):
+                return jax.lax.map(lambda a: fn(data, *a), args)
+        if mesh is None:
+            return mapped
+        # Every device advances its own block of configurations.
+        per_config = PartitionSpec(_CONFIG_AXIS)
+        return jax.shard_map(mapped, mesh=mesh,
+                             in_specs=(PartitionSpec(), per_config, per_config),
+                             out_specs=per_config, check_vma=False)
 
     start = time.perf_counter()
-    states = jax.jit(over_configs(lambda seed, lr: make(lr).init(jax.random.key(seed), data)))(
-        seed_arr, lr_arr)
+    states = jax.jit(over_configs(
+        lambda data, seed, lr: make(lr).init(jax.random.key(seed), data)))(
+        data, seed_arr, lr_arr)
 
     def make_block(length):
-        def block(states, lrs_):
-            def one(state, lr):
-                alg = make(lr)
-                if length == 1:
-                    state, metrics = alg.round(state, data)
-                    return state, jax.tree.map(lambda m: m[None], metrics)
-                return jax.lax.scan(lambda s, _: alg.round(s, data), state, None, length=length)
+        def one(data, state, lr):
+            alg = make(lr)
+            if length == 1:
+                state, metrics = alg.round(state, data)
+                return state, jax.tree.map(lambda m: m[None], metrics)
+            return jax.lax.scan(lambda s, _: alg.round(s, data), state, None, length=length)
 
-            return over_configs(one)(states, lrs_)
+        block = jax.jit(over_configs(one), donate_argnums=1)
+        return lambda states, lrs_: block(data, states, lrs_)
 
-        return jax.jit(block, donate_argnums=0)
+    evaluate_all = jax.jit(over_configs(lambda data, state, lr: make(lr).evaluate(state, data)))
 
-    evaluate = jax.jit(over_configs(lambda state, lr: make(lr).evaluate(state, data)))
+    def evaluate(states, lrs_):
+        return evaluate_all(data, states, lrs_)
     blocks: dict[int, Callable] = {}
     histories: list[list[dict]] = [[] for _ in configs]
     test_counts = np.asarray(data.test_counts)
@@ -589,7 +629,8 @@ def sweep(
             **{k: final[k] for k in ("accuracy", "client_mean_accuracy", "client_std",
                                      "client_min", "client_p10", "client_accuracies")},
             "history": history, "sweep_size": len(configs), "sweep_wall_s": wall,
-            "compile_s": compile_s, "config_strategy": config_strategy, "devices": 1,
+            "compile_s": compile_s, "config_strategy": config_strategy,
+            "devices": 1 if mesh is None else mesh.size,
         })
     if output is not None:
         out = Path(output)

@@ -53,6 +53,13 @@ SCRIPT = textwrap.dedent("""
         jax.tree.leaves((full.state.server, full.state.clients)),
         jax.tree.leaves((resumed.state.server, resumed.state.clients))))
     out["resume_devices"] = resumed.summary["devices"]
+    # A sweep of 2 seeds x 2 learning rates: one configuration per device against one device.
+    from fedjax_sim.runner import sweep
+    kw = dict(seeds=[0, 1], lrs=[0.05, 0.2], rounds=2, eval_every=1, progress=False,
+              hparams={{"local_epochs": 1, "batch_size": 4, "join_ratio": 0.5}})
+    out["sweep"] = {{str(d): [{{k: s[k] for k in ("client_accuracies", "devices", "seed", "lr")}}
+                              for s in sweep("fedper", model, data, devices=d, **kw)]
+                    for d in (1, None)}}
     print(json.dumps(out))
 """)
 
@@ -88,3 +95,12 @@ def test_sharded_resume_equals_uninterrupted(sharded):
     results, _ = sharded
     assert results["resume_devices"] == 4
     assert results["resume_equal"] is True
+
+
+def test_sweep_shards_configurations_over_devices(sharded):
+    results, _ = sharded
+    one, four = results["sweep"]["1"], results["sweep"]["None"]
+    assert {s["devices"] for s in one} == {1} and {s["devices"] for s in four} == {4}
+    for a, b in zip(one, four, strict=True):
+        assert (a["seed"], a["lr"]) == (b["seed"], b["lr"])
+        assert b["client_accuracies"] == pytest.approx(a["client_accuracies"], abs=1e-9)
