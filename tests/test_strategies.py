@@ -15,9 +15,9 @@ from fedjax_sim.models import make_model
 from fedjax_sim.runner import to_device
 
 
-def _fn(a, b):
-    # A per-client function with a tree upload and a side output.
-    upload = {"w": jnp.tanh(a) * b, "s": jnp.sum(a) + b}
+def _fn(scale, a, b):
+    # A per-client function with a tree upload and a side output; `scale` is shared.
+    upload = {"w": jnp.tanh(a) * b * scale, "s": jnp.sum(a) + b}
     return upload, (a[0] - b, b * 2)
 
 
@@ -28,21 +28,67 @@ def test_client_map_mean_equals_stack_then_mean(strategy, chunk):
     a = jnp.asarray(rng.normal(size=(7, 5)), jnp.float32)
     b = jnp.asarray(rng.normal(size=(7,)), jnp.float32)
     weights = jnp.asarray(rng.integers(1, 9, 7), jnp.float32)
-    uploads, rest = jax.vmap(_fn)(a, b)
+    uploads, rest = jax.vmap(lambda a, b: _fn(1.5, a, b))(a, b)
     mean, got_rest = jax.jit(lambda a, b, w: cohort.client_map_mean(
-        _fn, (a, b), w, strategy=strategy, chunk_size=chunk))(a, b, weights)
+        _fn, (a, b), w, shared=1.5, strategy=strategy, chunk_size=chunk))(a, b, weights)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  mean, weighted_mean(uploads, weights))
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(x, y), got_rest, rest)
-    stacked = cohort.client_map(_fn, (a, b), strategy=strategy, chunk_size=chunk)
+    stacked = cohort.client_map(_fn, (a, b), shared=1.5, strategy=strategy, chunk_size=chunk)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), stacked,
                  (uploads, rest))
+
+
+def _member(scale, own, x, n, key):
+    # A client that reads its own state, its data and a key, and writes a new state.
+    noise = jax.random.normal(key, own["w"].shape)
+    new = {"w": own["w"] * scale + x.sum() + noise, "count": own["count"] + n}
+    return {"u": new["w"] * n}, new, jnp.sum(new["w"])
+
+
+@pytest.mark.parametrize("strategy,chunk", [("sequential", 8), ("chunked", 2), ("chunked", 3),
+                                            ("chunked", 16)])
+@pytest.mark.parametrize("full", [False, True])
+def test_train_in_place_equals_gather_map_scatter(strategy, chunk, full):
+    rng = np.random.default_rng(1)
+    k = 9
+    clients = {"w": jnp.asarray(rng.normal(size=(k, 3)), jnp.float32),
+               "count": jnp.zeros((k,), jnp.int32)}
+    x = jnp.asarray(rng.normal(size=(k, 4)), jnp.float32)
+    n = jnp.asarray(rng.integers(1, 6, k), jnp.int32)
+    index = None if full else jnp.asarray([7, 2, 5, 0, 4], jnp.int32)
+    size = k if full else 5
+    keys = jax.random.split(jax.random.key(3), size)
+    weights = (n if full else n[index]).astype(jnp.float32)
+
+    mean, new_clients, losses = jax.jit(lambda c, x, n, w: cohort.train_in_place(
+        _member, c, (x, n), index, keys, w, shared=0.5, strategy=strategy,
+        chunk_size=chunk))(clients, x, n, weights)
+
+    rows = jax.tree.map(lambda a: a if full else a[index], (clients, x, n))
+    uploads, new_rows, want_losses = jax.vmap(lambda c, x, n, kk: _member(0.5, c, x, n, kk))(
+        *rows, keys)
+    want_clients = new_rows if full else jax.tree.map(
+        lambda a, v: a.at[index].set(v), clients, new_rows)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                 mean, weighted_mean(uploads, weights))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 new_clients, want_clients)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+
+
+def test_train_in_place_needs_a_loop_strategy():
+    with pytest.raises(ValueError, match="loop strategy"):
+        cohort.train_in_place(_member, {}, (jnp.zeros((2, 1)),), None,
+                              jax.random.split(jax.random.key(0), 2), jnp.ones(2),
+                              strategy="vmap")
 
 
 def test_zero_weights_give_zeros_not_nans():
     a = jnp.ones((4, 3))
     b = jnp.ones((4,))
-    mean, _ = cohort.client_map_mean(_fn, (a, b), jnp.zeros(4), strategy="sequential")
+    mean, _ = cohort.client_map_mean(_fn, (a, b), jnp.zeros(4), shared=1.0,
+                                     strategy="sequential")
     assert all(np.all(np.asarray(leaf) == 0) for leaf in jax.tree.leaves(mean))
 
 

@@ -78,7 +78,7 @@ def apfl(model: Model, **hp) -> Algorithm:
         next_key, round_key = jax.random.split(state.key)
         global_params = state.server["params"]
 
-        def client(own, x, y, n, key):
+        def client(global_params, own, x, y, n, key):
             carry = (global_params, own["params"], own["alpha"],
                      optimizer.init(global_params), optimizer.init(own["params"]))
             (w, v, alpha, _, _), loss = local.scan_batches(step, carry, x, y, n, key, **budget)
@@ -86,7 +86,7 @@ def apfl(model: Model, **hp) -> Algorithm:
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
+            mean_uploads=True, server=global_params, **map_options(hp),
         )
         server = {"params": result.uploads}
         return advance(state, next_key, server=server, clients=result.clients), {

@@ -187,10 +187,9 @@ def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
     budget = schedule(hp, epochs=epochs)
 
     def evaluate(state: SimState, data: FederatedData):
-        global_params = state.server["params"]
         keys = jax.random.split(jax.random.fold_in(state.key, 1), data.num_clients)
 
-        def one_client(x, y, n, tx, ty, tn, key):
+        def one_client(global_params, x, y, n, tx, ty, tn, key):
             params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
             logits = model.apply(params, tx)
             valid = jax.numpy.arange(tx.shape[0]) < tn
@@ -202,7 +201,7 @@ def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
             one_client,
             (data.train_x, data.train_y, data.train_counts,
              data.test_x, data.test_y, data.test_counts, keys),
-            **map_options(hp),
+            shared=state.server["params"], **map_options(hp),
         )
 
     return evaluate

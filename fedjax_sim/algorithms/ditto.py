@@ -59,7 +59,7 @@ def ditto(model: Model, **hp) -> Algorithm:
         train_personal = local_sgd(model, hp, loss_fn=proximal_loss,
                                    epochs=hp["personal_epochs"])
 
-        def client(own, x, y, n, key):
+        def client(global_params, own, x, y, n, key):
             global_key, personal_key = jax.random.split(key)
             w, loss = train(global_params, x, y, n, global_key)
             v, _ = train_personal(own["params"], x, y, n, personal_key)
@@ -67,7 +67,7 @@ def ditto(model: Model, **hp) -> Algorithm:
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
+            mean_uploads=True, server=global_params, **map_options(hp),
         )
         server = {"params": result.uploads}
         return advance(state, next_key, server=server, clients=result.clients), {

@@ -193,24 +193,27 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
         subset = sample_public(subset_key, num_public, batch)
         next_x = public_x[subset]
 
-        def client(own, x, y, n, key):
+        def client(received, own, x, y, n, key):
             distill_key, train_key = jax.random.split(key)
             params = own["params"]
             if distills:
                 params = jax.lax.cond(
-                    server["has_targets"],
-                    lambda p: distill_train(kd_loss, kd_optimizer, p, previous_x,
-                                            server["targets"], distill_key, **kd)[0],
+                    received["has_targets"],
+                    lambda p: distill_train(kd_loss, kd_optimizer, p, received["previous_x"],
+                                            received["targets"], distill_key, **kd)[0],
                     lambda p: p,
                     params,
                 )
             params, loss = local.train(loss_fn, optimizer, params, x, y, n, train_key, **budget)
-            probs = jax.nn.softmax(model.apply(params, next_x), axis=-1)
+            probs = jax.nn.softmax(model.apply(params, received["next_x"]), axis=-1)
             return probs, {"params": params}, loss
 
+        # What the server sends: last round's subset and soft targets, this round's subset.
+        received = {"previous_x": previous_x, "targets": server["targets"],
+                    "has_targets": server["has_targets"], "next_x": next_x}
         result = run_cohort(
             cohort_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            **map_options(hp),
+            server=received, **map_options(hp),
         )
         targets = aggregate(result.uploads)  # (M, B, C) -> (B, C)
         global_params = server["params"]

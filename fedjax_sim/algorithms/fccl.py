@@ -128,9 +128,9 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
                 start = m.init(init_key)
                 client_keys = jax.random.split(train_key, x.shape[0])
                 return client_map(
-                    lambda xk, yk, nk, kk: local.train(ce_losses[g], optimizer, start, xk, yk,
-                                                       nk, kk, **pretrain)[0],
-                    (x, y, n, client_keys), **map_options(hp),
+                    lambda start, xk, yk, nk, kk: local.train(ce_losses[g], optimizer, start,
+                                                              xk, yk, nk, kk, **pretrain)[0],
+                    (x, y, n, client_keys), shared=start, **map_options(hp),
                 )
 
             intra = prepare(keys[1 + 2 * g], keys[2 + 2 * g],
@@ -194,7 +194,7 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
             x, y, n = private_data(data, clients)
             keys = jax.random.split(jax.random.fold_in(train_key, g), clients.shape[0])
 
-            def client(pk, prev, intra, xk, yk, nk, kk, g=g):
+            def client(_, pk, prev, intra, xk, yk, nk, kk, g=g):
                 def dual(q, xb, yb, wb):
                     return dual_losses[g](q, xb, yb, wb, prev, intra)
 

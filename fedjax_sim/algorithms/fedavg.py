@@ -35,13 +35,13 @@ def fedavg_round(model: Model, hp: dict):
         next_key, round_key = jax.random.split(state.key)
         global_params = state.server["params"]
 
-        def client(_, x, y, n, key):
-            params, loss = train(global_params, x, y, n, key)
+        def client(start, _, x, y, n, key):
+            params, loss = train(start, x, y, n, key)
             return params, None, loss
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
+            mean_uploads=True, server=global_params, **map_options(hp),
         )
         server = {"params": result.uploads}
         return advance(state, next_key, server=server), {"train_loss": result.loss}

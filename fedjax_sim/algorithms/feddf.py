@@ -135,15 +135,15 @@ def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, *
         next_key, round_key = jax.random.split(state.key)
         global_params = state.server["params"]
 
-        def client(_, x, y, n, key):
-            params, loss = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
+        def client(start, _, x, y, n, key):
+            params, loss = local.train(loss_fn, optimizer, start, x, y, n, key, **budget)
             return params, None, loss
 
         # Without distillation this is FedAvg's round, line for line; with it the server
         # needs every client model (the ensemble), not only their average.
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=steps == 0, **map_options(hp),
+            mean_uploads=steps == 0, server=global_params, **map_options(hp),
         )
         metrics = {"train_loss": result.loss}
         if steps == 0:

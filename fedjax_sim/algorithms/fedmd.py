@@ -230,9 +230,9 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
                                             jnp.int32(num_public), train_key, **transfer)
                 client_keys = jax.random.split(jax.random.fold_in(train_key, 1), x.shape[0])
                 return client_map(
-                    lambda xk, yk, nk, kk: local.train(ce[g], optimizer, params, xk, yk, nk, kk,
-                                                       **budget)[0],
-                    (x, y, n, client_keys), **map_options(hp),
+                    lambda start, xk, yk, nk, kk: local.train(ce[g], optimizer, start, xk, yk,
+                                                              nk, kk, **budget)[0],
+                    (x, y, n, client_keys), shared=params, **map_options(hp),
                 )
 
             groups.append({"params": prepare(keys[1 + 2 * g], keys[2 + 2 * g],
@@ -262,14 +262,16 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
             x, y, n = private_data(data, clients)
             keys = jax.random.split(jax.random.fold_in(train_key, g), clients.shape[0])
 
-            def client(params, xk, yk, nk, kk, g=g):
+            def client(received, params, xk, yk, nk, kk, g=g):
                 digest_key, revisit_key = jax.random.split(kk)
                 if digest["epochs"] > 0:
-                    params, _ = distill_train(mae_losses[g], digest_optimizer, params, xs,
-                                              consensus, digest_key, **digest)
+                    subset_x, targets = received
+                    params, _ = distill_train(mae_losses[g], digest_optimizer, params, subset_x,
+                                              targets, digest_key, **digest)
                 return local.train(ce[g], optimizer, params, xk, yk, nk, revisit_key, **budget)
 
-            params, loss = client_map(client, (r["params"], x, y, n, keys), **map_options(hp))
+            params, loss = client_map(client, (r["params"], x, y, n, keys),
+                                      shared=(xs, consensus), **map_options(hp))
             new_groups.append(scatter(tree, c, {"params": params}))
             losses.append(loss)
             counts.append(n)

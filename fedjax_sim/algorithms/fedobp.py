@@ -297,7 +297,8 @@ def fedobp(model: Model, **hp) -> Algorithm:
         global_params = state.server["params"]
         mask_key = random_key(state)
 
-        def client(own, x, y, n, key):
+        def client(received, own, x, y, n, key):
+            global_params, mask_key = received
             rows = jax.tree.map(lambda a: a[None], own)
             mixed, _, scores = step.apply(rows, global_params, mask_key)
             start = jax.tree.map(lambda a: a[0], mixed)
@@ -314,7 +315,7 @@ def fedobp(model: Model, **hp) -> Algorithm:
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
+            mean_uploads=True, server=(global_params, mask_key), **map_options(hp),
         )
         server = {"params": result.uploads}  # plain FedAvg over all elements
         return advance(state, next_key, server=server, clients=result.clients), {

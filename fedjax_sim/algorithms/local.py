@@ -30,7 +30,7 @@ def local(model: Model, **hp) -> Algorithm:
     def round_fn(state, data):
         next_key, round_key = jax.random.split(state.key)
 
-        def client(own, x, y, n, key):
+        def client(_, own, x, y, n, key):
             params, loss = train(own["params"], x, y, n, key)
             return None, {"params": params}, loss
 

@@ -59,13 +59,13 @@ def decoupled(
         global_params = state.server["params"]
         shared = split.drop(global_params, personal)
 
-        def client(own, x, y, n, key):
+        def client(shared, own, x, y, n, key):
             params, loss = local_fn(split.merge(shared, own["personal"]), x, y, n, key)
             return split.drop(params, personal), {"personal": split.take(params, personal)}, loss
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
+            mean_uploads=True, server=shared, **map_options(hp),
         )
         new_shared = result.uploads
         # The server's copy of the personal layers is never used by anyone; it keeps the

@@ -14,10 +14,17 @@ A strategy says how the per-client function runs over the rows of the client axi
 All strategies give the same results (up to float summation order). When the client axis
 is sharded over a device mesh (see :func:`client_mesh`), each device runs the strategy on
 its own block of clients under ``shard_map`` and partial sums meet in one ``psum``.
+
+A mapped function gets what all clients share (the global model, keys, soft targets) as
+its first argument, ``shared``, never through a closure: under ``shard_map`` a value
+closed over from the round keeps the sharding type of the round's inputs, and operations
+that copy an operand's type (``zeros_like`` in optax's momentum or frozen-layer states)
+then fail. ``shared`` enters ``shard_map`` as a replicated argument instead.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -151,29 +158,31 @@ def _summing_map(fn, args, weights, chunk):
     return total, rest
 
 
-def _mapped(fn, args, weights, strategy, chunk_size):
+def _mapped(fn, args, weights, shared, strategy, chunk_size):
     strategy, chunk_size = resolve(strategy, chunk_size)
     mesh = client_mesh()
     if mesh is None or _leading(args) % mesh.shape[CLIENT_AXIS]:
-        return _local_map(fn, args, weights, strategy, chunk_size)
+        return _local_map(functools.partial(fn, shared), args, weights, strategy, chunk_size)
 
     # Each device maps its own block of rows; the weighted sums meet in one psum.
-    spec = PartitionSpec(CLIENT_AXIS)
+    spec, replicated = PartitionSpec(CLIENT_AXIS), PartitionSpec()
 
-    def per_device(block_args, block_weights):
-        out = _local_map(fn, block_args, block_weights, strategy, chunk_size)
+    def per_device(shared, block_args, block_weights):
+        out = _local_map(functools.partial(fn, shared), block_args, block_weights, strategy,
+                         chunk_size)
         if block_weights is None:
             return out
         return jax.lax.psum(out[0], CLIENT_AXIS), out[1]
 
     if weights is None:
-        return jax.shard_map(lambda a: per_device(a, None), mesh=mesh, in_specs=(spec,),
-                             out_specs=spec, check_vma=False)(args)
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec),
-                         out_specs=(PartitionSpec(), spec), check_vma=False)(args, weights)
+        return jax.shard_map(lambda c, a: per_device(c, a, None), mesh=mesh,
+                             in_specs=(replicated, spec), out_specs=spec,
+                             check_vma=False)(shared, args)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(replicated, spec, spec),
+                         out_specs=(replicated, spec), check_vma=False)(shared, args, weights)
 
 
-def _train_owned(fn, clients, rows, index, keys, weights, chunk, device):
+def _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, device):
     """The in-place cohort loop over one block of clients (one device's, or all of them).
 
     Trains, in cohort order, the members of ``index`` whose rows this block holds: rows
@@ -187,6 +196,7 @@ def _train_owned(fn, clients, rows, index, keys, weights, chunk, device):
     # This block's cohort positions first, each group kept in cohort order.
     positions = jnp.argsort(jnp.logical_not(owned), stable=True)
     local_rows = index[positions] - device * block_size
+    fn = functools.partial(fn, shared)
     first = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], (clients, *rows)), keys[0])
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0])
     losses = jnp.zeros((size,), first[2].dtype)
@@ -234,6 +244,7 @@ def train_in_place(
     keys: jax.Array,
     weights: jax.Array,
     *,
+    shared: Any = None,
     strategy: str = "auto",
     chunk_size: int = 8,
 ) -> tuple[Any, Any, jax.Array]:
@@ -248,12 +259,13 @@ def train_in_place(
     followed by a scatter, up to float summation order.
 
     Args:
-      fn: ``(client_row, *data_rows, key) -> (upload, new_client_row, loss)``.
+      fn: ``(shared, client_row, *data_rows, key) -> (upload, new_client_row, loss)``.
       clients: the client state, leaves (K, ...).
       rows: per-client data, each leaf (K, ...) (e.g. train_x, train_y, train_counts).
       index: (M,) distinct client indices, or ``None`` for all K clients in order.
       keys: (M,) PRNG keys, one per cohort position.
       weights: (M,) non-negative weights, normalized here (all zero gives zeros).
+      shared: what every client receives (see the module docstring), or ``None``.
       strategy: ``sequential``, ``chunked`` or ``auto`` (resolving to either).
       chunk_size: clients vmapped per loop iteration with ``chunked``.
 
@@ -273,32 +285,43 @@ def train_in_place(
     weights = weights / jnp.where(total > 0, total, 1.0)
     mesh = client_mesh()
     if mesh is None or num_clients % mesh.shape[CLIENT_AXIS]:
-        return _train_owned(fn, clients, rows, index, keys, weights, chunk, 0)
+        return _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, 0)
 
     spec, replicated = PartitionSpec(CLIENT_AXIS), PartitionSpec()
 
-    def per_device(clients, rows, index, keys, weights):
+    def per_device(shared, clients, rows, index, keys, weights):
         device = jax.lax.axis_index(CLIENT_AXIS)
-        total, clients, losses = _train_owned(fn, clients, rows, index, keys, weights,
+        total, clients, losses = _train_owned(fn, shared, clients, rows, index, keys, weights,
                                               chunk, device)
         return jax.lax.psum(total, CLIENT_AXIS), clients, jax.lax.psum(losses, CLIENT_AXIS)
 
     return jax.shard_map(
-        per_device, mesh=mesh, in_specs=(spec, spec, replicated, replicated, replicated),
+        per_device, mesh=mesh,
+        in_specs=(replicated, spec, spec, replicated, replicated, replicated),
         out_specs=(replicated, spec, replicated), check_vma=False,
-    )(clients, rows, index, keys, weights)
+    )(shared, clients, rows, index, keys, weights)
 
 
 def client_map(
-    fn: Callable[..., Any], args: tuple, *, strategy: str = "auto", chunk_size: int = 8
+    fn: Callable[..., Any],
+    args: tuple,
+    *,
+    shared: Any = None,
+    strategy: str = "auto",
+    chunk_size: int = 8,
 ) -> Any:
-    """Applies ``fn`` to every row of the leading axis of ``args``.
+    """Applies ``fn(shared, *row)`` to every row of the leading axis of ``args``.
 
     ``vmap`` runs all clients as one batched program, ``sequential`` one after another
     inside a single compiled loop, ``chunked`` ``chunk_size`` at a time. All give the same
     results; which is fastest depends on the backend and the model.
+
+    Args:
+      fn: ``(shared, *row) -> out``.
+      args: tuple of trees with leading axis M.
+      shared: what every row's call reads besides its own row (see the module docstring).
     """
-    return _mapped(fn, args, None, strategy, chunk_size)
+    return _mapped(fn, args, None, shared, strategy, chunk_size)
 
 
 def client_map_mean(
@@ -306,6 +329,7 @@ def client_map_mean(
     args: tuple,
     weights: jax.Array,
     *,
+    shared: Any = None,
     strategy: str = "auto",
     chunk_size: int = 8,
 ) -> tuple[Any, Any]:
@@ -316,9 +340,10 @@ def client_map_mean(
     model is never materialized M times.
 
     Args:
-      fn: per-client function returning ``(upload, rest)``.
+      fn: per-client function ``(shared, *row) -> (upload, rest)``.
       args: tuple of trees with leading axis M.
       weights: (M,) non-negative weights, normalized here (all zero gives zeros).
+      shared: what every row's call reads besides its own row.
 
     Returns:
       ``(weighted mean of upload, stacked rest)``.
@@ -326,4 +351,4 @@ def client_map_mean(
     weights = jnp.asarray(weights, jnp.float32)
     total = jnp.sum(weights)
     normalized = weights / jnp.where(total > 0, total, 1.0)
-    return _mapped(fn, args, normalized, strategy, chunk_size)
+    return _mapped(fn, args, normalized, shared, strategy, chunk_size)

@@ -38,23 +38,18 @@ def count_correct(
       correct (K,) int32 and loss_sum (K,) float32 over each client's real rows.
     """
 
-    def one_client(part, xk, yk, nk):
-        logits = logits_fn(part, shared_part, xk)
+    def one_client(shared, part, xk, yk, nk):
+        logits = logits_fn(part, shared, xk)
         valid = jnp.arange(xk.shape[0]) < nk
         hits = jnp.sum((jnp.argmax(logits, -1) == yk) & valid)
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yk[:, None], axis=-1)[:, 0]
         return hits.astype(jnp.int32), jnp.sum(jnp.where(valid, nll, 0.0))
 
+    options = {"shared": shared_part, "strategy": strategy, "chunk_size": chunk_size}
     if client_part is None:
-        return client_map(
-            lambda xk, yk, nk: one_client(None, xk, yk, nk),
-            (x, y, counts),
-            strategy=strategy,
-            chunk_size=chunk_size,
-        )
-    return client_map(
-        one_client, (client_part, x, y, counts), strategy=strategy, chunk_size=chunk_size
-    )
+        return client_map(lambda shared, xk, yk, nk: one_client(shared, None, xk, yk, nk),
+                          (x, y, counts), **options)
+    return client_map(one_client, (client_part, x, y, counts), **options)
 
 
 def summarize(correct: np.ndarray, counts: np.ndarray) -> dict[str, Any]:

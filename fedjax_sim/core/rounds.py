@@ -25,8 +25,10 @@ from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.aggregation import gather, scatter
 
-# client_fn(client_state_k, x_k, y_k, n_k, key_k) -> (upload_k, new_client_state_k, loss_k)
-ClientFn = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[Any, Any, jax.Array]]
+# client_fn(server, client_state_k, x_k, y_k, n_k, key_k)
+#     -> (upload_k, new_client_state_k, loss_k)
+ClientFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array, jax.Array],
+                    tuple[Any, Any, jax.Array]]
 
 
 class CohortResult(NamedTuple):
@@ -58,10 +60,16 @@ def run_cohort(
     strategy: str = "auto",
     chunk_size: int = 8,
     mean_uploads: bool = False,
+    server: Any = None,
 ) -> CohortResult:
     """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them.
 
     Args:
+      client_fn: ``(server, own, x, y, n, key) -> (upload, new_own, loss)``.
+      server: what the server sends every sampled client this round (the global model,
+        keys, soft targets, ...), handed to ``client_fn`` as its first argument. A client
+        function must read the round's values only through it, never through a closure
+        (``core.cohort`` says why).
       mean_uploads: hand back the sample-weighted mean of the uploads (what FedAvg-style
         servers compute) rather than the stacked uploads. The loop strategies then keep a
         running sum and train the cohort in place (``core.cohort.train_in_place``): no
@@ -79,7 +87,7 @@ def run_cohort(
         # Loop strategies read and write the resident (K, ...) arrays in place.
         uploads, new_clients, losses = train_in_place(
             client_fn, clients, (data.train_x, data.train_y, data.train_counts), index, keys,
-            weights, strategy=strategy, chunk_size=chunk_size,
+            weights, shared=server, strategy=strategy, chunk_size=chunk_size,
         )
         loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         return CohortResult(index, counts, uploads, new_clients, loss)
@@ -87,12 +95,12 @@ def run_cohort(
     cohort_args = (gather(clients, index), x, y, counts, keys)
     if mean_uploads:
         uploads, (new_rows, losses) = client_map_mean(
-            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights,
+            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights, shared=server,
             strategy=strategy, chunk_size=chunk_size,
         )
     else:
         uploads, new_rows, losses = client_map(
-            client_fn, cohort_args, strategy=strategy, chunk_size=chunk_size
+            client_fn, cohort_args, shared=server, strategy=strategy, chunk_size=chunk_size
         )
     loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
