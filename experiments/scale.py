@@ -21,13 +21,13 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, re, resource, sys, time
+import json, re, resource, sys
 import jax
 import numpy as np
 from fedjax_sim.platform import configure_cpu_devices
 configure_cpu_devices(sys.argv[7])
 from fedjax_sim import algorithms
-from fedjax_sim.bench import random_data
+from fedjax_sim.bench import random_data, timed_calls
 from fedjax_sim.models import make_model
 from fedjax_sim.runner import client_axis_mesh, make_round_block, mesh_context, place
 
@@ -42,20 +42,14 @@ jax.block_until_ready(state)
 state_bytes = sum(x.nbytes for x in jax.tree.leaves(state.clients))
 block = make_round_block(alg, 1, state_shardings=shardings)
 hlo = block.lower(state, data).compile().as_text()
-# A float copy whose result has the client axis K in front copies a whole (K, ...) buffer
-# (at K = cohort every cohort-sized temporary matches too).
+# A copy whose result has the shape of a client-state leaf copies a whole (K, ...) buffer
+# (a K equal to the cohort or to a layer width also counts temporaries of that shape).
+state_shapes = {"f32[%s]" % ",".join(map(str, x.shape))
+                for x in jax.tree.leaves(state.clients) if x.ndim}
 copies = [line.strip()[:160] for line in hlo.splitlines()
-          if re.search(r"= f32\[%d,[^=]*\bcopy\(" % k, line)]
-tic = time.perf_counter()
-state, _ = block(state, data)
-jax.block_until_ready(state)
-compile_s = time.perf_counter() - tic
-times = []
-for _ in range(rounds):
-    tic = time.perf_counter()
-    state, _ = block(state, data)
-    jax.block_until_ready(state)
-    times.append(time.perf_counter() - tic)
+          if (m := re.search(r"= (f32\[[0-9,]*\])\{[^=]*\bcopy\(", line))
+          and m.group(1) in state_shapes]
+state, compile_s, times = timed_calls(block, state, data, rounds)
 print(json.dumps({
     "algorithm": name, "num_clients": k, "cohort": cohort, "join_ratio": cohort / k,
     "round_s": float(np.median(times)), "round_s_best": min(times), "compile_s": compile_s,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,26 @@ def matmul_peak(n: int = 2048, repeats: int = 10, *, all_devices: bool = False) 
     return 2 * count * n**3 / best / 1e9
 
 
+def timed_calls(block, state, data, calls: int) -> tuple[Any, float, list[float]]:
+    """Runs ``block(state, data)`` once to compile, then ``calls`` times timed.
+
+    Returns:
+      ``(state after the last call, seconds of the first call, seconds of each timed
+      call)``.
+    """
+    tic = time.perf_counter()
+    state, _ = block(state, data)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - tic
+    times = []
+    for _ in range(calls):
+        tic = time.perf_counter()
+        state, _ = block(state, data)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - tic)
+    return state, compile_s, times
+
+
 def time_rounds(
     algorithm,
     data: FederatedData,
@@ -111,17 +132,8 @@ def time_rounds(
     with mesh_context(mesh):
         data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
         block = make_round_block(algorithm, rounds_per_call, state_shardings=shardings)
-        tic = time.perf_counter()
-        state, _ = block(state, data)
-        jax.block_until_ready(state)
-        compile_s = time.perf_counter() - tic
-        calls = max(1, -(-rounds // rounds_per_call))
-        times = []
-        for _ in range(calls):
-            tic = time.perf_counter()
-            state, _ = block(state, data)
-            jax.block_until_ready(state)
-            times.append(time.perf_counter() - tic)
+        _, compile_s, times = timed_calls(block, state, data,
+                                          max(1, -(-rounds // rounds_per_call)))
     per_round = np.asarray(times) / rounds_per_call
     return {"compile_s": compile_s, "round_s": float(per_round.mean()),
             "round_s_best": float(per_round.min()),

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -47,3 +51,17 @@ def random_federated(
 @pytest.fixture
 def small_data() -> FederatedData:
     return random_federated()
+
+
+TESTS_DIR = str(Path(__file__).parent)
+
+
+def run_on_cpu_devices(script: str, devices: int = 4, timeout: int = 1200) -> dict:
+    """Runs ``script`` in a fresh Python that sees ``devices`` CPU devices and returns the
+    JSON object it printed last."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

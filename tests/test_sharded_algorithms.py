@@ -9,19 +9,13 @@ which is what breaks when a client function reads round values through a closure
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TESTS_DIR, run_on_cpu_devices
 
 from fedjax_sim import algorithms
-
-HERE = Path(__file__).parent
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -65,12 +59,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def sharded_runs():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(HERE))],
-                          capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices(SCRIPT.format(tests=TESTS_DIR))
 
 
 def _runs(sharded_runs, name):

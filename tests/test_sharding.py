@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
-
-HERE = Path(__file__).parent
+from conftest import TESTS_DIR, run_on_cpu_devices
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -67,12 +62,7 @@ SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(tests=str(HERE), out=str(out))],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), out
+    return run_on_cpu_devices(SCRIPT.format(tests=TESTS_DIR, out=str(out)), timeout=600), out
 
 
 @pytest.mark.parametrize("case", ["fedavg1.0", "fedper0.5", "ditto0.5"])
