@@ -2,8 +2,11 @@
 
 One jitted SGD step (value_and_grad of the softmax cross-entropy, then a plain update) on a
 fixed batch; prints one JSON line per implementation with steps per second, then one line
-with the im2col / xla ratio. Repeats are interleaved across implementations and the best
-is kept, since timings on a shared machine are noisy.
+with the im2col / xla ratio and the im2col / im2col-full ratio. ``im2col-full`` builds the
+full patch matrix in every layer, where ``im2col`` keeps only row patches for layers with
+8 or more input channels (``fedjax_sim.models.layers._im2col_forward``). Repeats are
+interleaved across implementations and the best is kept, since timings on a shared machine
+are noisy.
 
 Usage:
   python experiments/bench_conv.py [--batch 32] [--shape 28 28 1] [--repeats 3]
@@ -12,6 +15,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -20,9 +24,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import fedjax_sim.models.layers as layers
 from fedjax_sim.models import make_model
 
-IMPLS = ("xla", "im2col")
+# name -> (conv_impl, whether every layer builds the full patch matrix)
+IMPLS = {"xla": ("xla", False), "im2col": ("im2col", False), "im2col-full": ("im2col", True)}
+
+
+@contextlib.contextmanager
+def full_patches(enabled: bool):
+    """While tracing, makes every im2col layer build the full patch matrix."""
+    saved = layers._ROW_PATCH_CHANNELS
+    if enabled:
+        layers._ROW_PATCH_CHANNELS = float("inf")
+    try:
+        yield
+    finally:
+        layers._ROW_PATCH_CHANNELS = saved
 
 
 def make_step(model, lr: float):
@@ -87,12 +105,13 @@ def main() -> None:
     y = jnp.asarray(rng.integers(0, args.classes, args.batch), dtype=jnp.int32)
 
     runs = {}
-    for impl in IMPLS:
-        model = make_model("cnn", shape, args.classes, conv_impl=impl)
+    for impl, (conv_impl, full) in IMPLS.items():
+        model = make_model("cnn", shape, args.classes, conv_impl=conv_impl)
         params = model.init(jax.random.key(0))
         step = make_step(model, lr=0.01)
         start = time.perf_counter()
-        jax.block_until_ready(step(params, x, y))
+        with full_patches(full):
+            jax.block_until_ready(step(params, x, y))
         runs[impl] = dict(step=step, params=params, compile_s=time.perf_counter() - start)
 
     best = {impl: 0.0 for impl in IMPLS}
@@ -108,7 +127,9 @@ def main() -> None:
         line = dict(impl=impl, steps_per_s=round(best[impl], 2), **common)
         line["compile_s"] = round(runs[impl]["compile_s"], 2)
         print(json.dumps(line))
-    print(json.dumps(dict(ratio_im2col_over_xla=round(best["im2col"] / best["xla"], 2), **common)))
+    print(json.dumps(dict(ratio_im2col_over_xla=round(best["im2col"] / best["xla"], 2),
+                          ratio_im2col_over_full=round(best["im2col"] / best["im2col-full"], 3),
+                          **common)))
 
 
 if __name__ == "__main__":
