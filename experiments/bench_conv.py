@@ -4,7 +4,7 @@ One jitted SGD step (value_and_grad of the softmax cross-entropy, then a plain u
 fixed batch; prints one JSON line per implementation with steps per second, then one line
 with the im2col / xla ratio and the im2col / im2col-full ratio. ``im2col-full`` builds the
 full patch matrix in every layer, where ``im2col`` keeps only row patches for layers with
-8 or more input channels (``fedjax_sim.models.layers._im2col_forward``). Repeats are
+8 or more input channels (``fedjax_sim.models.layers._patch_rows``). Repeats are
 interleaved across implementations and the best is kept, since timings on a shared machine
 are noisy.
 

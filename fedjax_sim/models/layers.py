@@ -115,7 +115,7 @@ def conv2d(
 # width 25) the direct form is the faster one.
 _WIDE_PATCHES = 128
 
-# Input channels from which a convolution keeps only row patches (see _im2col_forward).
+# Input channels from which a convolution keeps only row patches (see _patch_rows).
 # Below it the full patch matrix is small and one deep matmul is the faster form.
 _ROW_PATCH_CHANNELS = 8
 
@@ -161,51 +161,49 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _im2col_forward(x, kernel)[0]
 
 
-def _im2col_forward(x, kernel):
-    """Full patches and one matmul for few input channels; otherwise row patches.
+def _patch_rows(kernel: jax.Array) -> int:
+    """Kernel rows one patch covers: all of them for few input channels, else one.
 
-    Row patches hold only the kw horizontal offsets, (B, H, W', kw * Cin), and the kh
-    vertical offsets are kh matmuls over row slices of it, summed. They are kh times
-    smaller than the full patch matrix, whose construction and gradient fold cost more
-    than its matmuls on XLA:CPU (the FedAvg CNN's conv2: a 6.5 MB patch matrix per
-    32-image batch; the cnn training step is ~7% faster this way).
+    With one, patches hold only the kw horizontal offsets, (B, H, W', kw * Cin), and the
+    kh vertical offsets become kh matmuls over row slices of them, summed. That patch
+    matrix is kh times smaller than the full one, whose construction and gradient fold
+    cost more than its matmuls on XLA:CPU (the FedAvg CNN's conv2: 6.5 MB per 32-image
+    batch; the cnn training step is 5-8% faster with row patches).
     """
-    kh, kw, cin, cout = kernel.shape
-    if cin < _ROW_PATCH_CHANNELS:
-        patches = _patches(x, kh, kw)
-        b, ho, wo, width = patches.shape
-        y = patches.reshape(b * ho * wo, width) @ kernel.reshape(width, cout)
-        return y.reshape(b, ho, wo, cout), (patches, kernel, x.shape[1:3])
-    rows = _patches(x, 1, kw)
-    b, h, wo, width = rows.shape
-    ho = h - kh + 1
-    row_kernels = kernel.reshape(kh, width, cout)
-    y = sum(rows[:, i : i + ho].reshape(b * ho * wo, width) @ row_kernels[i]
-            for i in range(kh))
-    return y.reshape(b, ho, wo, cout), (rows, kernel, x.shape[1:3])
+    kh, _, cin, _ = kernel.shape
+    return kh if cin < _ROW_PATCH_CHANNELS else 1
+
+
+def _im2col_forward(x, kernel):
+    kh, kw, _, cout = kernel.shape
+    rows = _patch_rows(kernel)
+    patches = _patches(x, rows, kw)
+    b, _, wo, width = patches.shape
+    ho = x.shape[1] - kh + 1
+    group_kernels = kernel.reshape(kh // rows, width, cout)
+    y = sum(patches[:, g * rows : g * rows + ho].reshape(b * ho * wo, width) @ group_kernel
+            for g, group_kernel in enumerate(group_kernels))
+    return y.reshape(b, ho, wo, cout), (patches, kernel, x.shape[1:3])
 
 
 def _im2col_backward(residuals, dy):
     patches, kernel, (h, w) = residuals
-    kh, kw, cin, cout = kernel.shape
-    dy2 = dy.reshape(-1, cout)
-    if cin < _ROW_PATCH_CHANNELS:
-        width = kh * kw * cin
-        d_kernel = _kernel_grad(dy2, patches.reshape(-1, width))
-        d_patches = (dy2 @ kernel.reshape(width, cout).T).reshape(patches.shape)
-        return _fold_patches(d_patches, kh, kw, h, w), d_kernel.reshape(kernel.shape)
-    rows = patches
-    b, _, wo, width = rows.shape
+    kh, kw, _, cout = kernel.shape
+    rows = _patch_rows(kernel)
+    b, patch_h, wo, width = patches.shape
     ho = h - kh + 1
-    row_kernels = kernel.reshape(kh, width, cout)
-    d_kernel = jnp.stack([_kernel_grad(dy2, rows[:, i : i + ho].reshape(-1, width))
-                          for i in range(kh)])
-    d_rows = sum(
-        jnp.pad((dy2 @ row_kernels[i].T).reshape(b, ho, wo, width),
-                ((0, 0), (i, h - ho - i), (0, 0), (0, 0)))
-        for i in range(kh)
+    group_kernels = kernel.reshape(kh // rows, width, cout)
+    dy2 = dy.reshape(-1, cout)
+    d_kernel = jnp.stack([
+        _kernel_grad(dy2, patches[:, g * rows : g * rows + ho].reshape(-1, width))
+        for g in range(kh // rows)
+    ])
+    d_patches = sum(
+        jnp.pad((dy2 @ group_kernel.T).reshape(b, ho, wo, width),
+                ((0, 0), (g * rows, patch_h - ho - g * rows), (0, 0), (0, 0)))
+        for g, group_kernel in enumerate(group_kernels)
     )
-    return _fold_patches(d_rows, 1, kw, h, w), d_kernel.reshape(kernel.shape)
+    return _fold_patches(d_patches, rows, kw, h, w), d_kernel.reshape(kernel.shape)
 
 
 _im2col_conv.defvjp(_im2col_forward, _im2col_backward)
