@@ -1,8 +1,9 @@
-"""Training throughput of the FedAvg CNN with XLA's convolution vs. im2col.
+"""Training throughput of the FedAvg CNN with XLA's convolution, im2col and Winograd.
 
 One jitted SGD step (value_and_grad of the softmax cross-entropy, then a plain update) on a
 fixed batch; prints one JSON line per implementation with steps per second, then one line
-with the im2col / xla ratio and the im2col / im2col-full ratio. ``im2col-full`` builds the
+with the winograd / im2col, im2col / xla and im2col / im2col-full ratios. ``winograd`` runs
+conv2 as Winograd F(2x2, 5x5) and conv1 as im2col. ``im2col-full`` builds the
 full patch matrix in every layer, where ``im2col`` keeps only row patches for layers with
 8 or more input channels (``fedjax_sim.models.layers._patch_rows``). Repeats are
 interleaved across implementations and the best is kept, since timings on a shared machine
@@ -28,7 +29,12 @@ import fedjax_sim.models.layers as layers
 from fedjax_sim.models import make_model
 
 # name -> (conv_impl, whether every layer builds the full patch matrix)
-IMPLS = {"xla": ("xla", False), "im2col": ("im2col", False), "im2col-full": ("im2col", True)}
+IMPLS = {
+    "xla": ("xla", False),
+    "im2col": ("im2col", False),
+    "im2col-full": ("im2col", True),
+    "winograd": ("winograd", False),
+}
 
 
 @contextlib.contextmanager
@@ -127,7 +133,8 @@ def main() -> None:
         line = dict(impl=impl, steps_per_s=round(best[impl], 2), **common)
         line["compile_s"] = round(runs[impl]["compile_s"], 2)
         print(json.dumps(line))
-    print(json.dumps(dict(ratio_im2col_over_xla=round(best["im2col"] / best["xla"], 2),
+    print(json.dumps(dict(ratio_winograd_over_im2col=round(best["winograd"] / best["im2col"], 3),
+                          ratio_im2col_over_xla=round(best["im2col"] / best["xla"], 2),
                           ratio_im2col_over_full=round(best["im2col"] / best["im2col-full"], 3),
                           **common)))
 

@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fedjax_sim.models import MODELS, count_params, make_model
-from fedjax_sim.models.layers import Conv, conv2d, max_pool_2x2, resolve_conv_impl
+from fedjax_sim.models import MODELS, count_params, make_model, winograd
+from fedjax_sim.models.layers import (
+    Conv,
+    conv2d,
+    max_pool_2x2,
+    resolve_conv_impl,
+    uses_winograd,
+)
 
 KEY = jax.random.key(0)
 
@@ -37,9 +43,11 @@ def _lax_conv(x, kernel, bias, padding):
      # 32 input channels: row patches 5 * 32 wide, kernel gradient transposed
      ((2, 7, 8, 32), (3, 5, 32, 8)),
      # 8 input channels: row patches 3 * 8 wide, kernel gradient direct
-     ((2, 6, 7, 8), (2, 3, 8, 4))],
+     ((2, 6, 7, 8), (2, 3, 8, 4)),
+     # Winograd F(2x2, 5x5) and F(2x2, 4x3) with odd output sides
+     ((2, 9, 10, 8), (5, 5, 8, 6)), ((1, 11, 9, 9), (4, 3, 9, 3))],
 )
-def test_im2col_matches_lax_conv(padding, x_shape, k_shape):
+def test_conv_impls_match_lax_conv(padding, x_shape, k_shape):
     x, kernel = _normal(0, x_shape), _normal(1, k_shape)
     bias = _normal(2, k_shape[-1:])
 
@@ -53,24 +61,44 @@ def test_im2col_matches_lax_conv(padding, x_shape, k_shape):
     ref_out, ref_grads = jax.jit(outputs_and_grads, static_argnums=0)(
         lambda x, k, b: _lax_conv(x, k, b, padding)
     )
-    for impl in ("im2col", "xla"):
+    for impl in ("im2col", "winograd", "xla"):
         out, grads = jax.jit(outputs_and_grads, static_argnums=0)(
             lambda x, k, b, impl=impl: conv2d(x, k, b, padding=padding, impl=impl)
         )
         assert out.shape == ref_out.shape
-        # Outputs are sums of up to 480 products of magnitude ~20: float32 rounding.
-        np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=5e-5)
-        for a, b in zip(grads, ref_grads, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        # Errors relative to each array's largest entry: float32 rounding of sums of up
+        # to 480 products; Winograd's transforms (weights up to 5) add a few units more.
+        for a, b in zip((out, *grads), (ref_out, *ref_grads), strict=True):
+            scale = float(np.abs(b).max())
+            np.testing.assert_allclose(a, b, rtol=0, atol=5e-6 * scale, err_msg=impl)
 
 
 def test_conv_rejects_bad_names():
     x, k = jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 2))
     with pytest.raises(ValueError, match="padding"):
         conv2d(x, k, padding="FULL")
-    with pytest.raises(ValueError, match="im2col"):
+    with pytest.raises(ValueError, match="im2col, winograd"):
         conv2d(x, k, impl="cudnn")
-    assert resolve_conv_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_conv_impl("auto") == ("winograd" if jax.default_backend() == "cpu" else "xla")
+
+
+@pytest.mark.parametrize("r", range(1, winograd.MAX_KERNEL + 1))
+def test_winograd_transforms_compute_correlation(r):
+    a_t, g, b_t = winograd.transforms(r)
+    rng = np.random.default_rng(r)
+    for _ in range(3):
+        d, k = rng.standard_normal(r + 1), rng.standard_normal(r)
+        direct = [d[i : i + r] @ k for i in range(2)]
+        np.testing.assert_allclose(a_t @ ((g @ k) * (b_t @ d)), direct, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="kernel side"):
+        winograd.transforms(winograd.MAX_KERNEL + 1)
+
+
+def test_winograd_applies_to_deep_small_kernels():
+    # The FedAvg CNN: conv1 (1 input channel) stays im2col, conv2 runs as Winograd.
+    assert not uses_winograd((5, 5, 1, 32)) and uses_winograd((5, 5, 32, 64))
+    assert uses_winograd((3, 2, 8, 4)) and not uses_winograd((3, 3, 7, 4))
+    assert not uses_winograd((1, 1, 64, 64)) and not uses_winograd((7, 7, 64, 64))
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 7, 9, 2)])
@@ -137,18 +165,19 @@ def test_apply_shapes_and_head(name, shape):
     "name,shape", [("cnn", (28, 28, 1)), ("cnn", (8, 8, 1)), ("resnet", (8, 8, 3))]
 )
 def test_conv_impls_agree(name, shape):
-    xla = make_model(name, shape, 10, conv_impl="xla")
-    im2col = make_model(name, shape, 10, conv_impl="im2col")
+    models = {impl: make_model(name, shape, 10, conv_impl=impl)
+              for impl in ("xla", "im2col", "winograd")}
     x = _normal(6, (4, *shape))
 
     @jax.jit
     def run(key):
-        params = xla.init(key)
-        return xla.apply(params, x), im2col.apply(params, x)
+        params = models["xla"].init(key)
+        return {impl: model.apply(params, x) for impl, model in models.items()}
 
-    out_xla, out_im2col = run(KEY)
-    assert out_xla.shape == (4, 10) and bool(jnp.all(jnp.isfinite(out_xla)))
-    np.testing.assert_allclose(out_im2col, out_xla, rtol=1e-4, atol=1e-5)
+    outs = run(KEY)
+    assert outs["xla"].shape == (4, 10) and bool(jnp.all(jnp.isfinite(outs["xla"])))
+    for impl in ("im2col", "winograd"):
+        np.testing.assert_allclose(outs[impl], outs["xla"], rtol=1e-4, atol=1e-5)
 
 
 def test_cnn_padding_choice():

@@ -10,7 +10,10 @@ than one large matmul does, and the backward pass of ``nn.max_pool``
   for few input channels; the ``kw`` horizontal offsets and ``kh`` matmuls otherwise).
   Both give the same values and gradients. The im2col gradient is written by hand
   (:func:`_im2col_conv`): the patch gradient is folded back in one fusion, and the
-  kernel gradient runs as the matmul orientation XLA:CPU is fast at.
+  kernel gradient runs as the matmul orientation XLA:CPU is fast at. ``impl="winograd"``
+  runs layers with 8 or more input channels and kernel sides 2 to 5 as Winograd
+  F(2x2, kh x kw) (:mod:`fedjax_sim.models.winograd`), with 2-3x fewer FLOPs, and the
+  others as im2col.
 * :func:`max_pool_2x2` and :func:`avg_pool_2x2`: 2x2, stride-2 pools written as a
   reshape followed by a reduction.
 * :class:`Conv`: a ``flax.linen`` module over :func:`conv2d` with the parameter names and
@@ -26,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fedjax_sim.models import winograd
 from fedjax_sim.models.base import Model, Params
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 PADDINGS = ("VALID", "SAME")
 
 
@@ -36,12 +40,13 @@ def resolve_conv_impl(impl: str) -> str:
     """Turns a convolution implementation name into a concrete one.
 
     Args:
-      impl: ``"auto"``, ``"xla"`` or ``"im2col"``. ``"auto"`` picks ``"im2col"`` on the CPU
-        backend (where it is much faster) and ``"xla"`` on GPU / TPU (where cuDNN and the
-        TPU convolution units win).
+      impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"``. ``"auto"`` picks
+        ``"winograd"`` on the CPU backend (where it and im2col are much faster than XLA's
+        convolution inside the client loop) and ``"xla"`` on GPU / TPU (where cuDNN and
+        the TPU convolution units win).
 
     Returns:
-      ``"xla"`` or ``"im2col"``.
+      ``"xla"``, ``"im2col"`` or ``"winograd"``.
 
     Raises:
       ValueError: on an unknown name.
@@ -49,7 +54,7 @@ def resolve_conv_impl(impl: str) -> str:
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; valid: {', '.join(CONV_IMPLS)}")
     if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
+        return "winograd" if jax.default_backend() == "cpu" else "xla"
     return impl
 
 
@@ -82,7 +87,9 @@ def conv2d(
       bias: optional (Cout,), added to every output position.
       padding: ``"VALID"`` (output (H - kh + 1, W - kw + 1)) or ``"SAME"`` (output (H, W)).
       impl: ``"xla"`` for ``lax.conv_general_dilated``, ``"im2col"`` for shifted slices and
-        one matmul, or ``"auto"`` (see :func:`resolve_conv_impl`).
+        matmuls, ``"winograd"`` for Winograd F(2x2, kh x kw) where
+        :func:`uses_winograd` holds and im2col elsewhere, or ``"auto"`` (see
+        :func:`resolve_conv_impl`).
 
     Returns:
       (B, H', W', Cout).
@@ -102,7 +109,8 @@ def conv2d(
         _, h, w, _ = x.shape
         if h < kh or w < kw:
             raise ValueError(f"kernel {kh}x{kw} larger than the padded input {h}x{w}")
-        y = _im2col_conv(x, kernel)
+        y = winograd.winograd_conv(x, kernel) if (
+            impl == "winograd" and uses_winograd(kernel.shape)) else _im2col_conv(x, kernel)
     if bias is not None:
         y = y + bias
     return y
@@ -114,6 +122,18 @@ def conv2d(
 # width 800: 2.3 ms against 4.2 ms on one core); for narrow patches (the first layer,
 # width 25) the direct form is the faster one.
 _WIDE_PATCHES = 128
+
+# Input channels from which impl="winograd" runs a layer as Winograd: below it the batched
+# matmuls, contracted over the input channels, are too shallow to run near peak (the
+# FedAvg CNN's first layer has one input channel).
+_WINOGRAD_CHANNELS = 8
+
+
+def uses_winograd(kernel_shape: Sequence[int]) -> bool:
+    """Whether ``impl="winograd"`` runs a layer with this HWIO kernel shape as Winograd."""
+    kh, kw, cin, _ = kernel_shape
+    return cin >= _WINOGRAD_CHANNELS and all(2 <= k <= winograd.MAX_KERNEL for k in (kh, kw))
+
 
 # Input channels from which a convolution keeps only row patches (see _patch_rows).
 # Below it the full patch matrix is small and one deep matmul is the faster form.
