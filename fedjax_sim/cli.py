@@ -16,6 +16,7 @@ import numpy as np
 
 from fedjax_sim import algorithms
 from fedjax_sim.algorithms.base import COMMON, HParam
+from fedjax_sim.models.layers import CONV_IMPLS
 from fedjax_sim.platform import configure_cpu_devices
 
 # Federated distillation: public data held out of the pool unless --public-dataset is given.
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "all")
     bench.add_argument("--rounds-per-call", type=int, default=1,
                        help="rounds per jitted call (lax.scan over rounds)")
-    bench.add_argument("--conv-impl", default="auto")
+    bench.add_argument("--conv-impl", default="auto", choices=CONV_IMPLS,
+                       help="cnn convolutions (default: auto, winograd on CPU, xla elsewhere)")
     bench.add_argument("--peak", action="store_true",
                        help="also measure 2048x2048 float32 matmuls (one on one device, and one "
                        "per device at once; the faster counts) and report the fraction of it "
