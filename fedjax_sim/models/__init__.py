@@ -39,8 +39,9 @@ def make_model(
       name: one of :data:`MODELS`.
       input_shape: one example's shape, without the batch axis.
       num_classes: number of logits, at least 2.
-      conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"`` for the convolutional models
-        (ignored by ``mlp``); ``"auto"`` picks im2col on CPU and XLA's convolution elsewhere.
+      conv_impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"`` for the convolutional
+        models (ignored by ``mlp``); ``"auto"`` picks winograd on CPU and XLA's convolution
+        elsewhere.
       **options: further keyword arguments of the model's factory (e.g. ``hidden`` for
         ``mlp``, ``padding`` for ``cnn``, ``stages`` for ``resnet``).
 

@@ -32,7 +32,8 @@ class CNN(nn.Module):
     Attributes:
       num_classes: number of logits.
       padding: ``"VALID"`` or ``"SAME"`` for both convolutions.
-      conv_impl: ``"xla"`` or ``"im2col"`` (see :func:`~fedjax_sim.models.layers.conv2d`).
+      conv_impl: ``"xla"``, ``"im2col"`` or ``"winograd"`` (see
+        :func:`~fedjax_sim.models.layers.conv2d`).
       channels: output channels of conv1 and conv2.
       hidden: width of fc1.
     """
@@ -85,7 +86,7 @@ def cnn(
     Args:
       input_shape: (H, W, C).
       num_classes: number of logits, at least 2.
-      conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"``, resolved once here.
+      conv_impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"``, resolved once here.
       padding: ``"auto"``, ``"VALID"`` or ``"SAME"``.
 
     Returns:

@@ -31,7 +31,7 @@ class BasicBlock(nn.Module):
 
     Attributes:
       features: output channels.
-      conv_impl: ``"xla"`` or ``"im2col"``.
+      conv_impl: ``"xla"``, ``"im2col"`` or ``"winograd"``.
       groups: GroupNorm groups; must divide ``features``.
     """
 
@@ -69,7 +69,7 @@ class ResNet(nn.Module):
       num_classes: number of logits.
       stages: channels of each stage.
       blocks_per_stage: basic blocks in each stage.
-      conv_impl: ``"xla"`` or ``"im2col"``.
+      conv_impl: ``"xla"``, ``"im2col"`` or ``"winograd"``.
       groups: GroupNorm groups.
     """
 
@@ -124,7 +124,7 @@ def resnet(
     Args:
       input_shape: (H, W, C).
       num_classes: number of logits, at least 2.
-      conv_impl: ``"auto"``, ``"xla"`` or ``"im2col"``, resolved once here.
+      conv_impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"``, resolved once here.
       stages: channels of each stage; each must be divisible by ``groups``.
       blocks_per_stage: basic blocks per stage (1: ResNet-8, 3: ResNet-20).
       groups: GroupNorm groups.
