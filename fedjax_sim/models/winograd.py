@@ -26,7 +26,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 # Output block side m of F(m x m, r x r): tiles overlap by r - 1 and step by m.
 BLOCK = 2
@@ -172,7 +171,7 @@ def _forward(x, kernel):
     b, h, w, _ = x.shape
     ho, wo = h - kh + 1, w - kw + 1
     tiles_h, tiles_w = -(-ho // BLOCK), -(-wo // BLOCK)
-    (_, g_h, b_t_h), (_, g_w, b_t_w) = transforms(kh), transforms(kw)
+    (a_t_h, g_h, b_t_h), (a_t_w, g_w, b_t_w) = transforms(kh), transforms(kw)
     alpha_h, alpha_w = kh + 1, kw + 1
     x = jnp.pad(x, ((0, 0), (0, _tiled_length(tiles_h, alpha_h) - h),
                     (0, _tiled_length(tiles_w, alpha_w) - w), (0, 0)))
@@ -181,13 +180,13 @@ def _forward(x, kernel):
     u = jnp.einsum("ia,jb,abco->ijco", g_h.astype(np.float32), g_w.astype(np.float32), kernel)
     u = u.reshape(alpha_h * alpha_w, cin, cout)
     m = jnp.einsum("tnc,tco->tno", v, u)
-    y = _blocks_to_image(_unstack(m, alpha_h, (b, tiles_h, tiles_w, cout)), kh, kw)
+    blocks = _transform(a_t_h, a_t_w, _unstack(m, alpha_h, (b, tiles_h, tiles_w, cout)))
+    y = _blocks_to_image(blocks)
     return y[:, :ho, :wo], (v, u, (h, w))
 
 
-def _blocks_to_image(m: list[list[jax.Array]], kh: int, kw: int) -> jax.Array:
-    """Output transform: (alpha_h, alpha_w) grid of (B, T, S, C) -> (B, 2T, 2S, C)."""
-    blocks = _transform(transforms(kh)[0], transforms(kw)[0], m)
+def _blocks_to_image(blocks: list[list[jax.Array]]) -> jax.Array:
+    """(2, 2) grid of (B, T, S, C) output blocks -> (B, 2T, 2S, C)."""
     y = jnp.stack([jnp.stack(row, axis=3) for row in blocks], axis=2)  # (B, T, 2, S, 2, C)
     b, tiles_h, _, tiles_w, _, c = y.shape
     return y.reshape(b, BLOCK * tiles_h, BLOCK * tiles_w, c)
@@ -210,12 +209,12 @@ def _backward(residuals, dy):
         "ia,jb,ijco->abco", g_h.astype(np.float32), g_w.astype(np.float32), du
     )
     dv = _unstack(jnp.einsum("tno,tco->tnc", dm, u), alpha_h, (b, tiles_h, tiles_w, cin))
-    # The input transform's transpose, one axis at a time, with each axis's tile overlap
-    # folded right after its transform. The barrier keeps XLA from fusing the W pass into
-    # the H pass, which would recompute every W-pass value once per H-pass term (4x slower).
+    # The input transform's transpose one axis at a time, each axis's tile overlap folded
+    # right after its pass: a 2-D transform of every tile entry followed by one 2-D fold
+    # fuses into a pass that recomputes shared terms (6.5 instead of 0.45 ms for conv2).
     along_w = [[_combine(b_t_w[:, j], dv[i]) for j in range(alpha_w)] for i in range(alpha_h)]
-    along_w = lax.optimization_barrier(jnp.stack([_place(row, 2, tiles_w) for row in along_w]))
-    along_h = [_combine(b_t_h[:, i], list(along_w)) for i in range(alpha_h)]
+    along_w = [_place(row, 2, tiles_w) for row in along_w]
+    along_h = [_combine(b_t_h[:, i], along_w) for i in range(alpha_h)]
     dx = _place(along_h, 1, tiles_h)
     return dx[:, :h, :w], d_kernel
 
