@@ -147,9 +147,11 @@ def _patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
     ho, wo = h - kh + 1, w - kw + 1
     if kh == 1 and kw == 1:
         return x
-    return jnp.concatenate(
-        [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
-    )
+    # Two passes, horizontal offsets then vertical ones: a single concatenation of all
+    # kh * kw slices writes C floats at a time, which for one input channel is an
+    # element-wise scatter (the FedAvg CNN's conv1 patches: 1.6 against 0.6 ms).
+    rows = jnp.concatenate([x[:, :, j : j + wo, :] for j in range(kw)], axis=-1)
+    return jnp.concatenate([rows[:, i : i + ho] for i in range(kh)], axis=-1)
 
 
 def _fold_patches(d_patches: jax.Array, kh: int, kw: int, h: int, w: int) -> jax.Array:

@@ -177,19 +177,24 @@ def _forward(x, kernel):
                     (0, _tiled_length(tiles_w, alpha_w) - w), (0, 0)))
     tiles = _tile_views(x, alpha_h, alpha_w, tiles_h, tiles_w)
     v = _stack(_transform(b_t_h, b_t_w, tiles))  # (alpha_h * alpha_w, N, Cin)
-    u = jnp.einsum("ia,jb,abco->ijco", g_h.astype(np.float32), g_w.astype(np.float32), kernel)
-    u = u.reshape(alpha_h * alpha_w, cin, cout)
+    u = _apply_2d(np.kron(g_h, g_w), kernel.reshape(kh * kw, cin, cout))
     m = jnp.einsum("tnc,tco->tno", v, u)
-    blocks = _transform(a_t_h, a_t_w, _unstack(m, alpha_h, (b, tiles_h, tiles_w, cout)))
-    y = _blocks_to_image(blocks)
+    blocks = _apply_2d(np.kron(a_t_h, a_t_w), m)  # (4, N, Cout), blocks (p, q) row-major
+    y = blocks.reshape(BLOCK, BLOCK, b, tiles_h, tiles_w, cout).transpose(2, 3, 0, 4, 1, 5)
+    y = y.reshape(b, BLOCK * tiles_h, BLOCK * tiles_w, cout)
     return y[:, :ho, :wo], (v, u, (h, w))
 
 
-def _blocks_to_image(blocks: list[list[jax.Array]]) -> jax.Array:
-    """(2, 2) grid of (B, T, S, C) output blocks -> (B, 2T, 2S, C)."""
-    y = jnp.stack([jnp.stack(row, axis=3) for row in blocks], axis=2)  # (B, T, 2, S, 2, C)
-    b, tiles_h, _, tiles_w, _, c = y.shape
-    return y.reshape(b, BLOCK * tiles_h, BLOCK * tiles_w, c)
+def _apply_2d(matrix: np.ndarray, stacked: jax.Array) -> jax.Array:
+    """``out[i] = sum_t matrix[i, t] stacked[t]`` as one matmul.
+
+    The kernel and output transforms, and their transposes, run this way: their operands
+    are small or their rows dense, so one matmul beats sums of slices (the output
+    transform of the FedAvg CNN's conv2: 0.15 against 0.45 ms on one core). The input
+    transform, sparse and applied to the largest operand, stays as sums of slices.
+    """
+    flat = jnp.asarray(matrix, jnp.float32) @ stacked.reshape(stacked.shape[0], -1)
+    return flat.reshape(matrix.shape[0], *stacked.shape[1:])
 
 
 def _backward(residuals, dy):
@@ -197,17 +202,15 @@ def _backward(residuals, dy):
     _, cin, cout = u.shape
     b, ho, wo, _ = dy.shape
     tiles_h, tiles_w = -(-ho // BLOCK), -(-wo // BLOCK)
-    a_t_h, g_h, b_t_h = transforms(h - ho + 1)
-    a_t_w, g_w, b_t_w = transforms(w - wo + 1)
-    alpha_h, alpha_w = len(b_t_h), len(b_t_w)
+    kh, kw = h - ho + 1, w - wo + 1
+    (a_t_h, g_h, b_t_h), (a_t_w, g_w, b_t_w) = transforms(kh), transforms(kw)
+    alpha_h, alpha_w = kh + 1, kw + 1
     dy = jnp.pad(dy, ((0, 0), (0, BLOCK * tiles_h - ho), (0, BLOCK * tiles_w - wo), (0, 0)))
-    dy = dy.reshape(b, tiles_h, BLOCK, tiles_w, BLOCK, cout)
-    blocks = [[dy[:, :, p, :, q] for q in range(BLOCK)] for p in range(BLOCK)]
-    dm = _stack(_transform(a_t_h.T, a_t_w.T, blocks))  # (alpha_h * alpha_w, N, Cout)
-    du = jnp.einsum("tnc,tno->tco", v, dm).reshape(alpha_h, alpha_w, cin, cout)
-    d_kernel = jnp.einsum(
-        "ia,jb,ijco->abco", g_h.astype(np.float32), g_w.astype(np.float32), du
-    )
+    blocks = dy.reshape(b, tiles_h, BLOCK, tiles_w, BLOCK, cout).transpose(2, 4, 0, 1, 3, 5)
+    blocks = blocks.reshape(BLOCK * BLOCK, -1, cout)
+    dm = _apply_2d(np.kron(a_t_h, a_t_w).T, blocks)  # (alpha_h * alpha_w, N, Cout)
+    du = jnp.einsum("tnc,tno->tco", v, dm)
+    d_kernel = _apply_2d(np.kron(g_h, g_w).T, du).reshape(kh, kw, cin, cout)
     dv = _unstack(jnp.einsum("tno,tco->tnc", dm, u), alpha_h, (b, tiles_h, tiles_w, cin))
     # The input transform's transpose one axis at a time, each axis's tile overlap folded
     # right after its pass: a 2-D transform of every tile entry followed by one 2-D fold
