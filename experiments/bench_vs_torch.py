@@ -17,6 +17,7 @@ PyTorch.
 
     pip install -e ".[bench]"      # torch: a benchmark-only extra
     python experiments/bench_vs_torch.py --models mlp,cnn
+    python experiments/bench_vs_torch.py --models mlp,cnn --torch-device cuda  # GPU host
 
 Prints one JSON line per measurement and a Markdown table.
 """
@@ -47,17 +48,25 @@ def torch_models(name: str):
     raise ValueError(name)
 
 
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def torch_rounds(model_name: str, *, num_clients: int, local_steps: int, batch_size: int,
-                 samples: int, rounds: int, threads: int | None, seed: int = 0) -> float:
+                 samples: int, rounds: int, threads: int | None, seed: int = 0,
+                 device: str = "cpu") -> float:
     """Best seconds per round of the PFLlib / FL-bench style per-client loop."""
     import torch
 
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
-    x = torch.rand(num_clients, samples, 1, 28, 28)
-    y = torch.randint(0, 10, (num_clients, samples))
-    global_model = torch_models(model_name)
-    weights = torch.full((num_clients,), float(samples))
+    x = torch.rand(num_clients, samples, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (num_clients, samples), device=device)
+    global_model = torch_models(model_name).to(device)
+    weights = torch.full((num_clients,), float(samples), device=device)
     weights = weights / weights.sum()
 
     def one_round():
@@ -67,7 +76,7 @@ def torch_rounds(model_name: str, *, num_clients: int, local_steps: int, batch_s
             client.train()
             optimizer = torch.optim.SGD(client.parameters(), lr=0.01)
             for _ in range(local_steps):
-                rows = torch.randint(0, samples, (batch_size,))
+                rows = torch.randint(0, samples, (batch_size,), device=device)
                 optimizer.zero_grad()
                 loss = torch.nn.functional.cross_entropy(client(x[k, rows]), y[k, rows])
                 loss.backward()
@@ -78,24 +87,28 @@ def torch_rounds(model_name: str, *, num_clients: int, local_steps: int, batch_s
         global_model.load_state_dict(average)
 
     one_round()  # warm-up
+    _synchronize(device)
     best = np.inf
     for _ in range(rounds):
         tic = time.perf_counter()
         one_round()
+        _synchronize(device)
         best = min(best, time.perf_counter() - tic)
     return best
 
 
-def torch_peak(n: int = 2048, repeats: int = 10) -> float:
+def torch_peak(n: int = 2048, repeats: int = 10, device: str = "cpu") -> float:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    a = torch.randn(n, n)
+    a = torch.randn(n, n, device=device)
     a @ a
+    _synchronize(device)
     best = np.inf
     for _ in range(repeats):
         tic = time.perf_counter()
         a @ a
+        _synchronize(device)
         best = min(best, time.perf_counter() - tic)
     return 2 * n**3 / best / 1e9
 
@@ -123,7 +136,12 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds-per-call", type=int, default=1)
     parser.add_argument("--client-strategy", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-device", default="cpu",
+                        help="PyTorch device, e.g. 'cuda' on a GPU host (fedjax-sim uses JAX's "
+                             "default backend)")
     args = parser.parse_args(argv)
+    # Intra-op threads matter on CPU only.
+    torch_threads = (1, None) if args.torch_device == "cpu" else (None,)
     steps = args.num_clients * args.local_steps
     rows = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -138,17 +156,19 @@ def main(argv=None) -> None:
                 flops = result["flops_per_client_step"]
                 if cpu_devices == "auto":
                     devices, strategy = result["devices"], result["strategy"]
-            for threads in (1, None):
+            for threads in torch_threads:
                 seconds = torch_rounds(model, num_clients=args.num_clients,
                                        local_steps=args.local_steps, batch_size=args.batch_size,
-                                       samples=args.samples, rounds=args.rounds, threads=threads)
+                                       samples=args.samples, rounds=args.rounds, threads=threads,
+                                       device=args.torch_device)
                 torch_best[threads].append(seconds)
-                print(json.dumps({"side": "torch", "model": model, "threads": threads or "default",
+                print(json.dumps({"side": "torch", "model": model, "device": args.torch_device,
+                                  "threads": threads or "default",
                                   "round_s": seconds, "client_steps_per_s": steps / seconds}),
                       flush=True)
-            peaks.append(torch_peak())
+            peaks.append(torch_peak(device=args.torch_device))
         jax_rate = steps / min(jax_best)
-        torch_rate = steps / min(min(v) for v in torch_best.values())
+        torch_rate = steps / min(min(v) for v in torch_best.values() if v)
         peak = max(peaks)
         rows.append({
             "model": model, "devices": devices, "jax_client_steps_per_s": jax_rate,

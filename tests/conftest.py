@@ -20,6 +20,11 @@ from fedjax_sim.data.federated import FederatedData
 # device per core to every test that runs after it in this process.
 jax.devices()
 
+# The tests compare float32 paths to tolerances of a few ulps; on GPU, XLA's default
+# precision runs float32 matmuls and convolutions as TF32.
+if jax.default_backend() != "cpu":
+    jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def random_federated(
     seed: int = 0,
