@@ -7,8 +7,8 @@ block of outputs is computed from an (kh + 1) x (kw + 1) input tile as
 
 so the channel contraction becomes (kh + 1)(kw + 1) batched matmuls, one per tile
 position, in place of 4 kh kw: 36 against 100 for a 5x5 kernel. The input transform and
-its transpose are sums of strided slices with small constant weights, which XLA fuses into
-a few passes; the kernel and output transforms, and their transposes, are one small matmul
+its transpose run one axis at a time as sums of strided slices with small constant weights,
+which XLA fuses into a few passes; the kernel and output transforms, and their transposes, are one small matmul
 each.
 
 The transform matrices come from the Cook-Toom construction over the interpolation
@@ -89,21 +89,8 @@ def _combine(weights: np.ndarray, terms: list[jax.Array]) -> jax.Array:
     return total
 
 
-def _transform(rows_h: np.ndarray, rows_w: np.ndarray, grid: list[list[jax.Array]]):
-    """``out[i][j] = sum_a sum_b rows_h[i, a] rows_w[j, b] grid[a][b]``, H first."""
-    half = [[_combine(rows_h[i], [row[b] for row in grid]) for b in range(len(grid[0]))]
-            for i in range(len(rows_h))]
-    return [[_combine(rows_w[j], half[i]) for j in range(len(rows_w))] for i in range(len(half))]
-
-
-def _stack(grid: list[list[jax.Array]]) -> jax.Array:
-    """(alpha_h, alpha_w) grid of (B, T, S, C) arrays -> (alpha_h * alpha_w, B * T * S, C)."""
-    flat = [cell for row in grid for cell in row]
-    return jnp.stack(flat).reshape(len(flat), -1, flat[0].shape[-1])
-
-
 def _unstack(stacked: jax.Array, alpha_h: int, shape: tuple[int, ...]) -> list[list[jax.Array]]:
-    """Inverse of :func:`_stack`, given the (B, T, S, C) shape of a cell."""
+    """(alpha_h * alpha_w, N, C) -> (alpha_h, alpha_w) grid of cells of ``shape`` (B, T, S, C)."""
     cells = stacked.reshape(stacked.shape[0], *shape)
     alpha_w = stacked.shape[0] // alpha_h
     return [[cells[i * alpha_w + j] for j in range(alpha_w)] for i in range(alpha_h)]
@@ -112,18 +99,6 @@ def _unstack(stacked: jax.Array, alpha_h: int, shape: tuple[int, ...]) -> list[l
 def _tiled_length(tiles: int, alpha: int) -> int:
     # Input length the tiles read, rounded up to even so that it splits into (half, 2).
     return 2 * (tiles + (alpha + 1) // 2 - 1)
-
-
-def _tile_views(x: jax.Array, alpha_h: int, alpha_w: int, tiles_h: int, tiles_w: int):
-    """``grid[a][b][:, t, s] = x[:, 2t + a, 2s + b]``: every tile's entry (a, b) at once.
-
-    ``x`` is (B, H, W, C) with H, W = :func:`_tiled_length`; each view is a slice of the
-    (B, H / 2, 2, W / 2, 2, C) reshape, so no gather is needed.
-    """
-    b, h, w, c = x.shape
-    halves = x.reshape(b, h // 2, 2, w // 2, 2, c)
-    return [[halves[:, i // 2 : i // 2 + tiles_h, i % 2, j // 2 : j // 2 + tiles_w, j % 2]
-             for j in range(alpha_w)] for i in range(alpha_h)]
 
 
 def _place(parts: list[jax.Array], axis: int, tiles: int) -> jax.Array:
@@ -168,6 +143,32 @@ def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _forward(x, kernel)[0]
 
 
+def _input_transform(x, b_t_h, b_t_w, tiles_h: int, tiles_w: int) -> jax.Array:
+    """``B_h^T d B_w`` for every tile ``d`` of ``x``, one axis at a time.
+
+    Args:
+      x: (B, H, W, C) with H, W = :func:`_tiled_length`.
+      b_t_h: (alpha_h, alpha_h) input transform along H.
+      b_t_w: (alpha_w, alpha_w) input transform along W.
+      tiles_h: tile count along H.
+      tiles_w: tile count along W.
+
+    Returns:
+      (alpha_h * alpha_w, B * tiles_h * tiles_w, C), tile entries row-major.
+    """
+    # Tile entry a of tile t along an axis is x[2t + a]: a slice of the (half, 2) reshape.
+    # The H pass covers whole rows, so its alpha_h outputs are shared by every W tile.
+    b, h, w, c = x.shape
+    alpha_h, alpha_w = len(b_t_h), len(b_t_w)
+    rows = x.reshape(b, h // 2, 2, w, c)
+    rows = [rows[:, a // 2 : a // 2 + tiles_h, a % 2] for a in range(alpha_h)]
+    along_h = jnp.stack([_combine(b_t_h[i], rows) for i in range(alpha_h)])
+    cols = along_h.reshape(alpha_h, b, tiles_h, w // 2, 2, c)
+    cols = [cols[:, :, :, j // 2 : j // 2 + tiles_w, j % 2] for j in range(alpha_w)]
+    v = jnp.stack([_combine(b_t_w[j], cols) for j in range(alpha_w)], axis=1)
+    return v.reshape(alpha_h * alpha_w, -1, c)
+
+
 def _forward(x, kernel):
     kh, kw, cin, cout = kernel.shape
     b, h, w, _ = x.shape
@@ -177,8 +178,7 @@ def _forward(x, kernel):
     alpha_h, alpha_w = kh + 1, kw + 1
     x = jnp.pad(x, ((0, 0), (0, _tiled_length(tiles_h, alpha_h) - h),
                     (0, _tiled_length(tiles_w, alpha_w) - w), (0, 0)))
-    tiles = _tile_views(x, alpha_h, alpha_w, tiles_h, tiles_w)
-    v = _stack(_transform(b_t_h, b_t_w, tiles))  # (alpha_h * alpha_w, N, Cin)
+    v = _input_transform(x, b_t_h, b_t_w, tiles_h, tiles_w)  # (alpha_h * alpha_w, N, Cin)
     u = _apply_2d(np.kron(g_h, g_w), kernel.reshape(kh * kw, cin, cout))
     m = jnp.einsum("tnc,tco->tno", v, u)
     blocks = _apply_2d(np.kron(a_t_h, a_t_w), m)  # (4, N, Cout), blocks (p, q) row-major
