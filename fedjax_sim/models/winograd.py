@@ -7,9 +7,9 @@ block of outputs is computed from an (kh + 1) x (kw + 1) input tile as
 
 so the channel contraction becomes (kh + 1)(kw + 1) batched matmuls, one per tile
 position, in place of 4 kh kw: 36 against 100 for a 5x5 kernel. The input transform and
-its transpose run one axis at a time as sums of strided slices with small constant weights,
-which XLA fuses into a few passes; the kernel and output transforms, and their transposes, are one small matmul
-each.
+its transpose run one axis at a time as sums of strided slices with small constant
+weights, which XLA fuses into a few passes; the kernel and output transforms, and their
+transposes, are one small matmul each.
 
 The transform matrices come from the Cook-Toom construction over the interpolation
 points 0, 1, -1, 2, -2 and infinity, which cover kernel sides up to 5; float32 results
