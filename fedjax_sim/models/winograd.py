@@ -101,8 +101,33 @@ def _tiled_length(tiles: int, alpha: int) -> int:
     return 2 * (tiles + (alpha + 1) // 2 - 1)
 
 
+def _tile_entries(x: jax.Array, axis: int, alpha: int, tiles: int) -> list[jax.Array]:
+    """Entry ``a`` of every tile along one axis: ``parts[a][t] = x[2t + a]``.
+
+    Each is a slice of the (half, 2) reshape of that axis, so no gather is needed.
+
+    Args:
+      x: array whose ``axis`` has :func:`_tiled_length` entries.
+      axis: the tile axis.
+      alpha: tile side.
+      tiles: tile count.
+
+    Returns:
+      ``alpha`` arrays with ``tiles`` entries along ``axis``.
+    """
+    shape = list(x.shape)
+    shape[axis : axis + 1] = [shape[axis] // 2, 2]
+    halves = x.reshape(shape)
+    parts = []
+    for a in range(alpha):
+        index = [slice(None)] * len(shape)
+        index[axis], index[axis + 1] = slice(a // 2, a // 2 + tiles), a % 2
+        parts.append(halves[tuple(index)])
+    return parts
+
+
 def _place(parts: list[jax.Array], axis: int, tiles: int) -> jax.Array:
-    """The transpose of taking tile views along one axis: ``out[2t + a] += parts[a][t]``.
+    """The transpose of :func:`_tile_entries`: ``out[2t + a] += parts[a][t]``.
 
     Args:
       parts: alpha arrays with ``tiles`` entries along ``axis``.
@@ -156,17 +181,13 @@ def _input_transform(x, b_t_h, b_t_w, tiles_h: int, tiles_w: int) -> jax.Array:
     Returns:
       (alpha_h * alpha_w, B * tiles_h * tiles_w, C), tile entries row-major.
     """
-    # Tile entry a of tile t along an axis is x[2t + a]: a slice of the (half, 2) reshape.
     # The H pass covers whole rows, so its alpha_h outputs are shared by every W tile.
-    b, h, w, c = x.shape
     alpha_h, alpha_w = len(b_t_h), len(b_t_w)
-    rows = x.reshape(b, h // 2, 2, w, c)
-    rows = [rows[:, a // 2 : a // 2 + tiles_h, a % 2] for a in range(alpha_h)]
+    rows = _tile_entries(x, 1, alpha_h, tiles_h)  # each (B, T, W, C)
     along_h = jnp.stack([_combine(b_t_h[i], rows) for i in range(alpha_h)])
-    cols = along_h.reshape(alpha_h, b, tiles_h, w // 2, 2, c)
-    cols = [cols[:, :, :, j // 2 : j // 2 + tiles_w, j % 2] for j in range(alpha_w)]
+    cols = _tile_entries(along_h, 3, alpha_w, tiles_w)  # each (alpha_h, B, T, S, C)
     v = jnp.stack([_combine(b_t_w[j], cols) for j in range(alpha_w)], axis=1)
-    return v.reshape(alpha_h * alpha_w, -1, c)
+    return v.reshape(alpha_h * alpha_w, -1, x.shape[-1])
 
 
 def _forward(x, kernel):
