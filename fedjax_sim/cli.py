@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -145,13 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", default=None, help="host:port of process 0")
     run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--process-id", type=int, default=None)
-    run.add_argument("--output", default="runs/latest", help="output directory")
+    run.add_argument("--output", default=None,
+                     help="run folder (default: a new runs/<algorithm>-<dataset>-<time>); an "
+                     "existing non-empty folder is refused unless --resume or --overwrite")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the fedjax-sim run in an existing --output folder")
+    run.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
+                     help="on a NaN or infinite loss or parameter: stop the run at that round "
+                     "(default), or warn and go on")
     run.add_argument("--compare-local", action="store_true",
                      help="also run Local on the same split and report the hurt fraction "
                      "and the incentivized participation rate")
     run.add_argument("--checkpoint-every", type=int, default=0)
     run.add_argument("--resume", action="store_true",
-                     help="continue from OUTPUT/checkpoint.npz")
+                     help="continue the run in --output from its latest checkpoint (refused "
+                     "if any setting that changes results differs; --rounds may grow)")
     run.add_argument("--no-progress", action="store_true")
     _add_platform_args(run)
     _add_data_args(run)
@@ -163,7 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--algorithms", default=",".join(DEFAULT_COMPARE),
                          help="comma-separated algorithm names")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    compare.add_argument("--output", default="runs/compare", help="output directory")
+    compare.add_argument("--output", default=None,
+                         help="comparison folder (default: a new runs/compare-<dataset>-<time>); "
+                         "an existing non-empty folder is refused unless --overwrite")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace the comparison in an existing --output folder")
+    compare.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
+                         help="on a NaN or infinite loss or parameter: stop (the table marks "
+                         "the run diverged) or warn and go on")
     compare.add_argument("--no-progress", action="store_true")
     _add_platform_args(compare)
     _add_data_args(compare)
@@ -304,8 +320,9 @@ def _models_for(args: argparse.Namespace, input_shape, num_classes):
 
 
 def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[float]:
-    """Per-client accuracies of Local on ``data``; with several architectures each client
-    uses its own (client k runs architecture k mod A, as in FedMD and FCCL)."""
+    """Per-client accuracies of Local on ``data``, on the run's own evaluation schedule;
+    with several architectures each client uses its own (client k runs architecture k mod
+    A, as in FedMD and FCCL)."""
     from fedjax_sim.algorithms.fedmd import group_members
     from fedjax_sim.runner import run
 
@@ -313,10 +330,57 @@ def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[f
     accuracies = np.zeros(data.num_clients)
     for m, idx in zip(models, group_members(data.num_clients, len(models)), strict=True):
         reference = algorithms.make("local", m, **_hparams_for("local", args, strict=False))
-        result = run(reference, data, rounds=args.rounds, eval_every=args.rounds, seed=seed,
-                     progress=not args.no_progress)
+        result = run(reference, data, rounds=args.rounds, eval_every=args.eval_every,
+                     seed=seed, progress=not args.no_progress, devices=args.devices,
+                     rounds_per_call=getattr(args, "rounds_per_call", 1),
+                     on_divergence=args.on_divergence)
         accuracies[idx] = np.asarray(result.summary["client_accuracies"])[idx]
     return accuracies.tolist()
+
+
+# Options that decide the data, the partition and the model: recorded in config.json and
+# matched on --resume (with the algorithm's hyperparameters, the seed and the split itself).
+_DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
+                 "shards_per_client", "classes_per_client", "test_ratio", "model",
+                 "architectures", "public_fraction", "public_dataset", "public_size",
+                 "public_val_fraction")
+
+
+def _data_config(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name, None) for name in _DATA_OPTIONS}
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """Every option as parsed (for config.json)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _resume_command(args: argparse.Namespace, output: str) -> str:
+    """The command line that resumes this run: the same words, with this --output and
+    --resume instead of --overwrite."""
+    words, skip = [], False
+    for word in args._argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--output", "--overwrite", "--resume") or word.startswith("--output="):
+            skip = word == "--output"
+            continue
+        words.append(word)
+    return shlex.join(["fedjax-sim", *words, "--output", output, "--resume"])
+
+
+def _output_for(args: argparse.Namespace, kind: str) -> str:
+    """--output, or a fresh runs/<kind>-<dataset>-<time> folder; checked before anything
+    loads or compiles."""
+    from fedjax_sim.rundir import default_output, preflight
+
+    if args.output is None:
+        if getattr(args, "resume", False):
+            raise ValueError("--resume needs --output: the folder of the run to continue")
+        args.output = str(default_output(kind, args.dataset))
+    preflight(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite)
+    return args.output
 
 
 def _model_names(model) -> str:
@@ -352,16 +416,19 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict]:
     hparams = _hparams_for(args.algorithm, args, strict=True)
     algorithms.resolve(args.algorithm, **hparams)
     _check_loop(args)
+    output = _output_for(args, f"{args.algorithm}-sweep")
     data = _load_data(args, args.seed, args.save_partition)
     model = _model_for(args.model, data.input_shape, data.num_classes)
     summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
-                      eval_every=args.eval_every, hparams=hparams, output=args.output,
+                      eval_every=args.eval_every, hparams=hparams, output=output,
                       rounds_per_call=args.rounds_per_call,
                       config_strategy=args.sweep_strategy, progress=not args.no_progress,
-                      devices=args.devices)
+                      devices=args.devices, overwrite=args.overwrite, options=_options(args))
     for summary in summaries:
-        print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "lr", "accuracy",
-                                                  "client_p10", "sweep_wall_s")}))
+        print(json.dumps({k: summary.get(k) for k in ("status", "algorithm", "seed", "lr",
+                                                      "accuracy", "client_p10", "diverged_at",
+                                                      "sweep_wall_s")}))
+    print(f"results in {output}", file=sys.stderr)
     return summaries
 
 
@@ -390,6 +457,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
                              f"not {args.algorithm}")
         _parse_architectures(args.architectures)
+    output = _output_for(args, args.algorithm)
     data, public = _load_with_public(args, args.seed, [args.algorithm], args.save_partition)
     model = _models_for(args, data.input_shape, data.num_classes)
     local_accuracies = None
@@ -403,15 +471,18 @@ def cmd_run(args: argparse.Namespace) -> dict:
                      public_val_size=public.num_val)
     result = run(
         algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed,
-        output=args.output, local_accuracies=local_accuracies,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        output=output, local_accuracies=local_accuracies,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, extra_summary=extra,
         rounds_per_call=args.rounds_per_call, devices=args.devices,
+        config=_data_config(args), options=_options(args), on_divergence=args.on_divergence,
+        resume_hint=_resume_command(args, output),
     )
     summary = result.summary
-    keys = ("algorithm", "dataset", "accuracy", "client_mean_accuracy", "client_p10",
-            "hurt_fraction", "ipr", "bytes_up", "wall_s")
+    keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
+            "client_p10", "hurt_fraction", "ipr", "bytes_up", "wall_s")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    print(f"results in {output}", file=sys.stderr)
     return summary
 
 
@@ -422,7 +493,26 @@ def _mean_std(values) -> str:
     return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
 
 
+def _compare_one(run, algorithm, data, args, seed, output, local_accuracies, model) -> dict:
+    """One run of a comparison; a diverged run becomes a row marked as such."""
+    from fedjax_sim.safety import DivergedError
+
+    try:
+        return run(
+            algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
+            output=output, local_accuracies=local_accuracies, progress=not args.no_progress,
+            extra_summary={"model": model.name}, config=_data_config(args),
+            options=_options(args), on_divergence=args.on_divergence, devices=None,
+        ).summary
+    except DivergedError as error:
+        print(f"fedjax-sim compare: {algorithm.name} seed {seed}: {error}", file=sys.stderr)
+        return {"status": "diverged", "algorithm": algorithm.name, "seed": seed,
+                "diverged_at": error.round, "accuracy": np.nan, "wall_s": np.nan,
+                "bytes_up": np.nan, "client_mean_accuracy": np.nan, "client_p10": np.nan}
+
+
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
+    from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, environment
     from fedjax_sim.runner import run
 
     names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
@@ -434,54 +524,61 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     _check_loop(args)
     if args.architectures is not None:
         raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
-    out = Path(args.output)
+    out = Path(_output_for(args, "compare"))
     results: dict[str, list[dict]] = {name: [] for name in names}
     order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
-    for seed in seeds:
-        data, public = _load_with_public(args, seed, names)
-        model = _model_for(args.model, data.input_shape, data.num_classes)
-        local_accuracies = None
-        for name in order:
-            if name == "local" and name not in names and local_accuracies is not None:
-                continue
-            algorithm = algorithms.make(name, model, **_public_kw(name, public),
-                                        **_hparams_for(name, args, strict=False))
-            summary = run(
-                algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
-                output=out / f"{name}_seed{seed}" if name in names else None,
-                local_accuracies=local_accuracies, progress=not args.no_progress,
-                extra_summary={"model": model.name},
-            ).summary
-            if name == "local":
-                local_accuracies = summary["client_accuracies"]
-            if name in names:
-                results[name].append(summary)
-            print(f"seed {seed} {name}: accuracy {summary['accuracy']:.4f} "
-                  f"({summary['wall_s']:.1f} s)", file=sys.stderr)
+    with RunDir(out, overwrite=args.overwrite):
+        atomic_write_json(out / "config.json", {"options": _options(args),
+                                                "environment": environment()})
+        for seed in seeds:
+            data, public = _load_with_public(args, seed, names)
+            model = _model_for(args.model, data.input_shape, data.num_classes)
+            local_accuracies = None
+            for name in order:
+                if name == "local" and name not in names and local_accuracies is not None:
+                    continue
+                algorithm = algorithms.make(name, model, **_public_kw(name, public),
+                                            **_hparams_for(name, args, strict=False))
+                summary = _compare_one(run, algorithm, data, args, seed,
+                                       out / f"{name}_seed{seed}" if name in names else None,
+                                       local_accuracies, model)
+                if name == "local" and summary["status"] != "diverged":
+                    local_accuracies = summary["client_accuracies"]
+                if name in names:
+                    results[name].append(summary)
+                print(f"seed {seed} {name}: {summary['status']}, accuracy "
+                      f"{summary['accuracy']:.4f} ({summary['wall_s']:.1f} s)", file=sys.stderr)
 
-    header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
-              "| MB up | wall s |")
-    lines = [header, "|" + "---|" * 8]
-    for name in names:
-        rows = results[name]
-        lines.append(
-            f"| {name} | {_mean_std([r['accuracy'] for r in rows])} "
-            f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
-            f"| {_mean_std([r['client_p10'] for r in rows])} "
-            f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
-            f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
-            f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
-            f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
-        )
-    table = "\n".join(lines)
-    setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), K={args.num_clients}, "
-               f"{args.rounds} rounds, seeds {','.join(map(str, seeds))}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(f"{setting}\n\n{table}\n")
-    (out / "compare.json").write_text(json.dumps(
-        {name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
-         for name, rows in results.items()}, indent=2, default=str))
+        header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
+                  "| MB up | wall s |")
+        lines = [header, "|" + "---|" * 8]
+        for name in names:
+            rows = [r for r in results[name] if r["status"] != "diverged"]
+            failed = len(results[name]) - len(rows)
+            if not rows:
+                lines.append(f"| {name} | diverged in {failed} of {failed} runs |"
+                             + " |" * 6)
+                continue
+            label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
+            lines.append(
+                f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
+                f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
+                f"| {_mean_std([r['client_p10'] for r in rows])} "
+                f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
+                f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
+                f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
+                f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
+            )
+        table = "\n".join(lines)
+        setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), "
+                   f"K={args.num_clients}, {args.rounds} rounds, "
+                   f"seeds {','.join(map(str, seeds))}")
+        atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
+        atomic_write_json(out / "compare.json", {
+            name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
+            for name, rows in results.items()})
     print(setting + "\n\n" + table)
+    print(f"results in {out}", file=sys.stderr)
     return [r for rows in results.values() for r in rows]
 
 
@@ -518,11 +615,21 @@ def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {"run": cmd_run, "compare": cmd_compare, "bench": cmd_bench}
+    from fedjax_sim.core.checkpoint import CheckpointError
+    from fedjax_sim.safety import RunError, StoppedError
+
     try:
         # Before anything starts JAX's backends: the device count is fixed from then on.
         configure_cpu_devices(args.cpu_devices)
         handlers[args.command](args)
+    except StoppedError as error:
+        parser.exit(error.exit_code, f"fedjax-sim {args.command}: {error}\n")
+    except RunError as error:
+        parser.exit(error.exit_code, f"fedjax-sim {args.command}: error: {error}\n")
+    except CheckpointError as error:
+        parser.exit(2, f"fedjax-sim {args.command}: error: checkpoint {error}\n")
     except ValueError as error:
         parser.exit(2, f"fedjax-sim {args.command}: error: {error}\n")
     return 0

@@ -22,6 +22,17 @@ import jax
 # The XLA flag that tests and users set to fake several host devices; when present, it wins.
 _FORCED_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
+# XLA:CPU aborts the process when a collective waits 40 s for a peer device. The runner
+# never queues a second call behind a sharded CPU round (``fedjax_sim.safety``), and its
+# watchdog turns any remaining stall into a message; XLA's own limits are set above the
+# watchdog's so that they never fire first. Available from jaxlib 0.8.
+_COLLECTIVE_TIMEOUT_FLAGS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds",
+    "--xla_cpu_collective_call_terminate_timeout_seconds",
+    "--xla_cpu_collective_timeout_seconds",
+)
+COLLECTIVE_TIMEOUT_S = 24 * 3600
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, else the machine's count)."""
@@ -84,7 +95,25 @@ def configure_cpu_devices(cpu_devices: int | str = "auto") -> int | None:
     count = parse_cpu_devices(cpu_devices)
     if count is None:
         count = available_cores()
-    if _FORCED_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or backends_started():
+    if backends_started():
+        return None
+    raise_collective_timeouts()
+    if _FORCED_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
         return None
     jax.config.update("jax_num_cpu_devices", count)
     return count
+
+
+def raise_collective_timeouts(seconds: int = COLLECTIVE_TIMEOUT_S) -> bool:
+    """Adds XLA:CPU's collective timeout flags to ``XLA_FLAGS`` (those not already set),
+    before the backends start; returns whether it did."""
+    import jaxlib
+
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
+    if backends_started() or version < (0, 8):
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f"{flag}={seconds}" for flag in _COLLECTIVE_TIMEOUT_FLAGS if flag not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    return True
