@@ -42,6 +42,43 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def forced_device_count() -> int | None:
+    """The host device count that ``XLA_FLAGS`` forces, if it does.
+
+    XLA aborts the process with a page of flag help on a malformed value, and JAX fails to
+    start its CPU backend on 0; checking first turns both into a clear error.
+
+    Returns:
+      The count given by ``--xla_force_host_platform_device_count=N``, or ``None``.
+
+    Raises:
+      ValueError: naming ``XLA_FLAGS``, when N is not an integer >= 1.
+    """
+    count = None
+    for token in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = token.partition("=")
+        if name != _FORCED_COUNT_FLAG:
+            continue
+        if not value.isdecimal() or int(value) < 1:
+            raise ValueError(f"XLA_FLAGS: {_FORCED_COUNT_FLAG} must be an integer >= 1, got "
+                             f"{token!r}")
+        count = int(value)  # the last one wins, as in XLA
+    return count
+
+
+def check_environment() -> None:
+    """Checks the environment variables this package reads, before JAX starts.
+
+    Raises:
+      ValueError: naming the variable (``XLA_FLAGS``'s forced host device count,
+        ``FEDJAX_SIM_STRATEGY``) and what it allows.
+    """
+    from fedjax_sim.core.cohort import strategy_override
+
+    forced_device_count()
+    strategy_override()
+
+
 def parse_cpu_devices(value: int | str) -> int | None:
     """Validates a ``cpu_devices`` setting.
 
@@ -90,15 +127,17 @@ def configure_cpu_devices(cpu_devices: int | str = "auto") -> int | None:
       The count set, or ``None`` when the setting was left as it was.
 
     Raises:
-      ValueError: on a bad ``cpu_devices``, whether or not it can still be applied.
+      ValueError: on a bad ``cpu_devices``, whether or not it can still be applied, or a
+        malformed forced device count in ``XLA_FLAGS``.
     """
     count = parse_cpu_devices(cpu_devices)
     if count is None:
         count = available_cores()
+    forced = forced_device_count()  # validates XLA_FLAGS whether or not it applies
     if backends_started():
         return None
     raise_collective_timeouts()
-    if _FORCED_COUNT_FLAG in os.environ.get("XLA_FLAGS", ""):
+    if forced is not None:
         return None
     jax.config.update("jax_num_cpu_devices", count)
     return count

@@ -26,8 +26,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim import safety
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.checks import check_int, check_seed
 from fedjax_sim.core.checkpoint import Checkpointer
-from fedjax_sim.core.cohort import CLIENT_AXIS
+from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
@@ -395,15 +396,20 @@ def run(
       A RunResult.
 
     Raises:
-      ValueError: on bad options, an unusable output folder or a refused resume.
+      ValueError: a bad loop setting, seed (an integer >= 0 and < 2**32) or ``devices``,
+        or a malformed ``FEDJAX_SIM_STRATEGY`` (before anything is placed or compiled), an
+        unusable output folder or a refused resume.
       fedjax_sim.safety.DivergedError: on divergence with ``on_divergence="stop"``.
       fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM, once the round in flight
         finished and the state was saved.
       fedjax_sim.safety.OutOfMemoryError: when the run cannot fit in device memory.
     """
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
-    if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
-        raise ValueError(f"rounds_per_call must be an integer >= 1, got {rounds_per_call!r}")
+    check_int("rounds_per_call", rounds_per_call, 1)
+    check_seed("seed", seed)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    strategy_override()  # a malformed FEDJAX_SIM_STRATEGY fails here, not while tracing
     validate_divergence_policy(on_divergence)
     if resume and output is None:
         raise ValueError("resume needs an output folder to resume from")
@@ -775,24 +781,47 @@ def sweep(
 
     Returns:
       One summary dict per configuration, seeds varying fastest.
+
+    Raises:
+      ValueError: before anything compiles: a bad loop setting or ``devices``, an empty
+        list, a seed that is not an integer >= 0 and < 2**32 (``seeds[i]``), a learning
+        rate that is not a finite number > 0 (``lrs[i]``), a repeated seed or learning
+        rate, or a bad hyperparameter.
     """
+    from fedjax_sim import algorithms
+    from fedjax_sim.algorithms.base import COMMON, check_hparam
+
     validate_run_options(rounds=rounds, eval_every=eval_every)
+    check_int("rounds_per_call", rounds_per_call, 1)
+    if devices is not None:
+        check_int("devices", devices, 1)
     if output is not None:
         from fedjax_sim.rundir import preflight
 
         preflight(output, overwrite=overwrite)
     if config_strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
-    if config_strategy == "auto":
-        config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
+    if isinstance(seeds, str | bytes) or not seeds:
+        raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
+    seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     hparams = dict(hparams or {})
     if lrs is None:
-        lrs = [float(hparams.get("lr", 0.01))]
-    hparams["lr"] = float(lrs[0])
+        lrs = [algorithms.resolve(name, **hparams)["lr"]]
+    if isinstance(lrs, str | bytes) or not lrs:
+        raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
+    lr_spec = next(spec for spec in COMMON if spec.name == "lr")
+    lrs = [check_hparam(lr_spec, lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
+    for label, values in (("seeds", seeds), ("lrs", lrs)):
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ValueError(f"{label} lists {repeated[0]!r} twice (each configuration runs "
+                             "once)")
+    strategy_override()
+    hparams["lr"] = lrs[0]
     make = _traced_factory(name, model, hparams)
-    configs = [(int(s), float(lr)) for lr in lrs for s in seeds]
+    if config_strategy == "auto":
+        config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    configs = [(s, lr) for lr in lrs for s in seeds]
     seed_arr = np.asarray([s for s, _ in configs], np.uint32)
     lr_arr = np.asarray([lr for _, lr in configs], np.float32)
     mesh = _config_mesh(len(configs), devices)
