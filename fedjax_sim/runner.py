@@ -22,11 +22,11 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.base import Algorithm, check_model_fits
 from fedjax_sim.core.cohort import CLIENT_AXIS
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.federated import FederatedData, check_federated_data
 
 EVENTS = ("round_start", "round_end", "evaluate", "checkpoint", "finish")
 
@@ -295,7 +295,13 @@ def run(
 
     Returns:
       A RunResult.
+
+    Raises:
+      ValueError: a bad option, data failing ``check_federated_data``, or a model that does
+        not fit the data (``check_model_fits``).
     """
+    check_federated_data(data)
+    check_model_fits(algorithm.models, data)
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
     if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
         raise ValueError(f"rounds_per_call must be an integer >= 1, got {rounds_per_call!r}")
@@ -535,6 +541,8 @@ def sweep(
     Returns:
       One summary dict per configuration, seeds varying fastest.
     """
+    check_federated_data(data)
+    check_model_fits(model, data)
     validate_run_options(rounds=rounds, eval_every=eval_every)
     if config_strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
