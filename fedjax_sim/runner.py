@@ -132,13 +132,25 @@ def _client_sharded(tree: Any, mesh: Mesh) -> Any:
 
 
 def _state_shardings(state_shape: SimState, mesh: Mesh) -> SimState:
-    """Client part sharded over the mesh, everything else replicated."""
+    """Client part sharded over the mesh, everything else replicated.
+
+    Sharding is decided per leaf: a client leaf whose leading axis does not split evenly
+    over the mesh is replicated. Such leaves exist when the client state is made of groups
+    (FedMD and FCCL with several architectures: one tree per architecture, leading axis
+    K_g, which need not be a multiple of the device count).
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
+
+    def client_leaf(leaf):
+        splits = len(leaf.shape) >= 1 and leaf.shape[0] % mesh.size == 0
+        return sharded if splits else replicated
+
     return state_shape.replace(
         key=replicated,
         round=replicated,
         server=jax.tree.map(lambda _: replicated, state_shape.server),
-        clients=_client_sharded(state_shape.clients, mesh),
+        clients=jax.tree.map(client_leaf, state_shape.clients),
     )
 
 
