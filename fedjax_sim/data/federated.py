@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from flax import struct
 
+from fedjax_sim.data.partition import _client_list
+
 
 @struct.dataclass
 class FederatedData:
@@ -54,12 +56,9 @@ def _host(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def _clients(mask: np.ndarray, limit: int = 10) -> str:
+def _clients(mask: np.ndarray) -> str:
     """``"client 3"`` or ``"clients 3, 5, 8"`` for the True entries of a (K,) mask."""
-    bad = np.flatnonzero(mask)
-    listed = ", ".join(str(k) for k in bad[:limit])
-    more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return f"client{'s' if len(bad) > 1 else ''} {listed}{more}"
+    return _client_list(np.flatnonzero(mask).tolist())
 
 
 def check_federated_data(data: Any) -> FederatedData:
