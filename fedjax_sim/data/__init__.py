@@ -54,6 +54,7 @@ __all__ = [
     "make_synthetic",
     "partition_indices",
     "save_partition",
+    "split_hints",
     "train_test_split",
 ]
 
