@@ -91,7 +91,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-dir", default=None, help="tfds data directory (tfds sources)")
     group.add_argument("--partition", default="dirichlet", help=f"one of {', '.join(PARTITIONS)}")
     group.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (> 0)")
-    group.add_argument("--num-clients", type=int, default=20, help="number of clients K")
+    group.add_argument("--num-clients", type=int, default=None,
+                       help="number of clients K (default 20; with --partition-file, the "
+                       "file's count, which a given value must equal)")
     group.add_argument("--min-samples", type=int, default=10,
                        help="minimum samples per client (dirichlet)")
     group.add_argument("--shards-per-client", type=int, default=2)
@@ -780,7 +782,7 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
             )
         table = "\n".join(lines)
         setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), "
-                   f"K={args.num_clients}, {args.rounds} rounds, "
+                   f"K={data.num_clients}, {args.rounds} rounds, "
                    f"seeds {','.join(map(str, seeds))}")
         atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
         atomic_write_json(out / "compare.json", {

@@ -25,13 +25,13 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim import safety
-from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.base import Algorithm, check_model_fits
 from fedjax_sim.checks import check_int, check_seed
 from fedjax_sim.core.checkpoint import Checkpointer
 from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.federated import FederatedData, check_federated_data
 from fedjax_sim.rundir import RunDir, atomic_write_json, environment, read_jsonl, write_jsonl
 
 EVENTS = ("round_start", "round_end", "evaluate", "checkpoint", "finish")
@@ -138,13 +138,25 @@ def _client_sharded(tree: Any, mesh: Mesh) -> Any:
 
 
 def _state_shardings(state_shape: SimState, mesh: Mesh) -> SimState:
-    """Client part sharded over the mesh, everything else replicated."""
+    """Client part sharded over the mesh, everything else replicated.
+
+    Sharding is decided per leaf: a client leaf whose leading axis does not split evenly
+    over the mesh is replicated. Such leaves exist when the client state is made of groups
+    (FedMD and FCCL with several architectures: one tree per architecture, leading axis
+    K_g, which need not be a multiple of the device count).
+    """
     replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(CLIENT_AXIS))
+
+    def client_leaf(leaf):
+        splits = len(leaf.shape) >= 1 and leaf.shape[0] % mesh.size == 0
+        return sharded if splits else replicated
+
     return state_shape.replace(
         key=replicated,
         round=replicated,
         server=jax.tree.map(lambda _: replicated, state_shape.server),
-        clients=_client_sharded(state_shape.clients, mesh),
+        clients=jax.tree.map(client_leaf, state_shape.clients),
     )
 
 
@@ -398,12 +410,15 @@ def run(
     Raises:
       ValueError: a bad loop setting, seed (an integer >= 0 and < 2**32) or ``devices``,
         or a malformed ``FEDJAX_SIM_STRATEGY`` (before anything is placed or compiled), an
-        unusable output folder or a refused resume.
+        unusable output folder or a refused resume, data failing ``check_federated_data``,
+        or a model that does not fit the data (``check_model_fits``).
       fedjax_sim.safety.DivergedError: on divergence with ``on_divergence="stop"``.
       fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM, once the round in flight
         finished and the state was saved.
       fedjax_sim.safety.OutOfMemoryError: when the run cannot fit in device memory.
     """
+    check_federated_data(data)
+    check_model_fits(algorithm.models, data)
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
     check_int("rounds_per_call", rounds_per_call, 1)
     check_seed("seed", seed)
@@ -791,6 +806,8 @@ def sweep(
     from fedjax_sim import algorithms
     from fedjax_sim.algorithms.base import COMMON, check_hparam
 
+    check_federated_data(data)
+    check_model_fits(model, data)
     validate_run_options(rounds=rounds, eval_every=eval_every)
     check_int("rounds_per_call", rounds_per_call, 1)
     if devices is not None:

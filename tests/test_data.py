@@ -271,10 +271,14 @@ def test_load_partition_rejects_bad_files(tmp_path, clients, match):
 
 
 def test_save_load_partition_direct(tmp_path):
-    splits = [(np.array([0, 2]), np.array([1])), (np.array([3]), np.array([], np.int64))]
+    splits = [(np.array([0, 2]), np.array([1])), (np.array([3]), np.array([4], np.int64))]
     save_partition(tmp_path / "p.json", splits, note="x")
-    loaded = load_partition(tmp_path / "p.json", 4)
-    assert [(t.tolist(), s.tolist()) for t, s in loaded] == [([0, 2], [1]), ([3], [])]
+    loaded = load_partition(tmp_path / "p.json", 5)
+    assert [(t.tolist(), s.tolist()) for t, s in loaded] == [([0, 2], [1]), ([3], [4])]
+    # A client without a test set cannot be evaluated: refused (tests/test_data_checks.py).
+    save_partition(tmp_path / "empty.json", [(np.array([3]), np.array([], np.int64))])
+    with pytest.raises(ValueError, match="client 0 has an empty test set"):
+        load_partition(tmp_path / "empty.json", 4)
     assert fd.load_partition_meta(tmp_path / "p.json") == {"note": "x"}
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="not valid JSON"):

@@ -226,6 +226,9 @@ def test_a_signal_saves_stops_and_prints_the_resume_command(tmp_path, signum):
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
         time.sleep(0.2)
+    # A second process is kept out of the folder while the run uses it.
+    second = _cli([*args, "--overwrite"])
+    assert second.returncode == 2 and "in use by fedjax-sim process" in second.stderr
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, err

@@ -30,7 +30,7 @@ from fedjax_sim.algorithms import (
     lg_fedavg,
     local,
 )
-from fedjax_sim.algorithms.base import COMMON, Algorithm, HParam, check_hparam
+from fedjax_sim.algorithms.base import COMMON, Algorithm, HParam, check_hparam, check_model_fits
 from fedjax_sim.models.base import Model
 
 _MODULES: dict[str, ModuleType] = {
@@ -92,16 +92,23 @@ def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
     """Builds algorithm ``name`` for ``model`` after validating ``hparams``.
 
     ``public`` (a ``PublicData``) is required by the ``DISTILLATION`` algorithms and refused
-    by the others.
+    by the others. The result records ``model`` (``Algorithm.models``), which the runner
+    checks against the data.
     """
     module = _module(name)
     resolved = resolve(name, **hparams)
     if uses_public(name):
-        return getattr(module, name)(model, public=public, **resolved)
-    if public is not None:
+        algorithm = getattr(module, name)(model, public=public, **resolved)
+    elif public is not None:
         raise ValueError(f"{name} takes no public data")
-    return getattr(module, name)(model, **resolved)
+    else:
+        algorithm = getattr(module, name)(model, **resolved)
+    if isinstance(model, Model):
+        return algorithm._replace(models=(model,))
+    if isinstance(model, list | tuple):
+        return algorithm._replace(models=tuple(model))
+    return algorithm
 
 
-__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "check_hparam", "hparam_specs",
-           "make", "resolve", "uses_public"]
+__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "check_hparam",
+           "check_model_fits", "hparam_specs", "make", "resolve", "uses_public"]

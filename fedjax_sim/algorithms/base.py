@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,6 +37,8 @@ class Algorithm(NamedTuple):
       hparams: the resolved hyperparameters.
       report: optional ``(state) -> dict`` of algorithm-specific facts for ``summary.json``
         (e.g. FedOBP's personalized fraction); called on the host after the last round.
+      models: the model(s) it was built for, set by ``algorithms.make`` so that the runner
+        can check them against the data (``check_model_fits``); empty when unknown.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Algorithm(NamedTuple):
     comm_bytes: Callable[[FederatedData], tuple[int, int]]
     hparams: dict
     report: Callable[[SimState], dict] | None = None
+    models: tuple[Model, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +158,37 @@ def schedule(hp: dict, epochs: int | None = None) -> dict:
         return {"batch_size": hp["batch_size"], "steps": hp["local_steps"]}
     return {"batch_size": hp["batch_size"], "epochs": hp["local_epochs"] if epochs is None
             else epochs}
+
+
+def check_model_fits(model: Model | Sequence[Model], data: FederatedData) -> None:
+    """Refuses a model that cannot learn ``data``, before anything is compiled.
+
+    A model needs at least one output per class of the data (more are allowed: the extra
+    logits are never a label) and must take the data's input shape.
+
+    Args:
+      model: a Model, or a sequence of Models (every one is checked; empty: nothing).
+      data: the federated data.
+
+    Raises:
+      ValueError: naming the model, its outputs or input shape, and the data's.
+    """
+    models = (model,) if isinstance(model, Model) else tuple(model)
+    for i, m in enumerate(models):
+        if not isinstance(m, Model):
+            raise ValueError(f"model must be a Model or a sequence of Models, got "
+                             f"{type(m).__name__}")
+        which = f"model {m.name}" + (f" (architecture {i})" if len(models) > 1 else "")
+        if m.num_classes < data.num_classes:
+            raise ValueError(
+                f"{which} has {m.num_classes} outputs but the data has labels "
+                f"0..{data.num_classes - 1} (num_classes={data.num_classes})"
+            )
+        if tuple(m.input_shape) != tuple(data.input_shape):
+            raise ValueError(
+                f"{which} takes input shape {tuple(m.input_shape)} but the data's is "
+                f"{tuple(data.input_shape)}"
+            )
 
 
 def local_sgd(

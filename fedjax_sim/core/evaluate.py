@@ -55,34 +55,57 @@ def count_correct(
 def summarize(correct: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     """Personalized accuracy statistics over clients (pFL-Bench style).
 
+    A client without test data (``counts[k] == 0``) has no accuracy: it is left out of
+    every per-client statistic (never counted as 0) and its entry of
+    ``client_accuracies`` is NaN. The data loaders and the runner refuse such clients
+    (``fedjax_sim.data.check_federated_data``); this only matters for direct calls.
+
+    Args:
+      correct: (K,) correct test predictions per client.
+      counts: (K,) test examples per client.
+
     Returns:
       ``accuracy`` (sample-weighted, Σ correct / Σ samples), ``client_mean_accuracy``,
       ``client_std``, ``client_min``, ``client_p10`` (bottom decile: the 10th percentile
-      of per-client accuracy) and ``client_accuracies`` (list of K).
+      of per-client accuracy) over the clients with test data (all NaN when there are
+      none), and ``client_accuracies`` (list of K, NaN for clients without test data).
     """
     correct = np.asarray(correct, np.float64)
     counts = np.asarray(counts, np.float64)
-    per_client = correct / np.maximum(counts, 1.0)
-    return {
-        "accuracy": float(correct.sum() / max(counts.sum(), 1.0)),
-        "client_mean_accuracy": float(per_client.mean()),
-        "client_std": float(per_client.std()),
-        "client_min": float(per_client.min()),
-        "client_p10": float(np.percentile(per_client, 10)),
-        "client_accuracies": per_client.tolist(),
-    }
+    tested = counts > 0
+    per_client = np.where(tested, correct / np.where(tested, counts, 1.0), np.nan)
+    kept = per_client[tested]
+    if kept.size == 0:
+        stats = dict.fromkeys(("accuracy", "client_mean_accuracy", "client_std", "client_min",
+                               "client_p10"), float("nan"))
+    else:
+        stats = {
+            "accuracy": float(correct[tested].sum() / counts[tested].sum()),
+            "client_mean_accuracy": float(kept.mean()),
+            "client_std": float(kept.std()),
+            "client_min": float(kept.min()),
+            "client_p10": float(np.percentile(kept, 10)),
+        }
+    return {**stats, "client_accuracies": per_client.tolist()}
 
 
 def federation_incentives(accuracies: np.ndarray, local_accuracies: np.ndarray) -> dict:
     """Who gains from federating, against a local-only reference on the same split.
+
+    Clients whose accuracy is NaN in either list (no test data) are left out.
 
     Returns:
       ``hurt_fraction``: share of clients whose accuracy is strictly below their local-only
       accuracy (Motley). ``ipr``: the incentivized participation rate of Cho et al. (2022),
       share of clients with accuracy >= local-only accuracy.
     """
-    accuracies = np.asarray(accuracies)
-    local_accuracies = np.asarray(local_accuracies)
+    accuracies = np.asarray(accuracies, np.float64)
+    local_accuracies = np.asarray(local_accuracies, np.float64)
+    # Clients without an accuracy (NaN: no test data) count on neither side.
+    known = np.isfinite(accuracies) & np.isfinite(local_accuracies)
+    if not known.any():
+        return {"hurt_fraction": float("nan"), "ipr": float("nan")}
+    accuracies, local_accuracies = accuracies[known], local_accuracies[known]
     return {
         "hurt_fraction": float(np.mean(accuracies < local_accuracies)),
         "ipr": float(np.mean(accuracies >= local_accuracies)),

@@ -13,7 +13,7 @@ import numpy as np
 
 from fedjax_sim.checks import check_float, check_seed
 from fedjax_sim.data import partition as _partition
-from fedjax_sim.data.federated import FederatedData, build_federated
+from fedjax_sim.data.federated import FederatedData, build_federated, check_federated_data
 from fedjax_sim.data.partition import (
     MAX_DIRICHLET_DRAWS,
     PARTITIONS,
@@ -21,6 +21,7 @@ from fedjax_sim.data.partition import (
     _check_positive,
     _check_scheme,
     check_partition_file,
+    check_splits,
     load_partition,
     load_partition_meta,
     partition_indices,
@@ -38,6 +39,7 @@ from fedjax_sim.data.sources import (
 )
 
 __all__ = [
+    "DEFAULT_NUM_CLIENTS",
     "MAX_DIRICHLET_DRAWS",
     "PARTITIONS",
     "SOURCES",
@@ -45,7 +47,9 @@ __all__ = [
     "FederatedData",
     "Pooled",
     "build_federated",
+    "check_federated_data",
     "check_partition_file",
+    "check_splits",
     "load_partition",
     "load_partition_meta",
     "load_source",
@@ -53,8 +57,26 @@ __all__ = [
     "make_synthetic",
     "partition_indices",
     "save_partition",
+    "split_hints",
     "train_test_split",
 ]
+
+
+# Clients drawn when ``num_clients`` is not given (a partition file sets its own count).
+DEFAULT_NUM_CLIENTS = 20
+
+
+def split_hints(*, num_clients: int, min_samples: int, test_ratio: float) -> dict[str, str]:
+    """What to change when a drawn partition leaves a client without train or test data
+    (the ``hints`` of ``check_splits``)."""
+    return {
+        "empty": f"lower num_clients (now {num_clients}) or raise min_samples (now "
+                 f"{min_samples})",
+        "train": f"lower test_ratio (now {test_ratio}) or raise min_samples (now "
+                 f"{min_samples})",
+        "test": f"raise test_ratio (now {test_ratio}) or min_samples (now {min_samples}), "
+                f"or lower num_clients (now {num_clients})",
+    }
 
 
 def _check_feasible(
@@ -90,7 +112,7 @@ def make_federated_data(
     dataset: str = "digits",
     *,
     partition: str = "dirichlet",
-    num_clients: int = 20,
+    num_clients: int | None = None,
     alpha: float = 0.1,
     min_samples: int = 10,
     shards_per_client: int = 2,
@@ -114,7 +136,8 @@ def make_federated_data(
       partition: one of ``PARTITIONS`` (see ``partition_indices``). With ``natural`` on
         ``synthetic``, the generator makes ``num_clients`` clients unless
         ``source_options`` says otherwise.
-      num_clients: number of clients K.
+      num_clients: number of clients K (default ``DEFAULT_NUM_CLIENTS``, 20). With
+        ``partition_file``, the file's client count, which a given value must equal.
       alpha: Dirichlet concentration, a finite number > 0 (``dirichlet``).
       min_samples: fewest samples per client before the train/test split, >= 2 so that
         every client has both a train and a test example.
@@ -124,9 +147,9 @@ def make_federated_data(
       seed: seed of the partition and the split, an integer >= 0 and < 2**32.
       data_dir: tfds data directory (tfds sources).
       partition_file: read the clients' train/test indices from this file (written by
-        ``save_partition``) instead of drawing them; ``partition``, ``num_clients``,
-        ``alpha``, ``min_samples``, ``shards_per_client``, ``classes_per_client``,
-        ``test_ratio`` and ``seed`` are then not used.
+        ``save_partition``) instead of drawing them; ``partition``, ``alpha``,
+        ``min_samples``, ``shards_per_client``, ``classes_per_client``, ``test_ratio``
+        and ``seed`` are then not used.
       save_partition: write the clients' train/test indices and the settings to this file.
       source_options: keyword options for ``load_source`` (e.g. ``{"num_samples": 2000}``
         for mnist1d, ``{"alpha": 0.5, "beta": 0.5}`` for synthetic).
@@ -137,8 +160,10 @@ def make_federated_data(
 
     Raises:
       ValueError: a bad argument (the message names it and its allowed range; floats
-        must also be finite), a missing, unreadable or malformed partition file, or one
-        that does not fit the data set.
+        must also be finite); a missing, unreadable or malformed partition file, or one
+        that does not fit the data set or ``num_clients``; a client left without train or
+        test examples; data that fails ``check_federated_data`` (e.g. labels outside
+        ``[0, num_classes)``).
       FileNotFoundError: a tfds data set that is not prepared under ``data_dir``.
     """
     if source_options is not None and not isinstance(source_options, Mapping):
@@ -146,7 +171,9 @@ def make_federated_data(
     options = dict(source_options or {})
     check_source(dataset, options)
     _check_scheme(partition)
-    _check_int("num_clients", num_clients, 1)
+    if num_clients is not None:
+        _check_int("num_clients", num_clients, 1)
+    drawn_clients = DEFAULT_NUM_CLIENTS if num_clients is None else num_clients
     _check_positive("alpha", alpha)
     _check_int("min_samples", min_samples, 2)
     _check_int("shards_per_client", shards_per_client, 1)
@@ -158,7 +185,7 @@ def make_federated_data(
 
     feasibility = dict(
         partition=partition,
-        num_clients=num_clients,
+        num_clients=drawn_clients,
         min_samples=min_samples,
         shards_per_client=shards_per_client,
         classes_per_client=classes_per_client,
@@ -170,7 +197,7 @@ def make_federated_data(
                     f"partition='natural' needs a data set with natural client ids "
                     f"(synthetic); {dataset!r} has none"
                 )
-            options.setdefault("num_clients", num_clients)
+            options.setdefault("num_clients", drawn_clients)
         size = known_size(dataset, options)
         if size is not None:
             _check_feasible(dataset, *size, **feasibility)
@@ -184,13 +211,13 @@ def make_federated_data(
                     f"partition file {os.fspath(partition_file)} was made for {key}="
                     f"{meta[key]!r}, not {expected!r}"
                 )
-        splits = load_partition(partition_file, pooled.num_samples)
+        splits = load_partition(partition_file, pooled.num_samples, num_clients=num_clients)
     else:
         _check_feasible(dataset, pooled.num_samples, pooled.num_classes, **feasibility)
         rng = np.random.default_rng(seed)
         clients = partition_indices(
             pooled.y,
-            num_clients,
+            drawn_clients,
             partition,
             rng=rng,
             alpha=alpha,
@@ -200,6 +227,8 @@ def make_federated_data(
             groups=pooled.groups,
         )
         splits = train_test_split(clients, test_ratio, rng)
+        check_splits(splits, source=f"the {partition!r} partition", hints=split_hints(
+            num_clients=drawn_clients, min_samples=min_samples, test_ratio=test_ratio))
 
     if save_partition is not None:
         meta = dict(
@@ -211,7 +240,7 @@ def make_federated_data(
         if partition_file is None:
             meta.update(
                 partition=partition,
-                num_clients=num_clients,
+                num_clients=drawn_clients,
                 alpha=alpha,
                 min_samples=min_samples,
                 shards_per_client=shards_per_client,
@@ -223,4 +252,4 @@ def make_federated_data(
             meta["copied_from"] = os.fspath(partition_file)
         _partition.save_partition(save_partition, splits, **meta)
 
-    return build_federated(pooled, splits), splits, pooled
+    return check_federated_data(build_federated(pooled, splits)), splits, pooled

@@ -248,6 +248,57 @@ def train_test_split(
     return splits
 
 
+def _client_list(ks: Sequence[int], limit: int = 10) -> str:
+    listed = ", ".join(str(k) for k in ks[:limit])
+    more = f" and {len(ks) - limit} more" if len(ks) > limit else ""
+    return f"client{'s' if len(ks) > 1 else ''} {listed}{more}"
+
+
+def check_splits(
+    splits: Sequence[tuple[Any, Any]],
+    *,
+    source: str,
+    num_clients: int | None = None,
+    hints: dict[str, str] | None = None,
+) -> None:
+    """Refuses a split that leaves a client without training or test examples.
+
+    Args:
+      splits: per client, ``(train, test)`` indices.
+      source: where the split came from, first in every message (e.g. ``"partition file
+        p.json"`` or ``"the 'iid' partition"``).
+      num_clients: the number of clients the split must hold, or None for any number >= 1.
+      hints: what to change, per problem (``"empty"``, ``"train"``, ``"test"``), appended
+        to the message.
+
+    Raises:
+      ValueError: one line naming ``source``, the problem and the clients concerned.
+    """
+    hints = hints or {}
+    if len(splits) == 0:
+        raise ValueError(f"{source} holds no clients")
+    if num_clients is not None and len(splits) != num_clients:
+        raise ValueError(
+            f"{source} holds {len(splits)} clients but num_clients={num_clients}; set "
+            f"num_clients (--num-clients) to {len(splits)} or leave it unset"
+        )
+    sizes = np.array([(len(train), len(test)) for train, test in splits]).reshape(-1, 2)
+    problems = (
+        ("empty", (sizes == 0).all(axis=1), "no samples at all"),
+        ("train", (sizes[:, 0] == 0) & (sizes[:, 1] > 0), "an empty train set"),
+        ("test", (sizes[:, 1] == 0) & (sizes[:, 0] > 0), "an empty test set"),
+    )
+    for kind, mask, what in problems:
+        if mask.any():
+            ks = np.flatnonzero(mask).tolist()
+            verb = "has" if len(ks) == 1 else "have"
+            hint = f"; {hints[kind]}" if kind in hints else ""
+            raise ValueError(
+                f"{source}: {_client_list(ks)} {verb} {what} (every client needs at least "
+                f"one train and one test sample){hint}"
+            )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.integer):
         return int(value)
@@ -343,19 +394,23 @@ def load_partition_meta(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def load_partition(path: str | os.PathLike, num_samples: int) -> Splits:
+def load_partition(
+    path: str | os.PathLike, num_samples: int, *, num_clients: int | None = None
+) -> Splits:
     """Reads and checks a partition file written by ``save_partition``.
 
     Args:
       path: partition file.
       num_samples: size of the pooled data set the indices point into.
+      num_clients: the number of clients the file must hold (None: any number).
 
     Returns:
       Per client, ``(train, test)`` int64 index arrays.
 
     Raises:
       ValueError: malformed file, an index that is not an integer or is out of
-        ``[0, num_samples)``, or an index used twice (within or across clients).
+        ``[0, num_samples)``, an index used twice (within or across clients), a client
+        with an empty train or test set, or a client count other than ``num_clients``.
     """
     doc = _read_partition_json(path)
     clients = doc["clients"]
@@ -397,4 +452,5 @@ def load_partition(path: str | os.PathLike, num_samples: int) -> Splits:
             )
         owner[both] = k
         splits.append((arrays[0], arrays[1]))
+    check_splits(splits, source=f"partition file {path}", num_clients=num_clients)
     return splits

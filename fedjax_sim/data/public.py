@@ -22,12 +22,13 @@ import numpy as np
 from flax import struct
 
 from fedjax_sim.checks import check_float, check_seed
-from fedjax_sim.data.federated import FederatedData, build_federated
+from fedjax_sim.data.federated import FederatedData, build_federated, check_federated_data
 from fedjax_sim.data.partition import (
     _check_int,
     _check_positive,
     _check_scheme,
     check_partition_file,
+    check_splits,
     load_partition,
     partition_indices,
     save_partition,
@@ -232,7 +233,7 @@ def make_federated_data_with_public(
     public_size: int | None = None,
     val_fraction: float = 0.0,
     partition: str = "dirichlet",
-    num_clients: int = 20,
+    num_clients: int | None = None,
     alpha: float = 0.1,
     min_samples: int = 10,
     shards_per_client: int = 2,
@@ -271,7 +272,9 @@ def make_federated_data_with_public(
       ``(data, public, splits, pooled)``.
 
     Raises:
-      ValueError: a bad argument, named in the message.
+      ValueError: a bad argument, named in the message; a partition file that is
+        malformed or does not fit; a client without train or test examples; data that
+        fails ``check_federated_data``.
     """
     if (public_fraction is None) == (public_dataset is None):
         raise ValueError("give exactly one of public_fraction and public_dataset")
@@ -299,7 +302,11 @@ def make_federated_data_with_public(
     _check_scheme(partition)
     if partition == "natural":
         raise ValueError("partition='natural' is not supported together with public data")
-    _check_int("num_clients", num_clients, 1)
+    from fedjax_sim.data import DEFAULT_NUM_CLIENTS, _check_feasible, split_hints
+
+    if num_clients is not None:
+        _check_int("num_clients", num_clients, 1)
+    drawn_clients = DEFAULT_NUM_CLIENTS if num_clients is None else num_clients
     _check_positive("alpha", alpha)
     _check_int("min_samples", min_samples, 2)
     _check_int("shards_per_client", shards_per_client, 1)
@@ -309,11 +316,9 @@ def make_federated_data_with_public(
     if partition_file is not None:
         check_partition_file(partition_file)
 
-    from fedjax_sim.data import _check_feasible
-
     feasibility = dict(
         partition=partition,
-        num_clients=num_clients,
+        num_clients=drawn_clients,
         min_samples=min_samples,
         shards_per_client=shards_per_client,
         classes_per_client=classes_per_client,
@@ -351,7 +356,7 @@ def make_federated_data_with_public(
 
     held = np.concatenate([public_idx, val_idx])
     if partition_file is not None:
-        splits = load_partition(partition_file, n)
+        splits = load_partition(partition_file, n, num_clients=num_clients)
         used = np.concatenate([np.concatenate([tr, te]) for tr, te in splits])
         clash = np.intersect1d(used, held)
         if clash.size:
@@ -364,17 +369,19 @@ def make_federated_data_with_public(
         _check_feasible(dataset, private_idx.size, pooled.num_classes, **feasibility)
         rng = np.random.default_rng(seed)
         clients = partition_indices(
-            pooled.y[private_idx], num_clients, partition, rng=rng, alpha=alpha,
+            pooled.y[private_idx], drawn_clients, partition, rng=rng, alpha=alpha,
             min_samples=min_samples, shards_per_client=shards_per_client,
             classes_per_client=classes_per_client,
         )
         local = train_test_split(clients, test_ratio, rng)
+        check_splits(local, source=f"the {partition!r} partition", hints=split_hints(
+            num_clients=drawn_clients, min_samples=min_samples, test_ratio=test_ratio))
         splits = [(private_idx[tr], private_idx[te]) for tr, te in local]
 
     if save_partition_to is not None:
         save_partition(
             save_partition_to, splits, dataset=dataset, name=pooled.name, num_samples=n,
-            source_options=options, partition=partition, num_clients=num_clients, alpha=alpha,
+            source_options=options, partition=partition, num_clients=len(splits), alpha=alpha,
             min_samples=min_samples, shards_per_client=shards_per_client,
             classes_per_client=classes_per_client, test_ratio=test_ratio, seed=seed,
             public_fraction=public_fraction, public_dataset=public_dataset,
@@ -384,7 +391,7 @@ def make_federated_data_with_public(
     public = as_public(
         public_x, public_y, val_x=pooled.x[val_idx], val_y=pooled.y[val_idx], name=public_name
     )
-    return build_federated(pooled, splits), public, splits, pooled
+    return check_federated_data(build_federated(pooled, splits)), public, splits, pooled
 
 
 __all__ = [
