@@ -2,9 +2,10 @@
 
 The commands are read from the README's fenced code blocks (backslash continuations joined,
 ``#`` comments dropped) and run through ``python -m fedjax_sim.cli`` in a subprocess that
-sees two CPU devices. Options appended to a command shrink it (argparse keeps the last
-value of a repeated option), and every command that writes gets a fresh ``--output``
-directory. Commands that need a cluster or prepared tfds data are only parsed.
+sees two CPU devices, two commands at a time. Options appended to a command shrink it
+(argparse keeps the last value of a repeated option), and every command that writes gets a
+fresh ``--output`` directory. Commands that need a cluster or prepared tfds data are only
+parsed.
 The commands of the measurement pages (experiments/*.md) run the same way, marked slow.
 """
 
@@ -15,6 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ TINY = {
 COMPARE_KEEP = 1
 TIMEOUT_S = 300
 DEVICES = 2  # CPU devices each command sees
+WORKERS = 2  # commands run at once
 
 
 def shell_commands(markdown: str, program: str = PROGRAM) -> list[str]:
@@ -100,7 +103,7 @@ def why_not_runnable(argv: list[str]) -> str | None:
 def tiny(argv: list[str], output: Path) -> list[str]:
     """``argv`` (without the program name) shrunk, writing under ``output``."""
     command = argv[0]
-    if "--help" in argv or "-h" in argv or command not in TINY:
+    if _asks_help(argv) or command not in TINY:
         return argv
     extra = list(TINY[command])
     if command == "compare":
@@ -127,37 +130,63 @@ README_CASES = _cases([README])
 PAGE_CASES = _cases(PAGES, marks=pytest.mark.slow)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for the module's commands: a program that two
-    commands compile alike (Local on the same split, say) is compiled once."""
-    return tmp_path_factory.mktemp("jax_cache")
+def _argv(command: str) -> list[str]:
+    """The arguments after the program name, without ``...`` placeholders."""
+    return [word for word in shlex.split(command)[1:] if word != "..."]
 
 
-def run_command(command: str, tmp_path: Path, cache: Path) -> None:
-    argv = shlex.split(command)[1:]
-    argv = [word for word in argv if word != "..."]  # placeholders for "more options"
-    asks_help = "--help" in argv or "-h" in argv
-    if not asks_help:
-        try:
-            build_parser().parse_args(argv)  # every option shown exists
-        except SystemExit:
-            pytest.fail(f"the command line refuses {command!r}")
-    reason = why_not_runnable(argv)
-    if reason:
-        pytest.skip(f"parsed only: {reason}")
-    output = tmp_path / "output"  # fresh for every command
+def _asks_help(argv: list[str]) -> bool:
+    return "--help" in argv or "-h" in argv
+
+
+def _execute(command: str, workdir: Path, cache: Path) -> tuple[subprocess.CompletedProcess,
+                                                                 Path]:
+    """Runs ``command`` shrunk, in ``workdir``, on ``DEVICES`` CPU devices."""
+    output = workdir / "output"  # fresh for every command
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                       os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(
-        [sys.executable, "-m", "fedjax_sim.cli", *tiny(argv, output)], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=TIMEOUT_S)
+        [sys.executable, "-m", "fedjax_sim.cli", *tiny(_argv(command), output)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    return proc, output
+
+
+@pytest.fixture(scope="module")
+def started(request, tmp_path_factory):
+    """The selected commands, started ``WORKERS`` at a time as soon as the module's first
+    command test runs: ``{command: future of (process, output directory)}``.
+
+    They share one persistent compilation cache, so a program that two commands compile
+    alike (Local on the same split, say) is compiled once when they do not overlap.
+    """
+    cache = tmp_path_factory.mktemp("jax_cache")
+    commands = [item.callspec.params["command"] for item in request.session.items
+                if item.module is sys.modules[__name__] and hasattr(item, "callspec")
+                and "command" in item.callspec.params]
+    runnable = [c for c in dict.fromkeys(commands) if why_not_runnable(_argv(c)) is None]
+    with ThreadPoolExecutor(WORKERS) as pool:
+        yield {c: pool.submit(_execute, c, tmp_path_factory.mktemp("command"), cache)
+               for c in runnable}
+
+
+def check_command(command: str, started: dict) -> None:
+    """``command``'s options exist; if it can run here, it exited 0 and wrote its output."""
+    argv = _argv(command)
+    if not _asks_help(argv):
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"the command line refuses {command!r}")
+    reason = why_not_runnable(argv)
+    if reason:
+        pytest.skip(f"parsed only: {reason}")
+    proc, output = started[command].result()
     assert proc.returncode == 0, (
         f"{command}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    if asks_help:
+    if _asks_help(argv):
         assert "usage: fedjax-sim" in proc.stdout
     elif argv[0] in ("run", "compare"):
         assert any(output.rglob("summary.json")), f"{command} wrote no summary.json"
@@ -179,11 +208,23 @@ def test_shell_commands_joins_lines_and_drops_comments():
                                     "fedjax-sim bench --model cnn"]
 
 
+def test_tiny_overrides_win(tmp_path):
+    args = build_parser().parse_args(tiny(
+        ["compare", "--rounds", "30", "--seeds", "0,1,2", "--output", "runs/x"], tmp_path))
+    assert (args.rounds, args.num_clients, args.seeds) == (2, 4, "0")
+    assert args.algorithms == DEFAULT_COMPARE[0]
+    assert args.output == str(tmp_path)
+    args = build_parser().parse_args(tiny(["bench", "--model", "cnn", "--rounds", "5"],
+                                          tmp_path))
+    assert (args.model, args.rounds, args.num_clients, args.local_steps) == ("cnn", 1, 2, 1)
+    assert tiny(["run", "--help"], tmp_path) == ["run", "--help"]
+
+
 @pytest.mark.parametrize("command", README_CASES)
-def test_readme_command_runs(command, tmp_path, compilation_cache):
-    run_command(command, tmp_path, compilation_cache)
+def test_readme_command_runs(command, started):
+    check_command(command, started)
 
 
 @pytest.mark.parametrize("command", PAGE_CASES)
-def test_page_command_runs(command, tmp_path, compilation_cache):
-    run_command(command, tmp_path, compilation_cache)
+def test_page_command_runs(command, started):
+    check_command(command, started)
