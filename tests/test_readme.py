@@ -5,8 +5,8 @@ The commands are read from the README's fenced code blocks (backslash continuati
 sees two CPU devices, two commands at a time. Options appended to a command shrink it
 (argparse keeps the last value of a repeated option), and every command that writes gets a
 fresh ``--output`` directory. Commands that need a cluster or prepared tfds data are only
-parsed.
-The commands of the measurement pages (experiments/*.md) run the same way, marked slow.
+parsed. The commands of the measurement pages (experiments/*.md) run the same way, marked
+slow.
 """
 
 from __future__ import annotations
@@ -139,9 +139,12 @@ def _asks_help(argv: list[str]) -> bool:
     return "--help" in argv or "-h" in argv
 
 
-def _execute(command: str, workdir: Path, cache: Path) -> tuple[subprocess.CompletedProcess,
-                                                                 Path]:
-    """Runs ``command`` shrunk, in ``workdir``, on ``DEVICES`` CPU devices."""
+def _execute(command: str, workdir: Path, cache: Path):
+    """Runs ``command`` shrunk, in ``workdir``, on ``DEVICES`` CPU devices.
+
+    Returns:
+      ``(completed process, the output directory it was given)``.
+    """
     output = workdir / "output"  # fresh for every command
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
