@@ -1,4 +1,4 @@
-"""Federated distillation on offline data: the tables of experiments/README_distillation.md.
+"""Federated distillation on offline data: the tables of experiments/distillation.md.
 
 Sections (each writes ``<output>/<section>.md`` with its table and ``<section>.json`` with
 every run's summary and curve):

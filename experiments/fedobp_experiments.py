@@ -11,11 +11,13 @@ the share of clients hurt by federating and the participation rate (IPR).
     python experiments/fedobp_experiments.py sweep --dataset digits --alpha 0.1
     python experiments/fedobp_experiments.py variants --dataset mnist1d --alpha 0.1
     python experiments/fedobp_experiments.py layers          # the figure, from a CNN run
-    python experiments/fedobp_experiments.py table results/fedobp/compare_digits_a0.1.json
-    python experiments/fedobp_experiments.py figure results/fedobp/sweep_*.json \
-        --ig-ratios 0.9999,0.999,0.99,0.9 --figure figures/fedobp_layers.png
+    python experiments/fedobp_experiments.py table \
+        experiments/results/fedobp/compare_digits_a0.1.json
+    python experiments/fedobp_experiments.py figure experiments/results/fedobp/sweep_*.json \
+        --ig-ratios 0.9999,0.999,0.99,0.9 --figure experiments/figures/fedobp_layers.png
 
-Results go to ``experiments/results/fedobp/<kind>_<dataset>_a<alpha>.{json,md}``.
+Results go to ``experiments/results/fedobp/<kind>_<dataset>_a<alpha>.{json,md}``; the tables
+are in experiments/fedobp.md.
 """
 
 from __future__ import annotations

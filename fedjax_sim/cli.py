@@ -477,7 +477,8 @@ def _check_data_args(args: argparse.Namespace, names: list[str]) -> None:
     check_choice("--dataset", args.dataset, SOURCES)
     check_choice("--partition", args.partition, PARTITIONS)
     check_float("--alpha", args.alpha, 0.0, low_open=True)
-    check_int("--num-clients", args.num_clients, 1)
+    if args.num_clients is not None:  # None: 20, or the partition file's count
+        check_int("--num-clients", args.num_clients, 1)
     check_int("--min-samples", args.min_samples, 2)
     check_int("--shards-per-client", args.shards_per_client, 1)
     check_int("--classes-per-client", args.classes_per_client, 1)

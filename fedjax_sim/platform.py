@@ -6,7 +6,7 @@ so each operation is too short to split well: a 2-core machine runs the FedAvg m
 as fast on one core as on two. Showing one device per core instead lets the runner shard
 the client axis over them (``fedjax_sim.runner.client_axis_mesh``), every core training
 its own clients one after another, which nearly doubles the round throughput on 2 cores
-(README, "Speed and scale").
+(experiments/speed.md).
 
 The count must be set before JAX starts its backends, i.e. before the first array is
 made. The command line does it for every command (``--cpu-devices``, default ``auto``);

@@ -334,7 +334,7 @@ def test_cli_partition_file_out_of_range_and_malformed(capsys, tmp_path):
     assert "client 1 train index 5000 is outside [0, 1797)" in err
     path.write_text('{"clients": [')
     err = _cli_error(capsys, tmp_path, "--partition-file", str(path), "--num-clients", "4")
-    assert f"partition file {path} is not valid JSON" in err
+    assert f"--partition-file {path} is not valid JSON" in err
 
 
 def test_cli_partition_file_with_public_data(capsys, tmp_path):

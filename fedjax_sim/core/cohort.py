@@ -38,9 +38,9 @@ STRATEGIES = ("auto", "vmap", "sequential", "chunked")
 # Mesh axis name of the client axis.
 CLIENT_AXIS = "clients"
 
-# ``auto`` per backend, from fedjax-sim bench --client-strategy all (README, "Speed and
-# scale"): on CPU the sequential loop wins for the mlp and the cnn, on accelerators the full
-# vmap does.
+# ``auto`` per backend, from fedjax-sim bench --client-strategy all (experiments/speed.md,
+# experiments/gpu.md): on CPU the sequential loop wins for the mlp and the cnn, on
+# accelerators the full vmap does.
 AUTO_TABLE = {"cpu": ("sequential", 1), "gpu": ("vmap", 0), "tpu": ("vmap", 0)}
 
 
