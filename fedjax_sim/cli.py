@@ -549,7 +549,8 @@ def _check_run_args(args: argparse.Namespace) -> None:
     _check_data_args(args, [args.algorithm])
     algorithms.resolve(args.algorithm, **_hparams_for(args.algorithm, args, strict=True))
     _check_loop(args)
-    check_output_dir("--output", args.output)
+    if args.output is not None:  # None: a fresh runs/... folder
+        check_output_dir("--output", args.output)
 
 
 def _check_compare_args(args: argparse.Namespace) -> None:
@@ -561,7 +562,8 @@ def _check_compare_args(args: argparse.Namespace) -> None:
     for name in names:
         algorithms.resolve(name, **_hparams_for(name, args, strict=False))
     _check_loop(args)
-    check_output_dir("--output", args.output)
+    if args.output is not None:  # None: a fresh runs/... folder
+        check_output_dir("--output", args.output)
 
 
 def _check_bench_args(args: argparse.Namespace) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 # Files that mark a folder as a fedjax-sim run (or comparison, or sweep) folder.
-RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "compare.md", "sweep.json")
+RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "compare.md", "sweep.json",
+               "checkpoints")
 LOCK_NAME = ".lock"
 
 
