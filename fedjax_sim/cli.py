@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "and the incentivized participation rate")
     run.add_argument("--checkpoint-every", type=int, default=0)
     run.add_argument("--resume", action="store_true",
-                     help="continue from OUTPUT/checkpoint.npz")
+                     help="continue from the latest checkpoint in OUTPUT/checkpoints")
     run.add_argument("--no-progress", action="store_true")
     _add_platform_args(run)
     _add_data_args(run)

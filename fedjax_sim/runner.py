@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.core.checkpoint import Checkpointer, check_meta
 from fedjax_sim.core.cohort import CLIENT_AXIS
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
@@ -220,36 +221,6 @@ def make_round_block(
     return jax.jit(block, donate_argnums=0, out_shardings=(state_shardings, replicated))
 
 
-def save_checkpoint(path: Path, state: SimState) -> None:
-    """Writes the state's leaves atomically (a crash mid-write keeps the previous file).
-
-    In a multi-process run every process must call it (shards are gathered); process 0
-    writes."""
-    leaves = _to_host(jax.tree.leaves(state.replace(key=jax.random.key_data(state.key))))
-    if jax.process_index() != 0:
-        return
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, *leaves)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, template: SimState, shardings: SimState | None = None
-                    ) -> SimState:
-    """Restores a state written by ``save_checkpoint`` into ``template``'s structure (and
-    onto ``shardings`` when given)."""
-    raw = template.replace(key=jax.random.key_data(template.key))
-    treedef = jax.tree.structure(raw)
-    with np.load(path) as archive:
-        leaves = [archive[f"arr_{i}"] for i in range(len(archive.files))]
-    restored = jax.tree.unflatten(treedef, leaves)
-    if shardings is None:
-        restored = jax.tree.map(jax.numpy.asarray, restored)
-        return restored.replace(key=jax.random.wrap_key_data(restored.key))
-    restored = _place(restored, shardings.replace(key=shardings.round))
-    return jax.jit(lambda s: s.replace(key=jax.random.wrap_key_data(s.key)),
-                   out_shardings=shardings)(restored)
-
-
 def run(
     algorithm: Algorithm,
     data: FederatedData,
@@ -281,8 +252,13 @@ def run(
         process but the first in a multi-process run).
       local_accuracies: per-client accuracies of a local-only run on the same split; when
         given, the summary adds the hurt fraction and the participation rate.
-      checkpoint_every: save the state every this many rounds (0: never).
-      resume: continue from ``output/checkpoint.npz`` if it exists.
+      checkpoint_every: save the state every this many rounds (0: never) under
+        ``output/checkpoints/<round>``, each process its own shards, in the background
+        (the ``checkpoint`` event fires once the save has started); the latest two are
+        kept.
+      resume: continue from the latest checkpoint under ``output/checkpoints`` if there
+        is one (on any number of devices); it must come from a run of the same
+        algorithm, hyperparameters, data set, client count and seed.
       progress: show a progress bar.
       extra_summary: more fields for ``summary.json``.
       rounds_per_call: rounds run by one jitted call (a ``lax.scan`` over rounds); a call
@@ -311,8 +287,14 @@ def run(
         start = time.perf_counter()
         data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
         history: list[dict] = []
-        if resume and out is not None and (out / "checkpoint.npz").exists():
-            state = load_checkpoint(out / "checkpoint.npz", state, shardings)
+        meta = {"algorithm": algorithm.name, "dataset": data.name,
+                "num_clients": data.num_clients, "seed": seed, "hparams": algorithm.hparams}
+        ckpt = None
+        if out is not None and (checkpoint_every or resume):
+            ckpt = Checkpointer(out / "checkpoints")
+        if resume and ckpt is not None and ckpt.latest_round() is not None:
+            state, saved_meta = ckpt.restore(state, shardings)
+            check_meta(ckpt.path(int(state.round)), saved_meta, meta)
             history = _read_history(out / "metrics.jsonl", int(state.round), write=lead)
         elif out is not None and lead:
             (out / "metrics.jsonl").write_text("")
@@ -366,11 +348,13 @@ def run(
                 if bar is not None:
                     bar.set_postfix(acc=f"{record['accuracy']:.4f}")
                 events.emit("evaluate", round=done, state=state, record=record)
-            if out is not None and checkpoint_every and done % checkpoint_every == 0:
-                save_checkpoint(out / "checkpoint.npz", state)
-                events.emit("checkpoint", round=done, state=state, path=out / "checkpoint.npz")
+            if ckpt is not None and checkpoint_every and done % checkpoint_every == 0:
+                ckpt.save(done, state, meta)
+                events.emit("checkpoint", round=done, state=state, path=ckpt.path(done))
         if bar is not None:
             bar.close()
+        if ckpt is not None:
+            ckpt.close()
 
         final = history[-1]
         summary = {
