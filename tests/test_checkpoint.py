@@ -300,10 +300,10 @@ def _foreign(step_dir):
 
 
 @pytest.mark.parametrize("damage, reason", [
-    (_truncate, "incomplete or corrupted"),
-    (_garbage, "incomplete or corrupted"),
+    (_truncate, "corrupted checkpoint"),
+    (_garbage, "corrupted checkpoint"),
     (_flip_one_bit, "checksum mismatch"),
-    (_drop_arrays, "incomplete or corrupted"),
+    (_drop_arrays, "incomplete or corrupted checkpoint"),
     (_garbage_record, "unreadable checkpoint record"),
     (_foreign, "unreadable checkpoint record"),
 ])
