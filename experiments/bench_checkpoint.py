@@ -16,8 +16,9 @@ one JSON line:
   restore_s   (orbax) reading the latest checkpoint back onto the devices.
 
 ``none`` is the loop without checkpoints; ``npz`` gathers every leaf to the host and
-writes one ``np.savez`` file (what the runner did before); ``sync`` and ``async`` use
-``fedjax_sim.core.checkpoint.Checkpointer``.
+writes one ``np.savez`` file (what the runner did before); ``sync``, ``async`` and
+``async_nosum`` (without the per-leaf checksums) use
+``fedjax_sim.core.checkpoint.Checkpointer``; ``checkpoint_bytes`` is one checkpoint's size.
 
     python experiments/bench_checkpoint.py                      # ~1 GB on this machine
     python experiments/bench_checkpoint.py --clients 10000      # K=10,000, FedOBP-sized
@@ -91,6 +92,7 @@ def bench(mode: str, args, directory: Path) -> dict:
     jax.block_until_ready(state)
     round_s = time.perf_counter() - tic
     checksum_s = None
+    orbax = mode in ("sync", "async", "async_nosum")
     if mode in ("sync", "async"):
         # The per-leaf checksums a save computes: compiled here, outside the timing.
         leaves = jax.tree.leaves(state.replace(key=jax.random.key_data(state.key)))
@@ -100,8 +102,9 @@ def bench(mode: str, args, directory: Path) -> dict:
         checksum_s = round(time.perf_counter() - tic, 3)
         del leaves
     ckpt = None
-    if mode in ("sync", "async"):
-        ckpt = Checkpointer(directory / mode, async_save=mode == "async")
+    if orbax:
+        ckpt = Checkpointer(directory / mode, async_save=mode != "sync",
+                            checksums=mode != "async_nosum")
     per_save = []
     start = time.perf_counter()
     for r in range(1, args.rounds + 1):
@@ -132,8 +135,12 @@ def bench(mode: str, args, directory: Path) -> dict:
             np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
                 jax.tree.leaves(restored.clients), jax.tree.leaves(state.clients),
                 strict=True)))
+    if mode != "none":
+        files = (directory.rglob("*") if ckpt is None
+                 else ckpt.path(ckpt.latest_round()).rglob("*"))
+        record["checkpoint_bytes"] = sum(f.stat().st_size for f in files if f.is_file())
+    if ckpt is not None:
         ckpt.close()
-    record["disk_bytes"] = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True, exist_ok=True)
     return record
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--every", type=int, default=2, help="save every this many rounds")
     parser.add_argument("--work", type=int, default=1,
                         help="update passes over the client state per round (round length)")
-    parser.add_argument("--modes", default="none,npz,sync,async")
+    parser.add_argument("--modes", default="none,npz,sync,async,async_nosum")
     parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     args = parser.parse_args(argv)
     for name in ("clients", "per_client", "rounds", "every", "work"):

@@ -108,7 +108,9 @@ def test_keeps_the_latest_two_and_a_fresh_run_replaces_later_rounds(tmp_path, tr
         ckpt.wait()
         assert ckpt.rounds() == [4]
         _, meta = ckpt.restore(state)
-        assert meta == {"r": "new"}
+        assert meta == ckpt.metadata(4) == {"r": "new"}
+        with pytest.raises(CheckpointError, match="6: no such checkpoint"):
+            ckpt.metadata(6)
     assert sorted(os.listdir(tmp_path)) == ["4"]
 
 
