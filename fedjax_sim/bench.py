@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fedjax_sim import algorithms
+from fedjax_sim.checks import check_int, check_seed
 from fedjax_sim.core import cohort
 from fedjax_sim.core.local import weighted_cross_entropy
 from fedjax_sim.data.federated import FederatedData
@@ -161,13 +162,24 @@ def bench(
     The client axis is sharded over ``devices`` devices (``None``: all visible ones) as in
     ``fedjax-sim run``; on a CPU host the command line shows one device per core
     (:mod:`fedjax_sim.platform`).
+
+    Raises:
+      ValueError: naming the argument, before any data is drawn or anything compiles.
     """
     for name, value in (("num_clients", num_clients), ("local_steps", local_steps),
                         ("batch_size", batch_size), ("rounds", rounds),
                         ("rounds_per_call", rounds_per_call),
                         ("samples_per_client", samples_per_client)):
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+        check_int(name, value, 1)
+    check_seed("seed", seed)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    if algorithms.uses_public(algorithm):
+        raise ValueError(f"bench times algorithms without public data, not {algorithm}")
+    # Every hyperparameter is checked before the random data is drawn.
+    algorithms.resolve(algorithm, local_steps=local_steps, batch_size=batch_size,
+                       client_strategy=client_strategy, chunk_size=chunk_size)
+    cohort.strategy_override()
     data = random_data(num_clients, samples_per_client, seed=seed)
     net = make_model(model, (28, 28, 1), 10,
                      **({"conv_impl": conv_impl} if model == "cnn" else {}))

@@ -9,15 +9,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from fedjax_sim import algorithms
-from fedjax_sim.algorithms.base import COMMON, HParam
+from fedjax_sim.algorithms.base import COMMON, HParam, check_hparam
+from fedjax_sim.checks import (
+    check_choice,
+    check_float,
+    check_input_dir,
+    check_int,
+    check_output_dir,
+    check_output_file,
+    check_seed,
+    parse_int,
+    parse_list,
+    parse_seed,
+)
 from fedjax_sim.models.layers import CONV_IMPLS
-from fedjax_sim.platform import configure_cpu_devices
+from fedjax_sim.platform import check_environment, configure_cpu_devices, parse_cpu_devices
 
 # Federated distillation: public data held out of the pool unless --public-dataset is given.
 DEFAULT_PUBLIC_FRACTION = 0.2
@@ -26,6 +40,14 @@ _HETEROGENEOUS = ("fedmd", "fccl")
 
 DEFAULT_COMPARE = ("fedavg", "local", "fedavg_ft", "fedper", "fedrep", "fedbabu", "lg_fedavg",
                    "ditto", "apfl")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument parser whose errors are one line, ``fedjax-sim <command>: error: ...``,
+    without the usage block (sub-commands get this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _flag(name: str) -> str:
@@ -117,7 +139,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -145,13 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", default=None, help="host:port of process 0")
     run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--process-id", type=int, default=None)
-    run.add_argument("--output", default="runs/latest", help="output directory")
+    run.add_argument("--output", default=None,
+                     help="run folder (default: a new runs/<algorithm>-<dataset>-<time>); an "
+                     "existing non-empty folder is refused unless --resume or --overwrite")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the fedjax-sim run in an existing --output folder")
+    run.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
+                     help="on a NaN or infinite loss or parameter: stop the run at that round "
+                     "(default), or warn and go on")
     run.add_argument("--compare-local", action="store_true",
                      help="also run Local on the same split and report the hurt fraction "
                      "and the incentivized participation rate")
     run.add_argument("--checkpoint-every", type=int, default=0)
     run.add_argument("--resume", action="store_true",
-                     help="continue from the latest checkpoint in OUTPUT/checkpoints")
+                     help="continue the run in --output from its latest checkpoint (refused "
+                     "if any setting that changes results differs; --rounds may grow)")
     run.add_argument("--no-progress", action="store_true")
     _add_platform_args(run)
     _add_data_args(run)
@@ -163,7 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--algorithms", default=",".join(DEFAULT_COMPARE),
                          help="comma-separated algorithm names")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    compare.add_argument("--output", default="runs/compare", help="output directory")
+    compare.add_argument("--output", default=None,
+                         help="comparison folder (default: a new runs/compare-<dataset>-<time>); "
+                         "an existing non-empty folder is refused unless --overwrite")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace the comparison in an existing --output folder")
+    compare.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
+                         help="on a NaN or infinite loss or parameter: stop (the table marks "
+                         "the run diverged) or warn and go on")
     compare.add_argument("--no-progress", action="store_true")
     _add_platform_args(compare)
     _add_data_args(compare)
@@ -277,20 +314,20 @@ def _parse_architectures(spec: str) -> list[tuple[str, dict]]:
     """``mlp:64,mlp:128x64,cnn`` -> [(name, options), ...]; checked before any data loads."""
     from fedjax_sim.models import MODELS
 
-    parsed = []
-    for item in spec.split(","):
-        name, _, widths = item.strip().partition(":")
+    def parse(item: str, _label: str) -> tuple[str, dict]:
+        name, _, widths = item.partition(":")
         if name not in MODELS:
             raise ValueError(f"--architectures: unknown model {name!r} in {spec!r}; "
                              f"valid: {', '.join(MODELS)}")
         options = {}
         if widths:
-            if name != "mlp" or not all(w.isdigit() and int(w) > 0 for w in widths.split("x")):
+            if name != "mlp" or not all(w.isdecimal() and int(w) > 0 for w in widths.split("x")):
                 raise ValueError(f"--architectures: {item!r} must be mlp:W or mlp:W1xW2 with "
                                  "positive widths (only mlp takes widths)")
             options["hidden"] = tuple(int(w) for w in widths.split("x"))
-        parsed.append((name, options))
-    return parsed
+        return name, options
+
+    return parse_list(spec, "--architectures", parse)
 
 
 def _models_for(args: argparse.Namespace, input_shape, num_classes):
@@ -304,8 +341,9 @@ def _models_for(args: argparse.Namespace, input_shape, num_classes):
 
 
 def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[float]:
-    """Per-client accuracies of Local on ``data``; with several architectures each client
-    uses its own (client k runs architecture k mod A, as in FedMD and FCCL)."""
+    """Per-client accuracies of Local on ``data``, on the run's own evaluation schedule;
+    with several architectures each client uses its own (client k runs architecture k mod
+    A, as in FedMD and FCCL)."""
     from fedjax_sim.algorithms.fedmd import group_members
     from fedjax_sim.runner import run
 
@@ -313,10 +351,57 @@ def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[f
     accuracies = np.zeros(data.num_clients)
     for m, idx in zip(models, group_members(data.num_clients, len(models)), strict=True):
         reference = algorithms.make("local", m, **_hparams_for("local", args, strict=False))
-        result = run(reference, data, rounds=args.rounds, eval_every=args.rounds, seed=seed,
-                     progress=not args.no_progress)
+        result = run(reference, data, rounds=args.rounds, eval_every=args.eval_every,
+                     seed=seed, progress=not args.no_progress, devices=args.devices,
+                     rounds_per_call=getattr(args, "rounds_per_call", 1),
+                     on_divergence=args.on_divergence)
         accuracies[idx] = np.asarray(result.summary["client_accuracies"])[idx]
     return accuracies.tolist()
+
+
+# Options that decide the data, the partition and the model: recorded in config.json and
+# matched on --resume (with the algorithm's hyperparameters, the seed and the split itself).
+_DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
+                 "shards_per_client", "classes_per_client", "test_ratio", "model",
+                 "architectures", "public_fraction", "public_dataset", "public_size",
+                 "public_val_fraction")
+
+
+def _data_config(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name, None) for name in _DATA_OPTIONS}
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """Every option as parsed (for config.json)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+def _resume_command(args: argparse.Namespace, output: str) -> str:
+    """The command line that resumes this run: the same words, with this --output and
+    --resume instead of --overwrite."""
+    words, skip = [], False
+    for word in args._argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--output", "--overwrite", "--resume") or word.startswith("--output="):
+            skip = word == "--output"
+            continue
+        words.append(word)
+    return shlex.join(["fedjax-sim", *words, "--output", output, "--resume"])
+
+
+def _output_for(args: argparse.Namespace, kind: str) -> str:
+    """--output, or a fresh runs/<kind>-<dataset>-<time> folder; checked before anything
+    loads or compiles."""
+    from fedjax_sim.rundir import default_output, preflight
+
+    if args.output is None:
+        if getattr(args, "resume", False):
+            raise ValueError("--resume needs --output: the folder of the run to continue")
+        args.output = str(default_output(kind, args.dataset))
+    preflight(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite)
+    return args.output
 
 
 def _model_names(model) -> str:
@@ -326,18 +411,206 @@ def _model_names(model) -> str:
 def _check_loop(args: argparse.Namespace) -> None:
     from fedjax_sim.runner import validate_run_options
 
+    for flag, value in (("--rounds", args.rounds), ("--eval-every", args.eval_every)):
+        if value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
     validate_run_options(rounds=args.rounds, eval_every=args.eval_every,
                          checkpoint_every=getattr(args, "checkpoint_every", 0))
 
 
-def _csv(text: str, kind: type, flag: str) -> list:
+def _algorithm_names() -> tuple[str, ...]:
+    return algorithms.ALGORITHMS + algorithms.DISTILLATION
+
+
+def _parse_seeds(text: str) -> list[int]:
+    return parse_list(text, "--seeds", parse_seed, unique=True)
+
+
+def _parse_lrs(text: str) -> list[float]:
+    spec = next(spec for spec in COMMON if spec.name == "lr")
+
+    def parse(entry: str, label: str) -> float:
+        try:
+            value = float(entry)
+        except ValueError:
+            raise ValueError(f"{label} must be a finite number {spec.allowed}, got {entry!r}"
+                             ) from None
+        return check_hparam(spec, value, label)
+
+    return parse_list(text, "--sweep-lr", parse, unique=True)
+
+
+def _parse_algorithms(text: str) -> list[str]:
+    names = parse_list(text, "--algorithms", lambda entry, _: entry, unique=True)
+    unknown = [n for n in names if n not in _algorithm_names()]
+    if unknown:
+        raise ValueError(f"--algorithms: unknown {', '.join(map(repr, unknown))}; valid: "
+                         f"{', '.join(_algorithm_names())}")
+    return names
+
+
+def _parse_chunks(text: str) -> list[int]:
+    spec = next(spec for spec in COMMON if spec.name == "chunk_size")
+    return parse_list(
+        text, "--chunk-size", lambda entry, label: check_hparam(spec, parse_int(entry, label),
+                                                                label))
+
+
+def _check_hparam_flags(args: argparse.Namespace) -> None:
+    """Every hyperparameter flag that is set, against its spec, named as typed."""
+    seen = set()
+    for name in _algorithm_names():
+        for spec in algorithms.hparam_specs(name):
+            value = getattr(args, spec.name, None)
+            if spec.name not in seen and value is not None:
+                check_hparam(spec, value, _flag(spec.name))
+            seen.add(spec.name)
+
+
+def _check_data_args(args: argparse.Namespace, names: list[str]) -> None:
+    from fedjax_sim.data import PARTITIONS, SOURCES, check_partition_file
+    from fedjax_sim.data.sources import check_prepared
+    from fedjax_sim.models import MODELS
+
+    check_choice("--dataset", args.dataset, SOURCES)
+    check_choice("--partition", args.partition, PARTITIONS)
+    check_float("--alpha", args.alpha, 0.0, low_open=True)
+    check_int("--num-clients", args.num_clients, 1)
+    check_int("--min-samples", args.min_samples, 2)
+    check_int("--shards-per-client", args.shards_per_client, 1)
+    check_int("--classes-per-client", args.classes_per_client, 1)
+    check_float("--test-ratio", args.test_ratio, 0.0, 1.0, low_open=True, high_open=True)
+    check_choice("--model", args.model, ("auto", *MODELS))
+    if args.public_fraction is not None:
+        check_float("--public-fraction", args.public_fraction, 0.0, 1.0, low_open=True,
+                    high_open=True)
+        if args.public_dataset is not None:
+            raise ValueError("give --public-fraction or --public-dataset, not both")
+    if args.public_dataset is not None:
+        check_choice("--public-dataset", args.public_dataset, SOURCES)
+    if args.public_size is not None:
+        check_int("--public-size", args.public_size, 1)
+        if args.public_dataset is None:
+            raise ValueError("--public-size applies only with --public-dataset")
+    check_float("--public-val-fraction", args.public_val_fraction, 0.0, 1.0, high_open=True)
+    if _wants_public(names, args) and args.public_dataset is None:
+        fraction = args.public_fraction or DEFAULT_PUBLIC_FRACTION
+        if fraction + args.public_val_fraction >= 1:
+            raise ValueError(f"--public-fraction + --public-val-fraction must be < 1, got "
+                             f"{fraction} + {args.public_val_fraction}")
+    if args.data_dir is not None and "://" not in args.data_dir:
+        check_input_dir("--data-dir", args.data_dir)
+    for source in (args.dataset, args.public_dataset):
+        if source is not None:
+            check_prepared(source, args.data_dir)
+    if args.partition_file is not None:
+        check_partition_file(args.partition_file, "--partition-file")
+    if args.save_partition is not None:
+        check_output_file("--save-partition", args.save_partition)
+    if args.architectures is not None:
+        _parse_architectures(args.architectures)
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    check_choice("--algorithm", args.algorithm, _algorithm_names())
+    check_seed("--seed", args.seed)
+    check_int("--rounds-per-call", args.rounds_per_call, 1)
+    if args.devices is not None:
+        check_int("--devices", args.devices, 1)
+    if args.num_processes is not None:
+        check_int("--num-processes", args.num_processes, 1)
+    if args.process_id is not None:
+        check_int("--process-id", args.process_id, 0,
+                  None if args.num_processes is None else args.num_processes - 1)
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdecimal() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"--coordinator must be host:port with a port in [1, 65535], "
+                             f"got {args.coordinator!r}")
+    if not args.distributed and (args.coordinator or args.num_processes
+                                 or args.process_id is not None):
+        raise ValueError("--coordinator/--num-processes/--process-id need --distributed")
+    if args.architectures is not None and args.algorithm not in _HETEROGENEOUS:
+        raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
+                         f"not {args.algorithm}")
+    if args.seeds is not None or args.sweep_lr is not None:
+        if algorithms.uses_public(args.algorithm) or args.compare_local or args.resume:
+            raise ValueError("--seeds/--sweep-lr take no public-data algorithm, "
+                             "--compare-local or --resume")
+        if args.seeds is not None:
+            _parse_seeds(args.seeds)
+        if args.sweep_lr is not None:
+            _parse_lrs(args.sweep_lr)
+            if args.lr is not None:
+                raise ValueError("give --lr or --sweep-lr, not both")
+    _check_data_args(args, [args.algorithm])
+    algorithms.resolve(args.algorithm, **_hparams_for(args.algorithm, args, strict=True))
+    _check_loop(args)
+    check_output_dir("--output", args.output)
+
+
+def _check_compare_args(args: argparse.Namespace) -> None:
+    names = _parse_algorithms(args.algorithms)
+    _parse_seeds(args.seeds)
+    if args.architectures is not None:
+        raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
+    _check_data_args(args, names)
+    for name in names:
+        algorithms.resolve(name, **_hparams_for(name, args, strict=False))
+    _check_loop(args)
+    check_output_dir("--output", args.output)
+
+
+def _check_bench_args(args: argparse.Namespace) -> None:
+    from fedjax_sim.core.cohort import STRATEGIES
+
+    check_choice("--algorithm", args.algorithm, algorithms.ALGORITHMS)
+    for name in ("num_clients", "local_steps", "batch_size", "rounds", "samples_per_client",
+                 "rounds_per_call"):
+        check_int(_flag(name), getattr(args, name), 1)
+    check_seed("--seed", args.seed)
+    if args.devices is not None:
+        check_int("--devices", args.devices, 1)
+    check_choice("--client-strategy", args.client_strategy, (*STRATEGIES, "all"))
+    chunks = _parse_chunks(args.chunk_size)
+    if len(chunks) > 1 and args.client_strategy != "all":
+        raise ValueError("--chunk-size takes several sizes only with --client-strategy all")
+    specs = {spec.name: spec for spec in COMMON}
+    for name in ("local_steps", "batch_size"):
+        check_hparam(specs[name], getattr(args, name), _flag(name))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks every option of ``args`` before anything is loaded or compiled.
+
+    Raises:
+      ValueError: naming the option as typed (``--lr``) and what it allows; list options
+        are checked entry by entry, paths without creating anything.
+    """
     try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError as error:
-        raise ValueError(f"{flag}: {error}") from None
-    if not values:
-        raise ValueError(f"{flag} must name at least one value")
-    return values
+        parse_cpu_devices(args.cpu_devices)
+    except ValueError:
+        raise ValueError(f"--cpu-devices must be 'auto' or an integer >= 1, got "
+                         f"{args.cpu_devices!r}") from None
+    if args.command == "bench":
+        _check_bench_args(args)
+        return
+    _check_hparam_flags(args)
+    if args.command == "run":
+        _check_run_args(args)
+    else:
+        _check_compare_args(args)
+
+
+def _check_devices(devices: int | None, *, local: bool = False) -> None:
+    """``--devices`` against the devices there are (starts JAX's backends)."""
+    if devices is None:
+        return
+    import jax
+
+    count = jax.local_device_count() if local else jax.device_count()
+    if devices > count:
+        raise ValueError(f"--devices must be in [1, {count}] (the devices here), got {devices}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> list[dict]:
@@ -347,21 +620,25 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict]:
     if algorithms.uses_public(args.algorithm) or args.compare_local or args.resume:
         raise ValueError("--seeds/--sweep-lr take no public-data algorithm, --compare-local "
                          "or --resume")
-    seeds = _csv(args.seeds, int, "--seeds") if args.seeds else [args.seed]
-    lrs = _csv(args.sweep_lr, float, "--sweep-lr") if args.sweep_lr else None
+    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    lrs = _parse_lrs(args.sweep_lr) if args.sweep_lr is not None else None
     hparams = _hparams_for(args.algorithm, args, strict=True)
     algorithms.resolve(args.algorithm, **hparams)
     _check_loop(args)
+    _check_devices(args.devices, local=True)
+    output = _output_for(args, f"{args.algorithm}-sweep")
     data = _load_data(args, args.seed, args.save_partition)
     model = _model_for(args.model, data.input_shape, data.num_classes)
     summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
-                      eval_every=args.eval_every, hparams=hparams, output=args.output,
+                      eval_every=args.eval_every, hparams=hparams, output=output,
                       rounds_per_call=args.rounds_per_call,
                       config_strategy=args.sweep_strategy, progress=not args.no_progress,
-                      devices=args.devices)
+                      devices=args.devices, overwrite=args.overwrite, options=_options(args))
     for summary in summaries:
-        print(json.dumps({k: summary[k] for k in ("algorithm", "seed", "lr", "accuracy",
-                                                  "client_p10", "sweep_wall_s")}))
+        print(json.dumps({k: summary.get(k) for k in ("status", "algorithm", "seed", "lr",
+                                                      "accuracy", "client_p10", "diverged_at",
+                                                      "sweep_wall_s")}))
+    print(f"results in {output}", file=sys.stderr)
     return summaries
 
 
@@ -380,7 +657,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
     from fedjax_sim.runner import run
 
     _initialize_distributed(args)
-    if args.seeds or args.sweep_lr:
+    if args.seeds is not None or args.sweep_lr is not None:
         return cmd_sweep(args)
     hparams = _hparams_for(args.algorithm, args, strict=True)
     algorithms.resolve(args.algorithm, **hparams)  # fail before loading or compiling
@@ -390,6 +667,8 @@ def cmd_run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
                              f"not {args.algorithm}")
         _parse_architectures(args.architectures)
+    _check_devices(args.devices)
+    output = _output_for(args, args.algorithm)
     data, public = _load_with_public(args, args.seed, [args.algorithm], args.save_partition)
     model = _models_for(args, data.input_shape, data.num_classes)
     local_accuracies = None
@@ -403,15 +682,18 @@ def cmd_run(args: argparse.Namespace) -> dict:
                      public_val_size=public.num_val)
     result = run(
         algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed,
-        output=args.output, local_accuracies=local_accuracies,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        output=output, local_accuracies=local_accuracies,
+        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
         progress=not args.no_progress, extra_summary=extra,
         rounds_per_call=args.rounds_per_call, devices=args.devices,
+        config=_data_config(args), options=_options(args), on_divergence=args.on_divergence,
+        resume_hint=_resume_command(args, output),
     )
     summary = result.summary
-    keys = ("algorithm", "dataset", "accuracy", "client_mean_accuracy", "client_p10",
-            "hurt_fraction", "ipr", "bytes_up", "wall_s")
+    keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
+            "client_p10", "hurt_fraction", "ipr", "bytes_up", "wall_s")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    print(f"results in {output}", file=sys.stderr)
     return summary
 
 
@@ -422,75 +704,98 @@ def _mean_std(values) -> str:
     return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
 
 
+def _compare_one(run, algorithm, data, args, seed, output, local_accuracies, model) -> dict:
+    """One run of a comparison; a diverged run becomes a row marked as such."""
+    from fedjax_sim.safety import DivergedError
+
+    try:
+        return run(
+            algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
+            output=output, local_accuracies=local_accuracies, progress=not args.no_progress,
+            extra_summary={"model": model.name}, config=_data_config(args),
+            options=_options(args), on_divergence=args.on_divergence, devices=None,
+        ).summary
+    except DivergedError as error:
+        print(f"fedjax-sim compare: {algorithm.name} seed {seed}: {error}", file=sys.stderr)
+        return {"status": "diverged", "algorithm": algorithm.name, "seed": seed,
+                "diverged_at": error.round, "accuracy": np.nan, "wall_s": np.nan,
+                "bytes_up": np.nan, "client_mean_accuracy": np.nan, "client_p10": np.nan}
+
+
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
+    from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, environment
     from fedjax_sim.runner import run
 
-    names = [n.strip() for n in args.algorithms.split(",") if n.strip()]
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    if not names or not seeds:
-        raise ValueError("--algorithms and --seeds must each name at least one value")
+    names = _parse_algorithms(args.algorithms)
+    seeds = _parse_seeds(args.seeds)
     for name in names:
         algorithms.resolve(name, **_hparams_for(name, args, strict=False))
     _check_loop(args)
     if args.architectures is not None:
         raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
-    out = Path(args.output)
+    out = Path(_output_for(args, "compare"))
     results: dict[str, list[dict]] = {name: [] for name in names}
     order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
-    for seed in seeds:
-        data, public = _load_with_public(args, seed, names)
-        model = _model_for(args.model, data.input_shape, data.num_classes)
-        local_accuracies = None
-        for name in order:
-            if name == "local" and name not in names and local_accuracies is not None:
-                continue
-            algorithm = algorithms.make(name, model, **_public_kw(name, public),
-                                        **_hparams_for(name, args, strict=False))
-            summary = run(
-                algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
-                output=out / f"{name}_seed{seed}" if name in names else None,
-                local_accuracies=local_accuracies, progress=not args.no_progress,
-                extra_summary={"model": model.name},
-            ).summary
-            if name == "local":
-                local_accuracies = summary["client_accuracies"]
-            if name in names:
-                results[name].append(summary)
-            print(f"seed {seed} {name}: accuracy {summary['accuracy']:.4f} "
-                  f"({summary['wall_s']:.1f} s)", file=sys.stderr)
+    with RunDir(out, overwrite=args.overwrite):
+        atomic_write_json(out / "config.json", {"options": _options(args),
+                                                "environment": environment()})
+        for seed in seeds:
+            data, public = _load_with_public(args, seed, names)
+            model = _model_for(args.model, data.input_shape, data.num_classes)
+            local_accuracies = None
+            for name in order:
+                if name == "local" and name not in names and local_accuracies is not None:
+                    continue
+                algorithm = algorithms.make(name, model, **_public_kw(name, public),
+                                            **_hparams_for(name, args, strict=False))
+                summary = _compare_one(run, algorithm, data, args, seed,
+                                       out / f"{name}_seed{seed}" if name in names else None,
+                                       local_accuracies, model)
+                if name == "local" and summary["status"] != "diverged":
+                    local_accuracies = summary["client_accuracies"]
+                if name in names:
+                    results[name].append(summary)
+                print(f"seed {seed} {name}: {summary['status']}, accuracy "
+                      f"{summary['accuracy']:.4f} ({summary['wall_s']:.1f} s)", file=sys.stderr)
 
-    header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
-              "| MB up | wall s |")
-    lines = [header, "|" + "---|" * 8]
-    for name in names:
-        rows = results[name]
-        lines.append(
-            f"| {name} | {_mean_std([r['accuracy'] for r in rows])} "
-            f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
-            f"| {_mean_std([r['client_p10'] for r in rows])} "
-            f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
-            f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
-            f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
-            f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
-        )
-    table = "\n".join(lines)
-    setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), K={args.num_clients}, "
-               f"{args.rounds} rounds, seeds {','.join(map(str, seeds))}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(f"{setting}\n\n{table}\n")
-    (out / "compare.json").write_text(json.dumps(
-        {name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
-         for name, rows in results.items()}, indent=2, default=str))
+        header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
+                  "| MB up | wall s |")
+        lines = [header, "|" + "---|" * 8]
+        for name in names:
+            rows = [r for r in results[name] if r["status"] != "diverged"]
+            failed = len(results[name]) - len(rows)
+            if not rows:
+                lines.append(f"| {name} | diverged in {failed} of {failed} runs |"
+                             + " |" * 6)
+                continue
+            label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
+            lines.append(
+                f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
+                f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
+                f"| {_mean_std([r['client_p10'] for r in rows])} "
+                f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
+                f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
+                f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
+                f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
+            )
+        table = "\n".join(lines)
+        setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), "
+                   f"K={args.num_clients}, {args.rounds} rounds, "
+                   f"seeds {','.join(map(str, seeds))}")
+        atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
+        atomic_write_json(out / "compare.json", {
+            name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
+            for name, rows in results.items()})
     print(setting + "\n\n" + table)
+    print(f"results in {out}", file=sys.stderr)
     return [r for rows in results.values() for r in rows]
 
 
 def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
     from fedjax_sim.bench import bench, matmul_peak
 
-    chunks = [int(c) for c in str(args.chunk_size).split(",") if c.strip()]
-    if not chunks or min(chunks) < 1:
-        raise ValueError("--chunk-size must hold positive integers")
+    chunks = _parse_chunks(args.chunk_size)
+    _check_devices(args.devices)
     if args.client_strategy == "all":
         plan = [("vmap", chunks[0]), ("sequential", chunks[0])]
         plan += [("chunked", c) for c in chunks]
@@ -515,16 +820,68 @@ def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
     return results[0] if len(results) == 1 else results
 
 
+def _within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    return path == root or root in path.parents
+
+
+def _error_message(error: BaseException, args: argparse.Namespace | None) -> str:
+    """One line for ``error``; an OS error on a path given by an option names the option."""
+    if isinstance(error, OSError) and error.filename is not None:
+        reason = error.strerror or str(error)
+        text = f"{error.filename}: {reason}"
+        for key in ("output", "partition_file", "save_partition", "data_dir"):
+            value = getattr(args, key, None)
+            if value is not None and _within(error.filename, value):
+                where = f"{_flag(key)} {value}"
+                same = _within(value, error.filename)
+                text = f"{where}: {reason}" if same else f"{where}: {error.filename}: {reason}"
+                break
+    elif isinstance(error, MemoryError):
+        text = f"out of memory: {error}" if str(error) else "out of memory"
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command.
+
+    Bad input (a ValueError, an OS error on a file, an unreadable JSON file, a JAX backend
+    that cannot start) ends the process with one line ``fedjax-sim <command>: error: ...``
+    on stderr and exit status 2, and Ctrl-C with ``fedjax-sim <command>: interrupted`` and
+    status 130; only an unexpected error type, a bug, shows a traceback.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    prog, args = parser.prog, None
     handlers = {"run": cmd_run, "compare": cmd_compare, "bench": cmd_bench}
+    from fedjax_sim.core.checkpoint import CheckpointError
+    from fedjax_sim.safety import RunError, StoppedError
+
     try:
+        args = parser.parse_args(argv)
+        args._argv = list(sys.argv[1:] if argv is None else argv)
+        prog = f"{parser.prog} {args.command}"
+        check_environment()
+        check_args(args)  # everything, before any data loads or anything compiles
         # Before anything starts JAX's backends: the device count is fixed from then on.
         configure_cpu_devices(args.cpu_devices)
         handlers[args.command](args)
-    except ValueError as error:
-        parser.exit(2, f"fedjax-sim {args.command}: error: {error}\n")
+    except StoppedError as error:
+        parser.exit(error.exit_code, f"{prog}: {error}\n")
+    except RunError as error:
+        parser.exit(error.exit_code, f"{prog}: error: {error}\n")
+    except CheckpointError as error:
+        parser.exit(2, f"{prog}: error: checkpoint {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{prog}: interrupted\n")
+    except (ValueError, OSError, MemoryError) as error:
+        parser.exit(2, f"{prog}: error: {_error_message(error, args)}\n")
+    except RuntimeError as error:
+        # JAX_PLATFORMS naming a backend that is not there.
+        if not str(error).startswith("Unable to initialize backend"):
+            raise
+        parser.exit(2, f"{prog}: error: {_error_message(error, args)}\n")
     return 0
 
 

@@ -22,6 +22,17 @@ import jax
 # The XLA flag that tests and users set to fake several host devices; when present, it wins.
 _FORCED_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
+# XLA:CPU aborts the process when a collective waits 40 s for a peer device. The runner
+# never queues a second call behind a sharded CPU round (``fedjax_sim.safety``), and its
+# watchdog turns any remaining stall into a message; XLA's own limits are set above the
+# watchdog's so that they never fire first. Available from jaxlib 0.8.
+_COLLECTIVE_TIMEOUT_FLAGS = (
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds",
+    "--xla_cpu_collective_call_terminate_timeout_seconds",
+    "--xla_cpu_collective_timeout_seconds",
+)
+COLLECTIVE_TIMEOUT_S = 24 * 3600
+
 
 def available_cores() -> int:
     """Cores this process may run on (its CPU affinity, else the machine's count)."""
@@ -29,6 +40,43 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def forced_device_count() -> int | None:
+    """The host device count that ``XLA_FLAGS`` forces, if it does.
+
+    XLA aborts the process with a page of flag help on a malformed value, and JAX fails to
+    start its CPU backend on 0; checking first turns both into a clear error.
+
+    Returns:
+      The count given by ``--xla_force_host_platform_device_count=N``, or ``None``.
+
+    Raises:
+      ValueError: naming ``XLA_FLAGS``, when N is not an integer >= 1.
+    """
+    count = None
+    for token in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = token.partition("=")
+        if name != _FORCED_COUNT_FLAG:
+            continue
+        if not value.isdecimal() or int(value) < 1:
+            raise ValueError(f"XLA_FLAGS: {_FORCED_COUNT_FLAG} must be an integer >= 1, got "
+                             f"{token!r}")
+        count = int(value)  # the last one wins, as in XLA
+    return count
+
+
+def check_environment() -> None:
+    """Checks the environment variables this package reads, before JAX starts.
+
+    Raises:
+      ValueError: naming the variable (``XLA_FLAGS``'s forced host device count,
+        ``FEDJAX_SIM_STRATEGY``) and what it allows.
+    """
+    from fedjax_sim.core.cohort import strategy_override
+
+    forced_device_count()
+    strategy_override()
 
 
 def parse_cpu_devices(value: int | str) -> int | None:
@@ -79,12 +127,32 @@ def configure_cpu_devices(cpu_devices: int | str = "auto") -> int | None:
       The count set, or ``None`` when the setting was left as it was.
 
     Raises:
-      ValueError: on a bad ``cpu_devices``, whether or not it can still be applied.
+      ValueError: on a bad ``cpu_devices``, whether or not it can still be applied, or a
+        malformed forced device count in ``XLA_FLAGS``.
     """
     count = parse_cpu_devices(cpu_devices)
     if count is None:
         count = available_cores()
-    if _FORCED_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or backends_started():
+    forced = forced_device_count()  # validates XLA_FLAGS whether or not it applies
+    if backends_started():
+        return None
+    raise_collective_timeouts()
+    if forced is not None:
         return None
     jax.config.update("jax_num_cpu_devices", count)
     return count
+
+
+def raise_collective_timeouts(seconds: int = COLLECTIVE_TIMEOUT_S) -> bool:
+    """Adds XLA:CPU's collective timeout flags to ``XLA_FLAGS`` (those not already set),
+    before the backends start; returns whether it did."""
+    import jaxlib
+
+    version = tuple(int(p) for p in jaxlib.__version__.split(".")[:2] if p.isdigit())
+    if backends_started() or version < (0, 8):
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f"{flag}={seconds}" for flag in _COLLECTIVE_TIMEOUT_FLAGS if flag not in flags]
+    if extra:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    return True

@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +24,15 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from fedjax_sim import safety
 from fedjax_sim.algorithms.base import Algorithm
-from fedjax_sim.core.checkpoint import Checkpointer, check_meta
-from fedjax_sim.core.cohort import CLIENT_AXIS
+from fedjax_sim.checks import check_int, check_seed
+from fedjax_sim.core.checkpoint import Checkpointer
+from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.rundir import RunDir, atomic_write_json, environment, read_jsonl, write_jsonl
 
 EVENTS = ("round_start", "round_end", "evaluate", "checkpoint", "finish")
 
@@ -196,9 +201,14 @@ def make_round_block(
     *,
     state_shardings: Any = None,
     check_traces: bool = False,
+    num_clients: int | None = None,
 ) -> Callable:
     """One jitted call running ``length`` rounds with ``lax.scan`` (the state buffers are
     donated, nothing returns to the host in between).
+
+    With ``num_clients``, every round's metrics also hold ``nonfinite_clients`` (K,) and
+    ``nonfinite_any``: which clients' states (or the shared server state) hold a NaN or an
+    infinity after the round (the runner's divergence check).
 
     Returns:
       ``(state, data) -> (state, metrics)``, every metric stacked over the ``length``
@@ -207,11 +217,18 @@ def make_round_block(
     if length < 1:
         raise ValueError(f"rounds per call must be >= 1, got {length}")
 
+    def one_round(state, data):
+        state, metrics = algorithm.round(state, data)
+        if num_clients is not None:
+            bad = safety.nonfinite_clients(state.clients, state.server, num_clients)
+            metrics = {**metrics, "nonfinite_clients": bad, "nonfinite_any": bad.any()}
+        return state, metrics
+
     def block(state, data):
         if length == 1:
-            state, metrics = algorithm.round(state, data)
+            state, metrics = one_round(state, data)
             return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(lambda s, _: algorithm.round(s, data), state, None, length=length)
+        return jax.lax.scan(lambda s, _: one_round(s, data), state, None, length=length)
 
     if check_traces:
         block = traced_once(block, f"{algorithm.name} ({length} rounds per call)")
@@ -219,6 +236,98 @@ def make_round_block(
         return jax.jit(block, donate_argnums=0)
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, PartitionSpec())
     return jax.jit(block, donate_argnums=0, out_shardings=(state_shardings, replicated))
+
+
+# Settings that may change between a run and its resumption: they do not change what the
+# rounds compute (``rounds`` may grow; ``devices`` changes only float summation order).
+RESUMABLE = frozenset({"rounds", "eval_every", "checkpoint_every", "rounds_per_call",
+                       "devices", "on_divergence", "progress"})
+DIVERGENCE_POLICIES = ("stop", "warn")
+CHECKPOINT_DIR = "checkpoints"
+
+
+class ResumeError(ValueError):
+    """A resume that cannot continue the run in the folder (no checkpoint, other settings,
+    a torn file)."""
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as JSON would read it back, so that saved and current settings compare."""
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def data_fingerprint(data: FederatedData) -> str:
+    """A short hash of the split: client counts, labels and a strided sample of inputs
+    (enough to tell two partitions or two sources apart, cheap for large pools)."""
+    digest = hashlib.sha256()
+    for leaf in (data.train_counts, data.test_counts, data.train_y, data.test_y):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    for leaf in (data.train_x, data.test_x):
+        flat = np.asarray(leaf).reshape(-1)
+        digest.update(np.ascontiguousarray(flat[:: max(1, flat.size // 4096)]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(algorithm: Algorithm, data: FederatedData, seed: int,
+                 config: dict | None = None) -> dict:
+    """The settings that determine what a run computes: what a checkpoint must match."""
+    identity = {
+        "algorithm": algorithm.name,
+        "hparams": algorithm.hparams,
+        "seed": seed,
+        "dataset": data.name,
+        "num_clients": data.num_clients,
+        "num_classes": data.num_classes,
+        "data_fingerprint": data_fingerprint(data),
+    }
+    identity.update({k: v for k, v in (config or {}).items() if k not in RESUMABLE})
+    return _jsonable(identity)
+
+
+def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``name: saved -> current`` for every setting that differs (nested hparams too)."""
+    found = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+    return found
+
+
+def validate_divergence_policy(on_divergence: str) -> None:
+    if on_divergence not in DIVERGENCE_POLICIES:
+        raise ValueError(f"on_divergence must be one of {', '.join(DIVERGENCE_POLICIES)}, "
+                         f"got {on_divergence!r}")
+
+
+def _estimate_memory(algorithm: Algorithm, data: FederatedData, seed: int,
+                     num_devices: int) -> dict[str, int]:
+    """Per-device bytes of the client state, server state and data, from shapes alone."""
+    shape = jax.eval_shape(lambda d: algorithm.init(jax.random.key(seed), d), data)
+    return {
+        "client state": safety.tree_bytes(shape.clients) // num_devices,
+        "server state": safety.tree_bytes(shape.server),
+        "data": safety.tree_bytes(data) // num_devices,
+    }
+
+
+def _compile_block(block: Callable, state: SimState, data: FederatedData,
+                   devices: list) -> Callable:
+    """Compiles ``block`` for these arguments and refuses to run it when its temporaries
+    do not fit in the memory left on the devices."""
+    compiled = block.lower(state, data).compile()
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        stats = None
+    if stats is not None:
+        extra = (int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes)
+                 - int(stats.alias_size_in_bytes))
+        safety.check_memory({"round temporaries": max(extra, 0)}, devices=devices,
+                            what="one round")
+    return compiled
 
 
 def run(
@@ -233,10 +342,15 @@ def run(
     local_accuracies: np.ndarray | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     extra_summary: dict | None = None,
     rounds_per_call: int = 1,
     devices: int | None = None,
+    config: dict | None = None,
+    options: dict | None = None,
+    on_divergence: str = "stop",
+    resume_hint: str | None = None,
 ) -> RunResult:
     """Runs ``rounds`` rounds of ``algorithm`` on ``data``.
 
@@ -247,18 +361,19 @@ def run(
       eval_every: evaluate every this many rounds (and always after the last).
       seed: seed of the one PRNG key everything is split from.
       events: host-side handlers.
-      output: directory for ``metrics.jsonl`` (appended at each evaluation),
-        ``summary.json``, plots and checkpoints; nothing is written when None (nor by any
-        process but the first in a multi-process run).
+      output: the run folder: ``config.json``, ``metrics.jsonl`` (rewritten atomically at
+        each evaluation), ``summary.json``, plots and ``checkpoints/``; nothing is written
+        when None (nor by any process but the first in a multi-process run). An existing
+        non-empty folder is refused unless ``resume`` or ``overwrite``; a lock keeps
+        other processes out while the run uses it.
       local_accuracies: per-client accuracies of a local-only run on the same split; when
         given, the summary adds the hurt fraction and the participation rate.
-      checkpoint_every: save the state every this many rounds (0: never) under
-        ``output/checkpoints/<round>``, each process its own shards, in the background
-        (the ``checkpoint`` event fires once the save has started); the latest two are
-        kept.
-      resume: continue from the latest checkpoint under ``output/checkpoints`` if there
-        is one (on any number of devices); it must come from a run of the same
-        algorithm, hyperparameters, data set, client count and seed.
+      checkpoint_every: save the state every this many rounds (0: only when stopped by a
+        signal). Saving is asynchronous: the next rounds run while it writes.
+      resume: continue from the latest checkpoint in ``output``; refused when there is
+        none, or when any setting that changes results differs from the checkpoint's
+        (``rounds`` may grow).
+      overwrite: replace the run in an existing ``output`` folder.
       progress: show a progress bar.
       extra_summary: more fields for ``summary.json``.
       rounds_per_call: rounds run by one jitted call (a ``lax.scan`` over rounds); a call
@@ -268,137 +383,277 @@ def run(
       devices: number of devices the client axis is sharded over (``None``: all visible
         devices, across processes after ``jax.distributed.initialize()``); the count used
         divides K and is recorded as ``devices`` in the summary.
+      config: the settings that produced ``data`` and ``algorithm`` (data, partition,
+        model, ...), written to ``config.json`` and matched on resume.
+      options: every option of the command that started the run, for ``config.json``.
+      on_divergence: ``stop`` (default): a NaN or infinity in the loss or in any client's
+        state ends the run with :class:`~fedjax_sim.safety.DivergedError` at that round,
+        keeping what was written; ``warn``: report it and go on (the summary's ``status``
+        is ``diverged`` either way).
+      resume_hint: the command that resumes this run, printed when a signal stops it.
 
     Returns:
       A RunResult.
+
+    Raises:
+      ValueError: a bad loop setting, seed (an integer >= 0 and < 2**32) or ``devices``,
+        or a malformed ``FEDJAX_SIM_STRATEGY`` (before anything is placed or compiled), an
+        unusable output folder or a refused resume.
+      fedjax_sim.safety.DivergedError: on divergence with ``on_divergence="stop"``.
+      fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM, once the round in flight
+        finished and the state was saved.
+      fedjax_sim.safety.OutOfMemoryError: when the run cannot fit in device memory.
     """
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
-    if not isinstance(rounds_per_call, int) or rounds_per_call < 1:
-        raise ValueError(f"rounds_per_call must be an integer >= 1, got {rounds_per_call!r}")
+    check_int("rounds_per_call", rounds_per_call, 1)
+    check_seed("seed", seed)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    strategy_override()  # a malformed FEDJAX_SIM_STRATEGY fails here, not while tracing
+    validate_divergence_policy(on_divergence)
+    if resume and output is None:
+        raise ValueError("resume needs an output folder to resume from")
     events = events or Events()
     lead = jax.process_index() == 0
-    out = Path(output) if output is not None else None
-    if out is not None and lead:
-        out.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(algorithm, data, seed, config)
+    settings = {"rounds": rounds, "eval_every": eval_every, "checkpoint_every": checkpoint_every,
+                "rounds_per_call": rounds_per_call, "devices": devices,
+                "on_divergence": on_divergence}
     mesh = client_axis_mesh(data.num_clients, devices)
+    run_devices = jax.devices()[:1] if mesh is None else list(mesh.devices.flat)
+    safety.check_memory(_estimate_memory(algorithm, data, seed, len(run_devices)),
+                        devices=run_devices, what=f"{algorithm.name} on {data.name}")
+    folder = (RunDir(output, resume=resume, overwrite=overwrite, lead=lead)
+              if output is not None else contextlib.nullcontext())
+    with folder, mesh_context(mesh), safety.StopRequest() as stop:
+        out = Path(output) if output is not None else None
+        checkpoints = Checkpointer(out / CHECKPOINT_DIR) if out is not None else None
+        try:
+            return _run_loop(
+                algorithm, data, mesh=mesh, run_devices=run_devices, rounds=rounds,
+                eval_every=eval_every, seed=seed, events=events, out=out, lead=lead,
+                local_accuracies=local_accuracies, checkpoint_every=checkpoint_every,
+                resume=resume, progress=progress, extra_summary=extra_summary,
+                rounds_per_call=rounds_per_call, identity=identity, settings=settings,
+                on_divergence=on_divergence, stop=stop, checkpoints=checkpoints,
+                resume_hint=resume_hint, options=options)
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+
+
+def _run_loop(algorithm, data, *, mesh, run_devices, rounds, eval_every, seed, events, out,
+              lead, local_accuracies, checkpoint_every, resume, progress, extra_summary,
+              rounds_per_call, identity, settings, on_divergence, stop, checkpoints,
+              resume_hint, options) -> RunResult:
+    writes = out is not None and lead
     num_devices = 1 if mesh is None else mesh.size
     test_counts = np.asarray(data.test_counts)
-    with mesh_context(mesh):
-        start = time.perf_counter()
-        data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
-        history: list[dict] = []
-        meta = {"algorithm": algorithm.name, "dataset": data.name,
-                "num_clients": data.num_clients, "seed": seed, "hparams": algorithm.hparams}
-        ckpt = None
-        if out is not None and (checkpoint_every or resume):
-            ckpt = Checkpointer(out / "checkpoints")
-        if resume and ckpt is not None and ckpt.latest_round() is not None:
-            state, saved_meta = ckpt.restore(state, shardings)
-            check_meta(ckpt.path(int(state.round)), saved_meta, meta)
-            history = _read_history(out / "metrics.jsonl", int(state.round), write=lead)
-        elif out is not None and lead:
-            (out / "metrics.jsonl").write_text("")
+    host_wait = safety.needs_host_wait(mesh)
+    watchdog = safety.Watchdog()
+    start = time.perf_counter()
+    data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
+    history: list[dict] = []
+    resumed_from = None
+    if resume:
+        state, history = _resume(out, checkpoints, state, shardings, identity, rounds,
+                                 write=writes)
+        resumed_from = int(state.round)
+    config_record = {"identity": identity, "settings": settings, "options": options or {},
+                     "environment": environment(), "resumed_from": resumed_from}
+    if writes:
+        atomic_write_json(out / "config.json", config_record)
+        if not resume:
+            write_jsonl(out / "metrics.jsonl", [])
+    if host_wait:
+        watchdog.wait(state, "initializing the state")
 
-        blocks: dict[int, Callable] = {}
-        if mesh is None:
-            evaluate_fn = jax.jit(algorithm.evaluate)
-        else:
-            evaluate_fn = jax.jit(algorithm.evaluate,
-                                  out_shardings=NamedSharding(mesh, PartitionSpec()))
-        up_per_round, down_per_round = algorithm.comm_bytes(data)
-        first_round = int(state.round)
-        compile_s = None
-        bar = _progress(rounds - first_round, progress and lead, algorithm.name)
-        r = first_round
+    blocks: dict[int, Callable] = {}
+    if mesh is None:
+        evaluate_fn = jax.jit(algorithm.evaluate)
+    else:
+        evaluate_fn = jax.jit(algorithm.evaluate,
+                              out_shardings=NamedSharding(mesh, PartitionSpec()))
+    up_per_round, down_per_round = algorithm.comm_bytes(data)
+    labels = {"algorithm": algorithm.name, "dataset": data.name, "seed": seed}
+    first_round = int(state.round)
+    compile_s = None
+    diverged: dict | None = None
+    bar = _progress(rounds - first_round, progress and lead, algorithm.name)
+
+    def summary_fields(status: str, done: int) -> dict:
+        return {
+            "status": status, **labels, "num_clients": data.num_clients, "rounds": rounds,
+            "rounds_done": done, "wall_s": time.perf_counter() - start,
+            "compile_s": compile_s, "bytes_up": up_per_round * done,
+            "bytes_down": down_per_round * done, "devices": num_devices,
+            "processes": jax.process_count(), "rounds_per_call": rounds_per_call,
+            "hparams": algorithm.hparams, **(extra_summary or {}),
+        }
+
+    def save(done: int) -> None:
+        checkpoints.save(done, state, {"identity": identity, "round": done})
+        events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
+
+    r = first_round
+    try:
         while r < rounds:
-            stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+            stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
             if checkpoint_every:
-                stop = min(stop, (r // checkpoint_every + 1) * checkpoint_every)
-            length = stop - r
+                stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
+            length = stop_at - r
+            tic = time.perf_counter()
             if length not in blocks:
-                blocks[length] = make_round_block(algorithm, length, state_shardings=shardings,
-                                                  check_traces=True)
+                blocks[length] = _compile_block(
+                    make_round_block(algorithm, length, state_shardings=shardings,
+                                     check_traces=True, num_clients=data.num_clients),
+                    state, data, run_devices)
             for i in range(length):
                 events.emit("round_start", round=r + i, state=state)
-            tic = time.perf_counter()
             state, metrics = blocks[length](state, data)
+            if host_wait or compile_s is None:
+                watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
             if compile_s is None:
-                jax.block_until_ready(state)
                 compile_s = time.perf_counter() - tic
+            losses = np.asarray(metrics["train_loss"])
+            if not np.isfinite(losses).all() or bool(np.asarray(metrics["nonfinite_any"]).any()):
+                diverged = _divergence(metrics, losses, r, algorithm, on_divergence, diverged)
             for i in range(length):
                 events.emit("round_end", round=r + i + 1, state=state,
                             metrics=jax.tree.map(lambda m, i=i: m[i], metrics))
             if bar is not None:
                 bar.update(length)
-            r = done = stop
+            r = done = stop_at
+            if diverged is not None and on_divergence == "stop":
+                break
             if done % eval_every == 0 or done == rounds:
                 correct, _ = evaluate_fn(state, data)
                 record = {
-                    "round": done,
-                    "train_loss": float(np.asarray(metrics["train_loss"])[-1]),
+                    "round": done, **labels,
+                    "train_loss": float(losses[-1]),
                     **summarize(np.asarray(correct), test_counts),
                     "bytes_up": up_per_round * done,
                     "bytes_down": down_per_round * done,
                     "wall_s": time.perf_counter() - start,
                 }
+                if diverged is not None:
+                    record["diverged_at"] = diverged["round"]
                 history.append(record)
-                if out is not None and lead:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                if writes:
+                    write_jsonl(out / "metrics.jsonl", history)
                 if bar is not None:
                     bar.set_postfix(acc=f"{record['accuracy']:.4f}")
                 events.emit("evaluate", round=done, state=state, record=record)
-            if ckpt is not None and checkpoint_every and done % checkpoint_every == 0:
-                ckpt.save(done, state, meta)
-                events.emit("checkpoint", round=done, state=state, path=ckpt.path(done))
+            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
+                save(done)
+            if stop.requested:
+                break
+    except jax.errors.JaxRuntimeError as error:
+        if safety.is_out_of_memory(error):
+            raise safety.OutOfMemoryError(
+                f"{algorithm.name} ran out of device memory at round {r + 1}: "
+                f"{str(error).splitlines()[0][:200]}; lower --num-clients, --batch-size or "
+                "the model size, or use --client-strategy sequential") from None
+        raise
+    finally:
         if bar is not None:
             bar.close()
-        if ckpt is not None:
-            ckpt.close()
 
-        final = history[-1]
-        summary = {
-            "algorithm": algorithm.name,
-            "dataset": data.name,
-            "num_clients": data.num_clients,
-            "rounds": rounds,
-            "seed": seed,
-            "accuracy": final["accuracy"],
-            "client_mean_accuracy": final["client_mean_accuracy"],
-            "client_std": final["client_std"],
-            "client_min": final["client_min"],
-            "client_p10": final["client_p10"],
-            "client_accuracies": final["client_accuracies"],
-            "wall_s": time.perf_counter() - start,
-            "compile_s": compile_s,
-            "bytes_up": up_per_round * rounds,
-            "bytes_down": down_per_round * rounds,
-            "devices": num_devices,
-            "processes": jax.process_count(),
-            "rounds_per_call": rounds_per_call,
-            "hparams": algorithm.hparams,
-            **(extra_summary or {}),
-        }
-        if algorithm.report is not None:
-            summary.update(algorithm.report(state))
+    if diverged is not None and on_divergence == "stop":
+        summary = {**summary_fields("diverged", diverged["round"]), "diverged": diverged}
+        if writes:
+            atomic_write_json(out / "summary.json", summary)
+            if history:
+                _plots(out, history, summary)
+        raise safety.DivergedError(diverged["message"], round=diverged["round"],
+                                   clients=diverged["clients"])
+    if stop.requested and r < rounds:
+        saved = checkpoints is not None
+        if saved:
+            save(r)
+            checkpoints.wait()
+        summary = summary_fields("stopped", r)
+        if writes:
+            atomic_write_json(out / "summary.json", summary)
+            if history:
+                _plots(out, history, {**summary, **history[-1]})
+        how = (f"; resume with: {resume_hint}" if saved and resume_hint else
+               f"; its checkpoint is in {checkpoints.directory}" if saved else
+               " (no output folder: nothing was saved)")
+        raise safety.StoppedError(f"stopped at round {r}{how}", round=r, signum=stop.signum,
+                                  checkpoint=saved)
+
+    final = history[-1]
+    summary = {
+        **summary_fields("complete" if diverged is None else "diverged", rounds),
+        "accuracy": final["accuracy"],
+        "client_mean_accuracy": final["client_mean_accuracy"],
+        "client_std": final["client_std"],
+        "client_min": final["client_min"],
+        "client_p10": final["client_p10"],
+        "client_accuracies": final["client_accuracies"],
+    }
+    if diverged is not None:
+        summary["diverged"] = diverged
+    if resumed_from is not None:
+        summary["resumed_from"] = resumed_from
+    if algorithm.report is not None:
+        summary.update(algorithm.report(state))
     if local_accuracies is not None:
         summary.update(federation_incentives(final["client_accuracies"], local_accuracies))
-    if out is not None and lead:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    if checkpoints is not None:
+        checkpoints.wait()
+    if writes:
+        atomic_write_json(out / "summary.json", summary)
         _plots(out, history, summary)
     events.emit("finish", summary=summary, state=state, history=history)
     return RunResult(summary, history, state)
 
 
-def _read_history(path: Path, up_to_round: int, *, write: bool = True) -> list[dict]:
-    """Evaluation records already written, up to the checkpointed round."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [rec for rec in records if rec["round"] <= up_to_round]
+def _divergence(metrics, losses, first, algorithm, policy, seen) -> dict:
+    """The first divergence (round, clients, message); warns under ``warn``."""
+    flags = np.asarray(metrics["nonfinite_any"])
+    bad_rounds = np.flatnonzero(~np.isfinite(losses) | flags)
+    index = int(bad_rounds[0])
+    clients = np.asarray(_to_host(metrics["nonfinite_clients"]))[index]
+    message = safety.divergence_message(first + index + 1, clients, float(losses[index]),
+                                        algorithm.hparams)
+    if seen is not None:
+        return seen
+    if policy == "warn":
+        warnings.warn(message + " (going on: --on-divergence warn)", RuntimeWarning,
+                      stacklevel=3)
+    return {"round": first + index + 1, "clients": np.flatnonzero(clients).tolist(),
+            "message": message}
+
+
+def _resume(out: Path, checkpoints: Checkpointer, template: SimState, shardings,
+            identity: dict, rounds: int, *, write: bool) -> tuple[SimState, list[dict]]:
+    """The checkpointed state and the evaluation records up to its round, after checking
+    that the checkpoint belongs to a run with these settings."""
+    latest = checkpoints.latest_round()
+    if latest is None:
+        raise ResumeError(f"--resume: no checkpoint in {checkpoints.directory}; run without "
+                          "--resume (use --checkpoint-every to save one)")
+    meta = checkpoints.metadata(latest)
+    saved = meta.get("identity") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        raise ResumeError(f"--resume: {checkpoints.directory}: the checkpoint of round "
+                          f"{latest} records no configuration; it is not this program's")
+    differences = _differences(saved, identity)
+    if differences:
+        raise ResumeError("--resume: the checkpoint in " + str(checkpoints.directory)
+                          + " belongs to other settings: " + "; ".join(differences))
+    if latest > rounds:
+        raise ResumeError(f"--resume: the checkpoint is at round {latest}, past --rounds "
+                          f"{rounds}; give --rounds {latest} or more")
+    state, _ = checkpoints.restore(template, shardings, latest)
+    metrics_path = out / "metrics.jsonl"
+    history = read_jsonl(metrics_path) if metrics_path.exists() else []
+    history = [record for record in history if record.get("round", 0) <= latest]
     if write:
-        path.write_text("".join(json.dumps(rec) + "\n" for rec in kept))
-    return kept
+        write_jsonl(metrics_path, history)
+    return state, history
 
 
 def _progress(total: int, enabled: bool, name: str):
@@ -488,6 +743,8 @@ def sweep(
     config_strategy: str = "auto",
     progress: bool = True,
     devices: int | None = None,
+    overwrite: bool = False,
+    options: dict | None = None,
 ) -> list[dict]:
     """Runs every (seed, learning rate) pair as one batched simulation.
 
@@ -515,23 +772,56 @@ def sweep(
       progress: show a progress bar.
       devices: devices to shard the configurations over (``None``: all visible ones of
         this process; the count used divides the number of configurations).
+      overwrite: replace the sweep in an existing non-empty ``output`` (refused without).
+      options: every option of the command that started it, for ``config.json``.
+
+    A configuration whose loss or state turns non-finite is reported with ``status``
+    ``diverged`` and the round (``diverged_at``), and without accuracy figures; the
+    others go on.
 
     Returns:
       One summary dict per configuration, seeds varying fastest.
+
+    Raises:
+      ValueError: before anything compiles: a bad loop setting or ``devices``, an empty
+        list, a seed that is not an integer >= 0 and < 2**32 (``seeds[i]``), a learning
+        rate that is not a finite number > 0 (``lrs[i]``), a repeated seed or learning
+        rate, or a bad hyperparameter.
     """
+    from fedjax_sim import algorithms
+    from fedjax_sim.algorithms.base import COMMON, check_hparam
+
     validate_run_options(rounds=rounds, eval_every=eval_every)
+    check_int("rounds_per_call", rounds_per_call, 1)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    if output is not None:
+        from fedjax_sim.rundir import preflight
+
+        preflight(output, overwrite=overwrite)
     if config_strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
-    if config_strategy == "auto":
-        config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    if not seeds:
-        raise ValueError("seeds must hold at least one seed")
+    if isinstance(seeds, str | bytes) or not seeds:
+        raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
+    seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     hparams = dict(hparams or {})
     if lrs is None:
-        lrs = [float(hparams.get("lr", 0.01))]
-    hparams["lr"] = float(lrs[0])
+        lrs = [algorithms.resolve(name, **hparams)["lr"]]
+    if isinstance(lrs, str | bytes) or not lrs:
+        raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
+    lr_spec = next(spec for spec in COMMON if spec.name == "lr")
+    lrs = [check_hparam(lr_spec, lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
+    for label, values in (("seeds", seeds), ("lrs", lrs)):
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ValueError(f"{label} lists {repeated[0]!r} twice (each configuration runs "
+                             "once)")
+    strategy_override()
+    hparams["lr"] = lrs[0]
     make = _traced_factory(name, model, hparams)
-    configs = [(int(s), float(lr)) for lr in lrs for s in seeds]
+    if config_strategy == "auto":
+        config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
+    configs = [(s, lr) for lr in lrs for s in seeds]
     seed_arr = np.asarray([s for s, _ in configs], np.uint32)
     lr_arr = np.asarray([lr for _, lr in configs], np.float32)
     mesh = _config_mesh(len(configs), devices)
@@ -565,10 +855,16 @@ def sweep(
     def make_block(length):
         def one(data, state, lr):
             alg = make(lr)
-            if length == 1:
+
+            def one_round(state):
                 state, metrics = alg.round(state, data)
+                bad = safety.nonfinite_clients(state.clients, state.server, data.num_clients)
+                return state, {**metrics, "nonfinite_any": bad.any()}
+
+            if length == 1:
+                state, metrics = one_round(state)
                 return state, jax.tree.map(lambda m: m[None], metrics)
-            return jax.lax.scan(lambda s, _: alg.round(s, data), state, None, length=length)
+            return jax.lax.scan(lambda s, _: one_round(s), state, None, length=length)
 
         block = jax.jit(over_configs(one), donate_argnums=1)
         return lambda states, lrs_: block(data, states, lrs_)
@@ -579,51 +875,73 @@ def sweep(
         return evaluate_all(data, states, lrs_)
     blocks: dict[int, Callable] = {}
     histories: list[list[dict]] = [[] for _ in configs]
+    diverged_at: list[int | None] = [None] * len(configs)
     test_counts = np.asarray(data.test_counts)
+    host_wait = mesh is not None and mesh.devices.flat[0].platform == "cpu"
+    watchdog = safety.Watchdog()
     bar = _progress(rounds, progress, f"{name} x{len(configs)}")
     r, compile_s = 0, None
-    while r < rounds:
-        stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
-        if stop - r not in blocks:
-            blocks[stop - r] = make_block(stop - r)
-        tic = time.perf_counter()
-        states, metrics = blocks[stop - r](states, lr_arr)
-        if compile_s is None:
-            jax.block_until_ready(states)
-            compile_s = time.perf_counter() - tic
+    with (RunDir(output, overwrite=overwrite) if output is not None
+          else contextlib.nullcontext()):
+        while r < rounds:
+            stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+            if stop - r not in blocks:
+                blocks[stop - r] = make_block(stop - r)
+            tic = time.perf_counter()
+            states, metrics = blocks[stop - r](states, lr_arr)
+            if host_wait or compile_s is None:
+                watchdog.wait(states, f"sweep rounds {r + 1}-{stop}")
+            if compile_s is None:
+                compile_s = time.perf_counter() - tic
+            losses = np.asarray(metrics["train_loss"])
+            bad = ~np.isfinite(losses) | np.asarray(metrics["nonfinite_any"])
+            for c in np.flatnonzero(bad.any(axis=1)):
+                if diverged_at[c] is None:
+                    diverged_at[c] = r + 1 + int(np.flatnonzero(bad[c])[0])
+            if bar is not None:
+                bar.update(stop - r)
+            r = stop
+            if r % eval_every == 0 or r == rounds:
+                correct = np.asarray(evaluate(states, lr_arr)[0])
+                for c in range(len(configs)):
+                    record = {"round": r, "algorithm": name, "dataset": data.name,
+                              "seed": configs[c][0], "lr": configs[c][1],
+                              "train_loss": float(losses[c, -1]),
+                              **summarize(correct[c], test_counts),
+                              "wall_s": time.perf_counter() - start}
+                    if diverged_at[c] is not None:
+                        record["diverged_at"] = diverged_at[c]
+                    histories[c].append(record)
         if bar is not None:
-            bar.update(stop - r)
-        r = stop
-        if r % eval_every == 0 or r == rounds:
-            correct = np.asarray(evaluate(states, lr_arr)[0])
-            losses = np.asarray(metrics["train_loss"])[:, -1]
-            for c in range(len(configs)):
-                histories[c].append({"round": r, "train_loss": float(losses[c]),
-                                     **summarize(correct[c], test_counts),
-                                     "wall_s": time.perf_counter() - start})
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - start
-    summaries = []
-    for (seed, lr), history in zip(configs, histories, strict=True):
-        final = history[-1]
-        summaries.append({
-            "algorithm": name, "dataset": data.name, "num_clients": data.num_clients,
-            "rounds": rounds, "seed": seed, "lr": lr,
-            **{k: final[k] for k in ("accuracy", "client_mean_accuracy", "client_std",
-                                     "client_min", "client_p10", "client_accuracies")},
-            "history": history, "sweep_size": len(configs), "sweep_wall_s": wall,
-            "compile_s": compile_s, "config_strategy": config_strategy,
-            "devices": 1 if mesh is None else mesh.size,
-        })
-    if output is not None:
-        out = Path(output)
-        out.mkdir(parents=True, exist_ok=True)
-        for summary in summaries:
-            sub = out / f"seed{summary['seed']}_lr{summary['lr']:g}"
-            sub.mkdir(exist_ok=True)
-            (sub / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        (out / "sweep.json").write_text(json.dumps(
-            [{k: v for k, v in s.items() if k not in ("client_accuracies", "history")}
-             for s in summaries], indent=2, default=str))
+            bar.close()
+        wall = time.perf_counter() - start
+        summaries = []
+        for c, ((seed, lr), history) in enumerate(zip(configs, histories, strict=True)):
+            summary = {
+                "status": "complete" if diverged_at[c] is None else "diverged",
+                "algorithm": name, "dataset": data.name, "num_clients": data.num_clients,
+                "rounds": rounds, "seed": seed, "lr": lr}
+            if diverged_at[c] is None:
+                final = history[-1]
+                summary.update({k: final[k] for k in (
+                    "accuracy", "client_mean_accuracy", "client_std", "client_min",
+                    "client_p10", "client_accuracies")})
+            else:
+                summary.update(diverged_at=diverged_at[c], accuracy=None, client_p10=None)
+            summary.update({"history": history, "sweep_size": len(configs),
+                            "sweep_wall_s": wall, "compile_s": compile_s,
+                            "config_strategy": config_strategy,
+                            "devices": 1 if mesh is None else mesh.size})
+            summaries.append(summary)
+        if output is not None:
+            out = Path(output)
+            atomic_write_json(out / "config.json", {
+                "options": options or {}, "hparams": hparams, "environment": environment()})
+            for summary in summaries:
+                sub = out / f"seed{summary['seed']}_lr{summary['lr']:g}"
+                sub.mkdir(exist_ok=True)
+                atomic_write_json(sub / "summary.json", summary)
+            atomic_write_json(out / "sweep.json", [
+                {k: v for k, v in s.items() if k not in ("client_accuracies", "history")}
+                for s in summaries])
     return summaries

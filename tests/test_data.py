@@ -287,7 +287,7 @@ def test_save_load_partition_direct(tmp_path):
         ({"dataset": "imagenet"}, "unknown dataset 'imagenet'; valid names: digits"),
         ({"partition": "zipf"}, "unknown partition 'zipf'; valid names: iid, dirichlet"),
         ({"alpha": -1}, "alpha must be > 0, got -1"),
-        ({"alpha": float("nan")}, "alpha must be > 0"),
+        ({"alpha": float("nan")}, "alpha must be a finite number > 0"),
         ({"num_clients": 0}, "num_clients must be a positive integer"),
         ({"num_clients": 2.5}, "num_clients must be a positive integer"),
         ({"num_clients": True}, "num_clients must be a positive integer"),

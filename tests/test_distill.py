@@ -304,8 +304,8 @@ def test_bad_algorithm_input_is_refused_before_compiling():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--algorithm", "dsfl", "--public-fraction", "1.5"], "public_fraction must be in (0, 1)"),
-    (["--algorithm", "dsfl", "--dsfl-temperature", "0"], "dsfl_temperature must be > 0"),
+    (["--algorithm", "dsfl", "--public-fraction", "1.5"], "--public-fraction must be in (0, 1)"),
+    (["--algorithm", "dsfl", "--dsfl-temperature", "0"], "--dsfl-temperature must be > 0"),
     (["--algorithm", "dsfl", "--public-batch", "5000"], "public_batch must be <="),
     (["--algorithm", "fedavg", "--architectures", "mlp,cnn"], "--architectures applies to"),
     (["--algorithm", "fedmd", "--architectures", "mlp:0"], "positive widths"),

@@ -412,7 +412,7 @@ def test_cli_refuses_bad_ig_ratio(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--algorithm", "fedobp", "--ig-ratio", "1.2", "--no-progress"])
     assert exit_info.value.code == 2
-    assert "ig_ratio must be in [0, 1]" in capsys.readouterr().err
+    assert "--ig-ratio must be in [0, 1]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["run", "--algorithm", "fedobp", "--obp-variant", "hessian"])
     assert "invalid choice" in capsys.readouterr().err

@@ -30,7 +30,7 @@ from fedjax_sim.algorithms import (
     lg_fedavg,
     local,
 )
-from fedjax_sim.algorithms.base import COMMON, Algorithm, HParam
+from fedjax_sim.algorithms.base import COMMON, Algorithm, HParam, check_hparam
 from fedjax_sim.models.base import Model
 
 _MODULES: dict[str, ModuleType] = {
@@ -74,8 +74,9 @@ def resolve(name: str, **hparams) -> dict:
     """Checks ``hparams`` against the algorithm's specs and fills in defaults.
 
     Raises:
-      ValueError: unknown algorithm or hyperparameter, wrong type, or value out of range;
-        the message names the parameter and what it allows.
+      ValueError: unknown algorithm or hyperparameter, wrong type, a float that is
+        infinite or NaN, or a value out of range; the message names the parameter and what
+        it allows (see ``base.check_hparam``).
     """
     specs = {spec.name: spec for spec in hparam_specs(name)}
     unknown = sorted(set(hparams) - set(specs))
@@ -83,24 +84,8 @@ def resolve(name: str, **hparams) -> dict:
         raise ValueError(
             f"{name} has no hyperparameter {', '.join(unknown)}; valid: {', '.join(specs)}"
         )
-    resolved = {}
-    for key, spec in specs.items():
-        value = hparams.get(key, spec.default)
-        if value is None and spec.default is not None:
-            raise ValueError(f"{key} must be {spec.allowed}, got None")
-        if value is not None:
-            if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, spec.kind) or (
-                spec.kind is int and isinstance(value, bool)
-            ):
-                raise ValueError(
-                    f"{key} must be {spec.allowed} ({spec.kind.__name__}), got {value!r}"
-                )
-        if not spec.check(value):
-            raise ValueError(f"{key} must be {spec.allowed}, got {value!r}")
-        resolved[key] = value
-    return resolved
+    return {key: check_hparam(spec, hparams.get(key, spec.default))
+            for key, spec in specs.items()}
 
 
 def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
@@ -118,5 +103,5 @@ def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
     return getattr(module, name)(model, **resolved)
 
 
-__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "hparam_specs", "make",
-           "resolve", "uses_public"]
+__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "check_hparam", "hparam_specs",
+           "make", "resolve", "uses_public"]

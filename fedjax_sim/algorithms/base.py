@@ -8,12 +8,14 @@ A factory captures the model and the hyperparameters, optax-style, and returns a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import optax
 
+from fedjax_sim.checks import INT32_MAX
 from fedjax_sim.core.cohort import STRATEGIES
 from fedjax_sim.core.local import weighted_cross_entropy
 from fedjax_sim.core.state import SimState
@@ -57,6 +59,44 @@ class HParam:
     allowed: str
     help: str
     choices: tuple | None = None
+
+
+def check_hparam(spec: HParam, value: Any, label: str | None = None) -> Any:
+    """Checks one hyperparameter value against its spec.
+
+    The type comes first, then, for floats, finiteness (infinity and NaN pass many range
+    checks, e.g. ``v > 0``), for integers a bound of 2**31 - 1 (they become int32 arrays and
+    loop bounds), and last the spec's own range check.
+
+    Args:
+      spec: the hyperparameter.
+      value: its value; ``None`` stands for "unset" where the spec allows it.
+      label: how the message names it (default ``spec.name``; ``--lr`` on the command line).
+
+    Returns:
+      The value, an int turned into a float for float hyperparameters.
+
+    Raises:
+      ValueError: naming ``label`` and what the spec allows, e.g.
+        "lr must be a finite number > 0, got inf".
+    """
+    label = label or spec.name
+    if value is None and spec.default is not None:
+        raise ValueError(f"{label} must be {spec.allowed}, got None")
+    if value is not None:
+        if spec.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
+            raise ValueError(
+                f"{label} must be {spec.allowed} ({spec.kind.__name__}), got {value!r}"
+            )
+        if spec.kind is float and not math.isfinite(value):
+            raise ValueError(f"{label} must be a finite number {spec.allowed}, got {value!r}")
+        if spec.kind is int and value > INT32_MAX:
+            raise ValueError(f"{label} must be {spec.allowed}, at most 2**31 - 1, got {value!r}")
+    if not spec.check(value):
+        raise ValueError(f"{label} must be {spec.allowed}, got {value!r}")
+    return value
 
 
 def _positive_int(name, default, help):

@@ -66,25 +66,6 @@ def jsonable(meta: dict) -> dict:
     return json.loads(json.dumps(meta, default=str))
 
 
-def check_meta(where: str | os.PathLike, saved: dict, current: dict) -> None:
-    """Raises CheckpointError if a checkpoint's ``meta`` differs from this run's.
-
-    Args:
-      where: the checkpoint, for the message.
-      saved: the ``meta`` that ``restore`` gave back.
-      current: this run's, compared as it would be saved.
-
-    Raises:
-      CheckpointError: naming the first key whose values differ.
-    """
-    current = jsonable(current)
-    for name in sorted(set(saved) | set(current)):
-        if saved.get(name) != current.get(name):
-            raise CheckpointError(
-                f"{where}: written by a run with {name}={saved.get(name)!r}, this run has "
-                f"{name}={current.get(name)!r}")
-
-
 class Checkpointer:
     """Keeps the latest checkpoints of a run under one directory.
 
@@ -92,8 +73,8 @@ class Checkpointer:
     ``save``, ``restore``, ``wait`` and ``close`` together.
 
     Args:
-      directory: where the checkpoints go (one subdirectory per round); created if
-        missing.
+      directory: where the checkpoints go (one subdirectory per round); created by the
+        first save (a run stopped before it leaves no empty directory behind).
       async_save: write in the background; ``save`` returns once the arrays are copied
         off the devices.
       max_to_keep: how many of the latest checkpoints to keep (>= 1).
@@ -116,7 +97,7 @@ class Checkpointer:
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint directory is not a directory")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
+            max_to_keep=max_to_keep, create=False, enable_async_checkpointing=async_save,
             # Leftovers of a save that was cut short are removed when a run starts.
             cleanup_tmp_directories=True)
         try:

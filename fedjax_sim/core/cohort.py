@@ -59,11 +59,31 @@ def sample_cohort(key: jax.Array, num_clients: int, size: int) -> jax.Array | No
     return jax.random.choice(key, num_clients, (size,), replace=False)
 
 
-def _parse_override(text: str) -> tuple[str, int]:
-    name, _, size = text.partition(":")
-    if name not in STRATEGIES[1:]:
-        raise ValueError(f"FEDJAX_SIM_STRATEGY must name one of {STRATEGIES[1:]}, got {text!r}")
-    return name, int(size) if size else 8
+# The environment variable that overrides ``auto``: ``NAME`` or ``NAME:CHUNK_SIZE``.
+STRATEGY_ENV = "FEDJAX_SIM_STRATEGY"
+
+
+def strategy_override() -> tuple[str, int] | None:
+    """The ``(strategy, chunk_size)`` that ``FEDJAX_SIM_STRATEGY`` forces on ``auto``.
+
+    Returns:
+      ``None`` when the variable is unset or empty.
+
+    Raises:
+      ValueError: naming the variable, when it is not ``vmap``, ``sequential``,
+        ``chunked`` or one of them followed by ``:N`` with an integer N >= 1 (the chunk
+        size; default 8).
+    """
+    text = os.environ.get(STRATEGY_ENV, "")
+    if not text.strip():
+        return None
+    name, colon, size = text.strip().partition(":")
+    size = size.strip()
+    if (name.strip() not in STRATEGIES[1:] or (colon and not size.isdecimal())
+            or (size and int(size) < 1)):
+        raise ValueError(f"{STRATEGY_ENV} must be one of {', '.join(STRATEGIES[1:])}, "
+                         f"optionally followed by :N with an integer N >= 1, got {text!r}")
+    return name.strip(), int(size) if size else 8
 
 
 def resolve(strategy: str, chunk_size: int = 8) -> tuple[str, int]:
@@ -72,9 +92,9 @@ def resolve(strategy: str, chunk_size: int = 8) -> tuple[str, int]:
         raise ValueError(f"client_strategy must be one of {STRATEGIES}, got {strategy!r}")
     if strategy != "auto":
         return strategy, int(chunk_size)
-    override = os.environ.get("FEDJAX_SIM_STRATEGY")
-    if override:
-        return _parse_override(override)
+    override = strategy_override()
+    if override is not None:
+        return override
     return AUTO_TABLE.get(jax.default_backend(), ("vmap", 0))
 
 

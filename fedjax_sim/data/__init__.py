@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from fedjax_sim.checks import check_float, check_seed
 from fedjax_sim.data import partition as _partition
 from fedjax_sim.data.federated import FederatedData, build_federated
 from fedjax_sim.data.partition import (
@@ -19,6 +20,7 @@ from fedjax_sim.data.partition import (
     _check_int,
     _check_positive,
     _check_scheme,
+    check_partition_file,
     load_partition,
     load_partition_meta,
     partition_indices,
@@ -43,6 +45,7 @@ __all__ = [
     "FederatedData",
     "Pooled",
     "build_federated",
+    "check_partition_file",
     "load_partition",
     "load_partition_meta",
     "load_source",
@@ -112,13 +115,13 @@ def make_federated_data(
         ``synthetic``, the generator makes ``num_clients`` clients unless
         ``source_options`` says otherwise.
       num_clients: number of clients K.
-      alpha: Dirichlet concentration, > 0 (``dirichlet``).
+      alpha: Dirichlet concentration, a finite number > 0 (``dirichlet``).
       min_samples: fewest samples per client before the train/test split, >= 2 so that
         every client has both a train and a test example.
       shards_per_client: shards per client (``shards``).
       classes_per_client: labels per client (``classes``).
       test_ratio: share of each client's samples held out for its test set, in (0, 1).
-      seed: seed of the partition and the split.
+      seed: seed of the partition and the split, an integer >= 0 and < 2**32.
       data_dir: tfds data directory (tfds sources).
       partition_file: read the clients' train/test indices from this file (written by
         ``save_partition``) instead of drawing them; ``partition``, ``num_clients``,
@@ -133,8 +136,9 @@ def make_federated_data(
       ``(train, test)`` indices into ``pooled``, and the pooled data set.
 
     Raises:
-      ValueError: a bad argument (the message names it and its allowed range), or a
-        partition file that does not fit the data set.
+      ValueError: a bad argument (the message names it and its allowed range; floats
+        must also be finite), a missing, unreadable or malformed partition file, or one
+        that does not fit the data set.
       FileNotFoundError: a tfds data set that is not prepared under ``data_dir``.
     """
     if source_options is not None and not isinstance(source_options, Mapping):
@@ -147,15 +151,10 @@ def make_federated_data(
     _check_int("min_samples", min_samples, 2)
     _check_int("shards_per_client", shards_per_client, 1)
     _check_int("classes_per_client", classes_per_client, 1)
-    if (
-        isinstance(test_ratio, bool)
-        or not isinstance(test_ratio, int | float | np.integer | np.floating)
-        or not 0.0 < test_ratio < 1.0
-    ):
-        raise ValueError(f"test_ratio must be in (0, 1), got {test_ratio!r}")
-    _check_int("seed", seed, 0)
-    if partition_file is not None and not os.path.isfile(partition_file):
-        raise ValueError(f"partition_file {os.fspath(partition_file)!r} does not exist")
+    check_float("test_ratio", test_ratio, 0.0, 1.0, low_open=True, high_open=True)
+    check_seed("seed", seed)
+    if partition_file is not None:
+        check_partition_file(partition_file)
 
     feasibility = dict(
         partition=partition,

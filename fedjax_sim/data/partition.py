@@ -9,13 +9,14 @@ sets, so each client is tested on its own distribution.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from fedjax_sim.checks import check_float, check_input_file, check_int
 
 PARTITIONS = ("iid", "dirichlet", "shards", "classes", "natural")
 
@@ -26,19 +27,11 @@ Splits = list[tuple[np.ndarray, np.ndarray]]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    check_int(name, value, minimum)
 
 
 def _check_positive(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.integer | np.floating)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    check_float(name, value, 0.0, low_open=True)
 
 
 def _check_scheme(scheme: Any) -> None:
@@ -245,8 +238,7 @@ def train_test_split(
     Returns:
       Per client, ``(train, test)`` sorted int64 index arrays.
     """
-    if not 0.0 < test_ratio < 1.0:
-        raise ValueError(f"test_ratio must be in (0, 1), got {test_ratio!r}")
+    check_float("test_ratio", test_ratio, 0.0, 1.0, low_open=True, high_open=True)
     splits = []
     for idx in client_indices:
         perm = rng.permutation(np.asarray(idx, dtype=np.int64))
@@ -305,15 +297,36 @@ def save_partition(path: str | os.PathLike, splits: Sequence[tuple[Any, Any]], *
     tmp.replace(path)
 
 
-def _read_partition_json(path: str | os.PathLike) -> dict[str, Any]:
+def _read_partition_json(path: str | os.PathLike, label: str = "partition file"
+                         ) -> dict[str, Any]:
     path = pathlib.Path(path)
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"partition file {path} is not valid JSON: {err}") from err
+        raise ValueError(f"{label} {path} is not valid JSON: {err}") from err
+    except UnicodeDecodeError:
+        raise ValueError(f"{label} {path} is not valid JSON: not UTF-8 text") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("clients"), list):
-        raise ValueError(f"partition file {path} has no 'clients' list")
+        raise ValueError(f"{label} {path} has no 'clients' list")
     return doc
+
+
+def check_partition_file(path: str | os.PathLike, label: str = "partition_file") -> None:
+    """Checks that ``path`` is a readable partition file, before any data is loaded.
+
+    Only the form is checked (a JSON object with a ``clients`` list); the indices are
+    checked against the data set by ``load_partition``.
+
+    Args:
+      path: partition file.
+      label: how messages name it (``--partition-file`` on the command line).
+
+    Raises:
+      ValueError: a missing file, a directory, an unreadable file, invalid JSON or no
+        ``clients`` list; the message names ``label`` and ``path``.
+    """
+    check_input_file(label, path)
+    _read_partition_json(path, label)
 
 
 def load_partition_meta(path: str | os.PathLike) -> dict[str, Any]:

@@ -13,7 +13,6 @@ transfer learning reads them, the other methods treat the set as unlabeled.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -22,11 +21,13 @@ import jax
 import numpy as np
 from flax import struct
 
+from fedjax_sim.checks import check_float, check_seed
 from fedjax_sim.data.federated import FederatedData, build_federated
 from fedjax_sim.data.partition import (
     _check_int,
     _check_positive,
     _check_scheme,
+    check_partition_file,
     load_partition,
     partition_indices,
     save_partition,
@@ -198,16 +199,7 @@ def check_public_matches(public: PublicData, data: FederatedData, algorithm: str
 
 
 def _check_fraction(name: str, value: Any, *, allow_zero: bool) -> float:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, int | float | np.integer | np.floating)
-        and math.isfinite(value)
-        and (0.0 <= value < 1.0 if allow_zero else 0.0 < value < 1.0)
-    )
-    if not ok:
-        interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return float(value)
+    return check_float(name, value, 0.0, 1.0, low_open=not allow_zero, high_open=True)
 
 
 def hold_out(
@@ -313,9 +305,9 @@ def make_federated_data_with_public(
     _check_int("shards_per_client", shards_per_client, 1)
     _check_int("classes_per_client", classes_per_client, 1)
     _check_fraction("test_ratio", test_ratio, allow_zero=False)
-    _check_int("seed", seed, 0)
-    if partition_file is not None and not os.path.isfile(partition_file):
-        raise ValueError(f"partition_file {os.fspath(partition_file)!r} does not exist")
+    check_seed("seed", seed)
+    if partition_file is not None:
+        check_partition_file(partition_file)
 
     from fedjax_sim.data import _check_feasible
 

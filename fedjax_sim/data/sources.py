@@ -24,6 +24,7 @@ Images are float32 in [0, 1] with a trailing channel axis; labels are int32.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from typing import Any
 
@@ -142,6 +143,40 @@ def known_size(name: str, options: dict[str, Any] | None = None) -> tuple[int, i
     if name == "cifar100" and options.get("label_key", "label") == "coarse_label":
         return _TFDS_SIZES["cifar100:coarse_label"]
     return _TFDS_SIZES.get(name)
+
+
+def check_prepared(name: str, data_dir: str | os.PathLike | None = None,
+                   options: dict[str, Any] | None = None) -> None:
+    """Checks, before tfds is asked, that a tfds source has a folder under ``data_dir``.
+
+    tfds logs warnings and raises one of several exception types on a missing data set;
+    this check (the command line runs it before anything loads) turns the common case,
+    nothing prepared there, into one clear error. Other sources, and remote directories
+    (``gs://...``), pass unchecked.
+
+    Args:
+      name: one of ``SOURCES``.
+      data_dir: as in ``load_source`` (None: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
+      options: the source's options (``config`` for emnist).
+
+    Raises:
+      FileNotFoundError: naming the data set and the folder that should hold it.
+    """
+    if name not in _TFDS_SOURCES:
+        return
+    where = root = os.fspath(data_dir) if data_dir is not None else None
+    if root is None:
+        root = os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+        where = f"TFDS_DATA_DIR={root}" if os.environ.get("TFDS_DATA_DIR") else root
+    if "://" in root:
+        return
+    folder = f"emnist/{(options or {}).get('config', 'balanced')}" if name == "emnist" else name
+    if not os.path.isdir(os.path.join(root, folder)):
+        raise FileNotFoundError(
+            f"tfds data set {folder!r} is not prepared under {where} (no folder "
+            f"{os.path.join(root, folder)}); nothing is downloaded: prepare it with `tfds build "
+            f"{folder} --file_format=array_record --data_dir DIR` and pass --data-dir DIR "
+            "(data_dir=...)")
 
 
 def load_source(
