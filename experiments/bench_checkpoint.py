@@ -9,7 +9,8 @@ donated) and the loop saves every ``--every`` rounds. For each way of saving it 
 one JSON line:
 
   loop_s      the loop's wall time, saves included, up to the last round's result;
-  blocked_s   time spent inside the save calls (what the rounds waited for);
+  blocked_s   time spent inside the save calls, after the rounds before each save
+              finished (what the next rounds wait for);
   drain_s     time after the loop until the last save is durable;
   per_save_s  a save's blocking time, each save;
   round_s     one round alone; checksum_s: the per-leaf checksums a save computes;
@@ -22,6 +23,16 @@ writes one ``np.savez`` file (what the runner did before); ``sync``, ``async`` a
 
     python experiments/bench_checkpoint.py                      # ~1 GB on this machine
     python experiments/bench_checkpoint.py --clients 10000      # K=10,000, FedOBP-sized
+
+Measured (seconds per save; the rounds were finished before each save):
+
+  2 shared CPU cores, 1.06 GB, ``--rounds 8 --every 4 --work 8``: npz 3.0 to 3.5 blocked;
+  orbax sync 5.3 to 5.6 (1.5 to 1.7 of it the checksums); orbax async 1.3 to 1.8 blocked
+  (the checksums, computed before ``save`` returns) then 3.8 in the background; async
+  without checksums 0.03 to 0.05 blocked. Restore 5 to 7. One checkpoint: 1.06 GB.
+  One H200, 7.6 GB (K=10,000), zstd-compressed checkpoints (an earlier version): npz 10.6
+  to 11.1 blocked; orbax sync 6.0 to 8.2; orbax async 0.16 blocked, then 3 to 5.3 more
+  in the background while the next rounds ran; restore 4.4 to 6.5.
 """
 
 from __future__ import annotations
@@ -110,6 +121,8 @@ def bench(mode: str, args, directory: Path) -> dict:
     for r in range(1, args.rounds + 1):
         state = round_step(state)
         if r % args.every == 0 and mode != "none":
+            # The rounds so far finish first: what follows is the save's own blocking.
+            jax.block_until_ready(state)
             tic = time.perf_counter()
             if mode == "npz":
                 save_npz(directory / "checkpoint.npz", state)
