@@ -2,9 +2,10 @@
 
 Every process writes the shards of the client state it holds (nothing is gathered), in
 the background while the rounds go on. A checkpoint is the directory
-``<directory>/<round>``: the state's leaves as one flat dict of arrays (item ``state``)
-and a JSON record (item ``meta``) with the leaves' tree paths, shapes and dtypes, the
-PRNG key's implementation and the run's own metadata. Orbax writes each checkpoint into
+``<directory>/<round>``: the state's leaves as one flat dict of uncompressed arrays, with
+one checksum per leaf (item ``state``), and a JSON record (item ``meta``) with the
+leaves' tree paths, shapes and dtypes, the PRNG key's implementation and the run's own
+metadata. Orbax writes each checkpoint into
 a temporary directory and renames it once complete, so an interrupted save never shows
 up as a round.
 
