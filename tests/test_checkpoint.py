@@ -76,10 +76,10 @@ def trained():
     return alg, data, _advanced(alg.init(jax.random.key(3), data))
 
 
-@pytest.mark.parametrize("async_save", [True, False])
-def test_round_trip_is_bit_exact_including_the_key(tmp_path, trained, async_save):
+@pytest.mark.parametrize("async_save, checksums", [(True, True), (False, True), (True, False)])
+def test_round_trip_is_bit_exact_including_the_key(tmp_path, trained, async_save, checksums):
     alg, data, state = trained
-    with Checkpointer(tmp_path, async_save=async_save) as ckpt:
+    with Checkpointer(tmp_path, async_save=async_save, checksums=checksums) as ckpt:
         ckpt.save(1, state, META)
         ckpt.wait()
         assert ckpt.latest_round() == 1

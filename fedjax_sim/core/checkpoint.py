@@ -255,7 +255,8 @@ class Checkpointer:
                                          sharding=sharding)
             for i, (rec, sharding) in enumerate(
                 zip(expected, jax.tree.leaves(target), strict=True))}
-        verify = bool(record.get("checksums"))
+        # Records that do not say always came with checksums.
+        verify = bool(record.get("checksums", True))
         if verify:
             abstract[_CHECKSUM] = jax.ShapeDtypeStruct((len(expected),), np.uint32,
                                                        sharding=target.round)
