@@ -83,6 +83,17 @@ def _add_platform_args(parser: argparse.ArgumentParser) -> None:
                         "--xla_force_host_platform_device_count")
 
 
+def _add_output_args(parser: argparse.ArgumentParser, default: str, unless: str) -> None:
+    parser.add_argument("--output", default=None,
+                        help=f"output folder (default: a new {default}); an existing non-empty "
+                        f"folder is refused unless {unless}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the fedjax-sim results in an existing --output folder")
+    parser.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
+                        help="on a NaN or infinite loss or parameter: stop that run at the "
+                        "round (default; it is reported as diverged), or warn and go on")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     from fedjax_sim.data import PARTITIONS, SOURCES
 
@@ -169,14 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--coordinator", default=None, help="host:port of process 0")
     run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--process-id", type=int, default=None)
-    run.add_argument("--output", default=None,
-                     help="run folder (default: a new runs/<algorithm>-<dataset>-<time>); an "
-                     "existing non-empty folder is refused unless --resume or --overwrite")
-    run.add_argument("--overwrite", action="store_true",
-                     help="replace the fedjax-sim run in an existing --output folder")
-    run.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
-                     help="on a NaN or infinite loss or parameter: stop the run at that round "
-                     "(default), or warn and go on")
+    _add_output_args(run, "runs/<algorithm>-<dataset>-<time>", "--resume or --overwrite")
     run.add_argument("--compare-local", action="store_true",
                      help="also run Local on the same split and report the hurt fraction "
                      "and the incentivized participation rate")
@@ -195,14 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--algorithms", default=",".join(DEFAULT_COMPARE),
                          help="comma-separated algorithm names")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    compare.add_argument("--output", default=None,
-                         help="comparison folder (default: a new runs/compare-<dataset>-<time>); "
-                         "an existing non-empty folder is refused unless --overwrite")
-    compare.add_argument("--overwrite", action="store_true",
-                         help="replace the comparison in an existing --output folder")
-    compare.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
-                         help="on a NaN or infinite loss or parameter: stop (the table marks "
-                         "the run diverged) or warn and go on")
+    _add_output_args(compare, "runs/compare-<dataset>-<time>", "--overwrite")
     compare.add_argument("--no-progress", action="store_true")
     _add_platform_args(compare)
     _add_data_args(compare)

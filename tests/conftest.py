@@ -70,3 +70,34 @@ def run_on_cpu_devices(script: str, devices: int = 4, timeout: int = 1200) -> di
                           env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_two_processes(script: str, folder: Path, timeout: int = 600) -> list[str]:
+    """Runs ``script`` as processes 0 and 1 of a two-process CPU job (each gets its process
+    id and a free coordinator port as arguments; one CPU device each) and returns each
+    one's output, asserting that both exited 0."""
+    import socket
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logs = [open(Path(folder) / f"worker{i}.log", "w+") for i in range(2)]
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(i), str(port)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+               for i, log in enumerate(logs)]
+    texts = []
+    for worker, log in zip(workers, logs, strict=True):
+        try:
+            worker.wait(timeout=timeout)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+        assert worker.returncode == 0, text[-3000:]
+        texts.append(text)
+    return texts

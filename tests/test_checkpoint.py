@@ -7,9 +7,6 @@ import glob
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TESTS_DIR, random_federated, run_on_cpu_devices
+from conftest import TESTS_DIR, random_federated, run_on_cpu_devices, run_two_processes
 
 from fedjax_sim import algorithms
 from fedjax_sim.core.checkpoint import Checkpointer, CheckpointError
@@ -213,32 +210,9 @@ print("RESULT " + json.dumps({{"equal": equal, "processes": jax.process_count(),
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_save_their_shards_and_restore(tmp_path):
     script = WORKER.format(tests=TESTS_DIR, out=str(tmp_path))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
-    port = _free_port()
-    logs = [open(tmp_path / f"worker{i}.log", "w+") for i in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-c", script, str(i), str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
-               for i, log in enumerate(logs)]
-    for worker, log in zip(workers, logs, strict=True):
-        try:
-            worker.wait(timeout=600)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-        log.seek(0)
-        text = log.read()
-        log.close()
-        assert worker.returncode == 0, text[-3000:]
+    for text in run_two_processes(script, tmp_path):
         lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
         assert lines, text[-3000:]
         assert json.loads(lines[-1][len("RESULT "):]) == {

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_two_processes
 
 HERE = Path(__file__).parent
 
@@ -45,12 +45,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _result(text: str) -> dict:
     lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
     assert lines, text[-3000:]
@@ -66,24 +60,7 @@ def runs(tmp_path_factory):
     single = subprocess.run([sys.executable, "-c", script, "-1", "0"], env=env,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    port = _free_port()
-    logs = [open(out / f"worker{i}.log", "w+") for i in range(2)]
-    workers = [subprocess.Popen([sys.executable, "-c", script, str(i), str(port)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, text=True)
-               for i, log in enumerate(logs)]
-    outputs = []
-    for worker, log in zip(workers, logs, strict=True):
-        try:
-            worker.wait(timeout=600)
-        finally:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait()
-        log.seek(0)
-        text = log.read()
-        log.close()
-        assert worker.returncode == 0, text[-3000:]
-        outputs.append(_result(text))
+    outputs = [_result(text) for text in run_two_processes(script, out)]
     return _result(single.stdout), outputs, out
 
 
