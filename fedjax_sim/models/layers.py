@@ -449,6 +449,16 @@ def linen_model(
     def apply_fn(params: Params, x: jax.Array) -> jax.Array:
         return module.apply({"params": params}, x)
 
+    # Flax adds each submodule's parameters when the forward pass first calls it, so the
+    # key order of the unjitted init's result is the forward order (jit's output sorts it).
+    layers: list[str] = []
+
+    def record_order(key):
+        layers.extend(module.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"])
+        return 0
+
+    jax.eval_shape(record_order, jax.random.key(0))
+
     return Model(
         name=name,
         input_shape=input_shape,
@@ -456,4 +466,5 @@ def linen_model(
         head=head,
         init_fn=init_fn,
         apply_fn=apply_fn,
+        layers=tuple(layers),
     )
