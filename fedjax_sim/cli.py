@@ -117,6 +117,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="write the client split to this JSON file")
     group.add_argument("--model", default="auto",
                        help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
+    group.add_argument("--init", default="flax",
+                       help="parameter initialization: flax (LeCun-normal kernels, zero "
+                       "biases) or torch (PyTorch's nn.Linear / nn.Conv2d defaults, "
+                       "kernels and biases U(+-1/sqrt(fan_in)))")
     public = parser.add_argument_group(
         "public data (federated distillation: " + ", ".join(algorithms.DISTILLATION) + ")")
     public.add_argument("--public-fraction", type=float, default=None,
@@ -255,13 +259,13 @@ def _hparams_for(name: str, args: argparse.Namespace, *, strict: bool) -> dict:
     return chosen
 
 
-def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int):
+def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int, init: str = "flax"):
     from fedjax_sim.models import make_model
 
     if name == "auto":
         image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
         name = "cnn" if image else "mlp"
-    return make_model(name, input_shape, num_classes)
+    return make_model(name, input_shape, num_classes, init=init)
 
 
 def _load_data(args: argparse.Namespace, seed: int, save_partition=None):
@@ -332,10 +336,10 @@ def _parse_architectures(spec: str) -> list[tuple[str, dict]]:
 def _models_for(args: argparse.Namespace, input_shape, num_classes):
     """The model, or with --architectures a tuple of models (FedMD, FCCL)."""
     if args.architectures is None:
-        return _model_for(args.model, input_shape, num_classes)
+        return _model_for(args.model, input_shape, num_classes, args.init)
     from fedjax_sim.models import make_model
 
-    return tuple(make_model(name, input_shape, num_classes, **options)
+    return tuple(make_model(name, input_shape, num_classes, init=args.init, **options)
                  for name, options in _parse_architectures(args.architectures))
 
 
@@ -362,7 +366,7 @@ def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[f
 # matched on --resume (with the algorithm's hyperparameters, the seed and the split itself).
 _DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
                  "shards_per_client", "classes_per_client", "test_ratio", "model",
-                 "architectures", "public_fraction", "public_dataset", "public_size",
+                 "init", "architectures", "public_fraction", "public_dataset", "public_size",
                  "public_val_fraction")
 
 
@@ -469,7 +473,7 @@ def _check_hparam_flags(args: argparse.Namespace) -> None:
 def _check_data_args(args: argparse.Namespace, names: list[str]) -> None:
     from fedjax_sim.data import PARTITIONS, SOURCES, check_partition_file
     from fedjax_sim.data.sources import check_prepared
-    from fedjax_sim.models import MODELS
+    from fedjax_sim.models import INITS, MODELS
 
     check_choice("--dataset", args.dataset, SOURCES)
     check_choice("--partition", args.partition, PARTITIONS)
@@ -481,6 +485,7 @@ def _check_data_args(args: argparse.Namespace, names: list[str]) -> None:
     check_int("--classes-per-client", args.classes_per_client, 1)
     check_float("--test-ratio", args.test_ratio, 0.0, 1.0, low_open=True, high_open=True)
     check_choice("--model", args.model, ("auto", *MODELS))
+    check_choice("--init", args.init, INITS)
     if args.public_fraction is not None:
         check_float("--public-fraction", args.public_fraction, 0.0, 1.0, low_open=True,
                     high_open=True)
@@ -630,7 +635,7 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict]:
     _check_devices(args.devices, local=True)
     output = _output_for(args, f"{args.algorithm}-sweep")
     data = _load_data(args, args.seed, args.save_partition)
-    model = _model_for(args.model, data.input_shape, data.num_classes)
+    model = _model_for(args.model, data.input_shape, data.num_classes, args.init)
     summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
                       eval_every=args.eval_every, hparams=hparams, output=output,
                       rounds_per_call=args.rounds_per_call,
@@ -678,7 +683,7 @@ def cmd_run(args: argparse.Namespace) -> dict:
         local_accuracies = _local_reference(args, model, data, args.seed)
     algorithm = algorithms.make(args.algorithm, model, **_public_kw(args.algorithm, public),
                                 **hparams)
-    extra = {"model": _model_names(model)}
+    extra = {"model": _model_names(model), "init": args.init}
     if public is not None:
         extra.update(public=public.name, public_size=public.num_samples,
                      public_val_size=public.num_val)
@@ -714,7 +719,7 @@ def _compare_one(run, algorithm, data, args, seed, output, local_accuracies, mod
         return run(
             algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
             output=output, local_accuracies=local_accuracies, progress=not args.no_progress,
-            extra_summary={"model": model.name}, config=_data_config(args),
+            extra_summary={"model": model.name, "init": args.init}, config=_data_config(args),
             options=_options(args), on_divergence=args.on_divergence, devices=None,
         ).summary
     except DivergedError as error:
@@ -743,7 +748,7 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
                                                 "environment": environment()})
         for seed in seeds:
             data, public = _load_with_public(args, seed, names)
-            model = _model_for(args.model, data.input_shape, data.num_classes)
+            model = _model_for(args.model, data.input_shape, data.num_classes, args.init)
             local_accuracies = None
             for name in order:
                 if name == "local" and name not in names and local_accuracies is not None:

@@ -5,14 +5,17 @@ Deng, Kamani, Mahdavi. "Adaptive Personalized Federated Learning." arXiv:2003.13
 Each client holds a personal model v and a mixing weight α. Per mini-batch it steps the
 global copy w on its own loss, then steps v on the loss of the mixed output
 ``α·v(x) + (1 − α)·w(x)`` with w's output held fixed, and (adaptive α) steps α on the same
-loss, clipped to [0, 1]. w is uploaded and averaged; clients are evaluated on the mixed
-output with the current global model.
+loss, clipped to [0, 1], with its own learning rate ``apfl_alpha_lr`` (the client lr
+unless set). w is uploaded and averaged; clients are evaluated on the mixed output with the
+current global model. ``summary.json`` records the clients' final α (mean, min, max and the
+shares at 0 and at 1: clients that dropped the personal or the global model).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_sim.algorithms.base import (
@@ -37,14 +40,37 @@ HPARAMS = (
            "APFL: initial mixing weight α of the personal model"),
     HParam("apfl_adaptive", True, bool, lambda v: isinstance(v, bool), "true or false",
            "APFL: learn α by gradient descent"),
+    HParam("apfl_alpha_lr", None, float, lambda v: v is None or v >= 0, ">= 0 or unset",
+           "APFL: learning rate of α (unset: the client lr; 0 keeps α at apfl_alpha)"),
 )
+
+
+def alpha_report(alpha) -> dict:
+    """Summary fields of the clients' final mixing weights.
+
+    Args:
+      alpha: (K,) mixing weights in [0, 1].
+
+    Returns:
+      ``apfl_alpha_mean``, ``apfl_alpha_min``, ``apfl_alpha_max``, and
+      ``apfl_alpha_at_0`` / ``apfl_alpha_at_1``: the share of clients whose α was clipped to
+      0 (the global model only) or 1 (the personal model only).
+    """
+    alpha = np.asarray(alpha, np.float64).reshape(-1)
+    return {
+        "apfl_alpha_mean": float(alpha.mean()),
+        "apfl_alpha_min": float(alpha.min()),
+        "apfl_alpha_max": float(alpha.max()),
+        "apfl_alpha_at_0": float(np.mean(alpha == 0.0)),
+        "apfl_alpha_at_1": float(np.mean(alpha == 1.0)),
+    }
 
 
 def apfl(model: Model, **hp) -> Algorithm:
     loss_fn = cross_entropy_loss(model)
     optimizer = client_optimizer(hp)
     budget = schedule(hp)
-    lr = hp["lr"]
+    alpha_lr = hp["lr"] if hp["apfl_alpha_lr"] is None else hp["apfl_alpha_lr"]
     adaptive = hp["apfl_adaptive"]
 
     def init(key, data):
@@ -71,7 +97,7 @@ def apfl(model: Model, **hp) -> Algorithm:
         updates, v_opt = optimizer.update(v_grads, v_opt, v)
         v = optax.apply_updates(v, updates)
         if adaptive:
-            alpha = jnp.clip(alpha - lr * alpha_grad, 0.0, 1.0)
+            alpha = jnp.clip(alpha - alpha_lr * alpha_grad, 0.0, 1.0)
         return (w, v, alpha, w_opt, v_opt), loss
 
     def round_fn(state, data):
@@ -103,5 +129,15 @@ def apfl(model: Model, **hp) -> Algorithm:
             data.test_x, data.test_y, data.test_counts, **map_options(hp),
         )
 
+    def report(state):
+        alpha = state.clients["alpha"]
+        if isinstance(alpha, jax.Array) and not alpha.is_fully_addressable:
+            # Client shards held by other processes (multi-host runs).
+            from jax.experimental import multihost_utils
+
+            alpha = multihost_utils.process_allgather(alpha, tiled=True)
+        return alpha_report(alpha)
+
     size = num_params_bytes(model)
-    return Algorithm("apfl", init, round_fn, evaluate, per_round_bytes(hp, size, size), hp)
+    return Algorithm("apfl", init, round_fn, evaluate, per_round_bytes(hp, size, size), hp,
+                     report)

@@ -1,24 +1,61 @@
-"""LG-FedAvg: local representations, a global head.
+"""LG-FedAvg: local representations, global top layers.
 
 Liang, Liu, Ziyin, Allen, Auerbach, Brent, Salakhutdinov, Morency. "Think Locally, Act
 Globally: Federated Learning with Local and Global Representations." arXiv:2001.01523, 2020.
 
-As in the paper (and PFLlib), every layer but the classifier is personal; the classifier
-is shared and averaged. Clients train all layers locally.
+The layers nearest the output are shared and averaged; those below them, the local
+representation, stay personal. By default only the classifier is shared, as in PFLlib;
+``lg_global_layers N`` shares the top N top-level layers of the model (in forward order,
+``Model.layers``). Clients train all layers locally.
 """
 
 from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import Algorithm, local_sgd
+from fedjax_sim.algorithms.base import Algorithm, HParam, local_sgd
 from fedjax_sim.algorithms.partial import decoupled
 from fedjax_sim.models.base import Model
 
-HPARAMS = ()
+HPARAMS = (
+    HParam("lg_global_layers", None, int, lambda v: v is None or v >= 1,
+           "a positive integer or unset",
+           "LG-FedAvg: number of top layers (nearest the output) shared and averaged; the "
+           "others stay personal (unset: the classifier head only); at most the model's "
+           "layer count - 1"),
+)
+
+
+def global_layers(model: Model, n: int | None) -> tuple[str, ...]:
+    """The top-level layers LG-FedAvg shares.
+
+    Args:
+      model: the model; ``model.layers`` gives the forward order.
+      n: how many of the last layers to share, or ``None`` for the model's head.
+
+    Returns:
+      The shared layer names.
+
+    Raises:
+      ValueError: if ``n`` is outside [1, number of layers - 1] (sharing every layer would
+        be FedAvg, sharing none Local), or the model does not record its layer order.
+    """
+    if n is None:
+        return tuple(model.head)
+    layers = tuple(model.layers)
+    if not layers:
+        raise ValueError(f"lg_global_layers needs the layer order of model {model.name}, "
+                         "which it does not record (Model.layers is empty)")
+    if not 1 <= n <= len(layers) - 1:
+        raise ValueError(
+            f"lg_global_layers must be in [1, {len(layers) - 1}] for model {model.name} "
+            f"(layers {', '.join(layers)}), got {n}"
+        )
+    return layers[len(layers) - n:]
 
 
 def lg_fedavg(model: Model, **hp) -> Algorithm:
+    shared = global_layers(model, hp["lg_global_layers"])
     layers = tuple(jax.eval_shape(model.init, jax.random.key(0)))
-    personal = tuple(name for name in layers if name not in model.head)
+    personal = tuple(name for name in layers if name not in shared)
     return decoupled("lg_fedavg", model, hp, personal, local_sgd(model, hp))

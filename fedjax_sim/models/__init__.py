@@ -15,7 +15,7 @@ import numpy as np
 
 from fedjax_sim.models.base import Model, Params
 from fedjax_sim.models.cnn import cnn
-from fedjax_sim.models.layers import conv2d, max_pool_2x2, resolve_conv_impl
+from fedjax_sim.models.layers import INITS, check_init, conv2d, max_pool_2x2, resolve_conv_impl
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.resnet import resnet
 
@@ -31,6 +31,7 @@ def make_model(
     num_classes: int,
     *,
     conv_impl: str = "auto",
+    init: str = "flax",
     **options: Any,
 ) -> Model:
     """Builds a registered model.
@@ -42,6 +43,10 @@ def make_model(
       conv_impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"`` for the convolutional
         models (ignored by ``mlp``); ``"auto"`` picks winograd on CPU and XLA's convolution
         elsewhere.
+      init: parameter initialization, one of :data:`INITS`: ``"flax"`` (LeCun-normal
+        kernels, zero biases) or ``"torch"`` (PyTorch's nn.Linear / nn.Conv2d defaults:
+        kernels and biases U(+-1/sqrt(fan_in))); normalization layers start at scale 1,
+        bias 0 under both.
       **options: further keyword arguments of the model's factory (e.g. ``hidden`` for
         ``mlp``, ``padding`` for ``cnn``, ``stages`` for ``resnet``).
 
@@ -49,7 +54,8 @@ def make_model(
       The model.
 
     Raises:
-      ValueError: on an unknown name, ``num_classes < 2`` or an unsuitable shape.
+      ValueError: on an unknown name or ``init``, ``num_classes < 2`` or an unsuitable
+        shape.
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
@@ -58,7 +64,7 @@ def make_model(
     resolve_conv_impl(conv_impl)  # validate the name even where it is unused
     if name in _CONV_MODELS:
         options["conv_impl"] = conv_impl
-    return _FACTORIES[name](input_shape, num_classes, **options)
+    return _FACTORIES[name](input_shape, num_classes, init=check_init(init), **options)
 
 
 def count_params(params: Params) -> int:
@@ -75,9 +81,11 @@ def count_params(params: Params) -> int:
 
 
 __all__ = [
+    "INITS",
     "MODELS",
     "Model",
     "Params",
+    "check_init",
     "cnn",
     "conv2d",
     "count_params",

@@ -23,6 +23,8 @@ class Model:
         FedPer/FedRep, the frozen part in FedBABU).
       init_fn: ``key -> params``.
       apply_fn: ``(params, x[B, *input_shape]) -> logits[B, num_classes]``.
+      layers: the top-level parameter names in the order the forward pass uses them, input
+        first and the head last (LG-FedAvg shares the last ones); empty when unknown.
     """
 
     name: str
@@ -31,6 +33,7 @@ class Model:
     head: tuple[str, ...]
     init_fn: Callable[[jax.Array], Params] = dataclasses.field(repr=False)
     apply_fn: Callable[[Params, jax.Array], jax.Array] = dataclasses.field(repr=False)
+    layers: tuple[str, ...] = ()
 
     def init(self, key: jax.Array) -> Params:
         return self.init_fn(key)

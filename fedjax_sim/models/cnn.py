@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from fedjax_sim.models.base import Model
 from fedjax_sim.models.layers import (
     Conv,
+    check_init,
     check_model_args,
+    dense,
     linen_model,
     max_pool_2x2,
     resolve_conv_impl,
@@ -36,6 +38,8 @@ class CNN(nn.Module):
         :func:`~fedjax_sim.models.layers.conv2d`).
       channels: output channels of conv1 and conv2.
       hidden: width of fc1.
+      param_init: parameter initialization scheme, ``"flax"`` or ``"torch"`` (see
+        :func:`~fedjax_sim.models.layers.layer_inits`).
     """
 
     num_classes: int
@@ -43,6 +47,7 @@ class CNN(nn.Module):
     conv_impl: str = "xla"
     channels: tuple[int, int] = (32, 64)
     hidden: int = 512
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,11 +61,12 @@ class CNN(nn.Module):
         """
         x = jnp.asarray(x, jnp.float32)
         for i, ch in enumerate(self.channels):
-            conv = Conv(ch, (5, 5), padding=self.padding, impl=self.conv_impl, name=f"conv{i + 1}")
+            conv = Conv(ch, (5, 5), padding=self.padding, impl=self.conv_impl,
+                        param_init=self.param_init, name=f"conv{i + 1}")
             x = max_pool_2x2(nn.relu(conv(x)))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(self.hidden, name="fc1")(x))
-        return nn.Dense(self.num_classes, name="head")(x)
+        x = nn.relu(dense(self.hidden, x.shape[-1], init=self.param_init, name="fc1")(x))
+        return dense(self.num_classes, x.shape[-1], init=self.param_init, name="head")(x)
 
 
 def _feature_side(n: int, padding: str) -> int:
@@ -76,6 +82,7 @@ def cnn(
     *,
     conv_impl: str = "auto",
     padding: str = "auto",
+    init: str = "flax",
 ) -> Model:
     """The FedAvg / FL-bench avgcnn.
 
@@ -88,13 +95,16 @@ def cnn(
       num_classes: number of logits, at least 2.
       conv_impl: ``"auto"``, ``"xla"``, ``"im2col"`` or ``"winograd"``, resolved once here.
       padding: ``"auto"``, ``"VALID"`` or ``"SAME"``.
+      init: parameter initialization, ``"flax"`` (LeCun normal, zero biases) or
+        ``"torch"`` (PyTorch's nn.Conv2d / nn.Linear defaults).
 
     Returns:
       The model; parameters ``{"conv1", "conv2", "fc1", "head"}``, each
       ``{"kernel", "bias"}``.
 
     Raises:
-      ValueError: if ``input_shape`` is not (H, W, C) or is too small for ``padding``.
+      ValueError: if ``input_shape`` is not (H, W, C) or is too small for ``padding``, or
+        on an unknown ``init``.
     """
     shape = check_model_args(input_shape, num_classes, model="cnn", rank=3)
     if padding not in PADDINGS:
@@ -106,6 +116,7 @@ def cnn(
     if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
         raise ValueError(f"cnn: input_shape {shape} is too small for {padding} padding")
     module = CNN(
-        num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl)
+        num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl),
+        param_init=check_init(init),
     )
     return linen_model(module, name="cnn", input_shape=shape, num_classes=int(num_classes))

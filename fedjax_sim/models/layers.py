@@ -18,10 +18,13 @@ than one large matmul does, and the backward pass of ``nn.max_pool``
   reshape followed by a reduction.
 * :class:`Conv`: a ``flax.linen`` module over :func:`conv2d` with the parameter names and
   initializers of ``nn.Conv``.
+* :func:`layer_inits`: the initializers of a dense or convolutional layer under either
+  parameter initialization scheme (:data:`INITS`): flax's defaults or PyTorch's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -34,6 +37,65 @@ from fedjax_sim.models.base import Model, Params
 
 CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 PADDINGS = ("VALID", "SAME")
+
+# Parameter initialization schemes. "flax": LeCun-normal kernels, zero biases (the flax
+# defaults). "torch": PyTorch's nn.Linear / nn.Conv2d defaults, kaiming_uniform(a=sqrt(5))
+# kernels and uniform biases, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)); published PFL
+# results come from PyTorch, and FedAvg's early rounds depend strongly on the scheme.
+# Normalization layers start at scale 1, bias 0 under both.
+INITS = ("flax", "torch")
+
+
+def check_init(init: str) -> str:
+    """Validates a parameter initialization scheme name.
+
+    Args:
+      init: ``"flax"`` or ``"torch"``.
+
+    Returns:
+      ``init``.
+
+    Raises:
+      ValueError: naming ``init`` and the allowed values.
+    """
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    return init
+
+
+def torch_uniform(fan_in: int) -> nn.initializers.Initializer:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default for Linear / Conv2d weights and
+    biases (kaiming_uniform with a=sqrt(5) has gain sqrt(1/3), bound gain*sqrt(3/fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def layer_inits(init: str, fan_in: int) -> dict:
+    """Keyword arguments ``kernel_init`` / ``bias_init`` for a dense or convolutional layer.
+
+    Args:
+      init: ``"flax"`` (an empty dict: the layer keeps its own defaults, LeCun normal and
+        zeros) or ``"torch"``.
+      fan_in: inputs per output unit (``in_features``; ``kh * kw * Cin`` for a convolution).
+
+    Returns:
+      The keyword arguments.
+
+    Raises:
+      ValueError: on an unknown ``init``.
+    """
+    if check_init(init) == "flax":
+        return {}
+    return {"kernel_init": torch_uniform(fan_in), "bias_init": torch_uniform(fan_in)}
+
+
+def dense(features: int, fan_in: int, *, init: str = "flax", name: str) -> nn.Dense:
+    """``nn.Dense(features)`` initialized by scheme ``init`` for ``fan_in`` inputs."""
+    return nn.Dense(features, name=name, **layer_inits(init, fan_in))
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -278,6 +340,8 @@ class Conv(nn.Module):
         called with the matrix shape (kh * kw * Cin, Cout), whose fan-in and fan-out equal
         those of the HWIO shape, and its result is reshaped to HWIO.
       bias_init: initializer of the bias (zeros).
+      param_init: ``"flax"`` (``kernel_init`` and ``bias_init``) or ``"torch"`` (both
+        U(+-1/sqrt(kh * kw * Cin)), as ``nn.Conv2d``; overrides the two initializers).
     """
 
     features: int
@@ -287,6 +351,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -300,15 +365,18 @@ class Conv(nn.Module):
         """
         kh, kw = self.kernel_size
         cin = x.shape[-1]
+        inits = {"kernel_init": self.kernel_init, "bias_init": self.bias_init}
+        inits.update(layer_inits(self.param_init, kh * kw * cin))
 
         def kernel_init(key, shape, dtype):
             # Same values and fan-in as drawing the 4-D shape, but XLA:CPU compiles the
             # random-bit generator for a 4-D shape several times slower than for a matrix.
-            return self.kernel_init(key, (kh * kw * cin, self.features), dtype).reshape(shape)
+            matrix = inits["kernel_init"](key, (kh * kw * cin, self.features), dtype)
+            return matrix.reshape(shape)
 
         kernel = self.param("kernel", kernel_init, (kh, kw, cin, self.features), jnp.float32)
         bias = (
-            self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            self.param("bias", inits["bias_init"], (self.features,), jnp.float32)
             if self.use_bias
             else None
         )
@@ -381,6 +449,16 @@ def linen_model(
     def apply_fn(params: Params, x: jax.Array) -> jax.Array:
         return module.apply({"params": params}, x)
 
+    # Flax adds each submodule's parameters when the forward pass first calls it, so the
+    # key order of the unjitted init's result is the forward order (jit's output sorts it).
+    layers: list[str] = []
+
+    def record_order(key):
+        layers.extend(module.init(key, jnp.zeros((1, *input_shape), jnp.float32))["params"])
+        return 0
+
+    jax.eval_shape(record_order, jax.random.key(0))
+
     return Model(
         name=name,
         input_shape=input_shape,
@@ -388,4 +466,5 @@ def linen_model(
         head=head,
         init_fn=init_fn,
         apply_fn=apply_fn,
+        layers=tuple(layers),
     )

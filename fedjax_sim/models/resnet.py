@@ -20,7 +20,9 @@ from fedjax_sim.models.base import Model
 from fedjax_sim.models.layers import (
     Conv,
     avg_pool_2x2,
+    check_init,
     check_model_args,
+    dense,
     linen_model,
     resolve_conv_impl,
 )
@@ -33,11 +35,13 @@ class BasicBlock(nn.Module):
       features: output channels.
       conv_impl: ``"xla"``, ``"im2col"`` or ``"winograd"``.
       groups: GroupNorm groups; must divide ``features``.
+      param_init: convolution initialization scheme, ``"flax"`` or ``"torch"``.
     """
 
     features: int
     conv_impl: str = "xla"
     groups: int = 4
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,12 +53,15 @@ class BasicBlock(nn.Module):
         Returns:
           (B, H, W, features).
         """
-        y = Conv(self.features, (3, 3), impl=self.conv_impl, use_bias=False, name="conv1")(x)
+        y = Conv(self.features, (3, 3), impl=self.conv_impl, use_bias=False,
+                 param_init=self.param_init, name="conv1")(x)
         y = nn.relu(nn.GroupNorm(num_groups=self.groups, name="norm1")(y))
-        y = Conv(self.features, (3, 3), impl=self.conv_impl, use_bias=False, name="conv2")(y)
+        y = Conv(self.features, (3, 3), impl=self.conv_impl, use_bias=False,
+                 param_init=self.param_init, name="conv2")(y)
         y = nn.GroupNorm(num_groups=self.groups, name="norm2")(y)
         if x.shape[-1] != self.features:
-            x = Conv(self.features, (1, 1), impl=self.conv_impl, use_bias=False, name="proj")(x)
+            x = Conv(self.features, (1, 1), impl=self.conv_impl, use_bias=False,
+                     param_init=self.param_init, name="proj")(x)
             x = nn.GroupNorm(num_groups=self.groups, name="proj_norm")(x)
         return nn.relu(x + y)
 
@@ -71,6 +78,8 @@ class ResNet(nn.Module):
       blocks_per_stage: basic blocks in each stage.
       conv_impl: ``"xla"``, ``"im2col"`` or ``"winograd"``.
       groups: GroupNorm groups.
+      param_init: parameter initialization scheme, ``"flax"`` or ``"torch"``; GroupNorm
+        starts at scale 1, bias 0 under both.
     """
 
     num_classes: int
@@ -78,6 +87,7 @@ class ResNet(nn.Module):
     blocks_per_stage: int = 1
     conv_impl: str = "xla"
     groups: int = 4
+    param_init: str = "flax"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,7 +100,8 @@ class ResNet(nn.Module):
           (B, num_classes) logits.
         """
         x = jnp.asarray(x, jnp.float32)
-        x = Conv(self.stages[0], (3, 3), impl=self.conv_impl, use_bias=False, name="stem")(x)
+        x = Conv(self.stages[0], (3, 3), impl=self.conv_impl, use_bias=False,
+                 param_init=self.param_init, name="stem")(x)
         x = nn.relu(nn.GroupNorm(num_groups=self.groups, name="stem_norm")(x))
         for s, features in enumerate(self.stages):
             if s > 0:
@@ -100,11 +111,12 @@ class ResNet(nn.Module):
                     features,
                     conv_impl=self.conv_impl,
                     groups=self.groups,
+                    param_init=self.param_init,
                     name=f"stage{s + 1}_block{b + 1}",
                 )
                 x = block(x)
         x = x.mean(axis=(1, 2))
-        return nn.Dense(self.num_classes, name="head")(x)
+        return dense(self.num_classes, x.shape[-1], init=self.param_init, name="head")(x)
 
 
 def resnet(
@@ -115,6 +127,7 @@ def resnet(
     stages: Sequence[int] = (16, 32, 64),
     blocks_per_stage: int = 1,
     groups: int = 4,
+    init: str = "flax",
 ) -> Model:
     """A CIFAR-style ResNet with GroupNorm; ResNet-8 by default.
 
@@ -128,13 +141,16 @@ def resnet(
       stages: channels of each stage; each must be divisible by ``groups``.
       blocks_per_stage: basic blocks per stage (1: ResNet-8, 3: ResNet-20).
       groups: GroupNorm groups.
+      init: parameter initialization, ``"flax"`` (LeCun normal, zero biases) or
+        ``"torch"`` (PyTorch's nn.Conv2d / nn.Linear defaults); GroupNorm scale 1, bias 0.
 
     Returns:
       The model; top-level parameters ``stem``, ``stem_norm``, ``stage{s}_block{b}`` and
       ``head``.
 
     Raises:
-      ValueError: on a bad shape, a too small input, or channels not divisible by groups.
+      ValueError: on a bad shape, a too small input, channels not divisible by groups, or
+        an unknown ``init``.
     """
     shape = check_model_args(input_shape, num_classes, model="resnet", rank=3)
     stages = tuple(int(c) for c in stages)
@@ -151,5 +167,6 @@ def resnet(
         blocks_per_stage=int(blocks_per_stage),
         conv_impl=resolve_conv_impl(conv_impl),
         groups=int(groups),
+        param_init=check_init(init),
     )
     return linen_model(module, name="resnet", input_shape=shape, num_classes=int(num_classes))
