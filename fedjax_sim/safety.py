@@ -144,16 +144,25 @@ class Watchdog:
 
 def nonfinite_clients(clients: Any, server: Any, num_clients: int) -> jax.Array:
     """(K,) bool, jittable: whether client k's state, or the shared server state, holds a
-    NaN or an infinity (a non-finite server state affects every client)."""
+    NaN or an infinity (a non-finite server state affects every client).
+
+    Client-state leaves whose leading axis is not K (the per-architecture groups of FedMD
+    and FCCL, (K_g, ...)) are not mapped back to client ids: a non-finite value there
+    flags every client.
+    """
     bad = jnp.zeros((num_clients,), bool)
+    shared_bad = jnp.zeros((), bool)
     for leaf in jax.tree.leaves(clients):
-        if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            bad = bad | ~jnp.isfinite(leaf.reshape(leaf.shape[0], -1)).all(axis=1)
-    server_bad = jnp.zeros((), bool)
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        if leaf.ndim and leaf.shape[0] == num_clients:
+            bad = bad | ~jnp.isfinite(leaf.reshape(num_clients, -1)).all(axis=1)
+        else:
+            shared_bad = shared_bad | ~jnp.isfinite(leaf).all()
     for leaf in jax.tree.leaves(server):
         if jnp.issubdtype(leaf.dtype, jnp.inexact):
-            server_bad = server_bad | ~jnp.isfinite(leaf).all()
-    return bad | server_bad
+            shared_bad = shared_bad | ~jnp.isfinite(leaf).all()
+    return bad | shared_bad
 
 
 def divergence_message(round: int, clients: np.ndarray, loss: float, hparams: dict) -> str:

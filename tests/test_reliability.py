@@ -279,3 +279,14 @@ def test_summary_statistics_and_sweep_mark_diverged_configurations(tmp_path, cap
     assert [x["status"] for x in lines] == ["complete", "diverged"]
     assert lines[1]["accuracy"] is None and lines[1]["diverged_at"] >= 1
     assert np.isfinite(lines[0]["accuracy"])
+
+
+def test_nonfinite_clients_names_client_rows_and_flags_all_for_shared_state():
+    import jax.numpy as jnp
+
+    clients = {"w": jnp.ones((4, 3)).at[2, 1].set(jnp.nan), "step": jnp.zeros((4,), int)}
+    assert safety.nonfinite_clients(clients, {}, 4).tolist() == [False, False, True, False]
+    groups = {"g": jnp.ones((3, 2)).at[0, 0].set(jnp.inf)}  # (K_g, ...) of a group
+    assert safety.nonfinite_clients(groups, {}, 4).all()
+    assert safety.nonfinite_clients({}, {"s": jnp.array([jnp.nan])}, 4).all()
+    assert not safety.nonfinite_clients(clients | {"w": jnp.ones((4, 3))}, {}, 4).any()
