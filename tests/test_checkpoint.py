@@ -239,37 +239,45 @@ def saved(tmp_path, trained):
     return tmp_path / "ckpt", state
 
 
-def _largest_data_file(step_dir: Path) -> str:
-    return max(glob.glob(str(step_dir / "state" / "ocdbt.process_0" / "d" / "*")),
-               key=os.path.getsize)
+def _data_files(step_dir: Path) -> list[str]:
+    return glob.glob(str(step_dir / "state" / "**" / "d" / "*"), recursive=True)
 
 
-def _truncate(step_dir):
-    path = _largest_data_file(step_dir)
-    os.truncate(path, os.path.getsize(path) // 2)
+def _truncate(step_dir, state):
+    # Which file holds which array varies between saves: cut every one short.
+    for path in _data_files(step_dir):
+        os.truncate(path, os.path.getsize(path) // 2)
 
 
-def _garbage(step_dir):
-    for path in glob.glob(str(step_dir / "state" / "ocdbt.process_0" / "d" / "*")):
+def _garbage(step_dir, state):
+    for path in _data_files(step_dir):
         Path(path).write_bytes(np.random.default_rng(0).bytes(os.path.getsize(path)))
 
 
-def _flip_one_bit(step_dir):
-    path = Path(_largest_data_file(step_dir))
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
+def _flip_one_bit(step_dir, state):
+    # One bit inside a client's stored weights (arrays are stored raw), so that only
+    # the checksums can notice.
+    weights = np.asarray(state.clients["params"]["fc1"]["kernel"]).tobytes()
+    for name in _data_files(step_dir):
+        path = Path(name)
+        raw = bytearray(path.read_bytes())
+        at = raw.find(weights)
+        if at >= 0:
+            raw[at + len(weights) // 2] ^= 0x10
+            path.write_bytes(bytes(raw))
+            return
+    raise AssertionError("the weights were not found in the checkpoint's data files")
 
 
-def _drop_arrays(step_dir):
+def _drop_arrays(step_dir, state):
     shutil.rmtree(step_dir / "state")
 
 
-def _garbage_record(step_dir):
+def _garbage_record(step_dir, state):
     (step_dir / "meta" / "metadata").write_text("{not json")
 
 
-def _foreign(step_dir):
+def _foreign(step_dir, state):
     shutil.rmtree(step_dir)
     step_dir.mkdir()
     (step_dir / "weights.bin").write_bytes(b"\x00" * 64)
@@ -278,14 +286,14 @@ def _foreign(step_dir):
 @pytest.mark.parametrize("damage, reason", [
     (_truncate, "corrupted checkpoint"),
     (_garbage, "corrupted checkpoint"),
-    (_flip_one_bit, "checksum mismatch"),
+    (_flip_one_bit, "checksum mismatch in .clients['params']['fc1']['kernel']"),
     (_drop_arrays, "incomplete or corrupted checkpoint"),
     (_garbage_record, "unreadable checkpoint record"),
     (_foreign, "unreadable checkpoint record"),
 ])
 def test_damaged_checkpoint_raises_checkpoint_error_naming_it(saved, capfd, damage, reason):
     directory, state = saved
-    damage(directory / "2")
+    damage(directory / "2", state)
     with Checkpointer(directory) as ckpt, pytest.raises(CheckpointError) as info:
         ckpt.restore(state)
     message = str(info.value)
