@@ -88,15 +88,27 @@ def resolve(name: str, **hparams) -> dict:
             for key, spec in specs.items()}
 
 
-def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
+def takes_batch_order(name: str) -> bool:
+    """Whether algorithm ``name`` accepts ``make(..., batch_order=...)``: host-drawn sample
+    orders (R, K, E, N_max) replacing the random batch order (``core.local.FixedOrder``)."""
+    return getattr(_module(name), "TAKES_BATCH_ORDER", False)
+
+
+def make(name: str, model: Model, *, public=None, batch_order=None, **hparams) -> Algorithm:
     """Builds algorithm ``name`` for ``model`` after validating ``hparams``.
 
     ``public`` (a ``PublicData``) is required by the ``DISTILLATION`` algorithms and refused
-    by the others. The result records ``model`` (``Algorithm.models``), which the runner
+    by the others. ``batch_order`` (see ``takes_batch_order``) is accepted by FedAvg and
+    FedPer only. The result records ``model`` (``Algorithm.models``), which the runner
     checks against the data.
     """
     module = _module(name)
     resolved = resolve(name, **hparams)
+    if batch_order is not None:
+        if not takes_batch_order(name):
+            raise ValueError(f"{name} takes no batch_order; algorithms that do: " + ", ".join(
+                n for n in ALGORITHMS + DISTILLATION if takes_batch_order(n)))
+        resolved["batch_order"] = batch_order
     if uses_public(name):
         algorithm = getattr(module, name)(model, public=public, **resolved)
     elif public is not None:
@@ -111,4 +123,5 @@ def make(name: str, model: Model, *, public=None, **hparams) -> Algorithm:
 
 
 __all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "check_hparam",
-           "check_model_fits", "hparam_specs", "make", "resolve", "uses_public"]
+           "check_model_fits", "hparam_specs", "make", "resolve", "takes_batch_order",
+           "uses_public"]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import optax
 
 from fedjax_sim.checks import INT32_MAX
@@ -218,6 +219,37 @@ def local_sgd(
         return local.train(loss_fn, optimizer, params, x, y, n, key, **budget)
 
     return train
+
+
+def check_batch_order(batch_order: Any, hp: dict) -> np.ndarray | None:
+    """Checks a factory's ``batch_order`` argument against the local budget.
+
+    ``batch_order`` (R, K, E, N_max) fixes every client's sample order per round and epoch
+    (``core.local.FixedOrder``, ``core.local.sample_batch_orders``); round ``r`` uses
+    ``batch_order[r % R]``. Its K and N_max are checked against the data when the round is
+    traced, and its values by ``core.local.check_batch_orders``.
+
+    Returns:
+      ``batch_order`` as an int32 NumPy array, or ``None``.
+
+    Raises:
+      ValueError: if it is not a 4-D integer array, if ``local_steps`` is set (fixed orders
+        are per epoch) or if E differs from ``local_epochs``.
+    """
+    if batch_order is None:
+        return None
+    order = np.asarray(batch_order)
+    if order.ndim != 4 or not np.issubdtype(order.dtype, np.integer) or order.shape[0] < 1:
+        raise ValueError("batch_order must be an integer array (rounds, clients, epochs, "
+                         f"N_max) with rounds >= 1, got dtype {order.dtype} and shape "
+                         f"{order.shape}")
+    if hp["local_steps"] is not None:
+        raise ValueError("batch_order needs local_epochs; it cannot be used with local_steps "
+                         f"(got local_steps={hp['local_steps']})")
+    if order.shape[2] != hp["local_epochs"]:
+        raise ValueError(f"batch_order has {order.shape[2]} epochs per round (axis 2); "
+                         f"local_epochs is {hp['local_epochs']}")
+    return order.astype(np.int32)
 
 
 def map_options(hp: dict) -> dict:

@@ -15,6 +15,14 @@ from fedjax_sim.models.base import Model
 
 HPARAMS = ()
 
+# make(..., batch_order=...) is accepted (host-drawn batch orders, core.local.FixedOrder).
+TAKES_BATCH_ORDER = True
 
-def fedper(model: Model, **hp) -> Algorithm:
-    return decoupled("fedper", model, hp, model.head, local_sgd(model, hp))
+
+def fedper(model: Model, *, batch_order=None, **hp) -> Algorithm:
+    """FedPer bound to ``model``; ``hp`` holds the common hyperparameters.
+
+    ``batch_order``: optional (R, K, E, N_max) host sample orders that replace the random
+    batch order, as for ``fedavg.fedavg``.
+    """
+    return decoupled("fedper", model, hp, model.head, local_sgd(model, hp), batch_order)

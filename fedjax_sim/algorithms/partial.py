@@ -13,12 +13,13 @@ import jax
 
 from fedjax_sim.algorithms.base import (
     Algorithm,
+    check_batch_order,
     map_options,
     num_params_bytes,
     per_round_bytes,
 )
 from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import advance, round_orders, run_cohort
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels import split
 from fedjax_sim.kernels.aggregation import broadcast
@@ -29,7 +30,8 @@ LocalFn = Callable
 
 
 def decoupled(
-    name: str, model: Model, hp: dict, personal: tuple[str, ...], local_fn: LocalFn
+    name: str, model: Model, hp: dict, personal: tuple[str, ...], local_fn: LocalFn,
+    batch_order=None,
 ) -> Algorithm:
     """An algorithm whose layers ``personal`` stay on the clients.
 
@@ -39,7 +41,11 @@ def decoupled(
       hp: resolved hyperparameters (common ones at least).
       personal: top-level parameter names kept per client.
       local_fn: one client's local training of the full parameter dict.
+      batch_order: optional host sample orders (R, K, E, N_max) that replace the random
+        batch order; ``local_fn`` must hand its key to ``core.local.train`` unchanged
+        (see ``base.check_batch_order``).
     """
+    batch_order = check_batch_order(batch_order, hp)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     missing = set(personal) - set(shapes)
     if missing or not personal or set(personal) == set(shapes):
@@ -65,7 +71,8 @@ def decoupled(
 
         result = run_cohort(
             round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, server=shared, **map_options(hp),
+            mean_uploads=True, server=shared,
+            orders=round_orders(batch_order, state.round), **map_options(hp),
         )
         new_shared = result.uploads
         # The server's copy of the personal layers is never used by anyone; it keeps the

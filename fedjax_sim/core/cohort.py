@@ -202,6 +202,11 @@ def _mapped(fn, args, weights, shared, strategy, chunk_size):
                          out_specs=(replicated, spec), check_vma=False)(shared, args, weights)
 
 
+def _row(tree, i):
+    # Keys may be a pytree (e.g. ``core.local.FixedOrder``), not only a key array.
+    return jax.tree.map(lambda a: a[i], tree)
+
+
 def _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, device):
     """The in-place cohort loop over one block of clients (one device's, or all of them).
 
@@ -217,7 +222,7 @@ def _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, device)
     positions = jnp.argsort(jnp.logical_not(owned), stable=True)
     local_rows = index[positions] - device * block_size
     fn = functools.partial(fn, shared)
-    first = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], (clients, *rows)), keys[0])
+    first = jax.eval_shape(fn, *jax.tree.map(lambda a: a[0], (clients, *rows, keys)))
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first[0])
     losses = jnp.zeros((size,), first[2].dtype)
 
@@ -226,7 +231,7 @@ def _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, device)
             total, clients, losses = carry
             position, row = positions[i], local_rows[i]
             own, *data = jax.tree.map(lambda a: a[row], (clients, *rows))
-            upload, new_row, loss = fn(own, *data, keys[position])
+            upload, new_row, loss = fn(own, *data, _row(keys, position))
             weight = weights[position]
             total = jax.tree.map(lambda t, u: t + weight.astype(u.dtype) * u, total, upload)
             clients = jax.tree.map(lambda a, v: a.at[row].set(v), clients, new_row)
@@ -241,7 +246,7 @@ def _train_owned(fn, shared, clients, rows, index, keys, weights, chunk, device)
         slots = jnp.minimum(slots, size - 1)
         position, row = positions[slots], local_rows[slots]
         own, *data = jax.tree.map(lambda a: a[row], (clients, *rows))
-        upload, new_rows, loss = jax.vmap(fn)(own, *data, keys[position])
+        upload, new_rows, loss = jax.vmap(fn)(own, *data, _row(keys, position))
         weight = jnp.where(valid, weights[position], 0.0)
         total = jax.tree.map(
             lambda t, u: t + jnp.tensordot(weight.astype(u.dtype), u, 1), total, upload)
@@ -283,7 +288,8 @@ def train_in_place(
       clients: the client state, leaves (K, ...).
       rows: per-client data, each leaf (K, ...) (e.g. train_x, train_y, train_counts).
       index: (M,) distinct client indices, or ``None`` for all K clients in order.
-      keys: (M,) PRNG keys, one per cohort position.
+      keys: (M,) PRNG keys, one per cohort position (or any pytree with leading axis M,
+        e.g. a ``core.local.FixedOrder``).
       weights: (M,) non-negative weights, normalized here (all zero gives zeros).
       shared: what every client receives (see the module docstring), or ``None``.
       strategy: ``sequential``, ``chunked`` or ``auto`` (resolving to either).

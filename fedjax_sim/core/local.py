@@ -5,20 +5,102 @@ steps, ``epochs * ceil(N_max / B)``, so the program has one shape; a client with
 samples is active only for its first ``ceil(n_k / B)`` steps of each epoch and its padded
 rows carry zero weight. Inactive steps leave the carry untouched, so the result equals a
 plain loop over that client's own batches.
+
+The batch order is drawn in the graph from the client's PRNG key by default. A
+:class:`FixedOrder` passed in place of the key replaces it with an order chosen on the
+host (e.g. by :func:`sample_batch_orders`), so that another implementation fed the same
+orders takes the same steps: each epoch visits the client's real samples in the given
+order, in batches of ``batch_size`` with the last one partial, and every batch's loss is
+the mean over its real samples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
 # step_fn(carry, x_batch, y_batch, weights) -> (carry, loss)
 StepFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], tuple[PyTree, jax.Array]]
+
+
+class FixedOrder(NamedTuple):
+    """A client's sample order for local training, passed where a PRNG key is expected.
+
+    Attributes:
+      order: (E, N_max) integers; row ``e`` lists the indices of the client's samples in
+        the order epoch ``e`` visits them. Only the first ``count`` entries of a row are
+        read, and they must be a permutation of ``0 .. count - 1`` (not checked in the
+        graph; :func:`check_batch_orders` checks on the host).
+    """
+
+    order: Any
+
+
+def sample_batch_orders(
+    seed: int, counts: Any, *, rounds: int, epochs: int, n_max: int | None = None
+) -> np.ndarray:
+    """Per-round, per-client, per-epoch sample orders drawn on the host.
+
+    Args:
+      seed: seed of ``numpy.random.default_rng``.
+      counts: (K,) the clients' real training sample counts.
+      rounds: number of rounds R.
+      epochs: local epochs E per round.
+      n_max: padded length (default ``max(counts)``).
+
+    Returns:
+      (R, K, E, N_max) int32: ``[r, k, e, :counts[k]]`` is a permutation of
+      ``0 .. counts[k] - 1``; the remaining entries are 0.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    n_max = int(counts.max()) if n_max is None else int(n_max)
+    rng = np.random.default_rng(seed)
+    out = np.zeros((int(rounds), counts.size, int(epochs), n_max), np.int32)
+    for r in range(int(rounds)):
+        for k, n in enumerate(counts):
+            for e in range(int(epochs)):
+                out[r, k, e, :n] = rng.permutation(int(n))
+    return out
+
+
+def check_batch_orders(orders: Any, counts: Any, *, epochs: int | None = None) -> np.ndarray:
+    """Checks host batch orders (R, K, E, N_max) against the clients' counts.
+
+    Args:
+      orders: the orders, e.g. from :func:`sample_batch_orders`.
+      counts: (K,) the clients' real training sample counts.
+      epochs: the local epochs E they must have, if given.
+
+    Returns:
+      ``orders`` as an int32 NumPy array.
+
+    Raises:
+      ValueError: naming ``batch_order`` when the shape does not match, or when a row's
+        first ``counts[k]`` entries are not a permutation of ``0 .. counts[k] - 1``.
+    """
+    orders = np.asarray(orders)
+    counts = np.asarray(counts, dtype=np.int64)
+    if orders.ndim != 4 or not np.issubdtype(orders.dtype, np.integer):
+        raise ValueError("batch_order must be an integer array (rounds, clients, epochs, "
+                         f"N_max), got dtype {orders.dtype} and shape {orders.shape}")
+    _, k, e, n_max = orders.shape
+    if k != counts.size or n_max < counts.max(initial=0):
+        raise ValueError(f"batch_order has shape {orders.shape}; expected {counts.size} "
+                         f"clients and N_max >= {counts.max(initial=0)}")
+    if epochs is not None and e != int(epochs):
+        raise ValueError(f"batch_order has {e} epochs per round; local_epochs is {epochs}")
+    for client, n in enumerate(counts):
+        rows = np.sort(orders[:, client, :, :n], axis=-1)
+        if not (rows == np.arange(n)).all():
+            raise ValueError(f"batch_order of client {client}: the first {n} entries of "
+                             f"every epoch must be a permutation of 0..{n - 1}")
+    return orders.astype(np.int32)
 
 
 def num_steps(n_max: int, batch_size: int, *, epochs: int | None, steps: int | None) -> int:
@@ -40,11 +122,13 @@ def batch_schedule(
     """Mini-batch indices for one client.
 
     With ``epochs``: each epoch is a fresh permutation of the client's ``count`` real
-    samples cut into batches of ``batch_size`` (the last one partial). With ``steps``: that
-    many batches drawn uniformly with replacement from the real samples (all active).
+    samples cut into batches of ``batch_size`` (the last one partial); the permutation is
+    drawn from ``key``, or read from it when ``key`` is a :class:`FixedOrder`. With
+    ``steps``: that many batches drawn uniformly with replacement from the real samples
+    (all active).
 
     Args:
-      key: PRNG key.
+      key: PRNG key, or a :class:`FixedOrder` with ``order`` (epochs, n_max).
       count: scalar int, the client's number of real samples (>= 1).
       n_max: padded length (static).
       batch_size: batch size (static).
@@ -53,9 +137,20 @@ def batch_schedule(
     Returns:
       index (S, B) int32 rows into the padded arrays, weight (S, B) float32 (0 on padding),
       active (S,) bool.
+
+    Raises:
+      ValueError: if both or neither of ``epochs`` and ``steps`` are set, or a
+        :class:`FixedOrder` comes with ``steps`` or has a shape other than (epochs, n_max).
     """
     if (epochs is None) == (steps is None):
         raise ValueError("exactly one of epochs and steps must be set")
+    fixed = isinstance(key, FixedOrder)
+    if fixed and steps is not None:
+        raise ValueError("a fixed batch order needs local_epochs; local_steps draws batches "
+                         "with replacement")
+    if fixed and tuple(key.order.shape) != (epochs, n_max):
+        raise ValueError(f"batch order must have shape (epochs, N_max) = ({epochs}, {n_max}), "
+                         f"got {tuple(key.order.shape)}")
     if steps is not None:
         u = jax.random.uniform(key, (steps, batch_size))
         index = jnp.minimum((u * count).astype(jnp.int32), jnp.maximum(count - 1, 0))
@@ -66,15 +161,21 @@ def batch_schedule(
     padded = per_epoch * batch_size
     positions = jnp.arange(padded)
 
-    def one_epoch(epoch_key):
-        # Real samples get random keys in [0, 1), padding sorts last with key 2.
-        u = jax.random.uniform(epoch_key, (padded,))
-        order = jnp.argsort(jnp.where(positions < count, u, 2.0))
-        weight = (positions < count).astype(jnp.float32)
-        index = jnp.minimum(order, n_max - 1).astype(jnp.int32)
-        return index.reshape(per_epoch, batch_size), weight.reshape(per_epoch, batch_size)
+    weight = jnp.broadcast_to((positions < count).astype(jnp.float32), (epochs, padded))
+    if fixed:
+        # Positions past count (padding, then the round-up to whole batches) have weight 0;
+        # clipping keeps their indices in range.
+        order = jnp.pad(jnp.asarray(key.order, jnp.int32), ((0, 0), (0, padded - n_max)))
+        index = jnp.clip(order, 0, n_max - 1)
+    else:
 
-    index, weight = jax.vmap(one_epoch)(jax.random.split(key, epochs))
+        def one_epoch(epoch_key):
+            # Real samples get random keys in [0, 1), padding sorts last with key 2.
+            u = jax.random.uniform(epoch_key, (padded,))
+            order = jnp.argsort(jnp.where(positions < count, u, 2.0))
+            return jnp.minimum(order, n_max - 1).astype(jnp.int32)
+
+        index = jax.vmap(one_epoch)(jax.random.split(key, epochs))
     active = jnp.tile(jnp.arange(per_epoch) * batch_size < count, epochs)
     return (
         index.reshape(epochs * per_epoch, batch_size),
@@ -101,7 +202,7 @@ def scan_batches(
       step_fn: ``(carry, xb, yb, wb) -> (carry, loss)``; ``wb`` weights the batch rows.
       carry: any pytree (parameters, optimizer state, ...).
       x: (N_max, ...) padded inputs; y: (N_max,) labels; count: real sample count.
-      key: PRNG key for the batch order.
+      key: PRNG key for the batch order, or a :class:`FixedOrder` (epochs only).
 
     Returns:
       The final carry and the mean loss over active steps.
@@ -173,6 +274,8 @@ def train(
     steps: int | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Local training of one client from ``params`` with a fresh optimizer state.
+
+    ``key`` is a PRNG key or a :class:`FixedOrder` (see :func:`batch_schedule`).
 
     Returns:
       The trained parameters and the mean training loss.

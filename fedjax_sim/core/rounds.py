@@ -21,6 +21,7 @@ from fedjax_sim.core.cohort import (
     sample_cohort,
     train_in_place,
 )
+from fedjax_sim.core.local import FixedOrder
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.aggregation import gather, scatter
@@ -61,6 +62,7 @@ def run_cohort(
     chunk_size: int = 8,
     mean_uploads: bool = False,
     server: Any = None,
+    orders: jax.Array | None = None,
 ) -> CohortResult:
     """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them.
 
@@ -75,12 +77,25 @@ def run_cohort(
         running sum and train the cohort in place (``core.cohort.train_in_place``): no
         (M, ...) copy of the cohort's state, data or uploads is made, and with the client
         axis sharded every device trains the members it holds.
+      orders: (K, E, N_max) sample orders of this round, one row per client (see
+        :func:`round_orders`), or ``None``. When given, each sampled client receives
+        ``core.local.FixedOrder(orders[k])`` in place of its PRNG key, which
+        ``core.local.train`` reads as its batch order.
+
+    Raises:
+      ValueError: if ``orders`` does not have K rows and ``N_max`` columns.
     """
     num_clients = data.num_clients
     size = cohort_size(num_clients, join_ratio)
     cohort_key, train_key = jax.random.split(key)
     index = sample_cohort(cohort_key, num_clients, size)
     keys = jax.random.split(train_key, size)
+    if orders is not None:
+        n_max = data.train_x.shape[1]
+        if orders.ndim != 3 or orders.shape[0] != num_clients or orders.shape[2] != n_max:
+            raise ValueError(f"batch orders of a round must have shape (clients, epochs, "
+                             f"N_max) = ({num_clients}, E, {n_max}), got {orders.shape}")
+        keys = FixedOrder(gather(orders, index))
     counts = gather(data.train_counts, index)
     weights = counts.astype(jnp.float32)
     if mean_uploads and resolve_strategy(strategy) != "vmap":
@@ -104,6 +119,24 @@ def run_cohort(
         )
     loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+
+def round_orders(batch_order: Any, round_index: jax.Array) -> jax.Array | None:
+    """This round's (K, E, N_max) rows of host batch orders (R, K, E, N_max).
+
+    Round ``r`` uses ``batch_order[r % R]``: a run longer than R rounds starts over.
+
+    Args:
+      batch_order: host orders (e.g. ``core.local.sample_batch_orders``), or ``None``.
+      round_index: scalar int, the rounds completed so far (``SimState.round``).
+
+    Returns:
+      The round's orders, or ``None`` when ``batch_order`` is ``None``.
+    """
+    if batch_order is None:
+        return None
+    table = jnp.asarray(batch_order, jnp.int32)
+    return table[round_index % table.shape[0]]
 
 
 def _upload_first(out):
