@@ -38,6 +38,7 @@ from fedjax_sim.algorithms.fedmd import group_members
 from fedjax_sim.core.evaluate import count_correct
 from fedjax_sim.data.public import make_federated_data_with_public
 from fedjax_sim.models import make_model
+from fedjax_sim.models.layers import DEFAULT_INIT, INITS
 from fedjax_sim.runner import Events, run, to_device
 
 # Shared by every method: the README's digits comparison settings.
@@ -62,10 +63,10 @@ def accuracy_of(correct, data) -> float:
     return float(np.sum(correct) / np.sum(np.asarray(data.test_counts)))
 
 
-def model_for(spec: str, data):
+def model_for(spec: str, data, init: str):
     name, _, widths = spec.partition(":")
     options = {"hidden": tuple(int(w) for w in widths.split("x"))} if widths else {}
-    return make_model(name, data.input_shape, data.num_classes, **options)
+    return make_model(name, data.input_shape, data.num_classes, init=init, **options)
 
 
 def run_one(name, model, data, public, args, seed, *, events=None, **hp):
@@ -147,7 +148,7 @@ def section_dsfl(args) -> None:
     for alpha in args.alphas:
         for seed in args.seeds:
             data, public = load(args, alpha, seed)
-            model = make_model("mlp", data.input_shape, data.num_classes)
+            model = make_model("mlp", data.input_shape, data.num_classes, init=args.init)
             local = local_correct(model, data, args, seed)
             local_summary = {"method": "Local", "accuracy": float(local.sum() / data.test_counts
                                                                  .sum()),
@@ -241,7 +242,7 @@ def section_hetero(args) -> None:
     for alpha in args.alphas:
         for seed in args.seeds:
             data, public = load(args, alpha, seed)
-            models = tuple(model_for(s, data) for s in specs)
+            models = tuple(model_for(s, data, args.init) for s in specs)
             members = group_members(data.num_clients, len(models))
             counts = np.asarray(data.test_counts)
             local = local_correct(models, data, args, seed)
@@ -261,7 +262,7 @@ def section_hetero(args) -> None:
                 })
             print(f"hetero alpha={alpha} seed={seed} done", flush=True)
 
-    sizes = [num_params_bytes(model_for(s, data)) // 4 for s in specs]
+    sizes = [num_params_bytes(model_for(s, data, args.init)) // 4 for s in specs]
     group_cols = " | ".join(f"{s} ({n:,} params) %" for s, n in zip(specs, sizes, strict=True))
     lines = [f"| α | method | accuracy % | {group_cols} | IPR % | MB up + down | wall s |",
              "|" + "---|" * (6 + len(specs))]
@@ -284,7 +285,7 @@ def section_feddf(args) -> None:
     for alpha in args.alphas:
         for seed in args.seeds:
             data, public = load(args, alpha, seed)
-            model = make_model("mlp", data.input_shape, data.num_classes)
+            model = make_model("mlp", data.input_shape, data.num_classes, init=args.init)
             local = local_correct(model, data, args, seed)
             fedavg = run_one("fedavg", model, data, public, args, seed)
             rows.setdefault((alpha, "FedAvg"), []).append(
@@ -332,6 +333,8 @@ def main() -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--architectures", default="mlp:32,mlp:128,mlp:256x128")
     parser.add_argument("--output", default="runs/distillation")
+    parser.add_argument("--init", default=DEFAULT_INIT, choices=INITS,
+                        help="parameter initialization (the tables of distillation.md: flax)")
     args = parser.parse_args()
     args.alphas = [float(a) for a in args.alphas.split(",")]
     args.seeds = [int(s) for s in args.seeds.split(",")]

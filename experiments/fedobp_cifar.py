@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--output", default="runs/fedobp_cifar")
+    parser.add_argument("--init", default="torch", choices=("flax", "torch"),
+                        help="parameter initialization (PyTorch's defaults, as the paper's code)")
     args = parser.parse_args(argv)
 
     from fedjax_sim import algorithms
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         except FileNotFoundError as error:
             print(f"fedobp_cifar: error: {error}", file=sys.stderr)
             return 2
-        model = make_model("cnn", data.input_shape, data.num_classes)
+        model = make_model("cnn", data.input_shape, data.num_classes, init=args.init)
         for name in args.names:
             alg = algorithms.make(name, model, **hparams(name, args))
             summary = run(alg, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,

@@ -33,6 +33,7 @@ import numpy as np
 from fedjax_sim import algorithms
 from fedjax_sim.data import make_federated_data
 from fedjax_sim.models import make_model
+from fedjax_sim.models.layers import DEFAULT_INIT, INITS
 from fedjax_sim.runner import run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fedobp"
@@ -68,13 +69,14 @@ def configs(kind: str, ig_ratios: list[float]) -> list[tuple[str, str, dict]]:
 
 
 def run_experiment(kind: str, dataset: str, alpha: float, seeds: list[int], rounds: int,
-                   model_name: str, ig_ratios: list[float], num_clients: int) -> dict:
+                   model_name: str, ig_ratios: list[float], num_clients: int,
+                   init: str = DEFAULT_INIT) -> dict:
     rows = configs(kind, ig_ratios)
     results: dict[str, list[dict]] = {label: [] for label, _, _ in rows}
     for seed in seeds:
         data, _, _ = make_federated_data(dataset, partition="dirichlet", alpha=alpha,
                                          num_clients=num_clients, seed=seed)
-        model = make_model(model_name, data.input_shape, data.num_classes,
+        model = make_model(model_name, data.input_shape, data.num_classes, init=init,
                            **({"padding": "SAME"} if model_name == "cnn" else {}))
         reference = run(algorithms.make("local", model, **COMMON), data, rounds=rounds,
                         eval_every=rounds, seed=seed, progress=False)
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--num-clients", type=int, default=20)
     parser.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--init", default=DEFAULT_INIT, choices=INITS,
+                        help="parameter initialization (the tables of fedobp.md: flax)")
     parser.add_argument("--ig-ratios", default=None,
                         help="comma-separated q values (defaults: compare 0.9999,0.9; sweep "
                         f"{','.join(map(str, SWEEP))}; variants 0.99,0.9; layers "
@@ -228,10 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     kind = "sweep" if args.kind == "layers" else args.kind
     tic = time.perf_counter()
     result = run_experiment(kind, args.dataset, args.alpha, seeds, args.rounds, args.model,
-                            ig_ratios, args.num_clients)
+                            ig_ratios, args.num_clients, args.init)
     result["wall_s"] = time.perf_counter() - tic
     stem = f"{args.kind}_{args.dataset}_a{args.alpha:g}" + (
-        f"_{args.model}" if args.model != "mlp" else "") + (f"_{args.tag}" if args.tag else "")
+        f"_{args.model}" if args.model != "mlp" else "") + (
+        f"_{args.init}" if args.init != "flax" else "") + (f"_{args.tag}" if args.tag else "")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     text = table(result)

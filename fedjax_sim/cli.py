@@ -30,7 +30,7 @@ from fedjax_sim.checks import (
     parse_list,
     parse_seed,
 )
-from fedjax_sim.models.layers import CONV_IMPLS
+from fedjax_sim.models.layers import CONV_IMPLS, DEFAULT_INIT
 from fedjax_sim.platform import check_environment, configure_cpu_devices, parse_cpu_devices
 
 # Federated distillation: public data held out of the pool unless --public-dataset is given.
@@ -117,7 +117,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="write the client split to this JSON file")
     group.add_argument("--model", default="auto",
                        help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
-    group.add_argument("--init", default="flax",
+    group.add_argument("--init", default=DEFAULT_INIT,
                        help="parameter initialization: flax (LeCun-normal kernels, zero "
                        "biases) or torch (PyTorch's nn.Linear / nn.Conv2d defaults, "
                        "kernels and biases U(+-1/sqrt(fan_in)))")
@@ -259,7 +259,7 @@ def _hparams_for(name: str, args: argparse.Namespace, *, strict: bool) -> dict:
     return chosen
 
 
-def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int, init: str = "flax"):
+def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int, init: str = DEFAULT_INIT):
     from fedjax_sim.models import make_model
 
     if name == "auto":

@@ -110,8 +110,8 @@ def test_torch_norm_layers_match_torch_defaults(name, shape):
         np.testing.assert_array_equal(bias, reference.bias.detach().numpy(), err_msg=path)
 
 
-# Sums of kernels drawn with key 0 by the models before the init option existed: the
-# default (flax) initialization must keep giving these exact parameters.
+# Sums of kernels drawn with key 0 by the models before the init option existed: flax's
+# initialization must keep giving these exact parameters.
 _FLAX_KERNEL_SUMS = {
     "mlp": ("fc1", 16.479599),
     "cnn": ("conv2", -2.7166352),
@@ -120,10 +120,8 @@ _FLAX_KERNEL_SUMS = {
 
 
 @pytest.mark.parametrize("name, shape", CASES)
-def test_flax_init_is_unchanged_and_the_default(name, shape):
-    default = make_model(name, shape, 10).init(KEY)
-    flax = make_model(name, shape, 10, init="flax").init(KEY)
-    jax.tree.map(np.testing.assert_array_equal, default, flax)
+def test_flax_init_is_unchanged_and_torch_is_the_default(name, shape):
+    default = make_model(name, shape, 10, init="flax").init(KEY)
     layer, total = _FLAX_KERNEL_SUMS[name]
     np.testing.assert_allclose(float(default[layer]["kernel"].sum()), total, rtol=1e-5)
     for path, kernel, bias in _layers(default)[0]:
@@ -133,6 +131,8 @@ def test_flax_init_is_unchanged_and_the_default(name, shape):
             _fan_in(kernel)), path
     torch_params = make_model(name, shape, 10, init="torch").init(KEY)
     assert not np.array_equal(torch_params[layer]["kernel"], default[layer]["kernel"])
+    jax.tree.map(np.testing.assert_array_equal, make_model(name, shape, 10).init(KEY),
+                 torch_params)
 
 
 def test_torch_init_is_the_same_for_every_conv_impl():
@@ -153,12 +153,13 @@ def test_cli_records_init(tmp_path, capsys):
     from fedjax_sim.cli import main
 
     out = tmp_path / "run"
-    main(["run", "--algorithm", "fedavg", "--init", "torch", "--output", str(out),
-          "--num-clients", "3", "--rounds", "1", "--local-epochs", "1", "--no-progress"])
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["init"] == "torch" and summary["model"] == "mlp"
-    config = json.loads((out / "config.json").read_text())
-    assert config["identity"]["init"] == "torch"
+    for init, flags in [("flax", ["--init", "flax"]), ("torch", [])]:
+        main(["run", "--algorithm", "fedavg", *flags, "--output", str(out / init),
+              "--num-clients", "3", "--rounds", "1", "--local-epochs", "1", "--no-progress"])
+        summary = json.loads((out / init / "summary.json").read_text())
+        assert summary["init"] == init and summary["model"] == "mlp"
+        config = json.loads((out / init / "config.json").read_text())
+        assert config["identity"]["init"] == init
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "--init", "kaiming", "--output", str(tmp_path / "bad"), "--no-progress"])
     assert exit_info.value.code == 2

@@ -15,7 +15,14 @@ import numpy as np
 
 from fedjax_sim.models.base import Model, Params
 from fedjax_sim.models.cnn import cnn
-from fedjax_sim.models.layers import INITS, check_init, conv2d, max_pool_2x2, resolve_conv_impl
+from fedjax_sim.models.layers import (
+    DEFAULT_INIT,
+    INITS,
+    check_init,
+    conv2d,
+    max_pool_2x2,
+    resolve_conv_impl,
+)
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.resnet import resnet
 
@@ -31,7 +38,7 @@ def make_model(
     num_classes: int,
     *,
     conv_impl: str = "auto",
-    init: str = "flax",
+    init: str = DEFAULT_INIT,
     **options: Any,
 ) -> Model:
     """Builds a registered model.

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.models.base import Model
 from fedjax_sim.models.layers import (
+    DEFAULT_INIT,
     Conv,
     check_init,
     check_model_args,
@@ -47,7 +48,7 @@ class CNN(nn.Module):
     conv_impl: str = "xla"
     channels: tuple[int, int] = (32, 64)
     hidden: int = 512
-    param_init: str = "flax"
+    param_init: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -82,7 +83,7 @@ def cnn(
     *,
     conv_impl: str = "auto",
     padding: str = "auto",
-    init: str = "flax",
+    init: str = DEFAULT_INIT,
 ) -> Model:
     """The FedAvg / FL-bench avgcnn.
 

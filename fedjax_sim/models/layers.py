@@ -42,8 +42,10 @@ PADDINGS = ("VALID", "SAME")
 # defaults). "torch": PyTorch's nn.Linear / nn.Conv2d defaults, kaiming_uniform(a=sqrt(5))
 # kernels and uniform biases, both U(-1/sqrt(fan_in), 1/sqrt(fan_in)); published PFL
 # results come from PyTorch, and FedAvg's early rounds depend strongly on the scheme.
-# Normalization layers start at scale 1, bias 0 under both.
+# Normalization layers start at scale 1, bias 0 under both. The default is "torch", so that
+# a run starts where the PyTorch code behind published tables starts.
 INITS = ("flax", "torch")
+DEFAULT_INIT = "torch"
 
 
 def check_init(init: str) -> str:
@@ -93,7 +95,7 @@ def layer_inits(init: str, fan_in: int) -> dict:
     return {"kernel_init": torch_uniform(fan_in), "bias_init": torch_uniform(fan_in)}
 
 
-def dense(features: int, fan_in: int, *, init: str = "flax", name: str) -> nn.Dense:
+def dense(features: int, fan_in: int, *, init: str = DEFAULT_INIT, name: str) -> nn.Dense:
     """``nn.Dense(features)`` initialized by scheme ``init`` for ``fan_in`` inputs."""
     return nn.Dense(features, name=name, **layer_inits(init, fan_in))
 
@@ -351,7 +353,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-    param_init: str = "flax"
+    param_init: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:

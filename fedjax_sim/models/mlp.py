@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.models.base import Model
-from fedjax_sim.models.layers import check_init, check_model_args, dense, linen_model
+from fedjax_sim.models.layers import DEFAULT_INIT, check_init, check_model_args, dense, linen_model
 
 
 class MLP(nn.Module):
@@ -28,7 +28,7 @@ class MLP(nn.Module):
 
     hidden: Sequence[int]
     num_classes: int
-    param_init: str = "flax"
+    param_init: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -51,7 +51,7 @@ def mlp(
     num_classes: int,
     *,
     hidden: Sequence[int] = (200, 200),
-    init: str = "flax",
+    init: str = DEFAULT_INIT,
 ) -> Model:
     """The FedAvg 2NN: flatten -> fc1 200 ReLU -> fc2 200 ReLU -> head.
 

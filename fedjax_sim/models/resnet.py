@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from fedjax_sim.models.base import Model
 from fedjax_sim.models.layers import (
+    DEFAULT_INIT,
     Conv,
     avg_pool_2x2,
     check_init,
@@ -41,7 +42,7 @@ class BasicBlock(nn.Module):
     features: int
     conv_impl: str = "xla"
     groups: int = 4
-    param_init: str = "flax"
+    param_init: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,7 +88,7 @@ class ResNet(nn.Module):
     blocks_per_stage: int = 1
     conv_impl: str = "xla"
     groups: int = 4
-    param_init: str = "flax"
+    param_init: str = DEFAULT_INIT
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,7 +128,7 @@ def resnet(
     stages: Sequence[int] = (16, 32, 64),
     blocks_per_stage: int = 1,
     groups: int = 4,
-    init: str = "flax",
+    init: str = DEFAULT_INIT,
 ) -> Model:
     """A CIFAR-style ResNet with GroupNorm; ResNet-8 by default.
 
