@@ -31,7 +31,12 @@ from fedjax_sim.checks import (
     parse_seed,
 )
 from fedjax_sim.models.layers import CONV_IMPLS, DEFAULT_INIT
-from fedjax_sim.platform import check_environment, configure_cpu_devices, parse_cpu_devices
+from fedjax_sim.platform import (
+    check_environment,
+    configure_cpu_devices,
+    enable_compile_cache,
+    parse_cpu_devices,
+)
 
 # Federated distillation: public data held out of the pool unless --public-dataset is given.
 DEFAULT_PUBLIC_FRACTION = 0.2
@@ -81,6 +86,10 @@ def _add_platform_args(parser: argparse.ArgumentParser) -> None:
                         "own clients) or an integer >= 1 (1: one device whose operations use "
                         "every core). Ignored when XLA_FLAGS sets "
                         "--xla_force_host_platform_device_count")
+    parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                        help="do not keep compiled programs on disk (default: kept in "
+                        "$FEDJAX_SIM_COMPILE_CACHE or ~/.cache/fedjax_sim/jax, so that a "
+                        "repeated run of the same shapes skips compiling)")
 
 
 def _add_output_args(parser: argparse.ArgumentParser, default: str, unless: str) -> None:
@@ -873,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)  # everything, before any data loads or anything compiles
         # Before anything starts JAX's backends: the device count is fixed from then on.
         configure_cpu_devices(args.cpu_devices)
+        if args.compile_cache:
+            enable_compile_cache()
         handlers[args.command](args)
     except StoppedError as error:
         parser.exit(error.exit_code, f"{prog}: {error}\n")

@@ -16,6 +16,8 @@ from Python, call :func:`configure_cpu_devices` right after the imports.
 from __future__ import annotations
 
 import os
+import warnings
+from pathlib import Path
 
 import jax
 
@@ -156,3 +158,50 @@ def raise_collective_timeouts(seconds: int = COLLECTIVE_TIMEOUT_S) -> bool:
     if extra:
         os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
     return True
+
+
+# Compiled programs are kept across processes, so that a repeated run of the same shapes
+# (a sweep's next configuration, a rerun, a resumed run) skips XLA compilation. Programs
+# that compile in under this many seconds are not worth a disk round trip.
+COMPILE_CACHE_MIN_SECONDS = 0.5
+
+
+def default_compile_cache_dir() -> Path:
+    """Where compiled programs are kept: ``$FEDJAX_SIM_COMPILE_CACHE``, else
+    ``$XDG_CACHE_HOME/fedjax_sim/jax`` (``~/.cache/fedjax_sim/jax``)."""
+    if os.environ.get("FEDJAX_SIM_COMPILE_CACHE"):
+        return Path(os.environ["FEDJAX_SIM_COMPILE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "fedjax_sim" / "jax"
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache in ``directory``.
+
+    A cache that cannot be used never stops a run: if the folder cannot be created or
+    written, a warning says so and compilation goes on uncached. A cache already set
+    (``JAX_COMPILATION_CACHE_DIR``, or ``jax.config`` before this call) is kept.
+
+    Args:
+      directory: the cache folder (``None``: :func:`default_compile_cache_dir`).
+
+    Returns:
+      The folder in use, or ``None`` when caching is off.
+    """
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return Path(current)
+    path = Path(directory).expanduser() if directory else default_compile_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        warnings.warn(f"compile cache {path} is not writable ({error}); compiling uncached",
+                      stacklevel=2)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Commands run by the tests keep compiled programs in a folder of this test session (shared
+# with their subprocesses), never in the user's cache.
+os.environ.setdefault("FEDJAX_SIM_COMPILE_CACHE", tempfile.mkdtemp(prefix="fedjax-sim-cc-"))
 
 import jax
 import numpy as np
