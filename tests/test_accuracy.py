@@ -14,7 +14,7 @@ def test_personalization_beats_fedavg_on_skewed_digits():
     model = make_model("mlp", data.input_shape, data.num_classes)
     accuracy = {}
     for name in ("fedavg", "fedper", "local"):
-        algorithm = algorithms.make(name, model, local_epochs=2, lr=0.05)
+        algorithm = algorithms.make(name, model, local_epochs=2, lr=0.1)
         accuracy[name] = run(algorithm, data, rounds=8, eval_every=8,
                              progress=False).summary["accuracy"]
     # With alpha = 0.1 most clients see two or three digits: a personal head (and even a
