@@ -119,7 +119,7 @@ def test_max_pool_matches_flax(shape):
 
 def test_conv_module_matches_nn_conv():
     x = _normal(5, (2, 6, 6, 3))
-    ours = Conv(4, (3, 3), padding="SAME", impl="im2col")
+    ours = Conv(4, (3, 3), padding="SAME", impl="im2col", param_init="flax")
     ref = nn.Conv(4, (3, 3), padding="SAME")
 
     @jax.jit
@@ -128,7 +128,7 @@ def test_conv_module_matches_nn_conv():
         return p_ours, p_ref, ours.apply(p_ref, x), ref.apply(p_ref, x)
 
     p_ours, p_ref, y_ours, y_ref = run(KEY)
-    # Same names, shapes and initial values as nn.Conv.
+    # Same names, shapes and (with flax's initialization) initial values as nn.Conv.
     jax.tree.map(np.testing.assert_array_equal, p_ours, p_ref)
     np.testing.assert_allclose(y_ours, y_ref, rtol=1e-5, atol=1e-5)
 
