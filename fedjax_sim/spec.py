@@ -594,7 +594,11 @@ def local_accuracies(built: Built) -> list[float]:
     return accuracies.tolist()
 
 
-def run_built(built: Built, *, output=None, local: list[float] | None = None,
+# ``run_built``'s default output: the spec's own.
+_SPEC_OUTPUT: Any = object()
+
+
+def run_built(built: Built, *, output=_SPEC_OUTPUT, local: list[float] | None = None,
               events=None, options: dict | None = None, extra_summary: dict | None = None,
               resume_hint: str | None = None, overwrite: bool | None = None,
               resume: bool | None = None):
@@ -602,7 +606,7 @@ def run_built(built: Built, *, output=None, local: list[float] | None = None,
 
     Args:
       built: from :func:`build`.
-      output: the run folder (default ``built.spec.output``).
+      output: the run folder (default ``built.spec.output``; None writes nothing).
       local: per-client Local accuracies for the hurt fraction and IPR (default: run the
         Local reference when ``built.local`` is set).
       events, resume_hint: as in ``runner.run``.
@@ -620,7 +624,8 @@ def run_built(built: Built, *, output=None, local: list[float] | None = None,
         local = local_accuracies(built)
     return runner.run(
         built.algorithm, built.data, rounds=spec.rounds, eval_every=spec.eval_every,
-        seed=spec.seed, events=events, output=spec.output if output is None else output,
+        seed=spec.seed, events=events,
+        output=spec.output if output is _SPEC_OUTPUT else output,
         local_accuracies=local, checkpoint_every=spec.checkpoint_every,
         resume=spec.resume if resume is None else resume,
         overwrite=spec.overwrite if overwrite is None else overwrite,
