@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -432,7 +433,7 @@ def expand(grid: Grid, *, check: bool = True,
                              f"(it is a hyperparameter of {', '.join(owners)})")
 
     specs: list[ExperimentSpec] = []
-    checked: dict[ExperimentSpec, ExperimentSpec] = {}
+    checked: dict[str, ExperimentSpec] = {}
     seen: dict[tuple, int] = {}
     for name in names_values:
         own = {k: s for k, s in grid.settings.items()
@@ -446,10 +447,11 @@ def expand(grid: Grid, *, check: bool = True,
             hparams = {k: v for k, v in values.items() if k not in FIELDS}
             spec = ExperimentSpec(algorithm=name, hparams=hparams, **fields)
             if check:
-                template = spec.replace(seed=0)
-                if template not in checked:
-                    checked[template] = check_spec(template, label=label)
-                spec = checked[template].replace(seed=check_seed(label("seed"), spec.seed))
+                template = spec.replace(seed=0)  # checked once per configuration
+                key = json.dumps(template.to_dict(), sort_keys=True, default=repr)
+                if key not in checked:
+                    checked[key] = check_spec(template, label=label)
+                spec = checked[key].replace(seed=check_seed(label("seed"), spec.seed))
                 identity = (spec.config_hash(), spec.seed)
                 if identity in seen:
                     raise ValueError(f"two entries of the grid are the same configuration "

@@ -363,13 +363,14 @@ def run_sweep(
     log = log or (lambda _line: None)
     if not specs:
         raise ValueError("a sweep needs at least one configuration")
-    memo: dict[ExperimentSpec, ExperimentSpec] = {}
+    memo: dict[str, ExperimentSpec] = {}
     checked = []
     for spec in specs:
         template = spec.replace(seed=0)  # settings are checked once per configuration
-        if template not in memo:
-            memo[template] = check_spec(template)
-        checked.append(memo[template].replace(seed=check_seed("seed", spec.seed)))
+        key = json.dumps(template.to_dict(), sort_keys=True, default=repr)
+        if key not in memo:
+            memo[key] = check_spec(template)
+        checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
     specs = checked
     keys = varying(specs)
     names = {spec.config_hash(): config_name(spec, keys) for spec in specs}
@@ -414,11 +415,12 @@ def run_sweep(
         write_jsonl(out / RESULTS_FILE, list(records.values()))
         groups = group_specs(pending)
         if skipped:
-            log(f"{skipped} of {len(specs)} runs already finished in {out}: skipped")
+            log(f"{skipped} of {_count(len(specs), 'run')} already finished in {out}: "
+                "skipped")
         if pending:
             batched = sum(len(g.specs) for g in groups if g.batched)
-            log(f"{len(pending)} runs in {len(groups)} programs ({batched} of them batched "
-                "over seeds and learning rates)")
+            log(f"{_count(len(pending), 'run')} to do in {_count(len(groups), 'program')} "
+                f"({batched} batched over seeds and learning rates)")
         cache = _Cache()
         locals_: dict[str, list[float]] = {}
         done_order = list(records.values())
@@ -470,13 +472,18 @@ def run_sweep(
     return SweepResult(out, ordered, len(specs) - skipped, skipped)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 # ---- results.md and curves.png ------------------------------------------------------------
 
 
 def _setting_line(specs: Sequence[ExperimentSpec], keys: Sequence[str]) -> str:
     first = specs[0]
     parts = [f"{k}={getattr(first, k)}" for k in
-             ("dataset", "partition", "alpha", "num_clients", "rounds", "model")
+             ("dataset", "partition", "alpha", "num_clients", "partition_seed", "rounds",
+              "model")
              if k not in keys and getattr(first, k) is not None]
     seeds = sorted({s.seed for s in specs})
     return ", ".join(parts) + f"; seeds {','.join(map(str, seeds))}"
@@ -575,6 +582,7 @@ def plot_curves(out: Path, records: Sequence[dict], keys: Sequence[str]) -> str 
         return "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     histories = _histories(out, records)
     if not histories:
@@ -604,6 +612,7 @@ def plot_curves(out: Path, records: Sequence[dict], keys: Sequence[str]) -> str 
             ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(),
                             alpha=0.2)
         ax.set_title(algorithm)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel("personalized test accuracy")
         ax.legend(fontsize="small")
