@@ -1,8 +1,13 @@
-"""``fedjax-sim``: run, compare and benchmark algorithms from the command line.
+"""``fedjax-sim``: run, compare, sweep and benchmark algorithms from the command line.
 
   fedjax-sim run --algorithm fedper --dataset digits --alpha 0.1 --output runs/fedper
   fedjax-sim compare                      # the default comparison on digits, 3 seeds
+  fedjax-sim sweep --config grid.toml     # a grid of configurations x seeds, resumable
   fedjax-sim bench --model cnn --num-clients 50 --local-steps 10
+
+``run``, ``compare`` and ``sweep`` only parse their options (flags, ``--config`` files,
+``--set`` overrides) into ``fedjax_sim.spec.ExperimentSpec`` s; ``spec.build`` makes the
+data, models and algorithms and ``fedjax_sim.sweep`` runs grids.
 """
 
 from __future__ import annotations
@@ -16,35 +21,56 @@ from pathlib import Path
 
 import numpy as np
 
-from fedjax_sim import algorithms
+from fedjax_sim import algorithms, config
 from fedjax_sim.algorithms.base import COMMON, HParam, check_hparam
 from fedjax_sim.checks import (
     check_choice,
-    check_float,
-    check_input_dir,
     check_int,
-    check_output_dir,
-    check_output_file,
     check_seed,
     parse_int,
     parse_list,
     parse_seed,
 )
-from fedjax_sim.models.layers import CONV_IMPLS, DEFAULT_INIT
+from fedjax_sim.models.layers import CONV_IMPLS
 from fedjax_sim.platform import (
     check_environment,
     configure_cpu_devices,
     enable_compile_cache,
     parse_cpu_devices,
 )
+from fedjax_sim.spec import (
+    DEFAULT_PUBLIC_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    HETEROGENEOUS,
+    ExperimentSpec,
+    build,
+    build_data,
+    local_accuracies,
+    run_built,
+    share_public_split,
+)
 
-# Federated distillation: public data held out of the pool unless --public-dataset is given.
-DEFAULT_PUBLIC_FRACTION = 0.2
-DEFAULT_VAL_FRACTION = 0.05
-_HETEROGENEOUS = ("fedmd", "fccl")
+__all__ = ["DEFAULT_COMPARE", "DEFAULT_PUBLIC_FRACTION", "DEFAULT_VAL_FRACTION",
+           "build_parser", "check_args", "main"]
 
 DEFAULT_COMPARE = ("fedavg", "local", "fedavg_ft", "fedper", "fedrep", "fedbabu", "lg_fedavg",
                    "ditto", "apfl")
+DEFAULT_COMPARE_SEEDS = (0, 1, 2)
+_DEFAULTS = ExperimentSpec()
+
+SEEDS_HELP = """\
+seeds: each seed draws its own partition and train/test split, and its own
+initialization, cohorts and batch orders; --partition-seed S draws the split once, from
+S, for every seed (a --partition-file fixes it too). run, compare and sweep follow this
+same rule, so `run --seed 1`, `compare --seeds 1` and `sweep --seeds 1` agree."""
+
+CONFIG_HELP = """\
+config files: --config FILE.toml takes the options above as keys with underscores
+(num_clients = 10). A list is a grid axis (lr = [0.01, 0.05]); a table named after an
+algorithm ([fedobp]) holds that algorithm's own grid. --set key=value[,value...]
+overrides the file (a comma list is an axis; --set fedobp.ig_ratio=0.5,0.9 for a table).
+Flags given on the command line win over the file. Every key and value is checked before
+anything loads or compiles."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,30 +129,44 @@ def _add_output_args(parser: argparse.ArgumentParser, default: str, unless: str)
                         "round (default; it is reported as diverged), or warn and go on")
 
 
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE.toml",
+                        help="read options from this TOML file (see 'config files' below)")
+    parser.add_argument("--set", action="append", default=None, metavar="KEY=VALUE[,...]",
+                        help="set an option, over the config file (repeatable; a comma list "
+                        "is a grid axis; ALGORITHM.KEY for that algorithm's own value)")
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     from fedjax_sim.data import PARTITIONS, SOURCES
 
+    d = _DEFAULTS
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", help=f"one of {', '.join(SOURCES)}")
+    group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(SOURCES)}")
     group.add_argument("--data-dir", default=None, help="tfds data directory (tfds sources)")
-    group.add_argument("--partition", default="dirichlet", help=f"one of {', '.join(PARTITIONS)}")
-    group.add_argument("--alpha", type=float, default=0.1, help="Dirichlet concentration (> 0)")
+    group.add_argument("--partition", default=d.partition,
+                       help=f"one of {', '.join(PARTITIONS)}")
+    group.add_argument("--alpha", type=float, default=d.alpha,
+                       help="Dirichlet concentration (> 0)")
     group.add_argument("--num-clients", type=int, default=None,
                        help="number of clients K (default 20; with --partition-file, the "
                        "file's count, which a given value must equal)")
-    group.add_argument("--min-samples", type=int, default=10,
+    group.add_argument("--min-samples", type=int, default=d.min_samples,
                        help="minimum samples per client (dirichlet)")
-    group.add_argument("--shards-per-client", type=int, default=2)
-    group.add_argument("--classes-per-client", type=int, default=2)
-    group.add_argument("--test-ratio", type=float, default=0.25,
+    group.add_argument("--shards-per-client", type=int, default=d.shards_per_client)
+    group.add_argument("--classes-per-client", type=int, default=d.classes_per_client)
+    group.add_argument("--test-ratio", type=float, default=d.test_ratio,
                        help="share of each client's data held out for its test set")
+    group.add_argument("--partition-seed", type=int, default=None,
+                       help="draw the partition and train/test split from this seed for "
+                       "every seed (default: each seed draws its own)")
     group.add_argument("--partition-file", default=None,
                        help="load the client split from this JSON file")
     group.add_argument("--save-partition", default=None,
                        help="write the client split to this JSON file")
-    group.add_argument("--model", default="auto",
+    group.add_argument("--model", default=d.model,
                        help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
-    group.add_argument("--init", default=DEFAULT_INIT,
+    group.add_argument("--init", default=d.init,
                        help="parameter initialization: flax (LeCun-normal kernels, zero "
                        "biases) or torch (PyTorch's nn.Linear / nn.Conv2d defaults, "
                        "kernels and biases U(+-1/sqrt(fan_in)))")
@@ -144,15 +184,17 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="share of the pool held out as the server's labeled validation "
                         "split (FedDF early stopping), in [0, 1)")
     public.add_argument("--architectures", default=None,
-                        help="heterogeneous models for " + " and ".join(_HETEROGENEOUS)
+                        help="heterogeneous models for " + " and ".join(HETEROGENEOUS)
                         + ": comma-separated mlp[:WIDTHS], cnn, resnet, e.g. "
                         "mlp:32,mlp:128,mlp:256x128; client k runs architecture k mod A")
 
 
 def _add_training_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
-    group.add_argument("--rounds", type=int, default=30, help="communication rounds")
-    group.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
+    group.add_argument("--rounds", type=int, default=_DEFAULTS.rounds,
+                       help="communication rounds")
+    group.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every,
+                       help="evaluate every N rounds")
     seen: set[str] = set()
     for spec in COMMON:
         _add_hparam(group, spec, seen)
@@ -164,28 +206,54 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                 _add_hparam(sub, spec, seen)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_seed_args(parser: argparse.ArgumentParser, *, seeds_help: str) -> None:
+    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed,
+                        help="seed of the run, and of its split unless --partition-seed")
+    parser.add_argument("--seeds", default=None, help=seeds_help)
+
+
+def _add_loop_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sweep-lr", default=None,
+                        help="comma-separated client learning rates, a grid axis")
+    parser.add_argument("--sweep-strategy", default="auto", choices=("auto", "vmap", "map"),
+                        help="how configurations batched into one program run: vmap, a "
+                        "compiled loop, or auto (the loop on CPU, vmap on accelerators)")
+    parser.add_argument("--rounds-per-call", type=int, default=1,
+                        help="rounds per jitted call (lax.scan over rounds)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="devices to shard the client axis (a batched program: its "
+                        "configurations) over (default: all visible)")
+    parser.add_argument("--compare-local", action="store_true",
+                        help="also run Local on the same split and report the hurt fraction "
+                        "and the incentivized participation rate")
+
+
+def _subparser(commands, name: str, help_text: str, description: str):
+    return commands.add_parser(name, help=help_text, description=description,
+                               epilog=SEEDS_HELP + "\n\n" + CONFIG_HELP,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command-line parser.
+
+    Args:
+      suppress_defaults: leave every option that is not given off the namespace (how the
+        command line tells the flags given explicitly, which win over a config file).
+    """
     parser = _Parser(
         prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run one algorithm")
-    run.add_argument("--algorithm", default="fedavg",
+    run = _subparser(commands, "run", "run one algorithm",
+                     "Run one algorithm; with --seeds or --sweep-lr (or lists in --config), "
+                     "the seeds x learning rates grid as a sweep (see `fedjax-sim sweep`).")
+    run.add_argument("--algorithm", default=_DEFAULTS.algorithm,
                      help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--seeds", default=None,
-                     help="comma-separated seeds run together as one batched simulation on "
-                     "the split drawn with --seed (a sweep; see --sweep-lr)")
-    run.add_argument("--sweep-lr", default=None,
-                     help="comma-separated client learning rates, swept with --seeds")
-    run.add_argument("--sweep-strategy", default="auto", choices=("auto", "vmap", "map"),
-                     help="how a sweep runs its configurations: vmap, a compiled loop, or "
-                     "auto (the loop on CPU, vmap on accelerators)")
-    run.add_argument("--rounds-per-call", type=int, default=1,
-                     help="rounds per jitted call (lax.scan over rounds)")
-    run.add_argument("--devices", type=int, default=None,
-                     help="devices to shard the client axis over (default: all visible)")
+    _add_seed_args(run, seeds_help="comma-separated seeds: a sweep of one run per seed "
+                   "(and per --sweep-lr), written and resumed as `fedjax-sim sweep` does")
+    _add_loop_args(run)
     run.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() first (one process per host; "
                      "cluster settings auto-detected on TPU pods, SLURM and Open MPI, or "
@@ -194,29 +262,54 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-processes", type=int, default=None)
     run.add_argument("--process-id", type=int, default=None)
     _add_output_args(run, "runs/<algorithm>-<dataset>-<time>", "--resume or --overwrite")
-    run.add_argument("--compare-local", action="store_true",
-                     help="also run Local on the same split and report the hurt fraction "
-                     "and the incentivized participation rate")
     run.add_argument("--checkpoint-every", type=int, default=0)
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --output from its latest checkpoint (refused "
                      "if any setting that changes results differs; --rounds may grow)")
     run.add_argument("--no-progress", action="store_true")
+    _add_config_args(run)
     _add_platform_args(run)
     _add_data_args(run)
     _add_training_args(run)
 
-    compare = commands.add_parser(
-        "compare", help="run several algorithms on the same partitions; print a table"
-    )
+    compare = _subparser(
+        commands, "compare", "run several algorithms on the same partitions; print a table",
+        "Run several algorithms on the same partitions, Local first as the reference; "
+        "print a table of mean ± std over the seeds.")
     compare.add_argument("--algorithms", default=",".join(DEFAULT_COMPARE),
                          help="comma-separated algorithm names")
-    compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    compare.add_argument("--seeds", default=",".join(map(str, DEFAULT_COMPARE_SEEDS)),
+                         help="comma-separated seeds")
     _add_output_args(compare, "runs/compare-<dataset>-<time>", "--overwrite")
     compare.add_argument("--no-progress", action="store_true")
+    _add_config_args(compare)
     _add_platform_args(compare)
     _add_data_args(compare)
     _add_training_args(compare)
+
+    sweep = _subparser(
+        commands, "sweep", "run a grid of configurations x seeds; resumable",
+        "Run a grid (the product of every list in --config, --set and --seeds / "
+        "--algorithms / --sweep-lr) in one process. Configurations that differ only in "
+        "seed (on one split) and learning rate share one compiled program. Writes "
+        "grid.json, results.jsonl (one line per finished configuration and seed), "
+        "results.md (mean ± std over seeds, the best configuration of each algorithm "
+        "marked), curves.png and <config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the "
+        "same command with the same --output to skip what is finished: an interrupted "
+        "sweep resumes; a diverged configuration is marked and the others go on.")
+    sweep.add_argument("--algorithm", default=_DEFAULTS.algorithm,
+                       help="the algorithm (one; see --algorithms)")
+    sweep.add_argument("--algorithms", default=None,
+                       help="comma-separated algorithms: a grid axis")
+    _add_seed_args(sweep, seeds_help="comma-separated seeds: a grid axis")
+    _add_loop_args(sweep)
+    _add_output_args(sweep, "runs/sweep-<dataset>-<time>",
+                     "it holds this sweep (which then continues) or --overwrite")
+    sweep.add_argument("--no-progress", action="store_true")
+    _add_config_args(sweep)
+    _add_platform_args(sweep)
+    _add_data_args(sweep)
+    _add_training_args(sweep)
 
     bench = commands.add_parser("bench", help="time rounds on random 28x28x1 data")
     bench.add_argument("--algorithm", default="fedavg")
@@ -243,191 +336,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--devices", type=int, default=None,
                        help="devices to shard the client axis over (default: all visible)")
     _add_platform_args(bench)
+    if suppress_defaults:
+        for sub in (run, compare, sweep, bench):
+            for action in sub._actions:
+                action.default = argparse.SUPPRESS
     return parser
 
 
-def _hparams_for(name: str, args: argparse.Namespace, *, strict: bool) -> dict:
-    """The hyperparameters set on the command line that ``name`` takes.
+# ---- options -> specs ---------------------------------------------------------------------
 
-    With ``strict``, a flag set for a hyperparameter that ``name`` does not take is an
-    error (it would otherwise be silently ignored).
-    """
-    own = {spec.name for spec in algorithms.hparam_specs(name)}
-    every = {spec.name for spec in COMMON}
-    for other in algorithms.ALGORITHMS + algorithms.DISTILLATION:
-        every |= {spec.name for spec in algorithms.hparam_specs(other)}
-    chosen = {}
-    for key in sorted(every):
-        value = getattr(args, key, None)
-        if value is None:
-            continue
-        if key in own:
-            chosen[key] = value
-        elif strict:
-            raise ValueError(f"{_flag(key)} does not apply to {name}")
-    return chosen
-
-
-def _model_for(name: str, input_shape: tuple[int, ...], num_classes: int, init: str = DEFAULT_INIT):
-    from fedjax_sim.models import make_model
-
-    if name == "auto":
-        image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
-        name = "cnn" if image else "mlp"
-    return make_model(name, input_shape, num_classes, init=init)
+# Namespace entries that are not spec keys.
+_NOT_KEYS = frozenset({"command", "config", "set", "help"})
+# Per command, the keys it refuses (from a config file or --set), and why.
+_RUN_ONLY = "works with `fedjax-sim run` only"
+_REFUSED = {
+    "compare": {
+        "resume": "is not taken by `fedjax-sim compare`: a comparison starts fresh runs",
+        "compare_local": "is not taken by `fedjax-sim compare`: it always runs Local as the "
+                         "reference",
+        "checkpoint_every": _RUN_ONLY,
+        "save_partition": _RUN_ONLY,
+        "architectures": "works with `fedjax-sim run`; compare uses one --model",
+        "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
+        "process_id": _RUN_ONLY,
+    },
+    "sweep": {
+        "resume": "is not taken by `fedjax-sim sweep`: a sweep resumes by itself (rerun it "
+                  "with the same --output)",
+        "checkpoint_every": _RUN_ONLY,
+        "save_partition": _RUN_ONLY,
+        "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
+        "process_id": _RUN_ONLY,
+    },
+}
 
 
-def _load_data(args: argparse.Namespace, seed: int, save_partition=None):
-    from fedjax_sim.data import make_federated_data
-
-    data, _, _ = make_federated_data(
-        args.dataset, partition=args.partition, num_clients=args.num_clients, alpha=args.alpha,
-        min_samples=args.min_samples, shards_per_client=args.shards_per_client,
-        classes_per_client=args.classes_per_client, test_ratio=args.test_ratio, seed=seed,
-        data_dir=args.data_dir, partition_file=args.partition_file,
-        save_partition=save_partition,
-    )
-    return data
-
-
-def _wants_public(names, args: argparse.Namespace) -> bool:
-    return (any(algorithms.uses_public(n) for n in names) or args.public_fraction is not None
-            or args.public_dataset is not None)
-
-
-def _load_with_public(args: argparse.Namespace, seed: int, names, save_partition=None):
-    """``(data, public)``: the public set (and the validation split) held out of the pool
-    before partitioning when any of ``names`` needs it or a public flag is set, so that
-    every algorithm of a comparison sees the same private data."""
-    if not _wants_public(names, args):
-        return _load_data(args, seed, save_partition), None
-    from fedjax_sim.data.public import make_federated_data_with_public
-
-    fraction = args.public_fraction
-    if fraction is None and args.public_dataset is None:
-        fraction = DEFAULT_PUBLIC_FRACTION
-    data, public, _, _ = make_federated_data_with_public(
-        args.dataset, public_fraction=fraction, public_dataset=args.public_dataset,
-        public_size=args.public_size, val_fraction=args.public_val_fraction,
-        partition=args.partition, num_clients=args.num_clients, alpha=args.alpha,
-        min_samples=args.min_samples, shards_per_client=args.shards_per_client,
-        classes_per_client=args.classes_per_client, test_ratio=args.test_ratio, seed=seed,
-        data_dir=args.data_dir, partition_file=args.partition_file,
-        save_partition_to=save_partition,
-    )
-    return data, public
-
-
-def _public_kw(name: str, public) -> dict:
-    return {"public": public} if algorithms.uses_public(name) else {}
-
-
-def _parse_architectures(spec: str) -> list[tuple[str, dict]]:
-    """``mlp:64,mlp:128x64,cnn`` -> [(name, options), ...]; checked before any data loads."""
-    from fedjax_sim.models import MODELS
-
-    def parse(item: str, _label: str) -> tuple[str, dict]:
-        name, _, widths = item.partition(":")
-        if name not in MODELS:
-            raise ValueError(f"--architectures: unknown model {name!r} in {spec!r}; "
-                             f"valid: {', '.join(MODELS)}")
-        options = {}
-        if widths:
-            if name != "mlp" or not all(w.isdecimal() and int(w) > 0 for w in widths.split("x")):
-                raise ValueError(f"--architectures: {item!r} must be mlp:W or mlp:W1xW2 with "
-                                 "positive widths (only mlp takes widths)")
-            options["hidden"] = tuple(int(w) for w in widths.split("x"))
-        return name, options
-
-    return parse_list(spec, "--architectures", parse)
-
-
-def _models_for(args: argparse.Namespace, input_shape, num_classes):
-    """The model, or with --architectures a tuple of models (FedMD, FCCL)."""
-    if args.architectures is None:
-        return _model_for(args.model, input_shape, num_classes, args.init)
-    from fedjax_sim.models import make_model
-
-    return tuple(make_model(name, input_shape, num_classes, init=args.init, **options)
-                 for name, options in _parse_architectures(args.architectures))
-
-
-def _local_reference(args: argparse.Namespace, model, data, seed: int) -> list[float]:
-    """Per-client accuracies of Local on ``data``, on the run's own evaluation schedule;
-    with several architectures each client uses its own (client k runs architecture k mod
-    A, as in FedMD and FCCL)."""
-    from fedjax_sim.algorithms.fedmd import group_members
-    from fedjax_sim.runner import run
-
-    models = model if isinstance(model, tuple) else (model,)
-    accuracies = np.zeros(data.num_clients)
-    for m, idx in zip(models, group_members(data.num_clients, len(models)), strict=True):
-        reference = algorithms.make("local", m, **_hparams_for("local", args, strict=False))
-        result = run(reference, data, rounds=args.rounds, eval_every=args.eval_every,
-                     seed=seed, progress=not args.no_progress, devices=args.devices,
-                     rounds_per_call=getattr(args, "rounds_per_call", 1),
-                     on_divergence=args.on_divergence)
-        accuracies[idx] = np.asarray(result.summary["client_accuracies"])[idx]
-    return accuracies.tolist()
-
-
-# Options that decide the data, the partition and the model: recorded in config.json and
-# matched on --resume (with the algorithm's hyperparameters, the seed and the split itself).
-_DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
-                 "shards_per_client", "classes_per_client", "test_ratio", "model",
-                 "init", "architectures", "public_fraction", "public_dataset", "public_size",
-                 "public_val_fraction")
-
-
-def _data_config(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name, None) for name in _DATA_OPTIONS}
-
-
-def _options(args: argparse.Namespace) -> dict:
-    """Every option as parsed (for config.json)."""
-    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
-
-
-def _resume_command(args: argparse.Namespace, output: str) -> str:
-    """The command line that resumes this run: the same words, with this --output and
-    --resume instead of --overwrite."""
-    words, skip = [], False
-    for word in args._argv:
-        if skip:
-            skip = False
-            continue
-        if word in ("--output", "--overwrite", "--resume") or word.startswith("--output="):
-            skip = word == "--output"
-            continue
-        words.append(word)
-    return shlex.join(["fedjax-sim", *words, "--output", output, "--resume"])
-
-
-def _output_for(args: argparse.Namespace, kind: str) -> str:
-    """--output, or a fresh runs/<kind>-<dataset>-<time> folder; checked before anything
-    loads or compiles."""
-    from fedjax_sim.rundir import default_output, preflight
-
-    if args.output is None:
-        if getattr(args, "resume", False):
-            raise ValueError("--resume needs --output: the folder of the run to continue")
-        args.output = str(default_output(kind, args.dataset))
-    preflight(args.output, resume=getattr(args, "resume", False), overwrite=args.overwrite)
-    return args.output
-
-
-def _model_names(model) -> str:
-    return ",".join(m.name for m in model) if isinstance(model, tuple) else model.name
-
-
-def _check_loop(args: argparse.Namespace) -> None:
-    from fedjax_sim.runner import validate_run_options
-
-    for flag, value in (("--rounds", args.rounds), ("--eval-every", args.eval_every)):
-        if value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
-    validate_run_options(rounds=args.rounds, eval_every=args.eval_every,
-                         checkpoint_every=getattr(args, "checkpoint_every", 0))
+def _explicit(args: argparse.Namespace) -> set[str]:
+    """The options given on the command line (a value equal to the default counts)."""
+    argv = getattr(args, "_argv", None)
+    if argv is None:  # parsed elsewhere: whatever differs from the defaults
+        defaults = vars(build_parser().parse_args([args.command]))
+        return {k for k, v in vars(args).items() if not k.startswith("_")
+                and v != defaults.get(k)}
+    return set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
 
 
 def _algorithm_names() -> tuple[str, ...]:
@@ -468,113 +419,116 @@ def _parse_chunks(text: str) -> list[int]:
                                                                 label))
 
 
-def _check_hparam_flags(args: argparse.Namespace) -> None:
-    """Every hyperparameter flag that is set, against its spec, named as typed."""
-    seen = set()
-    for name in _algorithm_names():
-        for spec in algorithms.hparam_specs(name):
-            value = getattr(args, spec.name, None)
-            if spec.name not in seen and value is not None:
-                check_hparam(spec, value, _flag(spec.name))
-            seen.add(spec.name)
+# The list flags: the axis each names, and how its text is read.
+_LIST_FLAGS = {"seeds": ("seed", _parse_seeds), "sweep_lr": ("lr", _parse_lrs),
+               "algorithms": ("algorithm", _parse_algorithms)}
 
 
-def _check_data_args(args: argparse.Namespace, names: list[str]) -> None:
-    from fedjax_sim.data import PARTITIONS, SOURCES, check_partition_file
-    from fedjax_sim.data.sources import check_prepared
-    from fedjax_sim.models import INITS, MODELS
-
-    check_choice("--dataset", args.dataset, SOURCES)
-    check_choice("--partition", args.partition, PARTITIONS)
-    check_float("--alpha", args.alpha, 0.0, low_open=True)
-    if args.num_clients is not None:  # None: 20, or the partition file's count
-        check_int("--num-clients", args.num_clients, 1)
-    check_int("--min-samples", args.min_samples, 2)
-    check_int("--shards-per-client", args.shards_per_client, 1)
-    check_int("--classes-per-client", args.classes_per_client, 1)
-    check_float("--test-ratio", args.test_ratio, 0.0, 1.0, low_open=True, high_open=True)
-    check_choice("--model", args.model, ("auto", *MODELS))
-    check_choice("--init", args.init, INITS)
-    if args.public_fraction is not None:
-        check_float("--public-fraction", args.public_fraction, 0.0, 1.0, low_open=True,
-                    high_open=True)
-        if args.public_dataset is not None:
-            raise ValueError("give --public-fraction or --public-dataset, not both")
-    if args.public_dataset is not None:
-        check_choice("--public-dataset", args.public_dataset, SOURCES)
-    if args.public_size is not None:
-        check_int("--public-size", args.public_size, 1)
-        if args.public_dataset is None:
-            raise ValueError("--public-size applies only with --public-dataset")
-    check_float("--public-val-fraction", args.public_val_fraction, 0.0, 1.0, high_open=True)
-    if _wants_public(names, args) and args.public_dataset is None:
-        fraction = args.public_fraction or DEFAULT_PUBLIC_FRACTION
-        if fraction + args.public_val_fraction >= 1:
-            raise ValueError(f"--public-fraction + --public-val-fraction must be < 1, got "
-                             f"{fraction} + {args.public_val_fraction}")
-    if args.data_dir is not None and "://" not in args.data_dir:
-        check_input_dir("--data-dir", args.data_dir)
-    for source in (args.dataset, args.public_dataset):
-        if source is not None:
-            check_prepared(source, args.data_dir)
-    if args.partition_file is not None:
-        check_partition_file(args.partition_file, "--partition-file")
-    if args.save_partition is not None:
-        check_output_file("--save-partition", args.save_partition)
-    if args.architectures is not None:
-        _parse_architectures(args.architectures)
+def _flag_grid(args: argparse.Namespace, explicit: set[str]) -> config.Grid:
+    """The options given on the command line as a grid (their values win)."""
+    settings: dict[str, config.Setting] = {}
+    for dest in sorted(explicit - _NOT_KEYS):
+        value = getattr(args, dest)
+        if dest in _LIST_FLAGS:
+            key, parse = _LIST_FLAGS[dest]
+            entry = config.Setting(tuple(parse(value)), True, _flag(dest), "flag")
+        elif dest == "no_progress":
+            key, entry = "progress", config.Setting((not value,), False, _flag(dest), "flag")
+        else:
+            key, entry = dest, config.Setting((value,), False, _flag(dest), "flag")
+        if key in settings:
+            other = settings[key].label
+            first, second = sorted((other, entry.label), key=len)
+            hint = (" (--partition-seed keeps one split for every seed)" if key == "seed"
+                    else "")
+            raise ValueError(f"give {first} or {second}, not both{hint}")
+        settings[key] = entry
+    return config.Grid(settings)
 
 
-def _check_run_args(args: argparse.Namespace) -> None:
-    check_choice("--algorithm", args.algorithm, _algorithm_names())
-    check_seed("--seed", args.seed)
-    check_int("--rounds-per-call", args.rounds_per_call, 1)
-    if args.devices is not None:
-        check_int("--devices", args.devices, 1)
-    if args.num_processes is not None:
-        check_int("--num-processes", args.num_processes, 1)
-    if args.process_id is not None:
-        check_int("--process-id", args.process_id, 0,
-                  None if args.num_processes is None else args.num_processes - 1)
-    if args.coordinator is not None:
-        host, _, port = args.coordinator.rpartition(":")
-        if not host or not port.isdecimal() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"--coordinator must be host:port with a port in [1, 65535], "
-                             f"got {args.coordinator!r}")
-    if not args.distributed and (args.coordinator or args.num_processes
-                                 or args.process_id is not None):
-        raise ValueError("--coordinator/--num-processes/--process-id need --distributed")
-    if args.architectures is not None and args.algorithm not in _HETEROGENEOUS:
-        raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
-                         f"not {args.algorithm}")
-    if args.seeds is not None or args.sweep_lr is not None:
-        if algorithms.uses_public(args.algorithm) or args.compare_local or args.resume:
+def _base_grid(command: str) -> config.Grid:
+    if command == "compare":
+        return config.defaults_grid({"algorithms": list(DEFAULT_COMPARE),
+                                     "seeds": list(DEFAULT_COMPARE_SEEDS)}, _flag)
+    return config.Grid()
+
+
+def _grid(args: argparse.Namespace) -> config.Grid:
+    """Defaults < --config file < --set < flags given explicitly."""
+    explicit = _explicit(args)
+    grids = [_base_grid(args.command)]
+    if getattr(args, "config", None) is not None:
+        grids.append(config.load_config(args.config))
+    overrides = config.parse_set(args.set or [])
+    flags = _flag_grid(args, explicit)
+    for key in overrides.settings.keys() & flags.settings.keys():
+        raise ValueError(f"{overrides.settings[key].label} and {flags.settings[key].label} "
+                         "set the same option; give one")
+    return config.merge(*grids, overrides, flags)
+
+
+def _is_sweep(grid: config.Grid) -> bool:
+    """``run`` with several seeds or learning rates (or --seeds / --sweep-lr)."""
+    entries = list(grid.settings.items()) + [
+        (k, s) for table in grid.tables.values() for k, s in table.items()]
+    return any(key in ("seed", "lr") and entry.axis for key, entry in entries)
+
+
+def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
+    """The checked specs of a ``run``, ``compare`` or ``sweep`` command line.
+
+    Raises:
+      ValueError: any bad option, key or value, named as it was given (``--lr``,
+        ``grid.toml: lr``, ``--set lr``) with what it allows; nothing is loaded.
+    """
+    command = args.command
+    grid = _grid(args)
+    if command == "run":
+        config.check_axes(grid, ("seed", "lr"), "run")
+        args._sweep = _is_sweep(grid)
+    elif command == "compare":
+        config.check_axes(grid, ("seed", "algorithm"), "compare")
+    else:
+        config.check_axes(grid, None, "sweep")
+    config.refuse_keys(grid, _REFUSED.get(command, {}))
+    names = grid.settings["algorithm"].values if "algorithm" in grid.settings else None
+    if command == "compare" and "local" not in names:
+        # Local always runs first as the reference, with the options Local takes.
+        algorithm = grid.settings["algorithm"]
+        grid = config.merge(grid, config.Grid({"algorithm": config.Setting(
+            ("local", *names), True, algorithm.label, algorithm.origin)}))
+    specs = config.expand(grid, default_label=_flag)
+    if command in ("compare", "sweep"):
+        specs = share_public_split(specs)
+    if command == "compare":
+        args._names = list(names)
+    if command == "run" and args._sweep:
+        spec = specs[0]
+        if algorithms.uses_public(spec.algorithm) or spec.compare_local or spec.resume:
             raise ValueError("--seeds/--sweep-lr take no public-data algorithm, "
-                             "--compare-local or --resume")
-        if args.seeds is not None:
-            _parse_seeds(args.seeds)
-        if args.sweep_lr is not None:
-            _parse_lrs(args.sweep_lr)
-            if args.lr is not None:
-                raise ValueError("give --lr or --sweep-lr, not both")
-    _check_data_args(args, [args.algorithm])
-    algorithms.resolve(args.algorithm, **_hparams_for(args.algorithm, args, strict=True))
-    _check_loop(args)
-    if args.output is not None:  # None: a fresh runs/... folder
-        check_output_dir("--output", args.output)
+                             "--compare-local or --resume (use `fedjax-sim sweep`)")
+    return specs
 
 
-def _check_compare_args(args: argparse.Namespace) -> None:
-    names = _parse_algorithms(args.algorithms)
-    _parse_seeds(args.seeds)
-    if args.architectures is not None:
-        raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
-    _check_data_args(args, names)
-    for name in names:
-        algorithms.resolve(name, **_hparams_for(name, args, strict=False))
-    _check_loop(args)
-    if args.output is not None:  # None: a fresh runs/... folder
-        check_output_dir("--output", args.output)
+def check_args(args: argparse.Namespace) -> None:
+    """Checks every option of ``args`` before anything is loaded or compiled; for ``run``,
+    ``compare`` and ``sweep`` the checked specs are kept as ``args._specs``.
+
+    Raises:
+      ValueError: naming the option as typed (``--lr``) or as the config file names it,
+        and what it allows; list options are checked entry by entry, paths without
+        creating anything.
+    """
+    if args.command == "bench":
+        try:
+            parse_cpu_devices(args.cpu_devices)
+        except ValueError:
+            raise ValueError(f"--cpu-devices must be 'auto' or an integer >= 1, got "
+                             f"{args.cpu_devices!r}") from None
+        _check_bench_args(args)
+        return
+    args._specs = plan(args)
+    args.cpu_devices = args._specs[0].cpu_devices
 
 
 def _check_bench_args(args: argparse.Namespace) -> None:
@@ -596,28 +550,6 @@ def _check_bench_args(args: argparse.Namespace) -> None:
         check_hparam(specs[name], getattr(args, name), _flag(name))
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Checks every option of ``args`` before anything is loaded or compiled.
-
-    Raises:
-      ValueError: naming the option as typed (``--lr``) and what it allows; list options
-        are checked entry by entry, paths without creating anything.
-    """
-    try:
-        parse_cpu_devices(args.cpu_devices)
-    except ValueError:
-        raise ValueError(f"--cpu-devices must be 'auto' or an integer >= 1, got "
-                         f"{args.cpu_devices!r}") from None
-    if args.command == "bench":
-        _check_bench_args(args)
-        return
-    _check_hparam_flags(args)
-    if args.command == "run":
-        _check_run_args(args)
-    else:
-        _check_compare_args(args)
-
-
 def _check_devices(devices: int | None, *, local: bool = False) -> None:
     """``--devices`` against the devices there are (starts JAX's backends)."""
     if devices is None:
@@ -629,82 +561,112 @@ def _check_devices(devices: int | None, *, local: bool = False) -> None:
         raise ValueError(f"--devices must be in [1, {count}] (the devices here), got {devices}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> list[dict]:
-    """``run`` with ``--seeds`` / ``--sweep-lr``: the whole grid as one simulation."""
-    from fedjax_sim.runner import sweep
-
-    if algorithms.uses_public(args.algorithm) or args.compare_local or args.resume:
-        raise ValueError("--seeds/--sweep-lr take no public-data algorithm, --compare-local "
-                         "or --resume")
-    seeds = _parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
-    lrs = _parse_lrs(args.sweep_lr) if args.sweep_lr is not None else None
-    hparams = _hparams_for(args.algorithm, args, strict=True)
-    algorithms.resolve(args.algorithm, **hparams)
-    _check_loop(args)
-    _check_devices(args.devices, local=True)
-    output = _output_for(args, f"{args.algorithm}-sweep")
-    data = _load_data(args, args.seed, args.save_partition)
-    model = _model_for(args.model, data.input_shape, data.num_classes, args.init)
-    summaries = sweep(args.algorithm, model, data, seeds=seeds, lrs=lrs, rounds=args.rounds,
-                      eval_every=args.eval_every, hparams=hparams, output=output,
-                      rounds_per_call=args.rounds_per_call,
-                      config_strategy=args.sweep_strategy, progress=not args.no_progress,
-                      devices=args.devices, overwrite=args.overwrite, options=_options(args))
-    for summary in summaries:
-        print(json.dumps({k: summary.get(k) for k in ("status", "algorithm", "seed", "lr",
-                                                      "accuracy", "client_p10", "diverged_at",
-                                                      "sweep_wall_s")}))
-    print(f"results in {output}", file=sys.stderr)
-    return summaries
+# ---- commands -----------------------------------------------------------------------------
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
-    if not args.distributed:
-        if args.coordinator or args.num_processes or args.process_id is not None:
-            raise ValueError("--coordinator/--num-processes/--process-id need --distributed")
+def _options(args: argparse.Namespace, spec: ExperimentSpec) -> dict:
+    """Every resolved option (for config.json), and how they were given."""
+    return {**spec.values(), "command": args.command, "config": getattr(args, "config", None),
+            "set": getattr(args, "set", None)}
+
+
+def _resume_command(args: argparse.Namespace, output: str, *, flag: str = "--resume") -> str:
+    """The command line that resumes this run: the same words, with this --output and
+    ``flag`` (none for a sweep) instead of --overwrite."""
+    words, skip = [], False
+    for word in args._argv:
+        if skip:
+            skip = False
+            continue
+        if word in ("--output", "--overwrite", "--resume") or word.startswith("--output="):
+            skip = word == "--output"
+            continue
+        words.append(word)
+    return shlex.join(["fedjax-sim", *words, "--output", output, *([flag] if flag else [])])
+
+
+def _output(spec: ExperimentSpec, kind: str) -> str:
+    """The output folder: the spec's, or a fresh runs/<kind>-<dataset>-<time>; checked
+    before anything loads or compiles."""
+    from fedjax_sim.rundir import default_output, preflight
+
+    output = spec.output
+    if output is None:
+        if spec.resume:
+            raise ValueError("--resume needs --output: the folder of the run to continue")
+        output = str(default_output(kind, spec.dataset))
+    preflight(output, resume=spec.resume, overwrite=spec.overwrite)
+    return output
+
+
+def _initialize_distributed(spec: ExperimentSpec) -> None:
+    if not spec.distributed:
         return
     import jax
 
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(coordinator_address=spec.coordinator,
+                               num_processes=spec.num_processes, process_id=spec.process_id)
 
 
-def cmd_run(args: argparse.Namespace) -> dict:
-    from fedjax_sim.runner import run
+def _sweep_output(spec: ExperimentSpec, kind: str) -> str:
+    from fedjax_sim.rundir import default_output
 
-    _initialize_distributed(args)
-    if args.seeds is not None or args.sweep_lr is not None:
-        return cmd_sweep(args)
-    hparams = _hparams_for(args.algorithm, args, strict=True)
-    algorithms.resolve(args.algorithm, **hparams)  # fail before loading or compiling
-    _check_loop(args)
-    if args.architectures is not None:
-        if args.algorithm not in _HETEROGENEOUS:
-            raise ValueError(f"--architectures applies to {' and '.join(_HETEROGENEOUS)}, "
-                             f"not {args.algorithm}")
-        _parse_architectures(args.architectures)
-    _check_devices(args.devices)
-    output = _output_for(args, args.algorithm)
-    data, public = _load_with_public(args, args.seed, [args.algorithm], args.save_partition)
-    model = _models_for(args, data.input_shape, data.num_classes)
-    local_accuracies = None
-    if args.compare_local and args.algorithm != "local":
-        local_accuracies = _local_reference(args, model, data, args.seed)
-    algorithm = algorithms.make(args.algorithm, model, **_public_kw(args.algorithm, public),
-                                **hparams)
-    extra = {"model": _model_names(model), "init": args.init}
-    if public is not None:
-        extra.update(public=public.name, public_size=public.num_samples,
-                     public_val_size=public.num_val)
-    result = run(
-        algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=args.seed,
-        output=output, local_accuracies=local_accuracies,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
-        progress=not args.no_progress, extra_summary=extra,
-        rounds_per_call=args.rounds_per_call, devices=args.devices,
-        config=_data_config(args), options=_options(args), on_divergence=args.on_divergence,
-        resume_hint=_resume_command(args, output),
-    )
+    return spec.output or str(default_output(kind, spec.dataset))
+
+
+def _run_grid(args: argparse.Namespace, kind: str, on_result):
+    from fedjax_sim.sweep import print_line, run_sweep
+
+    specs = args._specs
+    first = specs[0]
+    _check_devices(first.devices, local=True)
+    output = _sweep_output(first, kind)
+    return run_sweep(specs, output=output, overwrite=first.overwrite, on_result=on_result,
+                     log=print_line, resume_hint=_resume_command(args, output, flag=""),
+                     options=_options(args, first))
+
+
+def cmd_sweep(args: argparse.Namespace):
+    """``sweep``: the grid, written as it goes; prints results.md at the end."""
+
+    def report(record: dict) -> None:
+        accuracy = record.get("accuracy")
+        text = f"{accuracy:.4f}" if accuracy is not None else "—"
+        print(f"{record['config']} seed {record['seed']}: {record['status']}, accuracy "
+              f"{text}", file=sys.stderr, flush=True)
+
+    result = _run_grid(args, "sweep", report)
+    print((result.output / "results.md").read_text(), end="")
+    print(f"results in {result.output} ({result.ran} run, {result.skipped} skipped)",
+          file=sys.stderr)
+    return result
+
+
+def _run_seeds(args: argparse.Namespace) -> list[dict]:
+    """``run`` with several seeds or learning rates: a sweep printing one JSON line per
+    finished (configuration, seed)."""
+    keys = ("status", "algorithm", "config", "seed", "lr", "accuracy", "client_p10",
+            "diverged_at", "wall_s")
+    result = _run_grid(args, f"{args._specs[0].algorithm}-sweep",
+                       lambda record: print(json.dumps({k: record.get(k) for k in keys}),
+                                            flush=True))
+    print(f"results in {result.output} ({result.ran} run, {result.skipped} skipped)",
+          file=sys.stderr)
+    return result.records
+
+
+def cmd_run(args: argparse.Namespace) -> dict | list[dict]:
+    spec = args._specs[0]
+    _initialize_distributed(spec)
+    if args._sweep:
+        return _run_seeds(args)
+    _check_devices(spec.devices)
+    output = _output(spec, spec.algorithm)
+    spec = spec.replace(output=output)
+    built = build(spec)
+    local = local_accuracies(built) if built.local is not None else None
+    result = run_built(built, local=local, options=_options(args, spec),
+                       resume_hint=_resume_command(args, output))
     summary = result.summary
     keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
             "client_p10", "hurt_fraction", "ipr", "bytes_up", "wall_s")
@@ -720,55 +682,46 @@ def _mean_std(values) -> str:
     return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
 
 
-def _compare_one(run, algorithm, data, args, seed, output, local_accuracies, model) -> dict:
+def _compare_one(built, output, local) -> dict:
     """One run of a comparison; a diverged run becomes a row marked as such."""
     from fedjax_sim.safety import DivergedError
 
     try:
-        return run(
-            algorithm, data, rounds=args.rounds, eval_every=args.eval_every, seed=seed,
-            output=output, local_accuracies=local_accuracies, progress=not args.no_progress,
-            extra_summary={"model": model.name, "init": args.init}, config=_data_config(args),
-            options=_options(args), on_divergence=args.on_divergence, devices=None,
-        ).summary
+        return run_built(built, output=output, local=local, overwrite=False, resume=False,
+                         options=built.spec.values()).summary
     except DivergedError as error:
-        print(f"fedjax-sim compare: {algorithm.name} seed {seed}: {error}", file=sys.stderr)
-        return {"status": "diverged", "algorithm": algorithm.name, "seed": seed,
-                "diverged_at": error.round, "accuracy": np.nan, "wall_s": np.nan,
-                "bytes_up": np.nan, "client_mean_accuracy": np.nan, "client_p10": np.nan}
+        print(f"fedjax-sim compare: {built.algorithm.name} seed {built.spec.seed}: {error}",
+              file=sys.stderr)
+        return {"status": "diverged", "algorithm": built.algorithm.name,
+                "seed": built.spec.seed, "diverged_at": error.round, "accuracy": np.nan,
+                "wall_s": np.nan, "bytes_up": np.nan, "client_mean_accuracy": np.nan,
+                "client_p10": np.nan}
 
 
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
     from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, environment
-    from fedjax_sim.runner import run
 
-    names = _parse_algorithms(args.algorithms)
-    seeds = _parse_seeds(args.seeds)
-    for name in names:
-        algorithms.resolve(name, **_hparams_for(name, args, strict=False))
-    _check_loop(args)
-    if args.architectures is not None:
-        raise ValueError("--architectures works with `fedjax-sim run`; compare uses one --model")
-    out = Path(_output_for(args, "compare"))
+    specs = args._specs
+    names = args._names
+    first = specs[0]
+    seeds = list(dict.fromkeys(spec.seed for spec in specs))
+    out = Path(_output(first, "compare"))
     results: dict[str, list[dict]] = {name: [] for name in names}
     order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
-    with RunDir(out, overwrite=args.overwrite):
-        atomic_write_json(out / "config.json", {"options": _options(args),
+    with RunDir(out, overwrite=first.overwrite):
+        atomic_write_json(out / "config.json", {"options": _options(args, first),
                                                 "environment": environment()})
         for seed in seeds:
-            data, public = _load_with_public(args, seed, names)
-            model = _model_for(args.model, data.input_shape, data.num_classes, args.init)
-            local_accuracies = None
+            by_name = {spec.algorithm: spec for spec in specs if spec.seed == seed}
+            # Every algorithm of a seed shares one split (share_public_split).
+            data, public = build_data(by_name[order[0]])
+            local = None
             for name in order:
-                if name == "local" and name not in names and local_accuracies is not None:
-                    continue
-                algorithm = algorithms.make(name, model, **_public_kw(name, public),
-                                            **_hparams_for(name, args, strict=False))
-                summary = _compare_one(run, algorithm, data, args, seed,
-                                       out / f"{name}_seed{seed}" if name in names else None,
-                                       local_accuracies, model)
+                built = build(by_name[name], data=data, public=public)
+                summary = _compare_one(built, out / f"{name}_seed{seed}" if name in names
+                                       else None, local)
                 if name == "local" and summary["status"] != "diverged":
-                    local_accuracies = summary["client_accuracies"]
+                    local = summary["client_accuracies"]
                 if name in names:
                     results[name].append(summary)
                 print(f"seed {seed} {name}: {summary['status']}, accuracy "
@@ -795,9 +748,11 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
                 f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
             )
         table = "\n".join(lines)
-        setting = (f"{args.dataset}, {args.partition} (alpha={args.alpha}), "
-                   f"K={data.num_clients}, {args.rounds} rounds, "
-                   f"seeds {','.join(map(str, seeds))}")
+        split = ("" if first.partition_seed is None
+                 else f", split of partition seed {first.partition_seed}")
+        setting = (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
+                   f"K={data.num_clients}, {first.rounds} rounds, "
+                   f"seeds {','.join(map(str, seeds))}{split}")
         atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
         atomic_write_json(out / "compare.json", {
             name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
@@ -846,8 +801,11 @@ def _error_message(error: BaseException, args: argparse.Namespace | None) -> str
     if isinstance(error, OSError) and error.filename is not None:
         reason = error.strerror or str(error)
         text = f"{error.filename}: {reason}"
+        specs = getattr(args, "_specs", None)
         for key in ("output", "partition_file", "save_partition", "data_dir"):
             value = getattr(args, key, None)
+            if value is None and specs:  # set by a config file
+                value = getattr(specs[0], key, None)
             if value is not None and _within(error.filename, value):
                 where = f"{_flag(key)} {value}"
                 same = _within(value, error.filename)
@@ -870,7 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     prog, args = parser.prog, None
-    handlers = {"run": cmd_run, "compare": cmd_compare, "bench": cmd_bench}
+    handlers = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep,
+                "bench": cmd_bench}
     from fedjax_sim.core.checkpoint import CheckpointError
     from fedjax_sim.safety import RunError, StoppedError
 

@@ -28,7 +28,7 @@ from typing import Any
 
 # Files that mark a folder as a fedjax-sim run (or comparison, or sweep) folder.
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "compare.md", "sweep.json",
-               "checkpoints")
+               "grid.json", "results.jsonl", "checkpoints")
 LOCK_NAME = ".lock"
 
 

@@ -1,4 +1,4 @@
-"""The quickstart notebook executes top to bottom on its tiny setting."""
+"""The notebooks execute top to bottom on their tiny settings."""
 
 from __future__ import annotations
 
@@ -7,15 +7,30 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK = NOTEBOOKS / "quickstart.ipynb"
+
+
+def _execute(path: Path) -> str:
+    """Runs the notebook at ``path`` and returns the text of its outputs."""
+    notebook = nbformat.read(path, as_version=4)
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    texts = []
+    for cell in notebook.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            texts.append(out.get("text", ""))
+            texts.append(out.get("data", {}).get("text/markdown", ""))
+    return "".join(texts)
 
 
 def test_quickstart_notebook_runs():
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    outputs = "".join(
-        out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-        for out in cell.get("outputs", [])
-    )
+    outputs = _execute(NOTEBOOK)
     assert "fedper" in outputs and "accuracy" in outputs
+
+
+def test_sweep_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "sweep.ipynb")
+    assert "4 runs:" in outputs and "4 run, 0 skipped" in outputs
+    assert "lr 0.05  seed 1: complete" in outputs
+    assert "(best)" in outputs  # the results table

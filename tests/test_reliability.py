@@ -40,11 +40,10 @@ def _records(folder: Path) -> list[dict]:
             for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_every_algorithm_on_two_devices_with_sparse_evaluation(tmp_path):
+def _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, names):
     """--eval-every equal to --rounds (rounds back to back, no host read in between) on
-    two forced CPU devices, every algorithm, in one process (FedPer with --compare-local,
-    whose Local reference follows the same schedule)."""
-    names = algorithms.ALGORITHMS + algorithms.DISTILLATION
+    two forced CPU devices, in one process (FedPer with --compare-local, whose Local
+    reference follows the same schedule)."""
     script = textwrap.dedent(f"""
         import json, sys
         from fedjax_sim.cli import main
@@ -64,6 +63,20 @@ def test_every_algorithm_on_two_devices_with_sparse_evaluation(tmp_path):
         summary = json.loads((tmp_path / name / "summary.json").read_text())
         assert summary["status"] == "complete" and summary["devices"] == 2, name
         assert [r["round"] for r in _records(tmp_path / name)] == [3]
+
+
+# One algorithm of each kind by default; every one with -m slow.
+SPARSE_QUICK = ("fedper", "fedobp", "fedmd")
+
+
+def test_algorithms_on_two_devices_with_sparse_evaluation(tmp_path):
+    _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, SPARSE_QUICK)
+
+
+@pytest.mark.slow
+def test_every_other_algorithm_on_two_devices_with_sparse_evaluation(tmp_path):
+    _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, [
+        n for n in algorithms.ALGORITHMS + algorithms.DISTILLATION if n not in SPARSE_QUICK])
 
 
 def test_divergence_stops_at_the_round_and_keeps_what_was_written(tmp_path, capsys):

@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
     # FCCL without its Adam collaboration phase as well (see the test).
     extra["fccl_no_collaboration"] = dict(extra["fccl"], distill_epochs=0)
     out = {{}}
-    for name in [*algorithms.ALGORITHMS, *algorithms.DISTILLATION, "fccl_no_collaboration"]:
+    for name in {names!r}:
         alg = algorithms.make(name.split("_no_")[0], model, local_epochs=2, batch_size=4,
                               momentum=0.5, join_ratio=0.5, **extra.get(name, {{}}))
         runs = {{}}
@@ -57,9 +57,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+# One of each kind runs by default (a mean of uploads, frozen layers, personal state, the
+# server-side FedOBP step, distillation); the others are marked slow.
+QUICK = ("fedavg", "fedrep", "ditto", "fedobp", "dsfl")
+REST = tuple(n for n in (*algorithms.ALGORITHMS, *algorithms.DISTILLATION,
+                         "fccl_no_collaboration") if n not in QUICK)
+
+
 @pytest.fixture(scope="module")
-def sharded_runs():
-    return run_on_cpu_devices(SCRIPT.format(tests=TESTS_DIR))
+def quick_runs():
+    return run_on_cpu_devices(SCRIPT.format(tests=TESTS_DIR, names=list(QUICK)))
+
+
+@pytest.fixture(scope="module")
+def rest_runs():
+    return run_on_cpu_devices(SCRIPT.format(tests=TESTS_DIR, names=list(REST)))
 
 
 def _runs(sharded_runs, name):
@@ -69,15 +81,24 @@ def _runs(sharded_runs, name):
     return zip(one["leaves"], four["leaves"], strict=True)
 
 
-@pytest.mark.parametrize("name", [*(n for n in algorithms.ALGORITHMS + algorithms.DISTILLATION
-                                    if n != "fccl"), "fccl_no_collaboration"])
-def test_algorithm_sharded_equals_single_device(sharded_runs, name):
-    for a, b in _runs(sharded_runs, name):
-        # Only the summation order differs.
+def _assert_equal_up_to_summation_order(runs, name):
+    for a, b in _runs(runs, name):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
 
 
-def test_fccl_sharded_within_its_adam_steps(sharded_runs):
+@pytest.mark.parametrize("name", QUICK)
+def test_algorithm_sharded_equals_single_device(quick_runs, name):
+    _assert_equal_up_to_summation_order(quick_runs, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in REST if n != "fccl"])
+def test_every_other_algorithm_sharded_equals_single_device(rest_runs, name):
+    _assert_equal_up_to_summation_order(rest_runs, name)
+
+
+@pytest.mark.slow
+def test_fccl_sharded_within_its_adam_steps(rest_runs):
     # FCCL's collaboration takes Adam steps, each of which moves a weight by about the
     # learning rate whatever the gradient's size: near-zero gradients that differ in their
     # last bits between the two summation orders give steps of opposite signs. Without
@@ -86,7 +107,7 @@ def test_fccl_sharded_within_its_adam_steps(sharded_runs):
     steps = 2 * hp["distill_epochs"] * (16 // 8)  # two rounds
     reach = 2 * steps * hp["fccl_public_lr"]
     worst = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                for a, b in _runs(sharded_runs, "fccl"))
+                for a, b in _runs(rest_runs, "fccl"))
     assert worst <= reach
 
 

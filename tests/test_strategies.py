@@ -165,6 +165,9 @@ def test_cli_seed_sweep(tmp_path, capsys):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
              if line.startswith("{")]
     assert [(r["seed"], r["lr"]) for r in lines] == [(0, 0.05), (1, 0.05)]
-    assert len(json.loads((tmp_path / "sweep.json").read_text())) == 2
+    results = [json.loads(line) for line in
+               (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [(r["seed"], r["status"]) for r in results] == [(0, "complete"), (1, "complete")]
+    assert all((tmp_path / r["path"] / "summary.json").is_file() for r in results)
     with pytest.raises(SystemExit):
         main(["run", "--seeds", "0,x", "--no-progress", "--output", str(tmp_path)])

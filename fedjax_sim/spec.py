@@ -1,0 +1,684 @@
+"""Experiment specs: every option of a run in one frozen record, and ``build``.
+
+An :class:`ExperimentSpec` holds what ``fedjax-sim run`` takes on its command line (data,
+partition, model, algorithm and its hyperparameters, loop, seeds, output); the command
+line, config files, experiment scripts and notebooks all describe a run this way, and
+:func:`build` turns a spec into data, model(s), algorithm, public set and the Local
+reference, the same way for each of them::
+
+    spec = ExperimentSpec(algorithm="fedper", num_clients=10, rounds=5,
+                          hparams={"lr": 0.05})
+    spec = check_spec(spec)            # every value against its range, nothing loaded
+    result = run_spec(spec)            # build + runner.run
+
+Seeds. ``seed`` seeds the run (initialization, cohorts, batch orders) and, unless
+``partition_seed`` is set, also the partition and the clients' train/test split, so that
+every seed draws its own split. With ``partition_seed`` every seed uses the split drawn
+from it; a ``partition_file`` fixes the split too. ``run``, ``compare`` and ``sweep``
+follow this one rule (:attr:`ExperimentSpec.data_seed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fedjax_sim import algorithms
+from fedjax_sim.algorithms.base import Algorithm, check_hparam
+from fedjax_sim.checks import (
+    check_choice,
+    check_float,
+    check_input_dir,
+    check_int,
+    check_output_dir,
+    check_output_file,
+    check_seed,
+    parse_list,
+)
+from fedjax_sim.models.layers import DEFAULT_INIT
+
+# Federated distillation: public data held out of the pool unless public_dataset is given.
+DEFAULT_PUBLIC_FRACTION = 0.2
+DEFAULT_VAL_FRACTION = 0.05
+# Algorithms that take several architectures (client k runs architecture k mod A).
+HETEROGENEOUS = ("fedmd", "fccl")
+SWEEP_STRATEGIES = ("auto", "vmap", "map")
+DIVERGENCE_POLICIES = ("stop", "warn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentSpec:
+    """One experiment: every option of ``fedjax-sim run``, named as its flag with
+    underscores (``--num-clients`` is ``num_clients``).
+
+    ``hparams`` holds the algorithm's hyperparameters that are set (the others take the
+    algorithm's defaults); give a mapping, it is stored as sorted ``(name, value)`` pairs
+    so that the spec stays immutable. Nothing is checked on construction: call
+    :func:`check_spec`, which names every bad value and its allowed range.
+    """
+
+    # -- the algorithm --
+    algorithm: str = "fedavg"
+    hparams: tuple[tuple[str, Any], ...] = ()
+    # -- data --
+    dataset: str = "digits"
+    data_dir: str | None = None
+    partition: str = "dirichlet"
+    alpha: float = 0.1
+    num_clients: int | None = None
+    min_samples: int = 10
+    shards_per_client: int = 2
+    classes_per_client: int = 2
+    test_ratio: float = 0.25
+    partition_file: str | None = None
+    save_partition: str | None = None
+    partition_seed: int | None = None
+    # -- model --
+    model: str = "auto"
+    init: str = DEFAULT_INIT
+    architectures: str | None = None
+    # -- public data (federated distillation) --
+    public_fraction: float | None = None
+    public_dataset: str | None = None
+    public_size: int | None = None
+    public_val_fraction: float = DEFAULT_VAL_FRACTION
+    # -- the loop --
+    rounds: int = 30
+    eval_every: int = 5
+    seed: int = 0
+    compare_local: bool = False
+    # -- how it runs (no effect on the numbers) --
+    rounds_per_call: int = 1
+    devices: int | None = None
+    checkpoint_every: int = 0
+    on_divergence: str = "stop"
+    sweep_strategy: str = "auto"
+    progress: bool = True
+    cpu_devices: str = "auto"
+    distributed: bool = False
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # -- output --
+    output: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self):
+        hparams = self.hparams
+        if isinstance(hparams, Mapping):
+            hparams = hparams.items()
+        object.__setattr__(self, "hparams", tuple(sorted((str(k), v) for k, v in hparams)))
+
+    @property
+    def data_seed(self) -> int:
+        """The seed the partition and train/test split are drawn from: ``partition_seed``
+        when set, else ``seed`` (each seed its own split)."""
+        return self.seed if self.partition_seed is None else self.partition_seed
+
+    @property
+    def hparam_dict(self) -> dict[str, Any]:
+        """The hyperparameters that are set, as a dict."""
+        return dict(self.hparams)
+
+    def resolved_hparams(self) -> dict[str, Any]:
+        """Every hyperparameter of the algorithm, defaults filled in
+        (``algorithms.resolve``)."""
+        return algorithms.resolve(self.algorithm, **self.hparam_dict)
+
+    def replace(self, **values: Any) -> ExperimentSpec:
+        """A copy with ``values`` changed; names that are not fields set (or replace)
+        hyperparameters."""
+        fields = {k: v for k, v in values.items() if k in FIELDS}
+        hparams = {k: v for k, v in values.items() if k not in FIELDS and k != "hparams"}
+        if "hparams" in values:
+            fields["hparams"] = dict(values["hparams"])
+        if hparams:
+            fields["hparams"] = {**dict(fields.get("hparams", self.hparams)), **hparams}
+        return dataclasses.replace(self, **fields)
+
+    def values(self) -> dict[str, Any]:
+        """Every field and every set hyperparameter in one flat dict (the keys of config
+        files)."""
+        flat = {f: getattr(self, f) for f in FIELDS}
+        flat.update(self.hparams)
+        return flat
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, ``hparams`` as a dict: what ``ExperimentSpec(**d)`` reads back."""
+        record = {f: getattr(self, f) for f in FIELDS}
+        record["hparams"] = self.hparam_dict
+        return record
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the numbers a run produces: every field but those of
+        :data:`EXECUTION`, and every hyperparameter resolved (so that a default given
+        explicitly is the same experiment)."""
+        record = {f: getattr(self, f) for f in FIELDS if f not in EXECUTION}
+        record["hparams"] = self.resolved_hparams()
+        return _jsonable(record)
+
+    def config_hash(self) -> str:
+        """A short hash of :meth:`identity` without the seed: the same for every seed of
+        one configuration of a sweep."""
+        identity = self.identity()
+        identity.pop("seed")
+        text = json.dumps(identity, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExperimentSpec)
+                                if f.name != "hparams")
+
+# Fields that change how a run goes or where it writes, never its numbers.
+EXECUTION = frozenset({
+    "data_dir", "save_partition", "rounds_per_call", "devices", "checkpoint_every",
+    "on_divergence", "sweep_strategy", "progress", "cpu_devices", "distributed",
+    "coordinator", "num_processes", "process_id", "output", "overwrite", "resume",
+})
+
+# Options that decide the data, the partition and the model: recorded in config.json and
+# matched on resume (with the algorithm's hyperparameters, the seed and the split itself).
+DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
+                "shards_per_client", "classes_per_client", "test_ratio", "model",
+                "init", "architectures", "public_fraction", "public_dataset", "public_size",
+                "public_val_fraction")
+
+# The type of every field (how ``--set`` text is read); ``OPTIONAL`` ones may be unset.
+KINDS: dict[str, type] = {
+    "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
+    "num_clients": int, "min_samples": int, "shards_per_client": int,
+    "classes_per_client": int, "test_ratio": float, "partition_file": str,
+    "save_partition": str, "partition_seed": int, "model": str, "init": str,
+    "architectures": str, "public_fraction": float, "public_dataset": str,
+    "public_size": int, "public_val_fraction": float, "rounds": int, "eval_every": int,
+    "seed": int, "compare_local": bool, "rounds_per_call": int, "devices": int,
+    "checkpoint_every": int, "on_divergence": str, "sweep_strategy": str, "progress": bool,
+    "cpu_devices": str, "distributed": bool, "coordinator": str, "num_processes": int,
+    "process_id": int, "output": str, "overwrite": bool, "resume": bool,
+}
+OPTIONAL = frozenset(f.name for f in dataclasses.fields(ExperimentSpec)
+                     if f.default is None)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def hparam_names() -> dict[str, algorithms.HParam]:
+    """Every hyperparameter of every algorithm, by name (the first spec of each name)."""
+    found: dict[str, algorithms.HParam] = {}
+    for name in algorithms.ALGORITHMS + algorithms.DISTILLATION:
+        for spec in algorithms.hparam_specs(name):
+            found.setdefault(spec.name, spec)
+    return found
+
+
+def takes(algorithm: str, hparam: str) -> bool:
+    """Whether ``algorithm`` has the hyperparameter ``hparam``."""
+    return any(spec.name == hparam for spec in algorithms.hparam_specs(algorithm))
+
+
+def wants_public(spec: ExperimentSpec) -> bool:
+    """Whether ``spec``'s data holds out a public set: its algorithm needs one, or a public
+    option is set (so that other algorithms can be compared on the same private data)."""
+    return (algorithms.uses_public(spec.algorithm) or spec.public_fraction is not None
+            or spec.public_dataset is not None)
+
+
+def share_public_split(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
+    """Sets the default ``public_fraction`` on every spec that leaves both public options
+    unset when any spec's algorithm needs public data, so that every algorithm of a
+    comparison or sweep trains on the same private data."""
+    specs = list(specs)
+    if not any(algorithms.uses_public(s.algorithm) for s in specs):
+        return specs
+    return [s.replace(public_fraction=DEFAULT_PUBLIC_FRACTION)
+            if s.public_fraction is None and s.public_dataset is None else s for s in specs]
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+def _check_bool(label: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{label} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _check_text(label: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{label} must be text, got {value!r}")
+    return value
+
+
+def _check_loop_int(label: str, value: Any, low: int) -> int:
+    # "an integer >= 1": the wording of runner.validate_run_options.
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def parse_architectures(text: str, label: str = "architectures") -> list[tuple[str, dict]]:
+    """``mlp:64,mlp:128x64,cnn`` -> ``[(name, options), ...]``; checked before any data
+    loads.
+
+    Raises:
+      ValueError: naming ``label``: an empty entry, an unknown model, bad widths.
+    """
+    from fedjax_sim.models import MODELS
+
+    def parse(item: str, _label: str) -> tuple[str, dict]:
+        name, _, widths = item.partition(":")
+        if name not in MODELS:
+            raise ValueError(f"{label}: unknown model {name!r} in {text!r}; "
+                             f"valid: {', '.join(MODELS)}")
+        options = {}
+        if widths:
+            if name != "mlp" or not all(w.isdecimal() and int(w) > 0 for w in widths.split("x")):
+                raise ValueError(f"{label}: {item!r} must be mlp:W or mlp:W1xW2 with "
+                                 "positive widths (only mlp takes widths)")
+            options["hidden"] = tuple(int(w) for w in widths.split("x"))
+        return name, options
+
+    return parse_list(text, label, parse)
+
+
+def _check_hparams(spec: ExperimentSpec, label: Callable[[str], str]) -> dict:
+    known = hparam_names()
+    own = {s.name: s for s in algorithms.hparam_specs(spec.algorithm)}
+    checked = {}
+    for name, value in spec.hparams:
+        if name not in own:
+            if name in known:
+                raise ValueError(f"{label(name)} does not apply to {spec.algorithm}")
+            raise ValueError(f"{label(name)}: no such option or hyperparameter")
+        checked[name] = check_hparam(own[name], value, label(name))
+    algorithms.resolve(spec.algorithm, **checked)  # the checks across hyperparameters
+    return checked
+
+
+def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict) -> None:
+    from fedjax_sim.data import PARTITIONS, SOURCES, check_partition_file
+    from fedjax_sim.data.sources import check_prepared
+    from fedjax_sim.models import INITS, MODELS
+
+    check_choice(label("dataset"), spec.dataset, SOURCES)
+    check_choice(label("partition"), spec.partition, PARTITIONS)
+    values["alpha"] = check_float(label("alpha"), spec.alpha, 0.0, low_open=True)
+    if spec.num_clients is not None:  # None: 20, or the partition file's count
+        check_int(label("num_clients"), spec.num_clients, 1)
+    check_int(label("min_samples"), spec.min_samples, 2)
+    check_int(label("shards_per_client"), spec.shards_per_client, 1)
+    check_int(label("classes_per_client"), spec.classes_per_client, 1)
+    values["test_ratio"] = check_float(label("test_ratio"), spec.test_ratio, 0.0, 1.0,
+                                       low_open=True, high_open=True)
+    if spec.partition_seed is not None:
+        check_seed(label("partition_seed"), spec.partition_seed)
+    check_choice(label("model"), spec.model, ("auto", *MODELS))
+    check_choice(label("init"), spec.init, INITS)
+    if spec.public_fraction is not None:
+        values["public_fraction"] = check_float(
+            label("public_fraction"), spec.public_fraction, 0.0, 1.0, low_open=True,
+            high_open=True)
+        if spec.public_dataset is not None:
+            raise ValueError(f"give {label('public_fraction')} or {label('public_dataset')}, "
+                             "not both")
+    if spec.public_dataset is not None:
+        check_choice(label("public_dataset"), spec.public_dataset, SOURCES)
+    if spec.public_size is not None:
+        check_int(label("public_size"), spec.public_size, 1)
+        if spec.public_dataset is None:
+            raise ValueError(f"{label('public_size')} applies only with "
+                             f"{label('public_dataset')}")
+    values["public_val_fraction"] = check_float(
+        label("public_val_fraction"), spec.public_val_fraction, 0.0, 1.0, high_open=True)
+    if wants_public(spec) and spec.public_dataset is None:
+        fraction = values.get("public_fraction") or DEFAULT_PUBLIC_FRACTION
+        if fraction + values["public_val_fraction"] >= 1:
+            raise ValueError(f"{label('public_fraction')} + {label('public_val_fraction')} "
+                             f"must be < 1, got {fraction} + {values['public_val_fraction']}")
+    if spec.data_dir is not None:
+        _check_text(label("data_dir"), spec.data_dir)
+        if "://" not in spec.data_dir:
+            check_input_dir(label("data_dir"), spec.data_dir)
+    for source in (spec.dataset, spec.public_dataset):
+        if source is not None:
+            check_prepared(source, spec.data_dir)
+    if spec.partition_file is not None:
+        check_partition_file(_check_text(label("partition_file"), spec.partition_file),
+                             label("partition_file"))
+    if spec.save_partition is not None:
+        check_output_file(label("save_partition"),
+                          _check_text(label("save_partition"), spec.save_partition))
+    if spec.architectures is not None:
+        parse_architectures(_check_text(label("architectures"), spec.architectures),
+                            label("architectures"))
+        if spec.algorithm not in HETEROGENEOUS:
+            raise ValueError(f"{label('architectures')} applies to {' and '.join(HETEROGENEOUS)}"
+                             f", not {spec.algorithm}")
+
+
+def _check_process(spec: ExperimentSpec, label: Callable[[str], str]) -> None:
+    from fedjax_sim.platform import parse_cpu_devices
+
+    try:
+        parse_cpu_devices(spec.cpu_devices)
+    except (ValueError, TypeError):
+        raise ValueError(f"{label('cpu_devices')} must be 'auto' or an integer >= 1, got "
+                         f"{spec.cpu_devices!r}") from None
+    _check_bool(label("distributed"), spec.distributed)
+    if spec.num_processes is not None:
+        check_int(label("num_processes"), spec.num_processes, 1)
+    if spec.process_id is not None:
+        check_int(label("process_id"), spec.process_id, 0,
+                  None if spec.num_processes is None else spec.num_processes - 1)
+    if spec.coordinator is not None:
+        host, _, port = _check_text(label("coordinator"), spec.coordinator).rpartition(":")
+        if not host or not port.isdecimal() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{label('coordinator')} must be host:port with a port in "
+                             f"[1, 65535], got {spec.coordinator!r}")
+    if not spec.distributed and (spec.coordinator or spec.num_processes
+                                 or spec.process_id is not None):
+        raise ValueError(f"{label('coordinator')}/{label('num_processes')}/"
+                         f"{label('process_id')} need {label('distributed')}")
+
+
+def check_spec(spec: ExperimentSpec, *,
+               label: Callable[[str], str] | None = None) -> ExperimentSpec:
+    """Checks every value of ``spec`` before anything is loaded or compiled.
+
+    Args:
+      spec: the experiment.
+      label: how messages name a field or hyperparameter (default: its name; the
+        command line passes ``--lr``, a config file ``grid.toml: lr``).
+
+    Returns:
+      ``spec`` with numbers normalized (an int given for a float option becomes a float),
+      so that equal settings hash equal.
+
+    Raises:
+      ValueError: naming the option and what it allows, e.g.
+        ``--lr must be a finite number > 0, got inf``; paths are checked without creating
+        anything.
+    """
+    label = label or (lambda name: name)
+    check_choice(label("algorithm"), spec.algorithm,
+                 algorithms.ALGORITHMS + algorithms.DISTILLATION)
+    values: dict[str, Any] = {}
+    check_seed(label("seed"), spec.seed)
+    check_int(label("rounds_per_call"), spec.rounds_per_call, 1)
+    if spec.devices is not None:
+        check_int(label("devices"), spec.devices, 1)
+    _check_process(spec, label)
+    _check_data(spec, label, values)
+    hparams = _check_hparams(spec, label)
+    _check_loop_int(label("rounds"), spec.rounds, 1)
+    _check_loop_int(label("eval_every"), spec.eval_every, 1)
+    check_int(label("checkpoint_every"), spec.checkpoint_every, 0)
+    for name in ("compare_local", "progress", "overwrite", "resume"):
+        _check_bool(label(name), getattr(spec, name))
+    check_choice(label("on_divergence"), spec.on_divergence, DIVERGENCE_POLICIES)
+    check_choice(label("sweep_strategy"), spec.sweep_strategy, SWEEP_STRATEGIES)
+    if spec.output is not None:  # None: a fresh runs/... folder
+        check_output_dir(label("output"), _check_text(label("output"), spec.output))
+    if spec.resume and spec.overwrite:
+        raise ValueError(f"{label('resume')} and {label('overwrite')} exclude each other")
+    return spec.replace(hparams=hparams, **values)
+
+
+# ---- build ----------------------------------------------------------------------------------
+
+
+class LocalReference(NamedTuple):
+    """Local, the reference of ``compare_local``: one Local per architecture and the
+    clients that run it (client k runs architecture k mod A, as in FedMD and FCCL)."""
+
+    algorithms: tuple[Algorithm, ...]
+    members: tuple[np.ndarray, ...]
+
+
+class Built(NamedTuple):
+    """What a spec turns into.
+
+    Attributes:
+      spec: the experiment.
+      data: the federated data, split drawn from ``spec.data_seed``.
+      public: the public set (federated distillation), or None.
+      model: the model, or a tuple of models (``architectures``).
+      algorithm: the algorithm, built for ``model``.
+      local: the Local reference (``compare_local`` and an algorithm other than Local), or
+        None.
+    """
+
+    spec: ExperimentSpec
+    data: Any
+    public: Any
+    model: Any
+    algorithm: Algorithm
+    local: LocalReference | None
+
+    @property
+    def config(self) -> dict:
+        """The settings that produced the data and the model, for ``runner.run(config=)``
+        (written to config.json, matched on resume)."""
+        record = {name: getattr(self.spec, name) for name in DATA_OPTIONS}
+        if self.spec.partition_seed is not None:
+            record["partition_seed"] = self.spec.partition_seed
+        return record
+
+    @property
+    def extra_summary(self) -> dict:
+        """Facts about the build for summary.json."""
+        extra = {"model": model_names(self.model), "init": self.spec.init,
+                 "data_seed": None if self.spec.partition_file else self.spec.data_seed}
+        if self.public is not None:
+            extra.update(public=self.public.name, public_size=self.public.num_samples,
+                         public_val_size=self.public.num_val)
+        return extra
+
+
+def model_names(model) -> str:
+    return ",".join(m.name for m in model) if isinstance(model, tuple) else model.name
+
+
+def build_data(spec: ExperimentSpec):
+    """``(data, public)`` of ``spec``: the split drawn from ``spec.data_seed``; with a public
+    set (and the server validation split) held out of the pool before partitioning when
+    :func:`wants_public`, ``public`` is None otherwise."""
+    from fedjax_sim.data import make_federated_data
+
+    common = dict(
+        partition=spec.partition, num_clients=spec.num_clients, alpha=spec.alpha,
+        min_samples=spec.min_samples, shards_per_client=spec.shards_per_client,
+        classes_per_client=spec.classes_per_client, test_ratio=spec.test_ratio,
+        seed=spec.data_seed, data_dir=spec.data_dir, partition_file=spec.partition_file)
+    if not wants_public(spec):
+        data, _, _ = make_federated_data(spec.dataset, save_partition=spec.save_partition,
+                                         **common)
+        return data, None
+    from fedjax_sim.data.public import make_federated_data_with_public
+
+    fraction = spec.public_fraction
+    if fraction is None and spec.public_dataset is None:
+        fraction = DEFAULT_PUBLIC_FRACTION
+    data, public, _, _ = make_federated_data_with_public(
+        spec.dataset, public_fraction=fraction, public_dataset=spec.public_dataset,
+        public_size=spec.public_size, val_fraction=spec.public_val_fraction,
+        save_partition_to=spec.save_partition, **common)
+    return data, public
+
+
+def build_model(spec: ExperimentSpec, input_shape: tuple[int, ...], num_classes: int):
+    """The model (``auto``: mlp for flat or small inputs, else cnn), or with
+    ``architectures`` a tuple of models."""
+    from fedjax_sim.models import make_model
+
+    if spec.architectures is not None:
+        return tuple(make_model(name, input_shape, num_classes, init=spec.init, **options)
+                     for name, options in parse_architectures(spec.architectures))
+    name = spec.model
+    if name == "auto":
+        image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
+        name = "cnn" if image else "mlp"
+    return make_model(name, input_shape, num_classes, init=spec.init)
+
+
+def build_algorithm(spec: ExperimentSpec, model, public=None) -> Algorithm:
+    """``algorithms.make`` with the spec's algorithm and hyperparameters (and the public
+    set when the algorithm takes one)."""
+    extra = {"public": public} if algorithms.uses_public(spec.algorithm) else {}
+    return algorithms.make(spec.algorithm, model, **extra, **spec.hparam_dict)
+
+
+def local_hparams(spec: ExperimentSpec) -> dict:
+    """The hyperparameters of ``spec`` that Local takes (its reference run's settings)."""
+    return {k: v for k, v in spec.hparams if takes("local", k)}
+
+
+def build_local(spec: ExperimentSpec, model, num_clients: int) -> LocalReference:
+    """The Local reference of ``spec`` on ``model`` (one per architecture)."""
+    models = model if isinstance(model, tuple) else (model,)
+    members = tuple(np.arange(g, num_clients, len(models)) for g in range(len(models)))
+    hparams = local_hparams(spec)
+    return LocalReference(tuple(algorithms.make("local", m, **hparams) for m in models),
+                          members)
+
+
+def build(spec: ExperimentSpec, *, data=None, public=None) -> Built:
+    """Turns ``spec`` into data, model(s), algorithm and the Local reference.
+
+    Args:
+      spec: the experiment (see :func:`check_spec`).
+      data, public: already built data of this spec (``build_data``), e.g. shared by the
+        algorithms of a comparison; built here when ``data`` is None.
+
+    Returns:
+      A :class:`Built`.
+
+    Raises:
+      ValueError: as ``make_federated_data``, ``make_model`` and ``algorithms.make``.
+    """
+    if data is None:
+        data, public = build_data(spec)
+    model = build_model(spec, data.input_shape, data.num_classes)
+    algorithm = build_algorithm(spec, model, public)
+    local = None
+    if spec.compare_local and spec.algorithm != "local":
+        local = build_local(spec, model, data.num_clients)
+    return Built(spec, data, public, model, algorithm, local)
+
+
+# ---- running --------------------------------------------------------------------------------
+
+
+def local_accuracies(built: Built) -> list[float]:
+    """Per-client accuracies of the Local reference on ``built.data``, on the run's own
+    evaluation schedule and seed."""
+    from fedjax_sim import runner
+
+    spec = built.spec
+    accuracies = np.zeros(built.data.num_clients)
+    for algorithm, idx in zip(built.local.algorithms, built.local.members, strict=True):
+        result = runner.run(algorithm, built.data, rounds=spec.rounds,
+                            eval_every=spec.eval_every, seed=spec.seed,
+                            progress=spec.progress, devices=spec.devices,
+                            rounds_per_call=spec.rounds_per_call,
+                            on_divergence=spec.on_divergence)
+        accuracies[idx] = np.asarray(result.summary["client_accuracies"])[idx]
+    return accuracies.tolist()
+
+
+# ``run_built``'s default output: the spec's own.
+_SPEC_OUTPUT: Any = object()
+
+
+def run_built(built: Built, *, output=_SPEC_OUTPUT, local: list[float] | None = None,
+              events=None, options: dict | None = None, extra_summary: dict | None = None,
+              resume_hint: str | None = None, overwrite: bool | None = None,
+              resume: bool | None = None):
+    """``runner.run`` with the loop settings of ``built.spec``.
+
+    Args:
+      built: from :func:`build`.
+      output: the run folder (default ``built.spec.output``; None writes nothing).
+      local: per-client Local accuracies for the hurt fraction and IPR (default: run the
+        Local reference when ``built.local`` is set).
+      events, resume_hint: as in ``runner.run``.
+      options: recorded in config.json (default: the spec's values).
+      extra_summary: more fields for summary.json, after those of ``built``.
+      overwrite, resume: default the spec's.
+
+    Returns:
+      ``runner.RunResult``.
+    """
+    from fedjax_sim import runner
+
+    spec = built.spec
+    if local is None and built.local is not None:
+        local = local_accuracies(built)
+    return runner.run(
+        built.algorithm, built.data, rounds=spec.rounds, eval_every=spec.eval_every,
+        seed=spec.seed, events=events,
+        output=spec.output if output is _SPEC_OUTPUT else output,
+        local_accuracies=local, checkpoint_every=spec.checkpoint_every,
+        resume=spec.resume if resume is None else resume,
+        overwrite=spec.overwrite if overwrite is None else overwrite,
+        progress=spec.progress, extra_summary={**built.extra_summary, **(extra_summary or {})},
+        rounds_per_call=spec.rounds_per_call, devices=spec.devices, config=built.config,
+        options=spec.values() if options is None else options,
+        on_divergence=spec.on_divergence, resume_hint=resume_hint)
+
+
+def run_spec(spec: ExperimentSpec, **kwargs):
+    """Checks, builds and runs ``spec`` (keyword arguments: those of :func:`run_built`).
+
+    Returns:
+      ``runner.RunResult``.
+    """
+    return run_built(build(check_spec(spec)), **kwargs)
+
+
+def mean_std(values: Iterable[float]) -> str:
+    """``"12.34 ± 0.56"`` in percent over the finite values; ``—`` when there are none."""
+    values = np.asarray([v for v in values if v is not None], np.float64)
+    values = values[np.isfinite(values)] if values.size else values
+    if not values.size:
+        return "—"
+    return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
+
+
+__all__ = [
+    "DATA_OPTIONS",
+    "DEFAULT_PUBLIC_FRACTION",
+    "DEFAULT_VAL_FRACTION",
+    "EXECUTION",
+    "FIELDS",
+    "HETEROGENEOUS",
+    "KINDS",
+    "OPTIONAL",
+    "Built",
+    "ExperimentSpec",
+    "LocalReference",
+    "build",
+    "build_algorithm",
+    "build_data",
+    "build_local",
+    "build_model",
+    "check_spec",
+    "hparam_names",
+    "local_accuracies",
+    "mean_std",
+    "parse_architectures",
+    "run_built",
+    "run_spec",
+    "share_public_split",
+    "takes",
+    "wants_public",
+]
+

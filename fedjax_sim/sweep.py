@@ -1,0 +1,644 @@
+"""Sweeps: many experiment specs run in one process, written as they finish, resumable.
+
+:func:`run_sweep` takes the specs of a grid (``config.expand``), groups those that can
+share one compiled program (:func:`group_specs`), runs each group and writes, in the
+sweep folder::
+
+    grid.json                      the resolved grid: every configuration, its seeds, spec
+    results.jsonl                  one line per finished (configuration, seed)
+    results.md                     mean ± std over seeds per configuration; best marked
+    curves.png                     accuracy against rounds, a band over the seeds
+    <config>/seed<s>/summary.json  per (configuration, seed), with metrics.jsonl
+
+A configuration is a spec without its seed; its folder name reads the values that vary
+in the grid and ends with a hash of every setting (``fedavg_lr0.05-1a2b3c4d``). Rerunning
+into the same folder skips every (configuration, seed) whose summary.json says
+``complete`` or ``diverged`` (the same seed diverges again), so an interrupted sweep
+resumes where it stopped; a diverged configuration is marked and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from fedjax_sim import algorithms
+from fedjax_sim.checks import check_seed
+from fedjax_sim.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    default_output,
+    environment,
+    preflight,
+    read_jsonl,
+    write_jsonl,
+)
+from fedjax_sim.spec import (
+    ExperimentSpec,
+    build,
+    build_data,
+    check_spec,
+    local_accuracies,
+    mean_std,
+    run_built,
+    wants_public,
+)
+
+# A (configuration, seed) is finished, and skipped on a rerun, in these states.
+FINISHED = ("complete", "diverged")
+GRID_FILE = "grid.json"
+RESULTS_FILE = "results.jsonl"
+# Longest readable part of a configuration's folder name (the hash follows it).
+_MAX_NAME = 60
+
+
+class Group(NamedTuple):
+    """Specs run by one program.
+
+    Attributes:
+      specs: the specs, learning rates outer and seeds inner when ``batched``.
+      seeds: their seeds.
+      lrs: their learning rates.
+      batched: one ``runner.sweep`` program over every (seed, learning rate) pair; else
+        one ``runner.run``.
+    """
+
+    specs: tuple[ExperimentSpec, ...]
+    seeds: tuple[int, ...]
+    lrs: tuple[float, ...]
+    batched: bool
+
+
+class SweepResult(NamedTuple):
+    """What a sweep left in its folder.
+
+    Attributes:
+      output: the sweep folder.
+      records: one results.jsonl record per finished (configuration, seed), grid order.
+      ran: how many (configuration, seed) pairs ran now.
+      skipped: how many were finished already and skipped.
+    """
+
+    output: Path
+    records: list[dict]
+    ran: int
+    skipped: int
+
+
+def data_key(spec: ExperimentSpec) -> str:
+    """The settings that decide ``spec``'s data (and public set): specs with equal keys
+    share one ``build_data``."""
+    fields = ("dataset", "data_dir", "partition", "alpha", "num_clients", "min_samples",
+              "shards_per_client", "classes_per_client", "test_ratio", "partition_file",
+              "public_fraction", "public_dataset", "public_size", "public_val_fraction")
+    record = {f: getattr(spec, f) for f in fields}
+    record.update(data_seed=None if spec.partition_file else spec.data_seed,
+                  public=wants_public(spec))
+    return json.dumps(record, sort_keys=True, default=str)
+
+
+def program_key(spec: ExperimentSpec) -> str | None:
+    """What the specs of one compiled program share, or None for a spec that runs alone.
+
+    One program (``runner.sweep``) advances configurations that differ only in seed and
+    learning rate, on one split of the data: so, under the seed rule, seeds share a
+    program only with a fixed split (``partition_seed`` or ``partition_file``). When the
+    engine takes more numeric hyperparameters as traced inputs, they leave this key and
+    the groups grow; nothing else changes.
+    """
+    if (algorithms.uses_public(spec.algorithm) or spec.compare_local
+            or spec.architectures is not None or spec.checkpoint_every):
+        return None
+    identity = spec.identity()
+    identity.pop("seed")
+    identity["hparams"].pop("lr")
+    identity["data"] = data_key(spec)
+    identity.update(rounds_per_call=spec.rounds_per_call, devices=spec.devices,
+                    sweep_strategy=spec.sweep_strategy)
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+def group_specs(specs: Sequence[ExperimentSpec]) -> list[Group]:
+    """Groups the specs that can share one compiled program.
+
+    Specs with equal :func:`program_key` form blocks of every (seed, learning rate) pair
+    of a set of seeds and a set of learning rates (``runner.sweep`` runs such a product);
+    a block of one spec, and a spec without a key, runs alone. Groups come ordered by
+    their data (each split is built once) and then by the order of ``specs``.
+
+    Returns:
+      The groups; every spec is in exactly one.
+    """
+    order = {id(spec): i for i, spec in enumerate(specs)}
+    keyed: dict[str, list[ExperimentSpec]] = {}
+    groups: list[Group] = []
+    for spec in specs:
+        key = program_key(spec)
+        if key is None:
+            groups.append(_single(spec))
+        else:
+            keyed.setdefault(key, []).append(spec)
+    for members in keyed.values():
+        by_seed: dict[int, dict[float, ExperimentSpec]] = {}
+        for spec in members:
+            by_seed.setdefault(spec.seed, {})[spec.resolved_hparams()["lr"]] = spec
+        blocks: dict[tuple[float, ...], list[int]] = {}
+        for seed, by_lr in by_seed.items():
+            blocks.setdefault(tuple(by_lr), []).append(seed)
+        for lrs, seeds in blocks.items():
+            block = tuple(by_seed[s][lr] for lr in lrs for s in seeds)
+            if len(block) == 1:
+                groups.append(_single(block[0]))
+            else:
+                groups.append(Group(block, tuple(seeds), lrs, True))
+    first_data: dict[str, int] = {}
+    for spec in specs:
+        first_data.setdefault(data_key(spec), order[id(spec)])
+    return sorted(groups, key=lambda g: (first_data[data_key(g.specs[0])],
+                                         min(order[id(s)] for s in g.specs)))
+
+
+def _single(spec: ExperimentSpec) -> Group:
+    return Group((spec,), (spec.seed,), (spec.resolved_hparams()["lr"],), False)
+
+
+# ---- names and records --------------------------------------------------------------------
+
+
+def varying(specs: Sequence[ExperimentSpec]) -> list[str]:
+    """The keys (fields and hyperparameters, not the seed or the algorithm) whose values
+    differ between ``specs``, in first-seen order."""
+    seen: dict[str, set] = {}
+    count: dict[str, int] = {}
+    for spec in specs:
+        for key, value in spec.values().items():
+            if key in ("seed", "algorithm", "progress", "output", "overwrite"):
+                continue
+            seen.setdefault(key, set()).add(json.dumps(value, default=str))
+            count[key] = count.get(key, 0) + 1
+    return [k for k, v in seen.items() if len(v) > 1 or count[k] < len(specs)]
+
+
+def _text(value: Any) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.=+-]", "_", text)
+
+
+def config_name(spec: ExperimentSpec, keys: Iterable[str]) -> str:
+    """The folder name of ``spec``'s configuration: the algorithm and the values of
+    ``keys`` it sets, then the configuration hash."""
+    values = spec.values()
+    parts = [spec.algorithm] + [f"{k}{_text(values[k])}" for k in keys if k in values]
+    readable = "_".join(parts)[:_MAX_NAME]
+    return f"{readable}-{spec.config_hash()}"
+
+
+def _summary_status(summary: dict) -> tuple[str, int | None]:
+    status = summary.get("status", "unknown")
+    diverged = summary.get("diverged_at")
+    if diverged is None and isinstance(summary.get("diverged"), dict):
+        diverged = summary["diverged"].get("round")
+    return status, diverged
+
+
+def make_record(spec: ExperimentSpec, name: str, keys: Sequence[str], summary: dict,
+                path: str) -> dict:
+    """The results.jsonl record of one finished (configuration, seed)."""
+    status, diverged_at = _summary_status(summary)
+    values = spec.values()
+    complete = status == "complete"
+    record = {
+        "config": name, "algorithm": spec.algorithm, "seed": spec.seed,
+        "values": {k: values[k] for k in keys if k in values},
+        "lr": spec.resolved_hparams()["lr"], "status": status,
+    }
+    for key in ("accuracy", "client_mean_accuracy", "client_p10", "hurt_fraction", "ipr"):
+        if key in summary or key == "accuracy":
+            record[key] = summary.get(key) if complete else None
+    if diverged_at is not None:
+        record["diverged_at"] = diverged_at
+    record.update(rounds=summary.get("rounds", spec.rounds),
+                  wall_s=summary.get("wall_s", summary.get("sweep_wall_s")), path=path)
+    return record
+
+
+def _finished(out: Path) -> dict[tuple[str, int], tuple[Path, dict]]:
+    """Every finished (configuration hash, seed) in ``out``, from the summaries there; a
+    summary that does not parse counts as unfinished."""
+    found = {}
+    for path in sorted(out.glob("*/seed*/summary.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(summary, dict) or summary.get("status") not in FINISHED:
+            continue
+        key = (summary.get("config_hash"), summary.get("seed"))
+        if None not in key:
+            found[key] = (path.parent, summary)
+    return found
+
+
+# ---- running ------------------------------------------------------------------------------
+
+
+class _Cache:
+    """The last built data (groups come ordered by data, so one suffices)."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def data(self, spec: ExperimentSpec):
+        key = data_key(spec)
+        if key != self.key:
+            self.key, self.value = None, None  # free the previous split first
+            self.value = build_data(spec)
+            self.key = key
+        return self.value
+
+
+def _tags(spec: ExperimentSpec, name: str, keys: Sequence[str]) -> dict:
+    values = spec.values()
+    return {"config": name, "config_hash": spec.config_hash(), "spec": spec.to_dict(),
+            "values": {k: values[k] for k in keys if k in values}}
+
+
+def _run_single(spec, built, folder: Path, tags: dict, local, resume_hint) -> dict:
+    """One (configuration, seed) with ``runner.run`` into ``folder``; a stopped run with a
+    checkpoint resumes from it."""
+    from fedjax_sim.runner import ResumeError
+    from fedjax_sim.safety import DivergedError
+
+    previous = {}
+    try:
+        previous = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        pass
+    resume = (isinstance(previous, dict) and previous.get("status") == "stopped"
+              and (folder / "checkpoints").is_dir())
+    kwargs = dict(output=folder, local=local, extra_summary=tags, resume_hint=resume_hint)
+    try:
+        try:
+            return run_built(built, overwrite=not resume, resume=resume, **kwargs).summary
+        except ResumeError:
+            return run_built(built, overwrite=True, resume=False, **kwargs).summary
+    except DivergedError as error:
+        try:
+            return json.loads((folder / "summary.json").read_text())
+        except (OSError, ValueError):
+            return {**tags, "status": "diverged", "algorithm": spec.algorithm,
+                    "seed": spec.seed, "diverged_at": error.round}
+
+
+def _run_batched(group: Group, built, folders: list[Path], tags: list[dict],
+                 env: dict) -> list[dict]:
+    """A group with one ``runner.sweep`` program; writes each configuration's folder."""
+    from fedjax_sim import runner
+
+    spec = group.specs[0]
+    hparams = {k: v for k, v in spec.hparams if k != "lr"}
+    summaries = runner.sweep(
+        spec.algorithm, built.model, built.data, seeds=list(group.seeds), lrs=list(group.lrs),
+        rounds=spec.rounds, eval_every=spec.eval_every, hparams=hparams,
+        rounds_per_call=spec.rounds_per_call, config_strategy=spec.sweep_strategy,
+        progress=spec.progress, devices=spec.devices)
+    results = []
+    for member, summary, folder, tag in zip(group.specs, summaries, folders, tags,
+                                            strict=True):
+        if (summary["seed"], summary["lr"]) != (member.seed, member.resolved_hparams()["lr"]):
+            raise RuntimeError("runner.sweep returned its configurations in another order")
+        history = summary.pop("history")
+        summary.update(hparams=member.resolved_hparams(), rounds_done=summary["rounds"]
+                       if summary["status"] == "complete" else summary.get("diverged_at"),
+                       wall_s=summary["sweep_wall_s"], **built.extra_summary, **tag)
+        with RunDir(folder, overwrite=True):
+            atomic_write_json(folder / "config.json", {
+                "identity": member.identity(), "options": member.values(), "environment": env})
+            write_jsonl(folder / "metrics.jsonl", history)
+            atomic_write_json(folder / "summary.json", summary)
+        results.append(summary)
+    return results
+
+
+def run_sweep(
+    specs: Sequence[ExperimentSpec],
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    on_result: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    resume_hint: str | None = None,
+    options: dict | None = None,
+) -> SweepResult:
+    """Runs every spec, writing each (configuration, seed) as it finishes.
+
+    Args:
+      specs: the grid (``config.expand``); checked again here.
+      output: the sweep folder (default a new ``runs/sweep-<dataset>-<time>``). A folder
+        holding a sweep (grid.json) is continued, skipping every finished (configuration,
+        seed); another non-empty folder is refused unless ``overwrite``, which empties a
+        fedjax-sim folder first. A lock keeps other processes out while the sweep runs.
+      overwrite: start afresh in ``output``.
+      on_result: called with each results.jsonl record as its run finishes.
+      log: called with a line of progress now and then (e.g. ``print`` to stderr).
+      resume_hint: the command that continues the sweep, printed if a signal stops it.
+      options: recorded in grid.json (e.g. the command line's settings).
+
+    Returns:
+      A :class:`SweepResult`.
+
+    Raises:
+      ValueError: a bad spec, the same configuration and seed twice, an unusable folder.
+      fedjax_sim.safety.StoppedError: SIGINT or SIGTERM during a run (rerun to resume).
+    """
+    log = log or (lambda _line: None)
+    if not specs:
+        raise ValueError("a sweep needs at least one configuration")
+    memo: dict[str, ExperimentSpec] = {}
+    checked = []
+    for spec in specs:
+        template = spec.replace(seed=0)  # settings are checked once per configuration
+        key = json.dumps(template.to_dict(), sort_keys=True, default=repr)
+        if key not in memo:
+            memo[key] = check_spec(template)
+        checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
+    specs = checked
+    keys = varying(specs)
+    names = {spec.config_hash(): config_name(spec, keys) for spec in specs}
+    seen: set[tuple[str, int]] = set()
+    for spec in specs:
+        pair = (spec.config_hash(), spec.seed)
+        if pair in seen:
+            raise ValueError(f"{names[pair[0]]} seed {spec.seed} is in the grid twice")
+        seen.add(pair)
+
+    out = Path(output) if output is not None else default_output("sweep", specs[0].dataset)
+    is_sweep = (out / GRID_FILE).is_file()
+    continuing = is_sweep and not overwrite
+    preflight(out, resume=continuing, overwrite=overwrite)
+    env = environment()
+    configs: dict[str, dict] = {}
+    for spec in specs:
+        entry = configs.setdefault(spec.config_hash(), {
+            "config": names[spec.config_hash()], "config_hash": spec.config_hash(),
+            "algorithm": spec.algorithm,
+            "values": {k: v for k, v in spec.values().items() if k in keys},
+            "seeds": [], "spec": {k: v for k, v in spec.to_dict().items() if k != "seed"}})
+        entry["seeds"].append(spec.seed)
+    with RunDir(out, resume=continuing, overwrite=overwrite):
+        atomic_write_json(out / GRID_FILE, {
+            "axes": {k: list(dict.fromkeys(s.values()[k] for s in specs if k in s.values()))
+                     for k in keys},
+            "configs": list(configs.values()), "runs": len(specs),
+            "options": options or {}, "environment": env})
+        finished = _finished(out) if continuing else {}
+        records: dict[tuple[str, int], dict] = {}
+        pending = []
+        for spec in specs:
+            pair = (spec.config_hash(), spec.seed)
+            if pair in finished:
+                folder, summary = finished[pair]
+                records[pair] = make_record(spec, names[pair[0]], keys, summary,
+                                            str(folder.relative_to(out)))
+            else:
+                pending.append(spec)
+        skipped = len(records)
+        write_jsonl(out / RESULTS_FILE, list(records.values()))
+        groups = group_specs(pending)
+        if skipped:
+            log(f"{skipped} of {_count(len(specs), 'run')} already finished in {out}: "
+                "skipped")
+        if pending:
+            batched = sum(len(g.specs) for g in groups if g.batched)
+            log(f"{_count(len(pending), 'run')} to do in {_count(len(groups), 'program')} "
+                f"({batched} batched over seeds and learning rates)")
+        cache = _Cache()
+        locals_: dict[str, list[float]] = {}
+        done_order = list(records.values())
+
+        def finish(spec: ExperimentSpec, summary: dict, folder: Path) -> None:
+            pair = (spec.config_hash(), spec.seed)
+            record = make_record(spec, names[pair[0]], keys, summary,
+                                 str(folder.relative_to(out)))
+            records[pair] = record
+            done_order.append(record)
+            write_jsonl(out / RESULTS_FILE, done_order)
+            if on_result is not None:
+                on_result(record)
+
+        for group in groups:
+            first = group.specs[0]
+            data, public = cache.data(first)
+            folders = [out / names[s.config_hash()] / f"seed{s.seed}" for s in group.specs]
+            tags = [_tags(s, names[s.config_hash()], keys) for s in group.specs]
+            if group.batched:
+                built = build(first, data=data, public=public)
+                for spec, summary, folder in zip(
+                        group.specs, _run_batched(group, built, folders, tags, env), folders,
+                        strict=True):
+                    finish(spec, summary, folder)
+                continue
+            built = build(first, data=data, public=public)
+            local = None
+            if built.local is not None:
+                local_key = json.dumps([data_key(first), first.seed, first.rounds,
+                                        first.eval_every, first.model, first.init,
+                                        first.architectures,
+                                        sorted(built.local.algorithms[0].hparams.items())],
+                                       default=str)
+                if local_key not in locals_:
+                    locals_[local_key] = local_accuracies(built)
+                local = locals_[local_key]
+            summary = _run_single(first, built, folders[0], tags[0], local, resume_hint)
+            finish(first, summary, folders[0])
+
+        ordered = [records[(s.config_hash(), s.seed)] for s in specs
+                   if (s.config_hash(), s.seed) in records]
+        write_jsonl(out / RESULTS_FILE, ordered)
+        table = results_table(ordered, specs, keys)
+        note = plot_curves(out, ordered, keys)
+        atomic_write_text(out / "results.md", table + (f"\n{note}\n" if note else ""))
+        if note:
+            log(note)
+    return SweepResult(out, ordered, len(specs) - skipped, skipped)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# ---- results.md and curves.png ------------------------------------------------------------
+
+
+def _setting_line(specs: Sequence[ExperimentSpec], keys: Sequence[str]) -> str:
+    first = specs[0]
+    parts = [f"{k}={getattr(first, k)}" for k in
+             ("dataset", "partition", "alpha", "num_clients", "partition_seed", "rounds",
+              "model")
+             if k not in keys and getattr(first, k) is not None]
+    seeds = sorted({s.seed for s in specs})
+    return ", ".join(parts) + f"; seeds {','.join(map(str, seeds))}"
+
+
+def _best(rows: dict[str, list[dict]]) -> dict[str, str]:
+    """Per algorithm, the configuration with the highest mean accuracy."""
+    best: dict[str, tuple[float, str]] = {}
+    for name, records in rows.items():
+        accs = [r["accuracy"] for r in records if r["status"] == "complete"
+                and r["accuracy"] is not None]
+        if not accs:
+            continue
+        algorithm = records[0]["algorithm"]
+        mean = float(np.mean(accs))
+        if algorithm not in best or mean > best[algorithm][0]:
+            best[algorithm] = (mean, name)
+    return {algorithm: name for algorithm, (_, name) in best.items()}
+
+
+def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
+                  keys: Sequence[str]) -> str:
+    """results.md: per configuration, mean ± std over its finished seeds; the best
+    configuration of each algorithm marked."""
+    rows: dict[str, list[dict]] = {}
+    expected: dict[str, int] = {}
+    algorithm_of: dict[str, str] = {}
+    values_of: dict[str, dict] = {}
+    for spec in specs:
+        name = config_name(spec, keys)
+        expected[name] = expected.get(name, 0) + 1
+        rows.setdefault(name, [])
+        algorithm_of[name] = spec.algorithm
+        values_of[name] = {k: v for k, v in spec.values().items() if k in keys}
+    for record in records:
+        rows.setdefault(record["config"], []).append(record)
+    best = set(_best({n: r for n, r in rows.items() if r}).values())
+    local = any("hurt_fraction" in r for r in records)
+    header = ["algorithm", *keys, "seeds", "accuracy %", "client mean %", "bottom decile %"]
+    if local:
+        header += ["hurt %", "IPR %"]
+    header.append("folder")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, found in rows.items():
+        complete = [r for r in found if r["status"] == "complete"]
+        diverged = [r for r in found if r["status"] == "diverged"]
+        seeds = f"{len(complete)}"
+        if len(complete) != expected.get(name, len(found)):
+            seeds += f" of {expected.get(name, len(found))}"
+        if diverged:
+            seeds += f" ({len(diverged)} diverged)"
+        accuracy = mean_std(r["accuracy"] for r in complete)
+        cells = [algorithm_of.get(name, found[0]["algorithm"] if found else "?")]
+        cells += [_cell(values_of.get(name, {}).get(k, "—")) for k in keys]
+        cells += [seeds, f"**{accuracy}** (best)" if name in best else accuracy,
+                  mean_std(r.get("client_mean_accuracy") for r in complete),
+                  mean_std(r.get("client_p10") for r in complete)]
+        if local:
+            cells += [mean_std(r.get("hurt_fraction") for r in complete),
+                      mean_std(r.get("ipr") for r in complete)]
+        cells.append(name)
+        lines.append("| " + " | ".join(cells) + " |")
+    return _setting_line(specs, keys) + "\n\n" + "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _histories(out: Path, records: Sequence[dict]) -> dict[str, list[list[dict]]]:
+    found: dict[str, list[list[dict]]] = {}
+    for record in records:
+        if record["status"] != "complete":
+            continue
+        path = out / record["path"] / "metrics.jsonl"
+        try:
+            history = read_jsonl(path)
+        except (OSError, ValueError):
+            continue
+        if history:
+            found.setdefault(record["config"], []).append(history)
+    return found
+
+
+def plot_curves(out: Path, records: Sequence[dict], keys: Sequence[str]) -> str | None:
+    """curves.png: per algorithm, each configuration's mean accuracy over its complete
+    seeds against rounds, with a band of ± one standard deviation; the best configuration
+    drawn thicker.
+
+    Returns:
+      None, or a note saying why there is no plot.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        return "curves.png not drawn: matplotlib is not installed (pip install matplotlib)"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    histories = _histories(out, records)
+    if not histories:
+        return "curves.png not drawn: no configuration completed"
+    by_config = {r["config"]: r for r in records}
+    algorithms_ = list(dict.fromkeys(by_config[c]["algorithm"] for c in histories))
+    rows: dict[str, list[dict]] = {}
+    for record in records:
+        rows.setdefault(record["config"], []).append(record)
+    best = set(_best(rows).values())
+    columns = min(3, len(algorithms_))
+    lines = math.ceil(len(algorithms_) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(5 * columns, 3.5 * lines),
+                             squeeze=False)
+    for ax, algorithm in zip(axes.flat, algorithms_, strict=False):
+        for config, runs in histories.items():
+            if by_config[config]["algorithm"] != algorithm:
+                continue
+            length = min(len(h) for h in runs)
+            rounds = [h["round"] for h in runs[0][:length]]
+            acc = np.asarray([[h["accuracy"] for h in run[:length]] for run in runs])
+            mean, std = acc.mean(axis=0), acc.std(axis=0)
+            values = by_config[config]["values"]
+            label = ", ".join(f"{k}={_cell(v)}" for k, v in values.items()) or algorithm
+            (line,) = ax.plot(rounds, mean, label=label,
+                              linewidth=2.5 if config in best else 1.2)
+            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(),
+                            alpha=0.2)
+        ax.set_title(algorithm)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        ax.set_ylabel("personalized test accuracy")
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(algorithms_):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return None
+
+
+def print_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "FINISHED",
+    "Group",
+    "SweepResult",
+    "config_name",
+    "data_key",
+    "group_specs",
+    "make_record",
+    "plot_curves",
+    "program_key",
+    "results_table",
+    "run_sweep",
+    "varying",
+]
