@@ -35,6 +35,8 @@ TINY = {
     "run": ["--rounds", "2", "--num-clients", "4", "--eval-every", "2", "--no-progress"],
     "compare": ["--rounds", "2", "--num-clients", "4", "--eval-every", "2", "--no-progress",
                 "--seeds", "0"],
+    "sweep": ["--rounds", "2", "--num-clients", "4", "--eval-every", "2", "--no-progress",
+              "--seeds", "0"],
     "bench": ["--rounds", "1", "--num-clients", "2", "--local-steps", "1"],
 }
 # A comparison keeps its first algorithm (and Local, which it always runs as the reference):
@@ -112,9 +114,14 @@ def tiny(argv: list[str], output: Path) -> list[str]:
     devices = _option(argv, "--devices")
     if devices is not None and devices.isdigit() and int(devices) > DEVICES:
         extra += ["--devices", str(DEVICES)]
-    if command in ("run", "compare"):
+    if command in ("run", "compare", "sweep"):
         extra += ["--output", str(output)]
     return [*argv, *extra]
+
+
+def toml_blocks(markdown: str) -> list[str]:
+    """The fenced ``toml`` code blocks of ``markdown``."""
+    return re.findall(r"```toml\n(.*?)```", markdown, flags=re.S)
 
 
 def _cases(paths: list[Path], marks=()) -> list:
@@ -146,6 +153,10 @@ def _execute(command: str, workdir: Path, cache: Path):
       ``(completed process, the output directory it was given)``.
     """
     output = workdir / "output"  # fresh for every command
+    config = _option(_argv(command), "--config")
+    if config:
+        # A config file the README names is the README's TOML example.
+        (workdir / config).write_text(toml_blocks(README.read_text())[0])
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -191,7 +202,7 @@ def check_command(command: str, started: dict) -> None:
         f"{command}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     if _asks_help(argv):
         assert "usage: fedjax-sim" in proc.stdout
-    elif argv[0] in ("run", "compare"):
+    elif argv[0] in ("run", "compare", "sweep"):
         assert any(output.rglob("summary.json")), f"{command} wrote no summary.json"
 
 
