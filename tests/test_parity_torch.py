@@ -96,8 +96,8 @@ def test_cnn(parity, data, algorithm, momentum, weight_decay):
 def test_mlp_float64_at_a_setting_where_float32_crosses_a_relu_kink(algorithm):
     """In float32, lr 0.05 with momentum 0.9 and weight decay 1e-4 moves two fc2 units of
     this split across their ReLU kink on one side only (1e-5 apart after round 1, while
-    nearby settings agree to 1e-7). In float64 rounding cannot do that: the sides must
-    agree to 1e-7, far below what a semantic difference moves (1e-6 or more)."""
+    nearby settings agree to 1e-7). In float64 they do not: the sides must agree to
+    1e-7, far below what a semantic difference moves (1e-6 or more, from round 1)."""
     import json
     import os
     import subprocess
