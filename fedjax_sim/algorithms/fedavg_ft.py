@@ -10,11 +10,12 @@ from __future__ import annotations
 from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
+    federated_algorithm,
     finetuned_evaluate,
     num_params_bytes,
     per_round_bytes,
 )
-from fedjax_sim.algorithms.fedavg import fedavg_round, global_init
+from fedjax_sim.algorithms.fedavg import fedavg_method, global_init
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -25,8 +26,8 @@ HPARAMS = (
 
 def fedavg_ft(model: Model, **hp) -> Algorithm:
     size = num_params_bytes(model)
-    return Algorithm(
-        "fedavg_ft", global_init(model), fedavg_round(model, hp),
-        finetuned_evaluate(model, hp, hp["finetune_epochs"]),
-        per_round_bytes(hp, size, size), hp,
+    return federated_algorithm(
+        "fedavg_ft", hp, HPARAMS, fedavg_method(model, hp), init_with=global_init(model),
+        comm_bytes=per_round_bytes(hp, size, size),
+        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]),
     )
