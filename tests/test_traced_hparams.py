@@ -49,6 +49,14 @@ def build(name, tiny, **kw):
     return algorithms.make(name, model, **COMMON, **settings, **extra, **kw)
 
 
+def models(state):
+    """The server part and the clients' models, without FedOBP's EMA state."""
+    clients = state.clients
+    if isinstance(clients, dict):
+        clients = {k: v for k, v in clients.items() if k not in ("ema", "seen")}
+    return state.server, clients
+
+
 def assert_bitwise(a, b):
     leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(leaves_a) == len(leaves_b)
@@ -79,7 +87,13 @@ def test_round_with_traced_values_equals_round_bit_for_bit(tiny, name):
     assert_bitwise(round_with(alg.init_with(key, data, alg.hp(**values)), data,
                               alg.hp(**values)),
                    jax.jit(other.round)(other.init(key, data), data))
-    # And they do change the round.
+    # Built for its defaults alone, momentum and weight decay 0 are compiled in (plain SGD,
+    # no FedOBP EMA state): the models are those of the traced zeros above.
+    narrow = build(name, tiny)
+    assert "momentum" not in narrow.hp() and "momentum" in alg.hp()
+    assert_bitwise(models(jax.jit(narrow.round)(narrow.init(key, data), data)[0]),
+                   models(traced[0]))
+    # And other values do change the round.
     changed = round_with(state, data, alg.hp(**values))
     assert not all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves((changed[0].server, changed[0].clients)),
@@ -109,8 +123,15 @@ def test_zero_momentum_and_decay_give_plain_sgd_floats(small_data):
 
 def test_hp_refuses_what_the_round_does_not_take(tiny):
     fedavg = build("fedavg", tiny)
-    assert sorted(fedavg.hp()) == ["lr", "momentum", "weight_decay"]
+    # Momentum and weight decay 0 everywhere are compiled in, not traced.
+    assert sorted(fedavg.hp()) == ["lr"]
     assert fedavg.hp(lr=0.5)["lr"] == np.float32(0.5)
+    assert sorted(fedavg.hp(momentum=0.0)) == ["lr"]
+    with pytest.raises(ValueError, match=r"momentum=0\.5: this fedavg round was built with "
+                                         "momentum 0 only"):
+        fedavg.hp(momentum=0.5)
+    with_momentum = build("fedavg", tiny, cover=[{"momentum": 0.5}])
+    assert sorted(with_momentum.hp(momentum=0.0)) == ["lr", "momentum"]
     with pytest.raises(ValueError, match="batch_size is not a traced hyperparameter of fedavg"):
         fedavg.hp(batch_size=4)
     with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):

@@ -144,8 +144,9 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     ``public`` (a ``PublicData``) is required by the ``DISTILLATION`` algorithms and refused
     by the others. ``batch_order`` (see ``takes_batch_order``) is accepted by FedAvg and
     FedPer only. ``cover`` lists other values of the traced hyperparameters (dicts of
-    overrides) that ``round_with`` must accept besides these: only FedOBP's program depends
-    on them (``algorithms.fedobp``); for every other algorithm any values work. The result
+    overrides) that ``round_with`` must accept besides these (a sweep's configurations):
+    the program depends on that set where a value leaves a part out (``momentum`` and
+    ``weight_decay`` all 0, see ``base``; FedOBP's EMA and quantile search). The result
     records ``model`` (``Algorithm.models``), which the runner checks against the data.
     """
     module = _module(name)
@@ -157,8 +158,7 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
             raise ValueError(f"{name} takes no batch_order; algorithms that do: " + ", ".join(
                 n for n in ALGORITHMS + DISTILLATION if takes_batch_order(n)))
         extra["batch_order"] = batch_order
-    if getattr(module, "TAKES_COVER", False):
-        extra["cover"] = covered
+    extra["cover"] = covered
     if uses_public(name):
         algorithm = getattr(module, name)(model, public=public, **extra, **resolved)
     elif public is not None:

@@ -66,7 +66,7 @@ def alpha_report(alpha) -> dict:
     }
 
 
-def apfl(model: Model, **hp) -> Algorithm:
+def apfl(model: Model, *, cover=(), **hp) -> Algorithm:
     loss_fn = cross_entropy_loss(model)
     budget = schedule(hp)
     adaptive = hp["apfl_adaptive"]
@@ -122,4 +122,4 @@ def apfl(model: Model, **hp) -> Algorithm:
     size = num_params_bytes(model)
     return federated_algorithm("apfl", hp, HPARAMS, Method(client_update, logits),
                                init_with=init_with, comm_bytes=per_round_bytes(hp, size, size),
-                               report=report)
+                               report=report, cover=cover)

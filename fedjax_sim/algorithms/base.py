@@ -20,12 +20,15 @@ The *structural* ones are closed over: ``join_ratio`` (it fixes the cohort size)
 batch sizes, layer counts), every choice (strategies, variants, norms, scopes, losses) and
 every boolean. ``HParam.traced`` marks the first kind.
 
-A traced value no longer picks the program's structure: ``momentum`` 0 and
-``weight_decay`` 0 run SGD with a zero-decay momentum trace and a zero decay, which gives
-plain SGD's floats bit for bit. Only FedOBP's program depends on the values it was built
-for: it keeps EMA state when one of its ``ema_alpha`` values is above 0 and sizes its
-top-k quantile search for its ``ig_ratio`` values (``algorithms.make(..., cover=...)``
-names the values besides the defaults).
+An algorithm is built for its own values and those of ``cover`` (``algorithms.make(...,
+cover=[{...}, ...])``, what a sweep passes), and a few parts of the program depend on that
+set, never on a single value: where every ``momentum`` (or ``weight_decay``) of the set is
+0, it is compiled in as 0 and left out of ``hp``, and the client optimizer is plain SGD
+(no momentum buffer, no decay pass: vmapped rounds run 15-18% faster on CPU); otherwise
+it is traced, and a 0 among the values gives plain SGD's floats bit for bit (``g + 0·t``
+and ``g + 0·w`` are ``g``). FedOBP keeps EMA state when one of its ``ema_alpha`` values is
+above 0 and sizes its top-k quantile search for its ``ig_ratio`` values.
+``Algorithm.hp`` refuses values outside what the round was built for.
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ class HParam:
     traced: bool = False
     # For an optional traced float: the hyperparameter whose value it takes when unset.
     fallback: str | None = None
+    # 0 leaves a part of the program out (momentum's buffer, the decay pass): when every
+    # value an algorithm is built for is 0, the value is compiled in rather than traced.
+    zero_off: bool = False
 
 
 def check_hparam(spec: HParam, value: Any, label: str | None = None) -> Any:
@@ -197,9 +203,9 @@ COMMON = (
     _positive_int("batch_size", 32, "local mini-batch size"),
     HParam("lr", 0.01, float, lambda v: v > 0, "> 0", "client learning rate", traced=True),
     HParam("momentum", 0.0, float, lambda v: 0 <= v < 1, "in [0, 1)", "client SGD momentum",
-           traced=True),
+           traced=True, zero_off=True),
     HParam("weight_decay", 0.0, float, lambda v: v >= 0, ">= 0", "client L2 weight decay",
-           traced=True),
+           traced=True, zero_off=True),
     HParam(
         "join_ratio", 1.0, float, lambda v: 0 < v <= 1, "in (0, 1]",
         "fraction of clients sampled per round",
@@ -214,15 +220,21 @@ COMMON = (
 
 
 def client_optimizer(hp: Mapping) -> optax.GradientTransformation:
-    """SGD with momentum and L2 weight decay (the PFL benchmarks' client optimizer).
+    """SGD with optional momentum and L2 weight decay (the PFL benchmarks' client optimizer).
 
     ``lr``, ``momentum`` and ``weight_decay`` may be Python floats or (traced) scalar
-    arrays. The momentum trace and the decay are always there: at 0 they give plain SGD's
-    floats bit for bit (``g + 0·t`` and ``g + 0·w`` are ``g``), so one program serves every
-    value.
+    arrays. A momentum or decay that is a Python 0 leaves its part out (plain SGD); an
+    array, even one holding 0, keeps it, with plain SGD's floats at 0.
     """
-    sgd = optax.sgd(hp["lr"], momentum=hp["momentum"])
-    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd)
+    momentum, decay = hp["momentum"], hp["weight_decay"]
+    sgd = optax.sgd(hp["lr"], momentum=None if _compiled_zero(momentum) else momentum)
+    if _compiled_zero(decay):
+        return sgd
+    return optax.chain(optax.add_decayed_weights(decay), sgd)
+
+
+def _compiled_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and value == 0
 
 
 def cross_entropy_loss(model: Model) -> Callable:
@@ -371,6 +383,7 @@ def assemble(
     comm_bytes: Callable,
     report: Callable | None = None,
     derive: Callable[[dict[str, float]], Traced] | None = None,
+    cover: Sequence[Mapping[str, float]] = (),
 ) -> Algorithm:
     """An ``Algorithm`` from functions that take the traced hyperparameters last.
 
@@ -383,6 +396,10 @@ def assemble(
       derive: ``(values) -> entries`` added to ``hp`` for the given float values (e.g.
         quantities computed on the host in float64); it may raise ValueError for values
         the round was not built for.
+      cover: the other values of the traced hyperparameters the round is built for (each
+        the full set of floats, as ``algorithms.resolve_cover`` makes them): a
+        ``zero_off`` hyperparameter (``momentum``, ``weight_decay``) that is 0 here and in
+        every cover is compiled in as 0 and left out of ``hp``.
 
     Returns:
       The algorithm; its ``init``, ``round`` and ``evaluate`` run the ``_with`` forms at
@@ -390,6 +407,9 @@ def assemble(
     """
     specs = tuple(COMMON) + tuple(specs)
     by_name = {spec.name: spec for spec in specs if spec.traced}
+    numeric = numeric_values(specs, hp)
+    compiled = {spec.name for spec in specs if spec.zero_off
+                and all(values[spec.name] == 0 for values in (numeric, *cover))}
 
     def encode(overrides: Mapping[str, float]) -> Traced:
         unknown = sorted(set(overrides) - set(by_name))
@@ -399,7 +419,13 @@ def assemble(
                 f"{', '.join(by_name)} (the others fix the program's structure)")
         checked = {key: check_hparam(by_name[key], value) for key, value in overrides.items()}
         values = numeric_values(specs, {**hp, **checked})
-        traced = as_traced(values)
+        for key in sorted(compiled):
+            if values[key] != 0:
+                raise ValueError(
+                    f"{key}={values[key]}: this {name} round was built with {key} 0 only "
+                    "(compiled in, no part of the program for it); build it with "
+                    "make(..., cover=...) naming this value")
+        traced = as_traced({k: v for k, v in values.items() if k not in compiled})
         if derive is not None:
             traced.update(derive(values))
         return traced
@@ -410,7 +436,7 @@ def assemble(
         lambda key, data: init_with(key, data, defaults),
         lambda state, data: round_with(state, data, defaults),
         lambda state, data: evaluate_with(state, data, defaults),
-        comm_bytes, hp, report, (), numeric_values(specs, hp), encode,
+        comm_bytes, hp, report, (), numeric, encode,
         init_with, round_with, evaluate_with,
     )
 
@@ -451,12 +477,13 @@ def federated_algorithm(
     evaluate_with: Callable | None = None,
     batch_order: Any = None,
     derive: Callable | None = None,
+    cover: Sequence[Mapping[str, float]] = (),
 ) -> Algorithm:
     """An algorithm made of its own parts (``method``, a ``core.rounds.Method``) in the
     shared round skeleton, with this run's participation and execution strategy.
 
     Args:
-      name, hp, specs, comm_bytes, report, derive: as in :func:`assemble`.
+      name, hp, specs, comm_bytes, report, derive, cover: as in :func:`assemble`.
       method: the client update, server update and personalized logits.
       init_with: ``(key, data, hp) -> SimState``.
       evaluate_with: replaces the skeleton's evaluation (e.g. :func:`finetuned_evaluate`).
@@ -468,7 +495,7 @@ def federated_algorithm(
     )
     return assemble(name, hp, specs, init_with=init_with, round_with=round_with,
                     evaluate_with=evaluate_with or default_evaluate, comm_bytes=comm_bytes,
-                    report=report, derive=derive)
+                    report=report, derive=derive, cover=cover)
 
 
 def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:

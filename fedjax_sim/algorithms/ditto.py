@@ -38,7 +38,7 @@ HPARAMS = (
 )
 
 
-def ditto(model: Model, **hp) -> Algorithm:
+def ditto(model: Model, *, cover=(), **hp) -> Algorithm:
     loss_fn = cross_entropy_loss(model)
 
     def init_with(key, data, traced):
@@ -64,4 +64,4 @@ def ditto(model: Model, **hp) -> Algorithm:
     size = num_params_bytes(model)
     method = Method(client_update, own_logits(model), eval_inputs=personal_only)
     return federated_algorithm("ditto", hp, HPARAMS, method, init_with=init_with,
-                               comm_bytes=per_round_bytes(hp, size, size))
+                               comm_bytes=per_round_bytes(hp, size, size), cover=cover)

@@ -146,7 +146,8 @@ def mean_entropy(probs: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12, 1.0)), axis=-1))
 
 
-def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+         **hp) -> Algorithm:
     """DS-FL bound to ``model`` and the unlabeled ``public`` set.
 
     Args:
@@ -243,4 +244,5 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
     method = Method(client_update, logits, server_update=server_update, broadcast=send,
                     eval_inputs=eval_inputs, mean_uploads=False)
     return federated_algorithm("dsfl", hp, HPARAMS, method, init_with=init_with,
-                               comm_bytes=per_round_bytes(hp, payload, payload), report=report)
+                               comm_bytes=per_round_bytes(hp, payload, payload), report=report,
+                               cover=cover)

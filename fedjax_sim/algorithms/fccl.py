@@ -54,7 +54,8 @@ HPARAMS = (
 )
 
 
-def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+         **hp) -> Algorithm:
     """FCCL over one or more architectures and the unlabeled ``public`` set.
 
     Args:
@@ -180,4 +181,4 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
     payload = 4 * hp["distill_epochs"] * steps_per_epoch * col_batch * models[0].num_classes
     return grouped_algorithm("fccl", models, hp, HPARAMS,
                              GroupMethod(keys, exchange, client_update), init_with=init_with,
-                             payload=payload)
+                             payload=payload, cover=cover)

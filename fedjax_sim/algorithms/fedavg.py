@@ -52,17 +52,17 @@ def global_init(model: Model):
     return init_with
 
 
-def fedavg(model: Model, *, batch_order=None, **hp) -> Algorithm:
+def fedavg(model: Model, *, batch_order=None, cover=(), **hp) -> Algorithm:
     """FedAvg bound to ``model``; ``hp`` holds the common hyperparameters.
 
     ``batch_order``, an optional (R, K, E, N_max) integer array of per-round, per-client,
     per-epoch sample orders drawn on the host (``core.local.sample_batch_orders``),
     replaces the in-graph random batch order, e.g. to compare with another implementation
     step by step. It is not a hyperparameter (``make`` does not take it, and it is not
-    recorded in ``hparams``).
+    recorded in ``hparams``). ``cover``: see ``base.assemble``.
     """
     size = num_params_bytes(model)
     return federated_algorithm(
         "fedavg", hp, HPARAMS, fedavg_method(model, hp), init_with=global_init(model),
-        comm_bytes=per_round_bytes(hp, size, size), batch_order=batch_order,
+        comm_bytes=per_round_bytes(hp, size, size), batch_order=batch_order, cover=cover,
     )

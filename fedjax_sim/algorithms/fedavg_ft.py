@@ -24,10 +24,10 @@ HPARAMS = (
 )
 
 
-def fedavg_ft(model: Model, **hp) -> Algorithm:
+def fedavg_ft(model: Model, *, cover=(), **hp) -> Algorithm:
     size = num_params_bytes(model)
     return federated_algorithm(
         "fedavg_ft", hp, HPARAMS, fedavg_method(model, hp), init_with=global_init(model),
         comm_bytes=per_round_bytes(hp, size, size),
-        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]),
+        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]), cover=cover,
     )

@@ -35,7 +35,7 @@ HPARAMS = (
 )
 
 
-def fedbabu(model: Model, **hp) -> Algorithm:
+def fedbabu(model: Model, *, cover=(), **hp) -> Algorithm:
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     body_mask = jax.tree.map(lambda h: not h, model.head_mask(shapes))
 
@@ -56,5 +56,5 @@ def fedbabu(model: Model, **hp) -> Algorithm:
         "fedbabu", hp, HPARAMS,
         Method(client_update, shared_logits(model), server_update=server_update),
         init_with=global_init(model), comm_bytes=per_round_bytes(hp, size, size),
-        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]),
+        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]), cover=cover,
     )

@@ -59,7 +59,8 @@ HPARAMS = (
 )
 
 
-def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+          **hp) -> Algorithm:
     """FedDF bound to ``model`` and the unlabeled ``public`` set (plus its validation split).
 
     Args:
@@ -154,4 +155,4 @@ def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, *
                     broadcast=send, mean_uploads=steps == 0)
     size = num_params_bytes(model)
     return federated_algorithm("feddf", hp, HPARAMS, method, init_with=init_with,
-                               comm_bytes=per_round_bytes(hp, size, size))
+                               comm_bytes=per_round_bytes(hp, size, size), cover=cover)

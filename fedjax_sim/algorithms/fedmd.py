@@ -127,7 +127,7 @@ def distill_bytes(hp: dict, num_groups: int, payload: int) -> Callable:
 
 
 def grouped_algorithm(name: str, models: Sequence[Model], hp: dict, specs, method: GroupMethod,
-                      *, init_with: Callable, payload: int) -> Algorithm:
+                      *, init_with: Callable, payload: int, cover=()) -> Algorithm:
     """An algorithm over architecture groups: ``method`` in the grouped round skeleton,
     every client evaluated on its own ``params``, ``payload`` bytes each way per sampled
     client and round."""
@@ -139,13 +139,14 @@ def grouped_algorithm(name: str, models: Sequence[Model], hp: dict, specs, metho
     return assemble(name, hp, specs, init_with=init_with, round_with=round_with,
                     evaluate_with=evaluate_with,
                     comm_bytes=distill_bytes(hp, len(models), payload),
-                    report=architecture_report(models))
+                    report=architecture_report(models), cover=cover)
 
 
 # --- FedMD --------------------------------------------------------------------------------
 
 
-def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+          **hp) -> Algorithm:
     """FedMD over one or more architectures and the labeled ``public`` set.
 
     Args:
@@ -225,4 +226,4 @@ def fedmd(model: Model | Sequence[Model], *, public: PublicData | None = None, *
     payload = 4 * batch * models[0].num_classes if digest["epochs"] > 0 else 0
     return grouped_algorithm("fedmd", models, hp, HPARAMS,
                              GroupMethod(keys, exchange, client_update), init_with=init_with,
-                             payload=payload)
+                             payload=payload, cover=cover)

@@ -137,9 +137,6 @@ HPARAMS = (
 
 PyTree = Any
 
-# make(..., cover=...) reaches the factory: the program depends on the traced values.
-TAKES_COVER = True
-
 
 class Personalizer(NamedTuple):
     """FedOBP's server-side step for a batch of clients, bound to a model and hparams.
@@ -448,7 +445,7 @@ def fedobp(model: Model, *, cover: Sequence[Mapping[str, float]] = (), **hp) -> 
                     eval_inputs=eval_inputs)
     return federated_algorithm("fedobp", hp, HPARAMS, method, init_with=init_with,
                                comm_bytes=per_round_bytes(hp, up, size), report=report,
-                               derive=step.encode)
+                               derive=step.encode, cover=cover)
 
 
 def mask_report(counts: np.ndarray, names: tuple[str, ...], sizes: tuple[int, ...]) -> dict:

@@ -19,10 +19,11 @@ HPARAMS = ()
 TAKES_BATCH_ORDER = True
 
 
-def fedper(model: Model, *, batch_order=None, **hp) -> Algorithm:
+def fedper(model: Model, *, batch_order=None, cover=(), **hp) -> Algorithm:
     """FedPer bound to ``model``; ``hp`` holds the common hyperparameters.
 
     ``batch_order``: optional (R, K, E, N_max) host sample orders that replace the random
     batch order, as for ``fedavg.fedavg``.
     """
-    return decoupled("fedper", model, hp, model.head, plain_sgd(model), batch_order)
+    return decoupled("fedper", model, hp, model.head, plain_sgd(model), batch_order,
+                     cover=cover)

@@ -30,7 +30,7 @@ HPARAMS = (
 )
 
 
-def fedrep(model: Model, **hp) -> Algorithm:
+def fedrep(model: Model, *, cover=(), **hp) -> Algorithm:
     if hp["local_steps"] is None and hp["body_epochs"] > hp["local_epochs"]:
         raise ValueError(
             f"body_epochs must be <= local_epochs={hp['local_epochs']}, got {hp['body_epochs']}"
@@ -62,4 +62,4 @@ def fedrep(model: Model, **hp) -> Algorithm:
         # The reported loss is that of the phase that trains the shared representation.
         return params, body_loss
 
-    return decoupled("fedrep", model, hp, model.head, local_fn, specs=HPARAMS)
+    return decoupled("fedrep", model, hp, model.head, local_fn, specs=HPARAMS, cover=cover)

@@ -22,7 +22,7 @@ def own_logits(model: Model):
     return lambda own, _shared, x: model.apply(own["params"], x)
 
 
-def local(model: Model, **hp) -> Algorithm:
+def local(model: Model, *, cover=(), **hp) -> Algorithm:
     def init_with(key, data, traced):
         del traced
         state_key, model_key = jax.random.split(key)
@@ -41,4 +41,4 @@ def local(model: Model, **hp) -> Algorithm:
                     broadcast=lambda traced, state, key: (key, None, None),
                     eval_inputs=personal_only)
     return federated_algorithm("local", hp, HPARAMS, method, init_with=init_with,
-                               comm_bytes=lambda data: (0, 0))
+                               comm_bytes=lambda data: (0, 0), cover=cover)

@@ -36,7 +36,7 @@ def plain_sgd(model: Model) -> LocalFn:
 
 def decoupled(
     name: str, model: Model, hp: dict, personal: tuple[str, ...], local_fn: LocalFn,
-    batch_order=None, specs=(),
+    batch_order=None, specs=(), cover=(),
 ) -> Algorithm:
     """An algorithm whose layers ``personal`` stay on the clients.
 
@@ -50,6 +50,7 @@ def decoupled(
         batch order; ``local_fn`` must hand its key to ``core.local.train`` unchanged
         (see ``base.check_batch_order``).
       specs: the algorithm's own ``HPARAMS``.
+      cover: other values of the traced hyperparameters (see ``base.assemble``).
     """
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     missing = set(personal) - set(shapes)
@@ -89,4 +90,4 @@ def decoupled(
     size = num_params_bytes(model, shared_names)
     return federated_algorithm(name, hp, specs, method, init_with=init_with,
                                comm_bytes=per_round_bytes(hp, size, size),
-                               batch_order=batch_order)
+                               batch_order=batch_order, cover=cover)
