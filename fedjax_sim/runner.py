@@ -223,24 +223,27 @@ def make_round_block(
     infinity after the round (the runner's divergence check).
 
     Returns:
-      ``(state, data) -> (state, metrics)``, every metric stacked over the ``length``
-      rounds.
+      ``(state, data, hp=None) -> (state, metrics)``, every metric stacked over the
+      ``length`` rounds; ``hp`` the traced hyperparameters (``algorithm.hp(...)``), passed
+      as data, or ``None`` for the algorithm's own values compiled in.
     """
     if length < 1:
         raise ValueError(f"rounds per call must be >= 1, got {length}")
+    _, round_with, _ = algorithm.with_hp()
 
-    def one_round(state, data):
-        state, metrics = algorithm.round(state, data)
+    def one_round(state, data, hp):
+        state, metrics = round_with(state, data, hp)
         if num_clients is not None:
             bad = safety.nonfinite_clients(state.clients, state.server, num_clients)
             metrics = {**metrics, "nonfinite_clients": bad, "nonfinite_any": bad.any()}
         return state, metrics
 
-    def block(state, data):
+    def block(state, data, hp=None):
+        hp = algorithm.hp() if hp is None else hp
         if length == 1:
-            state, metrics = one_round(state, data)
+            state, metrics = one_round(state, data, hp)
             return state, jax.tree.map(lambda m: m[None], metrics)
-        return jax.lax.scan(lambda s, _: one_round(s, data), state, None, length=length)
+        return jax.lax.scan(lambda s, _: one_round(s, data, hp), state, None, length=length)
 
     if check_traces:
         block = traced_once(block, f"{algorithm.name} ({length} rounds per call)")
@@ -325,11 +328,11 @@ def _estimate_memory(algorithm: Algorithm, data: FederatedData, seed: int,
     }
 
 
-def _compile_block(block: Callable, state: SimState, data: FederatedData,
+def _compile_block(block: Callable, state: SimState, data: FederatedData, hp: dict,
                    devices: list) -> Callable:
     """Compiles ``block`` for these arguments and refuses to run it when its temporaries
     do not fit in the memory left on the devices."""
-    compiled = block.lower(state, data).compile()
+    compiled = block.lower(state, data, hp).compile()
     try:
         stats = compiled.memory_analysis()
     except Exception:  # not every backend reports it
@@ -484,10 +487,14 @@ def _run_loop(algorithm, data, *, mesh, run_devices, rounds, eval_every, seed, e
         watchdog.wait(state, "initializing the state")
 
     blocks: dict[int, Callable] = {}
+    # The traced hyperparameters go in as data: the same compiled round serves any values
+    # (a sweep's configurations run this very program).
+    hp = algorithm.hp()
+    _, _, evaluate_with = algorithm.with_hp()
     if mesh is None:
-        evaluate_fn = jax.jit(algorithm.evaluate)
+        evaluate_fn = jax.jit(evaluate_with)
     else:
-        evaluate_fn = jax.jit(algorithm.evaluate,
+        evaluate_fn = jax.jit(evaluate_with,
                               out_shardings=NamedSharding(mesh, PartitionSpec()))
     up_per_round, down_per_round = algorithm.comm_bytes(data)
     labels = {"algorithm": algorithm.name, "dataset": data.name, "seed": seed}
@@ -522,10 +529,10 @@ def _run_loop(algorithm, data, *, mesh, run_devices, rounds, eval_every, seed, e
                 blocks[length] = _compile_block(
                     make_round_block(algorithm, length, state_shardings=shardings,
                                      check_traces=True, num_clients=data.num_clients),
-                    state, data, run_devices)
+                    state, data, hp, run_devices)
             for i in range(length):
                 events.emit("round_start", round=r + i, state=state)
-            state, metrics = blocks[length](state, data)
+            state, metrics = blocks[length](state, data, hp)
             if host_wait or compile_s is None:
                 watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
             if compile_s is None:
@@ -542,7 +549,7 @@ def _run_loop(algorithm, data, *, mesh, run_devices, rounds, eval_every, seed, e
             if diverged is not None and on_divergence == "stop":
                 break
             if done % eval_every == 0 or done == rounds:
-                correct, _ = evaluate_fn(state, data)
+                correct, _ = evaluate_fn(state, data, hp)
                 record = {
                     "round": done, **labels,
                     "train_loss": float(losses[-1]),
@@ -708,22 +715,94 @@ def _plots(out: Path, history: list[dict], summary: dict) -> None:
     plt.close(fig)
 
 
-def _traced_factory(name: str, model: Any, hparams: dict) -> Callable[[Any], Algorithm]:
-    """``lr -> Algorithm`` with the learning rate left as a (possibly traced) value.
+def sweep_configs(
+    name: str,
+    hparams: dict,
+    *,
+    seeds: list[int] | None = None,
+    lrs: list[float] | None = None,
+    configs: list[dict] | None = None,
+) -> list[tuple[int, dict]]:
+    """The configurations of a sweep as ``(seed, overrides)`` pairs, checked on the host.
 
-    The hyperparameters are validated once with a float learning rate; the registry's
-    convention (module ``fedjax_sim.algorithms.<name>`` with a factory ``<name>``) then
-    builds the algorithm around whatever ``lr`` is, so that it can be vmapped.
+    Args:
+      name: algorithm name.
+      hparams: the algorithm's other hyperparameters (checked by the caller).
+      seeds: seeds; every configuration runs once per seed (seeds varying fastest).
+      lrs: learning rates: the configurations ``{"lr": lr}`` (``configs`` must be unset).
+      configs: dicts of traced-hyperparameter overrides, each with its ``seed`` unless
+        ``seeds`` is given.
+
+    Returns:
+      One ``(seed, overrides)`` per configuration.
+
+    Raises:
+      ValueError: naming the entry: an empty or repeated list entry, a bad seed or value,
+        a key that is not a traced hyperparameter of ``name``, ``lrs`` with ``configs``,
+        a configuration without a seed, or two identical configurations.
     """
-    import importlib
-
     from fedjax_sim import algorithms
+    from fedjax_sim.algorithms.base import check_hparam
 
-    if algorithms.uses_public(name):
-        raise ValueError(f"sweep does not support {name}: it needs public data")
-    resolved = algorithms.resolve(name, **hparams)
-    factory = getattr(importlib.import_module(f"fedjax_sim.algorithms.{name}"), name)
-    return lambda lr: factory(model, **{**resolved, "lr": lr})
+    specs = {spec.name: spec for spec in algorithms.hparam_specs(name) if spec.traced}
+    if seeds is not None:
+        if isinstance(seeds, str | bytes) or not seeds:
+            raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
+        seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+        _refuse_repeats("seeds", seeds)
+    if configs is None:
+        if seeds is None:
+            raise ValueError("seeds must be a non-empty list of seeds, got None")
+        if lrs is None:
+            configs = [{}]
+        else:
+            if isinstance(lrs, str | bytes) or not lrs:
+                raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
+            lrs = [check_hparam(specs["lr"], lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
+            _refuse_repeats("lrs", lrs)
+            configs = [{"lr": lr} for lr in lrs]
+    elif lrs is not None:
+        raise ValueError("give lrs or configs, not both (a config may set lr)")
+    elif isinstance(configs, dict | str | bytes) or not configs or not all(
+            isinstance(c, dict) for c in configs):
+        raise ValueError(f"configs must be a non-empty list of dicts, got {configs!r}")
+    pairs = []
+    for i, config in enumerate(configs):
+        overrides = {k: v for k, v in config.items() if k != "seed"}
+        unknown = sorted(set(overrides) - set(specs))
+        if unknown:
+            raise ValueError(
+                f"configs[{i}]: {', '.join(unknown)} is not a traced hyperparameter of "
+                f"{name}; a sweep varies {', '.join(specs)} (run the others separately)")
+        overrides = {k: check_hparam(specs[k], v, f"configs[{i}].{k}")
+                     for k, v in overrides.items()}
+        if seeds is not None:
+            if "seed" in config:
+                raise ValueError(f"configs[{i}] sets a seed and seeds is given; give one")
+            pairs += [(s, overrides) for s in seeds]
+        elif "seed" not in config:
+            raise ValueError(f"configs[{i}] has no seed (give it one, or give seeds)")
+        else:
+            pairs.append((check_seed(f"configs[{i}].seed", config["seed"]), overrides))
+    resolved = [(seed, algorithms.resolve(name, **{**hparams, **overrides}))
+                for seed, overrides in pairs]
+    for j, pair in enumerate(resolved):
+        if pair in resolved[:j]:
+            raise ValueError(f"configuration {j} (seed {pair[0]}, {pairs[j][1]}) repeats "
+                             f"configuration {resolved.index(pair)} (each runs once)")
+    return pairs
+
+
+def _refuse_repeats(label: str, values: list) -> None:
+    repeated = [v for i, v in enumerate(values) if v in values[:i]]
+    if repeated:
+        raise ValueError(f"{label} lists {repeated[0]!r} twice (each configuration runs once)")
+
+
+def _config_dir(seed: int, lr: float, overrides: dict) -> str:
+    """``seed{s}_lr{lr}`` and every other overridden value, e.g. ``seed0_lr0.1_momentum0.9``."""
+    rest = "".join(f"_{k}{v:g}" for k, v in overrides.items() if k != "lr")
+    return f"seed{seed}_lr{lr:g}{rest}"
 
 
 # Mesh axis name of a sweep's configuration axis.
@@ -748,8 +827,9 @@ def sweep(
     model: Any,
     data: FederatedData,
     *,
-    seeds: list[int],
+    seeds: list[int] | None = None,
     lrs: list[float] | None = None,
+    configs: list[dict] | None = None,
     rounds: int,
     eval_every: int = 1,
     hparams: dict | None = None,
@@ -760,26 +840,36 @@ def sweep(
     devices: int | None = None,
     overwrite: bool = False,
     options: dict | None = None,
+    keep_states: bool = False,
 ) -> list[dict]:
-    """Runs every (seed, learning rate) pair as one batched simulation.
+    """Runs every configuration (a seed and values of the traced hyperparameters) as one
+    batched simulation.
 
-    The states of all configurations are stacked on a leading axis and one jitted program
-    advances them together (``vmap`` over configurations, or ``map``: a compiled loop over
-    them), so the round compiles once for the whole grid. The configuration axis is
-    sharded over the devices (the most that divide the number of configurations), each
-    device advancing its own configurations; the data is replicated. Configuration
-    ``(s, lr)`` follows the same random stream as ``run(..., seed=s)`` with that ``lr``.
+    The algorithm is built once; each configuration's traced hyperparameters
+    (``Algorithm.hp``) are stacked on a leading axis next to the stacked states, and one
+    jitted program advances all of them together (``vmap`` over configurations, or
+    ``map``: a compiled loop over them), so the round compiles once for the whole grid.
+    The configuration axis is sharded over the devices (the most that divide the number
+    of configurations), each device advancing its own configurations; the data is
+    replicated. A configuration computes what ``run(make(name, model, **hparams,
+    **overrides), data, seed=seed)`` computes: bit for bit with ``map`` on CPU (the same
+    round, one configuration at a time), to float32 rounding with ``vmap`` (batched
+    matmuls sum in another order).
 
     Args:
       name: algorithm name (one without public data).
       model: the model.
       data: the federated data.
-      seeds: seeds, one run per seed (and per learning rate).
-      lrs: client learning rates to sweep (``None``: the ``lr`` of ``hparams``).
+      seeds: seeds; every configuration runs once per seed, seeds varying fastest.
+      lrs: client learning rates to sweep, the configurations ``{"lr": lr}`` (``None``:
+        the ``lr`` of ``hparams``); not with ``configs``.
+      configs: dicts of traced-hyperparameter overrides (``algorithms.traced_names``,
+        e.g. ``{"lr": 0.1, "momentum": 0.9}``), each with its ``seed`` unless ``seeds``
+        is given.
       rounds / eval_every / rounds_per_call: as in :func:`run`.
-      hparams: the algorithm's other hyperparameters.
-      output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}/summary.json`` per
-        configuration.
+      hparams: the algorithm's other hyperparameters (and defaults of the traced ones).
+      output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}[_key{value}...]/
+        summary.json`` per configuration.
       config_strategy: ``vmap`` or ``map`` over the configurations, or ``auto``: ``map``
         on CPU (where the vmapped client steps become batched matmuls of small matrices,
         and a client's inactive epoch steps become selects instead of skipped branches)
@@ -789,22 +879,25 @@ def sweep(
         this process; the count used divides the number of configurations).
       overwrite: replace the sweep in an existing non-empty ``output`` (refused without).
       options: every option of the command that started it, for ``config.json``.
+      keep_states: add each configuration's final ``SimState`` to its summary as
+        ``state`` (never written to disk).
 
     A configuration whose loss or state turns non-finite is reported with ``status``
     ``diverged`` and the round (``diverged_at``), and without accuracy figures; the
     others go on.
 
     Returns:
-      One summary dict per configuration, seeds varying fastest.
+      One summary dict per configuration (``seed``, ``lr``, every overridden value and
+      ``config``: the overrides), in the order of ``configs`` (or ``lrs``), seeds varying
+      fastest.
 
     Raises:
-      ValueError: before anything compiles: a bad loop setting or ``devices``, an empty
-        list, a seed that is not an integer >= 0 and < 2**32 (``seeds[i]``), a learning
-        rate that is not a finite number > 0 (``lrs[i]``), a repeated seed or learning
-        rate, or a bad hyperparameter.
+      ValueError: before anything compiles: a bad loop setting or ``devices``, a bad
+        configuration (see :func:`sweep_configs`; ``seeds[i]``, ``lrs[i]``,
+        ``configs[i].key`` name the entry), a value the algorithm refuses, or a bad
+        hyperparameter.
     """
     from fedjax_sim import algorithms
-    from fedjax_sim.algorithms.base import COMMON, check_hparam
 
     check_federated_data(data)
     check_model_fits(model, data)
@@ -818,36 +911,29 @@ def sweep(
         preflight(output, overwrite=overwrite)
     if config_strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
-    if isinstance(seeds, str | bytes) or not seeds:
-        raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
-    seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
     hparams = dict(hparams or {})
-    if lrs is None:
-        lrs = [algorithms.resolve(name, **hparams)["lr"]]
-    if isinstance(lrs, str | bytes) or not lrs:
-        raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
-    lr_spec = next(spec for spec in COMMON if spec.name == "lr")
-    lrs = [check_hparam(lr_spec, lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
-    for label, values in (("seeds", seeds), ("lrs", lrs)):
-        repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if repeated:
-            raise ValueError(f"{label} lists {repeated[0]!r} twice (each configuration runs "
-                             "once)")
+    if algorithms.uses_public(name):
+        raise ValueError(f"sweep does not support {name}: it needs public data")
+    pairs = sweep_configs(name, hparams, seeds=seeds, lrs=lrs, configs=configs)
     strategy_override()
-    hparams["lr"] = lrs[0]
-    make = _traced_factory(name, model, hparams)
+    alg = algorithms.make(name, model, cover=[overrides for _, overrides in pairs], **hparams)
+    hps = []
+    for i, (_, overrides) in enumerate(pairs):
+        try:
+            hps.append(alg.hp(**overrides))
+        except ValueError as error:
+            raise ValueError(f"configuration {i} ({overrides}): {error}") from None
+    init_with, round_with, evaluate_with = alg.with_hp()
     if config_strategy == "auto":
         config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    configs = [(s, lr) for lr in lrs for s in seeds]
-    seed_arr = np.asarray([s for s, _ in configs], np.uint32)
-    lr_arr = np.asarray([lr for _, lr in configs], np.float32)
-    mesh = _config_mesh(len(configs), devices)
+    seed_arr = np.asarray([s for s, _ in pairs], np.uint32)
+    hp_arr = {key: np.stack([h[key] for h in hps]) for key in hps[0]}
+    mesh = _config_mesh(len(pairs), devices)
     if mesh is None:
         data = to_device(data)
-        lr_arr = jax.numpy.asarray(lr_arr)
     else:
         data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
-        lr_arr = jax.device_put(lr_arr, NamedSharding(mesh, PartitionSpec(_CONFIG_AXIS)))
+        hp_arr = jax.device_put(hp_arr, NamedSharding(mesh, PartitionSpec(_CONFIG_AXIS)))
 
     def over_configs(fn):
         """``fn(data, *config_args)`` mapped over the configurations; data is shared."""
@@ -866,15 +952,13 @@ def sweep(
 
     start = time.perf_counter()
     states = jax.jit(over_configs(
-        lambda data, seed, lr: make(lr).init(jax.random.key(seed), data)))(
-        data, seed_arr, lr_arr)
+        lambda data, seed, hp: init_with(jax.random.key(seed), data, hp)))(
+        data, seed_arr, hp_arr)
 
     def make_block(length):
-        def one(data, state, lr):
-            alg = make(lr)
-
+        def one(data, state, hp):
             def one_round(state):
-                state, metrics = alg.round(state, data)
+                state, metrics = round_with(state, data, hp)
                 bad = safety.nonfinite_clients(state.clients, state.server, data.num_clients)
                 return state, {**metrics, "nonfinite_any": bad.any()}
 
@@ -884,19 +968,23 @@ def sweep(
             return jax.lax.scan(lambda s, _: one_round(s), state, None, length=length)
 
         block = jax.jit(over_configs(one), donate_argnums=1)
-        return lambda states, lrs_: block(data, states, lrs_)
+        return lambda states: block(data, states, hp_arr)
 
-    evaluate_all = jax.jit(over_configs(lambda data, state, lr: make(lr).evaluate(state, data)))
+    evaluate_all = jax.jit(over_configs(
+        lambda data, state, hp: evaluate_with(state, data, hp)))
 
-    def evaluate(states, lrs_):
-        return evaluate_all(data, states, lrs_)
+    def evaluate(states):
+        return evaluate_all(data, states, hp_arr)
+
+    labels = [{"seed": seed, "lr": overrides.get("lr", alg.numeric["lr"]), **overrides,
+               "config": overrides} for seed, overrides in pairs]
     blocks: dict[int, Callable] = {}
-    histories: list[list[dict]] = [[] for _ in configs]
-    diverged_at: list[int | None] = [None] * len(configs)
+    histories: list[list[dict]] = [[] for _ in pairs]
+    diverged_at: list[int | None] = [None] * len(pairs)
     test_counts = np.asarray(data.test_counts)
     host_wait = mesh is not None and mesh.devices.flat[0].platform == "cpu"
     watchdog = safety.Watchdog()
-    bar = _progress(rounds, progress, f"{name} x{len(configs)}")
+    bar = _progress(rounds, progress, f"{name} x{len(pairs)}")
     r, compile_s = 0, None
     with (RunDir(output, overwrite=overwrite) if output is not None
           else contextlib.nullcontext()):
@@ -905,7 +993,7 @@ def sweep(
             if stop - r not in blocks:
                 blocks[stop - r] = make_block(stop - r)
             tic = time.perf_counter()
-            states, metrics = blocks[stop - r](states, lr_arr)
+            states, metrics = blocks[stop - r](states)
             if host_wait or compile_s is None:
                 watchdog.wait(states, f"sweep rounds {r + 1}-{stop}")
             if compile_s is None:
@@ -919,11 +1007,10 @@ def sweep(
                 bar.update(stop - r)
             r = stop
             if r % eval_every == 0 or r == rounds:
-                correct = np.asarray(evaluate(states, lr_arr)[0])
-                for c in range(len(configs)):
+                correct = np.asarray(evaluate(states)[0])
+                for c in range(len(pairs)):
                     record = {"round": r, "algorithm": name, "dataset": data.name,
-                              "seed": configs[c][0], "lr": configs[c][1],
-                              "train_loss": float(losses[c, -1]),
+                              **labels[c], "train_loss": float(losses[c, -1]),
                               **summarize(correct[c], test_counts),
                               "wall_s": time.perf_counter() - start}
                     if diverged_at[c] is not None:
@@ -933,11 +1020,11 @@ def sweep(
             bar.close()
         wall = time.perf_counter() - start
         summaries = []
-        for c, ((seed, lr), history) in enumerate(zip(configs, histories, strict=True)):
+        for c, history in enumerate(histories):
             summary = {
                 "status": "complete" if diverged_at[c] is None else "diverged",
                 "algorithm": name, "dataset": data.name, "num_clients": data.num_clients,
-                "rounds": rounds, "seed": seed, "lr": lr}
+                "rounds": rounds, **labels[c]}
             if diverged_at[c] is None:
                 final = history[-1]
                 summary.update({k: final[k] for k in (
@@ -945,20 +1032,25 @@ def sweep(
                     "client_p10", "client_accuracies")})
             else:
                 summary.update(diverged_at=diverged_at[c], accuracy=None, client_p10=None)
-            summary.update({"history": history, "sweep_size": len(configs),
+            summary.update({"history": history, "sweep_size": len(pairs),
                             "sweep_wall_s": wall, "compile_s": compile_s,
                             "config_strategy": config_strategy,
                             "devices": 1 if mesh is None else mesh.size})
+            if keep_states:
+                summary["state"] = jax.tree.map(lambda a, c=c: a[c], states)
             summaries.append(summary)
         if output is not None:
             out = Path(output)
             atomic_write_json(out / "config.json", {
-                "options": options or {}, "hparams": hparams, "environment": environment()})
-            for summary in summaries:
-                sub = out / f"seed{summary['seed']}_lr{summary['lr']:g}"
+                "options": options or {}, "hparams": hparams,
+                "configs": [{"seed": seed, **overrides} for seed, overrides in pairs],
+                "environment": environment()})
+            for summary, (seed, overrides) in zip(summaries, pairs, strict=True):
+                sub = out / _config_dir(seed, summary["lr"], overrides)
                 sub.mkdir(exist_ok=True)
-                atomic_write_json(sub / "summary.json", summary)
+                atomic_write_json(sub / "summary.json",
+                                  {k: v for k, v in summary.items() if k != "state"})
             atomic_write_json(out / "sweep.json", [
-                {k: v for k, v in s.items() if k not in ("client_accuracies", "history")}
+                {k: v for k, v in s.items() if k not in ("client_accuracies", "history", "state")}
                 for s in summaries])
     return summaries

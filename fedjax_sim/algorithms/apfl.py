@@ -23,25 +23,25 @@ from fedjax_sim.algorithms.base import (
     HParam,
     client_optimizer,
     cross_entropy_loss,
-    map_options,
+    federated_algorithm,
     num_params_bytes,
     per_round_bytes,
     schedule,
 )
 from fedjax_sim.core import local
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
     HParam("apfl_alpha", 0.5, float, lambda v: 0 <= v <= 1, "in [0, 1]",
-           "APFL: initial mixing weight α of the personal model"),
+           "APFL: initial mixing weight α of the personal model", traced=True),
     HParam("apfl_adaptive", True, bool, lambda v: isinstance(v, bool), "true or false",
            "APFL: learn α by gradient descent"),
     HParam("apfl_alpha_lr", None, float, lambda v: v is None or v >= 0, ">= 0 or unset",
-           "APFL: learning rate of α (unset: the client lr; 0 keeps α at apfl_alpha)"),
+           "APFL: learning rate of α (unset: the client lr; 0 keeps α at apfl_alpha)",
+           traced=True, fallback="lr"),
 )
 
 
@@ -66,68 +66,49 @@ def alpha_report(alpha) -> dict:
     }
 
 
-def apfl(model: Model, **hp) -> Algorithm:
+def apfl(model: Model, *, cover=(), **hp) -> Algorithm:
     loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
     budget = schedule(hp)
-    alpha_lr = hp["lr"] if hp["apfl_alpha_lr"] is None else hp["apfl_alpha_lr"]
     adaptive = hp["apfl_adaptive"]
 
-    def init(key, data):
+    def init_with(key, data, traced):
         state_key, model_key = jax.random.split(key)
         params = model.init(model_key)
         clients = {
             "params": broadcast(params, data.num_clients),
-            "alpha": jnp.full((data.num_clients,), hp["apfl_alpha"], jnp.float32),
+            "alpha": jnp.full((data.num_clients,), traced["apfl_alpha"], jnp.float32),
         }
         return SimState.create(state_key, {"params": params}, clients, data.num_clients)
 
-    def step(carry, xb, yb, wb):
-        w, v, alpha, w_opt, v_opt = carry
-        loss, grads = jax.value_and_grad(loss_fn)(w, xb, yb, wb)
-        updates, w_opt = optimizer.update(grads, w_opt, w)
-        w = optax.apply_updates(w, updates)
-        w_logits = jax.lax.stop_gradient(model.apply(w, xb))
+    def client_update(traced, global_params, own, x, y, n, key):
+        optimizer = client_optimizer({**hp, **traced})
 
-        def mixed_loss(v, a):
-            logits = a * model.apply(v, xb) + (1.0 - a) * w_logits
-            return local.weighted_cross_entropy(logits, yb, wb)
+        def step(carry, xb, yb, wb):
+            w, v, alpha, w_opt, v_opt = carry
+            loss, grads = jax.value_and_grad(loss_fn)(w, xb, yb, wb)
+            updates, w_opt = optimizer.update(grads, w_opt, w)
+            w = optax.apply_updates(w, updates)
+            w_logits = jax.lax.stop_gradient(model.apply(w, xb))
 
-        v_grads, alpha_grad = jax.grad(mixed_loss, argnums=(0, 1))(v, alpha)
-        updates, v_opt = optimizer.update(v_grads, v_opt, v)
-        v = optax.apply_updates(v, updates)
-        if adaptive:
-            alpha = jnp.clip(alpha - alpha_lr * alpha_grad, 0.0, 1.0)
-        return (w, v, alpha, w_opt, v_opt), loss
+            def mixed_loss(v, a):
+                logits = a * model.apply(v, xb) + (1.0 - a) * w_logits
+                return local.weighted_cross_entropy(logits, yb, wb)
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
-        global_params = state.server["params"]
+            v_grads, alpha_grad = jax.grad(mixed_loss, argnums=(0, 1))(v, alpha)
+            updates, v_opt = optimizer.update(v_grads, v_opt, v)
+            v = optax.apply_updates(v, updates)
+            if adaptive:
+                alpha = jnp.clip(alpha - traced["apfl_alpha_lr"] * alpha_grad, 0.0, 1.0)
+            return (w, v, alpha, w_opt, v_opt), loss
 
-        def client(global_params, own, x, y, n, key):
-            carry = (global_params, own["params"], own["alpha"],
-                     optimizer.init(global_params), optimizer.init(own["params"]))
-            (w, v, alpha, _, _), loss = local.scan_batches(step, carry, x, y, n, key, **budget)
-            return w, {"params": v, "alpha": alpha}, loss
+        carry = (global_params, own["params"], own["alpha"],
+                 optimizer.init(global_params), optimizer.init(own["params"]))
+        (w, v, alpha, _, _), loss = local.scan_batches(step, carry, x, y, n, key, **budget)
+        return w, {"params": v, "alpha": alpha}, loss
 
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, server=global_params, **map_options(hp),
-        )
-        server = {"params": result.uploads}
-        return advance(state, next_key, server=server, clients=result.clients), {
-            "train_loss": result.loss
-        }
-
-    def evaluate(state, data):
-        def logits(own, global_params, x):
-            a = own["alpha"]
-            return a * model.apply(own["params"], x) + (1 - a) * model.apply(global_params, x)
-
-        return count_correct(
-            logits, state.clients, state.server["params"],
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
+    def logits(own, global_params, x):
+        a = own["alpha"]
+        return a * model.apply(own["params"], x) + (1 - a) * model.apply(global_params, x)
 
     def report(state):
         alpha = state.clients["alpha"]
@@ -139,5 +120,6 @@ def apfl(model: Model, **hp) -> Algorithm:
         return alpha_report(alpha)
 
     size = num_params_bytes(model)
-    return Algorithm("apfl", init, round_fn, evaluate, per_round_bytes(hp, size, size), hp,
-                     report)
+    return federated_algorithm("apfl", hp, HPARAMS, Method(client_update, logits),
+                               init_with=init_with, comm_bytes=per_round_bytes(hp, size, size),
+                               report=report, cover=cover)

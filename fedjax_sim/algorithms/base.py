@@ -3,13 +3,40 @@
 A factory captures the model and the hyperparameters, optax-style, and returns an
 ``Algorithm``. ``round`` and ``evaluate`` are pure and jittable; the host loop lives in
 ``fedjax_sim.runner``.
+
+Hyperparameters are of two kinds. The *traced* ones are numbers that change no shape, no
+loop length and no branch of the program; they reach the round as data, in ``hp``, a dict
+of scalar arrays (``Algorithm.round_with(state, data, hp)``), so that one compiled round
+serves any of their values and a sweep over them is one program:
+
+* common: ``lr``, ``momentum``, ``weight_decay``;
+* FedOBP: ``ig_ratio``, ``ema_alpha``; Ditto: ``ditto_lambda``; APFL: ``apfl_alpha``,
+  ``apfl_alpha_lr``;
+* distillation: ``distill_lr``, ``dsfl_temperature``, ``fccl_lambda``,
+  ``fccl_public_lr``, ``feddf_lr``, ``feddf_temperature``.
+
+The *structural* ones are closed over: ``join_ratio`` (it fixes the cohort size),
+``local_epochs``, ``local_steps``, ``batch_size`` and every other integer (epochs, steps,
+batch sizes, layer counts), every choice (strategies, variants, norms, scopes, losses) and
+every boolean. ``HParam.traced`` marks the first kind.
+
+An algorithm is built for its own values and those of ``cover`` (``algorithms.make(...,
+cover=[{...}, ...])``, what a sweep passes), and a few parts of the program depend on that
+set, never on a single value: where every ``momentum`` (or ``weight_decay``) of the set is
+0, it is compiled in as 0 and left out of ``hp``, and the client optimizer is plain SGD
+(no momentum buffer, no decay pass: vmapped rounds run 15-18% faster on CPU); otherwise
+it is traced, and a 0 among the values gives plain SGD's floats bit for bit (``g + 0·t``
+and ``g + 0·w`` are ``g``). FedOBP keeps EMA state when one of its ``ema_alpha`` values is
+above 0 and sizes its top-k quantile search for its ``ig_ratio`` values.
+``Algorithm.hp`` refuses values outside what the round was built for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -17,11 +44,15 @@ import numpy as np
 import optax
 
 from fedjax_sim.checks import INT32_MAX
-from fedjax_sim.core.cohort import STRATEGIES
+from fedjax_sim.core.cohort import STRATEGIES, Execution
 from fedjax_sim.core.local import weighted_cross_entropy
+from fedjax_sim.core.rounds import Method, federated
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.models.base import Model
+
+# Traced hyperparameters as the round receives them: name -> scalar array.
+Traced = dict[str, Any]
 
 
 class Algorithm(NamedTuple):
@@ -40,6 +71,15 @@ class Algorithm(NamedTuple):
         (e.g. FedOBP's personalized fraction); called on the host after the last round.
       models: the model(s) it was built for, set by ``algorithms.make`` so that the runner
         can check them against the data (``check_model_fits``); empty when unknown.
+      numeric: the traced hyperparameters at their resolved values (an unset optional one,
+        e.g. ``distill_lr``, at the value it stands for); empty for an algorithm built by
+        hand.
+      encode: ``(overrides) -> hp``: checks a dict of traced-hyperparameter overrides on
+        the host and returns the full ``hp`` that ``round_with`` takes (see :meth:`hp`).
+      init_with, round_with, evaluate_with: ``init``, ``round`` and ``evaluate`` with the
+        traced hyperparameters as a last argument ``hp``; ``init``, ``round`` and
+        ``evaluate`` are these at ``hp()`` (the same floats, bit for bit). ``None`` for an
+        algorithm built by hand (the runner then calls the plain ones).
     """
 
     name: str
@@ -50,6 +90,40 @@ class Algorithm(NamedTuple):
     hparams: dict
     report: Callable[[SimState], dict] | None = None
     models: tuple[Model, ...] = ()
+    numeric: Mapping[str, float] = types.MappingProxyType({})
+    encode: Callable[[Mapping[str, float]], Traced] | None = None
+    init_with: Callable[[jax.Array, FederatedData, Traced], SimState] | None = None
+    round_with: Callable[[SimState, FederatedData, Traced], tuple[SimState, dict]] | None = None
+    evaluate_with: Callable[[SimState, FederatedData, Traced], tuple] | None = None
+
+    def hp(self, **overrides: float) -> Traced:
+        """The traced hyperparameters ``round_with`` takes: these defaults with
+        ``overrides`` (traced hyperparameters only), checked on the host.
+
+        Returns:
+          A dict of NumPy scalars (float32; a few algorithms add int32 or bool entries
+          derived on the host, e.g. FedOBP's quantile plan); ``{}`` for an algorithm built
+          by hand.
+
+        Raises:
+          ValueError: an override that is not a traced hyperparameter of this algorithm,
+            or a value outside its range or outside what this round was built for.
+        """
+        if self.encode is None:
+            if overrides:
+                raise ValueError(f"{self.name} takes no traced hyperparameters, got "
+                                 f"{', '.join(overrides)}")
+            return {}
+        return self.encode(overrides)
+
+    def with_hp(self) -> tuple[Callable, Callable, Callable]:
+        """``(init_with, round_with, evaluate_with)``, also for an algorithm built by hand
+        (whose functions then ignore ``hp``)."""
+        if self.round_with is not None:
+            return self.init_with, self.round_with, self.evaluate_with
+        return (lambda key, data, hp: self.init(key, data),
+                lambda state, data, hp: self.round(state, data),
+                lambda state, data, hp: self.evaluate(state, data))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +137,13 @@ class HParam:
     allowed: str
     help: str
     choices: tuple | None = None
+    # A number that reaches the round as data (see the module docstring).
+    traced: bool = False
+    # For an optional traced float: the hyperparameter whose value it takes when unset.
+    fallback: str | None = None
+    # 0 leaves a part of the program out (momentum's buffer, the decay pass): when every
+    # value an algorithm is built for is 0, the value is compiled in rather than traced.
+    zero_off: bool = False
 
 
 def check_hparam(spec: HParam, value: Any, label: str | None = None) -> Any:
@@ -120,9 +201,11 @@ COMMON = (
         "replacement)"
     ),
     _positive_int("batch_size", 32, "local mini-batch size"),
-    HParam("lr", 0.01, float, lambda v: v > 0, "> 0", "client learning rate"),
-    HParam("momentum", 0.0, float, lambda v: 0 <= v < 1, "in [0, 1)", "client SGD momentum"),
-    HParam("weight_decay", 0.0, float, lambda v: v >= 0, ">= 0", "client L2 weight decay"),
+    HParam("lr", 0.01, float, lambda v: v > 0, "> 0", "client learning rate", traced=True),
+    HParam("momentum", 0.0, float, lambda v: 0 <= v < 1, "in [0, 1)", "client SGD momentum",
+           traced=True, zero_off=True),
+    HParam("weight_decay", 0.0, float, lambda v: v >= 0, ">= 0", "client L2 weight decay",
+           traced=True, zero_off=True),
     HParam(
         "join_ratio", 1.0, float, lambda v: 0 < v <= 1, "in (0, 1]",
         "fraction of clients sampled per round",
@@ -136,12 +219,22 @@ COMMON = (
 )
 
 
-def client_optimizer(hp: dict) -> optax.GradientTransformation:
-    """SGD with optional momentum and L2 weight decay (the PFL benchmarks' client optimizer)."""
-    sgd = optax.sgd(hp["lr"], momentum=hp["momentum"] or None)
-    if hp["weight_decay"]:
-        return optax.chain(optax.add_decayed_weights(hp["weight_decay"]), sgd)
-    return sgd
+def client_optimizer(hp: Mapping) -> optax.GradientTransformation:
+    """SGD with optional momentum and L2 weight decay (the PFL benchmarks' client optimizer).
+
+    ``lr``, ``momentum`` and ``weight_decay`` may be Python floats or (traced) scalar
+    arrays. A momentum or decay that is a Python 0 leaves its part out (plain SGD); an
+    array, even one holding 0, keeps it, with plain SGD's floats at 0.
+    """
+    momentum, decay = hp["momentum"], hp["weight_decay"]
+    sgd = optax.sgd(hp["lr"], momentum=None if _compiled_zero(momentum) else momentum)
+    if _compiled_zero(decay):
+        return sgd
+    return optax.chain(optax.add_decayed_weights(decay), sgd)
+
+
+def _compiled_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and value == 0
 
 
 def cross_entropy_loss(model: Model) -> Callable:
@@ -252,9 +345,100 @@ def check_batch_order(batch_order: Any, hp: dict) -> np.ndarray | None:
     return order.astype(np.int32)
 
 
-def map_options(hp: dict) -> dict:
-    """Keyword arguments of ``core.cohort.client_map``."""
-    return {"strategy": hp["client_strategy"], "chunk_size": hp["chunk_size"]}
+def execution(hp: Mapping) -> Execution:
+    """The execution strategy of the resolved hyperparameters ``hp`` (``client_strategy``,
+    ``chunk_size``), read once per algorithm."""
+    return Execution(hp["client_strategy"], hp["chunk_size"])
+
+
+def numeric_values(specs: Sequence[HParam], hp: Mapping) -> dict[str, float]:
+    """The traced hyperparameters of the resolved ``hp`` as floats.
+
+    An unset optional one (``None``) takes the value of its ``fallback`` (e.g.
+    ``distill_lr`` unset is the client ``lr``).
+    """
+    values = {}
+    for spec in specs:
+        if spec.traced:
+            value = hp[spec.name]
+            if value is None:
+                value = hp[spec.fallback]
+            values[spec.name] = float(value)
+    return values
+
+
+def as_traced(values: Mapping[str, Any]) -> Traced:
+    """``values`` as NumPy float32 scalars (what a round receives as ``hp``)."""
+    return {name: np.asarray(value, np.float32) for name, value in values.items()}
+
+
+def assemble(
+    name: str,
+    hp: dict,
+    specs: Sequence[HParam],
+    *,
+    init_with: Callable,
+    round_with: Callable,
+    evaluate_with: Callable,
+    comm_bytes: Callable,
+    report: Callable | None = None,
+    derive: Callable[[dict[str, float]], Traced] | None = None,
+    cover: Sequence[Mapping[str, float]] = (),
+) -> Algorithm:
+    """An ``Algorithm`` from functions that take the traced hyperparameters last.
+
+    Args:
+      name: registry name.
+      hp: the resolved hyperparameters.
+      specs: the algorithm's own ``HPARAMS`` (``COMMON`` is added here).
+      init_with, round_with, evaluate_with: ``(..., hp)`` forms of init, round, evaluate.
+      comm_bytes, report: as in ``Algorithm``.
+      derive: ``(values) -> entries`` added to ``hp`` for the given float values (e.g.
+        quantities computed on the host in float64); it may raise ValueError for values
+        the round was not built for.
+      cover: the other values of the traced hyperparameters the round is built for (each
+        the full set of floats, as ``algorithms.resolve_cover`` makes them): a
+        ``zero_off`` hyperparameter (``momentum``, ``weight_decay``) that is 0 here and in
+        every cover is compiled in as 0 and left out of ``hp``.
+
+    Returns:
+      The algorithm; its ``init``, ``round`` and ``evaluate`` run the ``_with`` forms at
+      the traced defaults.
+    """
+    specs = tuple(COMMON) + tuple(specs)
+    by_name = {spec.name: spec for spec in specs if spec.traced}
+    numeric = numeric_values(specs, hp)
+    compiled = {spec.name for spec in specs if spec.zero_off
+                and all(values[spec.name] == 0 for values in (numeric, *cover))}
+
+    def encode(overrides: Mapping[str, float]) -> Traced:
+        unknown = sorted(set(overrides) - set(by_name))
+        if unknown:
+            raise ValueError(
+                f"{', '.join(unknown)} is not a traced hyperparameter of {name}; traced: "
+                f"{', '.join(by_name)} (the others fix the program's structure)")
+        checked = {key: check_hparam(by_name[key], value) for key, value in overrides.items()}
+        values = numeric_values(specs, {**hp, **checked})
+        for key in sorted(compiled):
+            if values[key] != 0:
+                raise ValueError(
+                    f"{key}={values[key]}: this {name} round was built with {key} 0 only "
+                    "(compiled in, no part of the program for it); build it with "
+                    "make(..., cover=...) naming this value")
+        traced = as_traced({k: v for k, v in values.items() if k not in compiled})
+        if derive is not None:
+            traced.update(derive(values))
+        return traced
+
+    defaults = encode({})
+    return Algorithm(
+        name,
+        lambda key, data: init_with(key, data, defaults),
+        lambda state, data: round_with(state, data, defaults),
+        lambda state, data: evaluate_with(state, data, defaults),
+        comm_bytes, hp, report, (), numeric, encode,
+        init_with, round_with, evaluate_with,
+    )
 
 
 def num_params_bytes(model: Model, names: tuple[str, ...] | None = None) -> int:
@@ -281,33 +465,66 @@ def shared_logits(model: Model) -> Callable:
     return lambda _client, params, x: model.apply(params, x)
 
 
+def federated_algorithm(
+    name: str,
+    hp: dict,
+    specs: Sequence[HParam],
+    method: Method,
+    *,
+    init_with: Callable,
+    comm_bytes: Callable,
+    report: Callable | None = None,
+    evaluate_with: Callable | None = None,
+    batch_order: Any = None,
+    derive: Callable | None = None,
+    cover: Sequence[Mapping[str, float]] = (),
+) -> Algorithm:
+    """An algorithm made of its own parts (``method``, a ``core.rounds.Method``) in the
+    shared round skeleton, with this run's participation and execution strategy.
+
+    Args:
+      name, hp, specs, comm_bytes, report, derive, cover: as in :func:`assemble`.
+      method: the client update, server update and personalized logits.
+      init_with: ``(key, data, hp) -> SimState``.
+      evaluate_with: replaces the skeleton's evaluation (e.g. :func:`finetuned_evaluate`).
+      batch_order: optional host sample orders (see :func:`check_batch_order`).
+    """
+    round_with, default_evaluate = federated(
+        method, join_ratio=hp["join_ratio"], execution=execution(hp),
+        batch_order=check_batch_order(batch_order, hp),
+    )
+    return assemble(name, hp, specs, init_with=init_with, round_with=round_with,
+                    evaluate_with=evaluate_with or default_evaluate, comm_bytes=comm_bytes,
+                    report=report, derive=derive, cover=cover)
+
+
 def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
-    """``evaluate`` that first fine-tunes the global model on each client's own training
-    data for ``epochs`` epochs (FedAvg+FT, FedBABU). The state is left untouched: every
-    evaluation fine-tunes afresh from the current global model."""
+    """``evaluate_with`` that first fine-tunes the global model on each client's own
+    training data for ``epochs`` epochs (FedAvg+FT, FedBABU). The state is left untouched:
+    every evaluation fine-tunes afresh from the current global model."""
     from fedjax_sim.core import local
-    from fedjax_sim.core.cohort import client_map
 
     loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
     budget = schedule(hp, epochs=epochs)
+    run = execution(hp)
 
-    def evaluate(state: SimState, data: FederatedData):
+    def one_client(shared, x, y, n, tx, ty, tn, key):
+        traced, global_params = shared
+        optimizer = client_optimizer({**hp, **traced})
+        params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
+        logits = model.apply(params, tx)
+        valid = jax.numpy.arange(tx.shape[0]) < tn
+        hits = jax.numpy.sum((logits.argmax(-1) == ty) & valid).astype(jax.numpy.int32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ty)
+        return hits, jax.numpy.sum(jax.numpy.where(valid, nll, 0.0))
+
+    def evaluate_with(state: SimState, data: FederatedData, traced: Traced):
         keys = jax.random.split(jax.random.fold_in(state.key, 1), data.num_clients)
-
-        def one_client(global_params, x, y, n, tx, ty, tn, key):
-            params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
-            logits = model.apply(params, tx)
-            valid = jax.numpy.arange(tx.shape[0]) < tn
-            hits = jax.numpy.sum((logits.argmax(-1) == ty) & valid).astype(jax.numpy.int32)
-            nll = optax.softmax_cross_entropy_with_integer_labels(logits, ty)
-            return hits, jax.numpy.sum(jax.numpy.where(valid, nll, 0.0))
-
-        return client_map(
+        return run.map(
             one_client,
             (data.train_x, data.train_y, data.train_counts,
              data.test_x, data.test_y, data.test_counts, keys),
-            shared=state.server["params"], **map_options(hp),
+            shared=(traced, state.server["params"]),
         )
 
-    return evaluate
+    return evaluate_with

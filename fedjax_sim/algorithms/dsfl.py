@@ -37,14 +37,14 @@ from fedjax_sim.algorithms.base import (
     HParam,
     client_optimizer,
     cross_entropy_loss,
-    map_options,
+    federated_algorithm,
     per_round_bytes,
     schedule,
     shared_logits,
 )
+from fedjax_sim.algorithms.local import own_logits
 from fedjax_sim.core import local
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import Method, personal_only
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.public import PublicData, check_public, check_public_matches
 from fedjax_sim.kernels import distill
@@ -68,6 +68,7 @@ DISTILL_BATCH = HParam(
 DISTILL_LR = HParam(
     "distill_lr", None, float, lambda v: v is None or v > 0, "> 0 or unset",
     "distillation: SGD learning rate on the public set (unset: the client lr)",
+    traced=True, fallback="lr",
 )
 SHARED = (PUBLIC_BATCH, DISTILL_EPOCHS, DISTILL_BATCH, DISTILL_LR)
 
@@ -81,7 +82,7 @@ HPARAMS = (
            "DS-FL: entropy reduction aggregation (era) or simple averaging (sa)",
            choices=AGGREGATIONS),
     HParam("dsfl_temperature", 0.1, float, lambda v: v > 0, "> 0",
-           "DS-FL: ERA temperature T in softmax(mean / T)"),
+           "DS-FL: ERA temperature T in softmax(mean / T)", traced=True),
     HParam("dsfl_distill_loss", "kl", str, lambda v: v in LOSSES, "kl or ce",
            "DS-FL: distillation loss against the soft targets", choices=LOSSES),
     HParam("dsfl_eval", "client", str, lambda v: v in EVALS, "client or global",
@@ -101,7 +102,8 @@ def single_model(model, algorithm: str) -> Model:
 
 
 def distill_optimizer(hp: dict) -> optax.GradientTransformation:
-    """The client optimizer with ``distill_lr`` (when set) as its learning rate."""
+    """The client optimizer with ``distill_lr`` (when set) as its learning rate; ``hp``
+    may hold the traced hyperparameters (there ``distill_lr`` is always set)."""
     lr = hp["lr"] if hp["distill_lr"] is None else hp["distill_lr"]
     return client_optimizer({**hp, "lr": lr})
 
@@ -144,7 +146,8 @@ def mean_entropy(probs: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(probs * jnp.log(jnp.clip(probs, 1e-12, 1.0)), axis=-1))
 
 
-def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+         **hp) -> Algorithm:
     """DS-FL bound to ``model`` and the unlabeled ``public`` set.
 
     Args:
@@ -161,18 +164,17 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
     num_classes = model.num_classes
     loss_fn = cross_entropy_loss(model)
     kd_loss = soft_target_loss(model, hp["dsfl_distill_loss"])
-    optimizer = client_optimizer(hp)
-    kd_optimizer = distill_optimizer(hp)
     budget = schedule(hp)
     kd = {"batch_size": hp["distill_batch_size"], "epochs": hp["distill_epochs"]}
     distills = hp["distill_epochs"] > 0
 
-    def aggregate(probs):
+    def aggregate(traced, probs):
         if hp["dsfl_aggregation"] == "era":
-            return distill.era(probs, temperature=hp["dsfl_temperature"])
+            return distill.era(probs, temperature=traced["dsfl_temperature"])
         return distill.weighted_average(probs)
 
-    def init(key, data):
+    def init_with(key, data, traced):
+        del traced
         check_public_matches(public, data, "dsfl")
         state_key, model_key = jax.random.split(key)
         params = model.init(model_key)
@@ -185,64 +187,62 @@ def dsfl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
         clients = {"params": broadcast(params, data.num_clients)}
         return SimState.create(state_key, server, clients, data.num_clients)
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
+    def send(traced, state, round_key):
+        del traced
         cohort_key, subset_key, server_key = jax.random.split(round_key, 3)
         server = state.server
-        previous_x = public_x[server["subset"]]
         subset = sample_public(subset_key, num_public, batch)
         next_x = public_x[subset]
-
-        def client(received, own, x, y, n, key):
-            distill_key, train_key = jax.random.split(key)
-            params = own["params"]
-            if distills:
-                params = jax.lax.cond(
-                    received["has_targets"],
-                    lambda p: distill_train(kd_loss, kd_optimizer, p, received["previous_x"],
-                                            received["targets"], distill_key, **kd)[0],
-                    lambda p: p,
-                    params,
-                )
-            params, loss = local.train(loss_fn, optimizer, params, x, y, n, train_key, **budget)
-            probs = jax.nn.softmax(model.apply(params, received["next_x"]), axis=-1)
-            return probs, {"params": params}, loss
-
         # What the server sends: last round's subset and soft targets, this round's subset.
-        received = {"previous_x": previous_x, "targets": server["targets"],
+        received = {"previous_x": public_x[server["subset"]], "targets": server["targets"],
                     "has_targets": server["has_targets"], "next_x": next_x}
-        result = run_cohort(
-            cohort_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            server=received, **map_options(hp),
-        )
-        targets = aggregate(result.uploads)  # (M, B, C) -> (B, C)
-        global_params = server["params"]
+        return cohort_key, received, (subset, next_x, server_key)
+
+    def client_update(traced, received, own, x, y, n, key):
+        h = {**hp, **traced}
+        distill_key, train_key = jax.random.split(key)
+        params = own["params"]
         if distills:
-            global_params, _ = distill_train(kd_loss, kd_optimizer, global_params, next_x,
-                                             targets, server_key, **kd)
+            params = jax.lax.cond(
+                received["has_targets"],
+                lambda p: distill_train(kd_loss, distill_optimizer(h), p,
+                                        received["previous_x"], received["targets"],
+                                        distill_key, **kd)[0],
+                lambda p: p,
+                params,
+            )
+        params, loss = local.train(loss_fn, client_optimizer(h), params, x, y, n, train_key,
+                                   **budget)
+        probs = jax.nn.softmax(model.apply(params, received["next_x"]), axis=-1)
+        return probs, {"params": params}, loss
+
+    def server_update(traced, state, cohort, context):
+        subset, next_x, server_key = context
+        targets = aggregate(traced, cohort.uploads)  # (M, B, C) -> (B, C)
+        global_params = state.server["params"]
+        if distills:
+            global_params, _ = distill_train(kd_loss, distill_optimizer({**hp, **traced}),
+                                             global_params, next_x, targets, server_key, **kd)
         new_server = {
             "params": global_params,
             "targets": targets,
             "subset": subset.astype(jnp.int32),
             "has_targets": jnp.ones((), bool),
         }
-        metrics = {"train_loss": result.loss, "target_entropy": mean_entropy(targets)}
-        return advance(state, next_key, server=new_server, clients=result.clients), metrics
+        return new_server, {"target_entropy": mean_entropy(targets)}
 
-    def evaluate(state, data):
-        if hp["dsfl_eval"] == "global":
-            return count_correct(
-                shared_logits(model), None, state.server["params"],
-                data.test_x, data.test_y, data.test_counts, **map_options(hp),
-            )
-        return count_correct(
-            lambda own, _, x: model.apply(own["params"], x), state.clients, None,
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
+    if hp["dsfl_eval"] == "global":
+        logits, eval_inputs = shared_logits(model), (lambda traced, state: (
+            None, state.server["params"]))
+    else:
+        logits, eval_inputs = own_logits(model), personal_only
 
     def report(state):
         return {"target_entropy": float(mean_entropy(state.server["targets"]))}
 
     payload = 4 * batch * num_classes
-    return Algorithm("dsfl", init, round_fn, evaluate, per_round_bytes(hp, payload, payload), hp,
-                     report)
+    method = Method(client_update, logits, server_update=server_update, broadcast=send,
+                    eval_inputs=eval_inputs, mean_uploads=False)
+    return federated_algorithm("dsfl", hp, HPARAMS, method, init_with=init_with,
+                               comm_bytes=per_round_bytes(hp, payload, payload), report=report,
+                               cover=cover)

@@ -31,32 +31,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import (
-    Algorithm,
-    HParam,
-    client_optimizer,
-    map_options,
-    schedule,
-)
+from fedjax_sim.algorithms.base import Algorithm, HParam, client_optimizer, execution, schedule
 from fedjax_sim.algorithms.dsfl import SHARED, sample_public
-from fedjax_sim.algorithms.fedmd import (
-    architecture_report,
-    as_models,
-    cohort_loss,
-    distill_bytes,
-    global_rows,
-    group_cohorts,
-    group_members,
-    grouped_evaluate,
-    grouped_state,
-    private_data,
-)
+from fedjax_sim.algorithms.fedmd import as_models, grouped_algorithm, prepare_groups
 from fedjax_sim.core import local
-from fedjax_sim.core.cohort import client_map
-from fedjax_sim.core.rounds import advance
+from fedjax_sim.core.groups import grouped_state
+from fedjax_sim.core.rounds import GroupMethod
 from fedjax_sim.data.public import PublicData, check_public, check_public_matches
 from fedjax_sim.kernels import distill
-from fedjax_sim.kernels.aggregation import gather, scatter
 from fedjax_sim.models.base import Model
 
 USES_PUBLIC = True
@@ -64,15 +46,16 @@ USES_PUBLIC = True
 HPARAMS = (
     *SHARED,
     HParam("fccl_lambda", 0.0051, float, lambda v: v >= 0, ">= 0",
-           "FCCL: weight λ of the off-diagonal cross-correlation terms"),
+           "FCCL: weight λ of the off-diagonal cross-correlation terms", traced=True),
     HParam("fccl_public_lr", 0.001, float, lambda v: v > 0, "> 0",
-           "FCCL: Adam learning rate of the collaborative updating"),
+           "FCCL: Adam learning rate of the collaborative updating", traced=True),
     HParam("fccl_pretrain_epochs", 50, int, lambda v: v >= 1, "a positive integer",
            "FCCL: epochs on private data that make the intra-domain teacher"),
 )
 
 
-def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+         **hp) -> Algorithm:
     """FCCL over one or more architectures and the unlabeled ``public`` set.
 
     Args:
@@ -91,13 +74,11 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
         )
     public_x = jnp.asarray(public.x)
     num_public = public.num_samples
-    optimizer = client_optimizer(hp)
     budget = schedule(hp)
     pretrain = schedule(hp, epochs=hp["fccl_pretrain_epochs"])
-    adam = optax.adam(hp["fccl_public_lr"])
-    lam = hp["fccl_lambda"]
     col_batch = hp["distill_batch_size"]
     steps_per_epoch = batch // col_batch  # a trailing partial batch is dropped
+    run = execution(hp)
 
     def ce(m):
         return lambda p, xb, yb, wb: local.weighted_cross_entropy(m.apply(p, xb), yb, wb)
@@ -116,31 +97,27 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
     ce_losses = [ce(m) for m in models]
     dual_losses = [dual_loss(m) for m in models]
 
-    def init(key, data):
+    def init_with(key, data, traced):
         check_public_matches(public, data, "fccl")
-        members = group_members(data.num_clients, len(models))
-        keys = jax.random.split(key, 2 * len(models) + 1)
-        groups = []
-        for g, (m, idx) in enumerate(zip(models, members, strict=True)):
+        optimizer = client_optimizer({**hp, **traced})
 
-            @jax.jit
-            def prepare(init_key, train_key, x, y, n, m=m, g=g):
-                start = m.init(init_key)
-                client_keys = jax.random.split(train_key, x.shape[0])
-                return client_map(
-                    lambda start, xk, yk, nk, kk: local.train(ce_losses[g], optimizer, start,
-                                                              xk, yk, nk, kk, **pretrain)[0],
-                    (x, y, n, client_keys), shared=start, **map_options(hp),
-                )
+        def prepare(g, init_key, train_key, x, y, n):
+            client_keys = jax.random.split(train_key, x.shape[0])
+            return run.map(
+                lambda start, xk, yk, nk, kk: local.train(ce_losses[g], optimizer, start,
+                                                          xk, yk, nk, kk, **pretrain)[0],
+                (x, y, n, client_keys), shared=models[g].init(init_key),
+            )
 
-            intra = prepare(keys[1 + 2 * g], keys[2 + 2 * g],
-                            *private_data(data, jnp.asarray(idx)))
-            # Separate buffers: the runner donates the state to each round.
-            groups.append({"params": jax.tree.map(jnp.copy, intra), "intra": intra})
-        return grouped_state(keys[0], None, tuple(groups))
+        state_key, teachers = prepare_groups(models, key, data, prepare)
+        # Separate buffers: the runner donates the state to each round.
+        groups = [{"params": jax.tree.map(jnp.copy, intra), "intra": intra}
+                  for intra in teachers]
+        return grouped_state(state_key, None, tuple(groups))
 
-    def collaborate(params, xs, key):
+    def collaborate(traced, params, xs, key):
         """Lockstep Adam steps of every sampled client (tuple over groups) on the FCCL loss."""
+        adam = optax.adam(traced["fccl_public_lr"])
         epochs = hp["distill_epochs"]
         order = jax.vmap(lambda k: jax.random.permutation(k, batch))(
             jax.random.split(key, epochs))
@@ -159,7 +136,8 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
                 def one(pk, sk, m=m):
                     loss, grads = jax.value_and_grad(
                         lambda q: distill.fccl_collaboration_loss(
-                            m.apply(q, xb), mean, off_diagonal_weight=lam))(pk)
+                            m.apply(q, xb), mean,
+                            off_diagonal_weight=traced["fccl_lambda"]))(pk)
                     updates, sk = adam.update(grads, sk, pk)
                     return optax.apply_updates(pk, updates), sk, loss
 
@@ -172,48 +150,35 @@ def fccl(model: Model | Sequence[Model], *, public: PublicData | None = None, **
         (params, _), losses = jax.lax.scan(step, (params, states), order)
         return params, jnp.mean(losses) if losses.size else jnp.zeros(())
 
-    def round_fn(state, data):
-        members = group_members(data.num_clients, len(models))
-        next_key, round_key = jax.random.split(state.key)
+    def keys(round_key):
         subset_key, cohort_key, col_key, train_key = jax.random.split(round_key, 4)
+        return cohort_key, train_key, (subset_key, col_key)
+
+    def exchange(traced, rows, other):
+        subset_key, col_key = other
         xs = public_x[sample_public(subset_key, num_public, batch)]
-        cohorts = group_cohorts(cohort_key, members, hp["join_ratio"])
-        rows = [gather(tree, c) for tree, c in zip(state.clients, cohorts, strict=True)]
         # The inter-domain teacher is each client's model as the previous round left it.
         previous = tuple(r["params"] for r in rows)
         params = previous
         col_loss = jnp.zeros(())
         if hp["distill_epochs"] > 0 and steps_per_epoch > 0:
-            params, col_loss = collaborate(params, xs, col_key)
+            params, col_loss = collaborate(traced, params, xs, col_key)
+        inputs = [(p, prev, r["intra"]) for p, prev, r in zip(params, previous, rows,
+                                                                strict=True)]
+        return inputs, None, {"collaboration_loss": col_loss}
 
-        new_groups, losses, counts = [], [], []
-        for g, (idx, tree, c, r, p, prev) in enumerate(
-            zip(members, state.clients, cohorts, rows, params, previous, strict=True)
-        ):
-            clients = global_rows(idx, c)
-            x, y, n = private_data(data, clients)
-            keys = jax.random.split(jax.random.fold_in(train_key, g), clients.shape[0])
+    def client_update(traced, g, received, inputs, x, y, n, key):
+        del received
+        params, prev, intra = inputs
 
-            def client(_, pk, prev, intra, xk, yk, nk, kk, g=g):
-                def dual(q, xb, yb, wb):
-                    return dual_losses[g](q, xb, yb, wb, prev, intra)
+        def dual(q, xb, yb, wb):
+            return dual_losses[g](q, xb, yb, wb, prev, intra)
 
-                return local.train(dual, optimizer, pk, xk, yk, nk, kk, **budget)
-
-            trained, loss = client_map(
-                client, (p, prev, r["intra"], x, y, n, keys), **map_options(hp))
-            rows_out = {"params": trained, "intra": r["intra"]}
-            new_groups.append(scatter(tree, c, rows_out))
-            losses.append(loss)
-            counts.append(n)
-        metrics = {"train_loss": cohort_loss(losses, counts), "collaboration_loss": col_loss}
-        return advance(state, next_key, clients=tuple(new_groups)), metrics
-
-    def evaluate(state, data):
-        members = group_members(data.num_clients, len(models))
-        return grouped_evaluate(models, members, lambda m, own, x: m.apply(own["params"], x),
-                                state.clients, data, hp)
+        optimizer = client_optimizer({**hp, **traced})
+        trained, loss = local.train(dual, optimizer, params, x, y, n, key, **budget)
+        return {"params": trained, "intra": intra}, loss
 
     payload = 4 * hp["distill_epochs"] * steps_per_epoch * col_batch * models[0].num_classes
-    return Algorithm("fccl", init, round_fn, evaluate, distill_bytes(hp, len(models), payload),
-                     hp, architecture_report(models))
+    return grouped_algorithm("fccl", models, hp, HPARAMS,
+                             GroupMethod(keys, exchange, client_update), init_with=init_with,
+                             payload=payload, cover=cover)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
+    federated_algorithm,
     finetuned_evaluate,
     num_params_bytes,
     per_round_bytes,
 )
-from fedjax_sim.algorithms.fedavg import fedavg_round, global_init
+from fedjax_sim.algorithms.fedavg import fedavg_method, global_init
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -23,10 +24,10 @@ HPARAMS = (
 )
 
 
-def fedavg_ft(model: Model, **hp) -> Algorithm:
+def fedavg_ft(model: Model, *, cover=(), **hp) -> Algorithm:
     size = num_params_bytes(model)
-    return Algorithm(
-        "fedavg_ft", global_init(model), fedavg_round(model, hp),
-        finetuned_evaluate(model, hp, hp["finetune_epochs"]),
-        per_round_bytes(hp, size, size), hp,
+    return federated_algorithm(
+        "fedavg_ft", hp, HPARAMS, fedavg_method(model, hp), init_with=global_init(model),
+        comm_bytes=per_round_bytes(hp, size, size),
+        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]), cover=cover,
     )

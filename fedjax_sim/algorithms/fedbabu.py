@@ -16,15 +16,16 @@ from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
     client_optimizer,
+    federated_algorithm,
     finetuned_evaluate,
     local_sgd,
-    map_options,
     num_params_bytes,
     per_round_bytes,
+    shared_logits,
 )
 from fedjax_sim.algorithms.fedavg import global_init
 from fedjax_sim.core import local
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import Method
 from fedjax_sim.kernels import split
 from fedjax_sim.models.base import Model
 
@@ -34,32 +35,26 @@ HPARAMS = (
 )
 
 
-def fedbabu(model: Model, **hp) -> Algorithm:
+def fedbabu(model: Model, *, cover=(), **hp) -> Algorithm:
     shapes = jax.eval_shape(model.init, jax.random.key(0))
-    body_only = local.frozen(
-        client_optimizer(hp), jax.tree.map(lambda h: not h, model.head_mask(shapes))
-    )
-    train = local_sgd(model, hp, optimizer=body_only)
+    body_mask = jax.tree.map(lambda h: not h, model.head_mask(shapes))
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
-        global_params = state.server["params"]
+    def client_update(traced, start, own, x, y, n, key):
+        del own
+        h = {**hp, **traced}
+        body_only = local.frozen(client_optimizer(h), body_mask)
+        params, loss = local_sgd(model, h, optimizer=body_only)(start, x, y, n, key)
+        return split.drop(params, model.head), None, loss
 
-        def client(start, _, x, y, n, key):
-            params, loss = train(start, x, y, n, key)
-            return split.drop(params, model.head), None, loss
-
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, server=global_params, **map_options(hp),
-        )
-        server = {"params": split.merge(global_params, result.uploads)}
-        return advance(state, next_key, server=server), {"train_loss": result.loss}
+    def server_update(traced, state, cohort, context):
+        del traced, context
+        return {"params": split.merge(state.server["params"], cohort.uploads)}, {}
 
     body_names = tuple(n for n in shapes if n not in model.head)
     size = num_params_bytes(model, body_names)
-    return Algorithm(
-        "fedbabu", global_init(model), round_fn,
-        finetuned_evaluate(model, hp, hp["finetune_epochs"]),
-        per_round_bytes(hp, size, size), hp,
+    return federated_algorithm(
+        "fedbabu", hp, HPARAMS,
+        Method(client_update, shared_logits(model), server_update=server_update),
+        init_with=global_init(model), comm_bytes=per_round_bytes(hp, size, size),
+        evaluate_with=finetuned_evaluate(model, hp, hp["finetune_epochs"]), cover=cover,
     )

@@ -27,19 +27,15 @@ import optax
 from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
-    client_optimizer,
-    cross_entropy_loss,
-    map_options,
+    federated_algorithm,
+    local_sgd,
     num_params_bytes,
     per_round_bytes,
-    schedule,
     shared_logits,
 )
 from fedjax_sim.algorithms.dsfl import single_model
 from fedjax_sim.algorithms.fedavg import global_init
-from fedjax_sim.core import local
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import Method
 from fedjax_sim.data.public import PublicData, check_public, check_public_matches
 from fedjax_sim.kernels import distill
 from fedjax_sim.kernels.aggregation import tree_where, weighted_mean
@@ -53,9 +49,9 @@ HPARAMS = (
     HParam("feddf_batch_size", 128, int, lambda v: v >= 1, "a positive integer",
            "FedDF: public mini-batch size of the server distillation"),
     HParam("feddf_lr", 0.001, float, lambda v: v > 0, "> 0",
-           "FedDF: server Adam learning rate, cosine-annealed over feddf_steps"),
+           "FedDF: server Adam learning rate, cosine-annealed over feddf_steps", traced=True),
     HParam("feddf_temperature", 1.0, float, lambda v: v > 0, "> 0",
-           "FedDF: distillation temperature T"),
+           "FedDF: distillation temperature T", traced=True),
     HParam("feddf_eval_every", 20, int, lambda v: v >= 1, "a positive integer",
            "FedDF: distillation steps between checks on the validation split"),
     HParam("feddf_patience", 5, int, lambda v: v >= 1, "a positive integer",
@@ -63,7 +59,8 @@ HPARAMS = (
 )
 
 
-def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, **hp) -> Algorithm:
+def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, cover=(),
+          **hp) -> Algorithm:
     """FedDF bound to ``model`` and the unlabeled ``public`` set (plus its validation split).
 
     Args:
@@ -79,23 +76,21 @@ def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, *
     num_public = public.num_samples
     val_x, val_y = jnp.asarray(public.val_x), jnp.asarray(public.val_y)
     has_val = public.num_val > 0
-    loss_fn = cross_entropy_loss(model)
-    optimizer = client_optimizer(hp)
-    budget = schedule(hp)
     steps = hp["feddf_steps"]
-    temperature = hp["feddf_temperature"]
     every = hp["feddf_eval_every"]
     patience = hp["feddf_patience"]
-    server_tx = optax.adam(optax.cosine_decay_schedule(hp["feddf_lr"], max(steps, 1)))
 
     def val_accuracy(params):
         return jnp.mean((jnp.argmax(model.apply(params, val_x), -1) == val_y).astype(jnp.float32))
 
-    def distill_loss(params, xb, teacher):
-        return distill.kl_distillation(model.apply(params, xb), teacher, temperature=temperature)
-
-    def server_distill(student, teachers, weights, key):
+    def server_distill(traced, student, teachers, weights, key):
         """Distills the ensemble ``teachers`` (leaves (M, ...)) into ``student``."""
+        temperature = traced["feddf_temperature"]
+        server_tx = optax.adam(optax.cosine_decay_schedule(traced["feddf_lr"], max(steps, 1)))
+
+        def distill_loss(params, xb, teacher):
+            return distill.kl_distillation(model.apply(params, xb), teacher,
+                                           temperature=temperature)
 
         def teacher_probs(xb):
             logits = distill.client_predictions(model.apply, teachers, xb)
@@ -131,41 +126,33 @@ def feddf(model: Model | Sequence[Model], *, public: PublicData | None = None, *
         step, params, _, best, best_acc, _, _ = jax.lax.while_loop(cond, body, carry)
         return (best if has_val else params), step, best_acc
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
-        global_params = state.server["params"]
+    def client_update(traced, start, own, x, y, n, key):
+        del own
+        params, loss = local_sgd(model, {**hp, **traced})(start, x, y, n, key)
+        return params, None, loss
 
-        def client(start, _, x, y, n, key):
-            params, loss = local.train(loss_fn, optimizer, start, x, y, n, key, **budget)
-            return params, None, loss
+    def send(traced, state, round_key):
+        del traced
+        return round_key, state.server["params"], round_key
 
-        # Without distillation this is FedAvg's round, line for line; with it the server
-        # needs every client model (the ensemble), not only their average.
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=steps == 0, server=global_params, **map_options(hp),
-        )
-        metrics = {"train_loss": result.loss}
+    def server_update(traced, state, cohort, round_key):
         if steps == 0:
-            fused = result.uploads
-        else:
-            fused = weighted_mean(result.uploads, result.counts)
-            fused, done, val_acc = server_distill(
-                fused, result.uploads, result.counts, jax.random.fold_in(round_key, 1))
-            metrics.update(distill_steps=done, val_accuracy=val_acc)
-        return advance(state, next_key, server={"params": fused}), metrics
+            return {"params": cohort.uploads}, {}
+        fused = weighted_mean(cohort.uploads, cohort.counts)
+        fused, done, val_acc = server_distill(traced, fused, cohort.uploads, cohort.counts,
+                                              jax.random.fold_in(round_key, 1))
+        return {"params": fused}, {"distill_steps": done, "val_accuracy": val_acc}
 
     init_fn = global_init(model)
 
-    def init(key, data):
+    def init_with(key, data, traced):
         check_public_matches(public, data, "feddf")
-        return init_fn(key, data)
+        return init_fn(key, data, traced)
 
-    def evaluate(state, data):
-        return count_correct(
-            shared_logits(model), None, state.server["params"],
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
-
+    # Without distillation this is FedAvg's round, line for line; with it the server needs
+    # every client model (the ensemble), not only their average.
+    method = Method(client_update, shared_logits(model), server_update=server_update,
+                    broadcast=send, mean_uploads=steps == 0)
     size = num_params_bytes(model)
-    return Algorithm("feddf", init, round_fn, evaluate, per_round_bytes(hp, size, size), hp)
+    return federated_algorithm("feddf", hp, HPARAMS, method, init_with=init_with,
+                               comm_bytes=per_round_bytes(hp, size, size), cover=cover)

@@ -57,6 +57,17 @@ Where this implementation decides something the reference leaves open:
   which is smaller only by saliency scores tied at τ) but is placed uniformly at random.
   It skips the normalization (ranks need none) and refuses an EMA.
 
+Traced hyperparameters: ``ig_ratio`` and ``ema_alpha`` reach the round in ``hp``. The
+quantile's plan (which two order statistics, interpolated with which weight) is computed
+from ``ig_ratio`` on the host in float64, as numpy computes it, and travels in ``hp``
+(``ig_ratio/lo``, ``ig_ratio/hi``, ``ig_ratio/weight``, ``ig_ratio/upper``), as does
+``1 - ema_alpha`` (``ema_alpha/keep``). The program depends on the values it was built for
+(the ``ig_ratio`` and ``ema_alpha`` of ``make``, and those of ``make(..., cover=...)``):
+its top-k search finds the most order statistics any of them needs, it keeps EMA state if
+any ``ema_alpha`` is above 0 (``ema_alpha = 0`` then gives the floats of a round without
+EMA), and it handles ``ig_ratio = 0`` if one of them is 0. ``Algorithm.hp`` refuses
+other values.
+
 Shapes: the state's client part holds ``params`` (K, ...) (θ_k), and as needed ``ema``
 (tuple of in-scope leaves (K, ...)), ``seen`` (K,) bool, ``fisher`` (tuple of in-scope
 leaves (K, ...)) and ``id`` (K,) int32 (the random control's per-client key).
@@ -65,7 +76,7 @@ leaves (K, ...)) and ``id`` (K,) int32 (the random control's per-client key).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -76,16 +87,20 @@ import optax
 from fedjax_sim.algorithms.base import (
     Algorithm,
     HParam,
+    as_traced,
+    federated_algorithm,
     local_sgd,
-    map_options,
     num_params_bytes,
     per_round_bytes,
 )
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels import obp
 from fedjax_sim.kernels.aggregation import broadcast
+
+# The quantile plan and the blockwise top-k search of the kernel, which takes q as a static
+# Python float; here q is traced and the plan is computed on the host.
+from fedjax_sim.kernels.obp import TOP_K_MAX_FRACTION, _quantile_plan, _top_m_values
 from fedjax_sim.models.base import Model
 
 VARIANTS = (*obp.VARIANTS, "random")
@@ -100,7 +115,7 @@ _FISHER_CHUNK = 32
 HPARAMS = (
     HParam("ig_ratio", 0.9999, float, lambda v: 0 <= v <= 1, "in [0, 1]",
            "FedOBP: quantile q of each client's element scores; elements above it stay "
-           "personal (about 1 - q of them); 1 = FedAvg, 0 = all personal"),
+           "personal (about 1 - q of them); 1 = FedAvg, 0 = all personal", traced=True),
     HParam("obp_variant", "drift_param", str, lambda v: v in VARIANTS,
            f"one of {', '.join(VARIANTS)}",
            "FedOBP: element score; drift_param |(θk-θg)θk| and drift_sq (θk-θg)² use the "
@@ -108,7 +123,8 @@ HPARAMS = (
            "diagonal on client data); random is the control (random mask of the same size)",
            choices=VARIANTS),
     HParam("ema_alpha", 0.0, float, lambda v: 0 <= v < 1, "in [0, 1)",
-           "FedOBP: EMA weight a of the old scores, I <- (1-a) I + a I_old; 0 = off"),
+           "FedOBP: EMA weight a of the old scores, I <- (1-a) I + a I_old; 0 = off",
+           traced=True),
     HParam("obp_norm", "global", str, lambda v: v in obp.NORMS,
            f"one of {', '.join(obp.NORMS)}",
            "FedOBP: min-max normalization of the scores before the quantile",
@@ -126,33 +142,84 @@ class Personalizer(NamedTuple):
     """FedOBP's server-side step for a batch of clients, bound to a model and hparams.
 
     Attributes:
-      apply: ``(rows, global_params, key) -> (mixed, mask, scores)``; ``rows`` is a client
-        state with leaves (B, ...) (any B: all K clients, or one), ``key`` the state's key
-        (used by the random control only). ``mixed`` is what each client receives, ``mask``
-        True where it keeps its own element, ``scores`` the in-scope scores after the EMA
-        step (the new EMA when the client is sampled).
+      apply: ``(rows, global_params, key, traced=None) -> (mixed, mask, scores)``;
+        ``rows`` is a client state with leaves (B, ...) (any B: all K clients, or one),
+        ``key`` the state's key (used by the random control only), ``traced`` the traced
+        hyperparameters (``Algorithm.hp``; ``None``: those the step was built with).
+        ``mixed`` is what each client receives, ``mask`` True where it keeps its own
+        element, ``scores`` the in-scope scores after the EMA step (the new EMA when the
+        client is sampled).
       scoped: indices of the in-scope leaves in ``jax.tree.leaves(params)`` order.
       names: ``"layer/leaf"`` name of every parameter leaf.
       sizes: elements of every parameter leaf.
+      encode: ``(values) -> entries``: the ``hp`` entries derived on the host from the
+        float ``ig_ratio`` and ``ema_alpha`` of ``values``.
+      ema: whether the step blends scores with an EMA (the state keeps ``ema``, ``seen``).
+
+    Raises (``encode``):
+      ValueError: values the step was not built for.
     """
 
-    apply: Callable[[Any, PyTree, jax.Array], tuple[PyTree, PyTree, tuple]]
+    apply: Callable[..., tuple[PyTree, PyTree, tuple]]
     scoped: tuple[int, ...]
     names: tuple[str, ...]
     sizes: tuple[int, ...]
+    encode: Callable[[Mapping[str, float]], dict]
+    ema: bool
 
 
 def _leaf_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def personalizer(model: Model, hp: dict) -> Personalizer:
+def _threshold(parts: list[jax.Array], hp: Mapping, top: int, method: str) -> jax.Array:
+    """Per-client quantile τ_k of the (K, n_l) score pieces, as
+    ``kernels.obp.quantile_threshold`` computes it, with the plan read from ``hp``.
+
+    Args:
+      parts: in-scope scores, float32 (K, n_l), Σ n_l = n.
+      hp: ``ig_ratio/lo``, ``ig_ratio/hi`` (the two order statistics, ascending ranks),
+        ``ig_ratio/weight`` and ``ig_ratio/upper`` (numpy's interpolation, see
+        :func:`_plan`).
+      top: static; with ``method="top_k"`` the search keeps the ``top`` largest values,
+        at least ``n - lo`` for every plan the step accepts.
+      method: static, ``"top_k"`` or ``"sort"``.
+    """
+    n = sum(p.shape[1] for p in parts)
+    if method == "top_k":
+        ordered = _top_m_values(parts, top)  # ordered[:, j] is rank n - 1 - j
+        a = jax.lax.dynamic_index_in_dim(ordered, n - 1 - hp["ig_ratio/lo"], 1, False)
+        b = jax.lax.dynamic_index_in_dim(ordered, n - 1 - hp["ig_ratio/hi"], 1, False)
+    else:
+        ordered = jnp.sort(parts[0] if len(parts) == 1 else jnp.concatenate(parts, 1), 1)
+        a = jax.lax.dynamic_index_in_dim(ordered, hp["ig_ratio/lo"], 1, False)
+        b = jax.lax.dynamic_index_in_dim(ordered, hp["ig_ratio/hi"], 1, False)
+    # numpy's lerp in float32, anchored at b for weights >= 0.5; the barriers keep the
+    # products out of an FMA (as in the kernel).
+    d = b - a
+    scaled = jax.lax.optimization_barrier(d * hp["ig_ratio/weight"])
+    return jnp.where(hp["ig_ratio/upper"], b - scaled, a + scaled)
+
+
+def _plan(n: int, q: float) -> tuple[int, int, np.float32, bool]:
+    """``(lo, hi, weight, upper)`` of numpy's linear q-quantile of n values: the ranks of
+    the two order statistics and the float32 weight of the interpolation, anchored at the
+    upper one when ``upper``."""
+    lo, hi, t = _quantile_plan(n, q)
+    upper = t >= 0.5
+    return lo, hi, np.float32(1.0 - t if upper else t), upper
+
+
+def personalizer(model: Model, hp: dict, cover: Sequence[Mapping[str, float]] = ()
+                 ) -> Personalizer:
     """Builds the score → EMA → normalization → quantile mask → mix step.
 
     Args:
       model: the model (its ``head`` defines ``obp_scope="head"``).
       hp: resolved hyperparameters (``ig_ratio``, ``obp_variant``, ``ema_alpha``,
         ``obp_norm``, ``obp_scope``).
+      cover: other values of ``ig_ratio`` and ``ema_alpha`` (dicts holding both) the step
+        must accept through ``apply(..., traced)``.
     """
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     with_path, treedef = jax.tree_util.tree_flatten_with_path(shapes)
@@ -163,9 +230,41 @@ def personalizer(model: Model, hp: dict) -> Personalizer:
     else:
         flags = [True] * len(names)
     scoped = tuple(i for i, f in enumerate(flags) if f)
-    q, variant, alpha, norm = hp["ig_ratio"], hp["obp_variant"], hp["ema_alpha"], hp["obp_norm"]
+    variant, norm = hp["obp_variant"], hp["obp_norm"]
+    n = sum(sizes[i] for i in scoped)
+    settings = [{"ig_ratio": hp["ig_ratio"], "ema_alpha": hp["ema_alpha"]}, *cover]
+    ema_on = variant != "random" and any(c["ema_alpha"] > 0 for c in settings)
+    zero_q = any(c["ig_ratio"] == 0.0 for c in settings)
+    # The most order statistics from the top any accepted q needs (0: no quantile at all,
+    # every q is 0 and every in-scope element is personal).
+    top = max((n - _plan(n, c["ig_ratio"])[0] for c in settings if c["ig_ratio"] != 0.0),
+              default=0)
+    method = "top_k" if top <= TOP_K_MAX_FRACTION * n else "sort"
 
-    def apply(rows, global_params, key):
+    def encode(values):
+        q, alpha = values["ig_ratio"], values["ema_alpha"]
+        if alpha > 0 and variant == "random":
+            raise ValueError("ema_alpha must be 0 with obp_variant='random' (the control "
+                             f"draws a fresh random mask every round), got {alpha}")
+        if alpha > 0 and not ema_on:
+            raise ValueError(f"ema_alpha={alpha}: this fedobp round keeps no EMA state (all "
+                             "its ema_alpha values are 0); build it with make(..., cover=...) "
+                             "naming this value")
+        if (q == 0.0 and not zero_q) or (q != 0.0 and n - _plan(n, q)[0] > top):
+            raise ValueError(f"ig_ratio={q} is outside the values this fedobp round was built "
+                             "for; build it with make(..., cover=...) naming this value")
+        # ig_ratio = 0 takes no quantile; any valid plan stands in for it.
+        lo, hi, weight, upper = _plan(n, 1.0 if q == 0.0 else q)
+        return {"ig_ratio/lo": np.int32(lo), "ig_ratio/hi": np.int32(hi),
+                "ig_ratio/weight": weight, "ig_ratio/upper": np.bool_(upper),
+                # 1 - a as the kernel's EMA takes it from a Python float.
+                "ema_alpha/keep": np.float32(1.0 - alpha)}
+
+    first = settings[0]
+    defaults = {**as_traced(first), **encode(first)}
+
+    def apply(rows, global_params, key, traced=None):
+        traced = defaults if traced is None else traced
         client_leaves = treedef.flatten_up_to(rows["params"])
         global_leaves = treedef.flatten_up_to(global_params)
         mine = [client_leaves[i] for i in scoped]
@@ -183,23 +282,29 @@ def personalizer(model: Model, hp: dict) -> Personalizer:
             cuts = np.cumsum([math.prod(x.shape[1:]) for x in mine])[:-1].tolist()
             raw = [part.reshape(x.shape) for part, x in
                    zip(jnp.split(flat, cuts, axis=1), mine, strict=True)]
-        if alpha > 0 and variant != "random":
-            blended = obp.ema(raw, list(rows["ema"]), alpha)
+        if ema_on:
+            keep, alpha = traced["ema_alpha/keep"], traced["ema_alpha"]
             seen = rows["seen"]
-            raw = [jnp.where(seen.reshape((-1,) + (1,) * (r.ndim - 1)), b, r)
-                   for r, b in zip(raw, blended, strict=True)]
+            raw = [jnp.where(seen.reshape((-1,) + (1,) * (r.ndim - 1)), keep * r + alpha * e, r)
+                   for r, e in zip(raw, rows["ema"], strict=True)]
         normed = raw if variant == "random" else obp.minmax_normalize(raw, norm)
-        if q == 0.0:
+        if top == 0:
             masks = [jnp.ones(x.shape, bool) for x in normed]
         else:
-            masks = obp.quantile_mask(normed, q)
+            k = jnp.shape(normed[0])[0]
+            parts = [jnp.asarray(x, jnp.float32).reshape(k, -1) for x in normed]
+            tau = _threshold([p for p in parts if p.shape[1]], traced, top, method)
+            masks = [jnp.asarray(x, jnp.float32) > tau.reshape((-1,) + (1,) * (x.ndim - 1))
+                     for x in normed]
+            if zero_q:
+                masks = [jnp.where(traced["ig_ratio"] == 0.0, True, m) for m in masks]
         full = [jnp.zeros(jnp.shape(x), bool) for x in client_leaves]
         for j, i in enumerate(scoped):
             full[i] = masks[j]
         mask = jax.tree.unflatten(treedef, full)
         return obp.mix(mask, rows["params"], global_params), mask, tuple(raw)
 
-    return Personalizer(apply, scoped, names, sizes)
+    return Personalizer(apply, scoped, names, sizes, encode, ema_on)
 
 
 def random_key(state: SimState) -> jax.Array:
@@ -263,14 +368,18 @@ def fisher_fn(model: Model, scoped: tuple[int, ...]) -> Callable:
     return fisher
 
 
-def fedobp(model: Model, **hp) -> Algorithm:
-    """FedOBP bound to ``model``; ``hp`` holds the common and FedOBP hyperparameters."""
-    train = local_sgd(model, hp)
-    step = personalizer(model, hp)
+def fedobp(model: Model, *, cover: Sequence[Mapping[str, float]] = (), **hp) -> Algorithm:
+    """FedOBP bound to ``model``; ``hp`` holds the common and FedOBP hyperparameters.
+
+    ``cover``: other values of the traced hyperparameters (dicts of floats holding at
+    least ``ig_ratio`` and ``ema_alpha``) that ``round_with`` must accept (see the module
+    docstring); ``algorithms.make`` fills them in.
+    """
     variant, alpha = hp["obp_variant"], hp["ema_alpha"]
     if variant == "random" and alpha > 0:
         raise ValueError("ema_alpha must be 0 with obp_variant='random' (the control draws "
                          f"a fresh random mask every round), got {alpha}")
+    step = personalizer(model, hp, cover)
     client_fisher = fisher_fn(model, step.scoped) if variant == "fisher" else None
 
     def in_scope_zeros(params, num_clients):
@@ -278,56 +387,45 @@ def fedobp(model: Model, **hp) -> Algorithm:
         return tuple(jnp.zeros((num_clients, *jnp.shape(leaves[i])), jnp.float32)
                      for i in step.scoped)
 
-    def init(key, data):
+    def init_with(key, data, traced):
+        del traced
         state_key, model_key = jax.random.split(key)  # as FedAvg: same initial model
         params = model.init(model_key)
         k = data.num_clients
         clients = {"params": broadcast(params, k)}
         if variant == "random":
             clients["id"] = jnp.arange(k, dtype=jnp.int32)
-        if alpha > 0:
+        if step.ema:
             clients["ema"] = in_scope_zeros(params, k)
             clients["seen"] = jnp.zeros((k,), bool)
         if client_fisher is not None:
             clients["fisher"] = in_scope_zeros(params, k)
         return SimState.create(state_key, {"params": params}, clients, k)
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
-        global_params = state.server["params"]
-        mask_key = random_key(state)
+    def send(traced, state, round_key):
+        del traced
+        return round_key, (state.server["params"], random_key(state)), None
 
-        def client(received, own, x, y, n, key):
-            global_params, mask_key = received
-            rows = jax.tree.map(lambda a: a[None], own)
-            mixed, _, scores = step.apply(rows, global_params, mask_key)
-            start = jax.tree.map(lambda a: a[0], mixed)
-            params, loss = train(start, x, y, n, key)
-            new = {"params": params}
-            if "id" in own:
-                new["id"] = own["id"]
-            if alpha > 0:
-                new["ema"] = tuple(s[0] for s in scores)
-                new["seen"] = jnp.ones((), bool)
-            if client_fisher is not None:
-                new["fisher"] = client_fisher(params, x, y, n)
-            return params, new, loss
+    def client_update(traced, received, own, x, y, n, key):
+        global_params, mask_key = received
+        rows = jax.tree.map(lambda a: a[None], own)
+        mixed, _, scores = step.apply(rows, global_params, mask_key, traced)
+        start = jax.tree.map(lambda a: a[0], mixed)
+        params, loss = local_sgd(model, {**hp, **traced})(start, x, y, n, key)
+        new = {"params": params}
+        if "id" in own:
+            new["id"] = own["id"]
+        if step.ema:
+            new["ema"] = tuple(s[0] for s in scores)
+            new["seen"] = jnp.ones((), bool)
+        if client_fisher is not None:
+            new["fisher"] = client_fisher(params, x, y, n)
+        return params, new, loss  # the server runs plain FedAvg over all elements
 
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, server=(global_params, mask_key), **map_options(hp),
-        )
-        server = {"params": result.uploads}  # plain FedAvg over all elements
-        return advance(state, next_key, server=server, clients=result.clients), {
-            "train_loss": result.loss
-        }
-
-    def evaluate(state, data):
-        mixed, _, _ = step.apply(state.clients, state.server["params"], random_key(state))
-        return count_correct(
-            lambda own, _, x: model.apply(own, x), mixed, None,
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
+    def eval_inputs(traced, state):
+        mixed, _, _ = step.apply(state.clients, state.server["params"], random_key(state),
+                                 traced)
+        return mixed, None
 
     @jax.jit
     def mask_counts(state):
@@ -343,8 +441,11 @@ def fedobp(model: Model, **hp) -> Algorithm:
     up = size
     if client_fisher is not None:  # the client also sends its Fisher scores
         up += 4 * sum(step.sizes[i] for i in step.scoped)
-    return Algorithm("fedobp", init, round_fn, evaluate, per_round_bytes(hp, up, size), hp,
-                     report)
+    method = Method(client_update, lambda own, _, x: model.apply(own, x), broadcast=send,
+                    eval_inputs=eval_inputs)
+    return federated_algorithm("fedobp", hp, HPARAMS, method, init_with=init_with,
+                               comm_bytes=per_round_bytes(hp, up, size), report=report,
+                               derive=step.encode, cover=cover)
 
 
 def mask_report(counts: np.ndarray, names: tuple[str, ...], sizes: tuple[int, ...]) -> dict:

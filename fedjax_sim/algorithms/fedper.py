@@ -9,8 +9,8 @@ Clients train base and head together; only the base is sent and averaged; the he
 
 from __future__ import annotations
 
-from fedjax_sim.algorithms.base import Algorithm, local_sgd
-from fedjax_sim.algorithms.partial import decoupled
+from fedjax_sim.algorithms.base import Algorithm
+from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 from fedjax_sim.models.base import Model
 
 HPARAMS = ()
@@ -19,10 +19,11 @@ HPARAMS = ()
 TAKES_BATCH_ORDER = True
 
 
-def fedper(model: Model, *, batch_order=None, **hp) -> Algorithm:
+def fedper(model: Model, *, batch_order=None, cover=(), **hp) -> Algorithm:
     """FedPer bound to ``model``; ``hp`` holds the common hyperparameters.
 
     ``batch_order``: optional (R, K, E, N_max) host sample orders that replace the random
     batch order, as for ``fedavg.fedavg``.
     """
-    return decoupled("fedper", model, hp, model.head, local_sgd(model, hp), batch_order)
+    return decoupled("fedper", model, hp, model.head, plain_sgd(model), batch_order,
+                     cover=cover)

@@ -30,16 +30,14 @@ HPARAMS = (
 )
 
 
-def fedrep(model: Model, **hp) -> Algorithm:
+def fedrep(model: Model, *, cover=(), **hp) -> Algorithm:
     if hp["local_steps"] is None and hp["body_epochs"] > hp["local_epochs"]:
         raise ValueError(
             f"body_epochs must be <= local_epochs={hp['local_epochs']}, got {hp['body_epochs']}"
         )
     loss_fn = cross_entropy_loss(model)
-    base_optimizer = client_optimizer(hp)
     head_mask = model.head_mask(jax.eval_shape(model.init, jax.random.key(0)))
-    head_only = local.frozen(base_optimizer, head_mask)
-    body_only = local.frozen(base_optimizer, jax.tree.map(lambda h: not h, head_mask))
+    body_mask = jax.tree.map(lambda h: not h, head_mask)
     if hp["local_steps"] is None:
         head_budget = {"epochs": hp["local_epochs"] - hp["body_epochs"]}
         body_budget = {"epochs": hp["body_epochs"]}
@@ -49,7 +47,10 @@ def fedrep(model: Model, **hp) -> Algorithm:
         body_budget = {"steps": hp["body_epochs"] * per_epoch}
     batch = hp["batch_size"]
 
-    def local_fn(params, x, y, n, key):
+    def local_fn(h, params, x, y, n, key):
+        base_optimizer = client_optimizer(h)
+        head_only = local.frozen(base_optimizer, head_mask)
+        body_only = local.frozen(base_optimizer, body_mask)
         head_key, body_key = jax.random.split(key)
         if head_budget.get("epochs", 1) > 0:
             params, _ = local.train(
@@ -61,4 +62,4 @@ def fedrep(model: Model, **hp) -> Algorithm:
         # The reported loss is that of the phase that trains the shared representation.
         return params, body_loss
 
-    return decoupled("fedrep", model, hp, model.head, local_fn)
+    return decoupled("fedrep", model, hp, model.head, local_fn, specs=HPARAMS, cover=cover)

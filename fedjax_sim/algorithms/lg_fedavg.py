@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import Algorithm, HParam, local_sgd
-from fedjax_sim.algorithms.partial import decoupled
+from fedjax_sim.algorithms.base import Algorithm, HParam
+from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -54,8 +54,9 @@ def global_layers(model: Model, n: int | None) -> tuple[str, ...]:
     return layers[len(layers) - n:]
 
 
-def lg_fedavg(model: Model, **hp) -> Algorithm:
+def lg_fedavg(model: Model, *, cover=(), **hp) -> Algorithm:
     shared = global_layers(model, hp["lg_global_layers"])
     layers = tuple(jax.eval_shape(model.init, jax.random.key(0)))
     personal = tuple(name for name in layers if name not in shared)
-    return decoupled("lg_fedavg", model, hp, personal, local_sgd(model, hp))
+    return decoupled("lg_fedavg", model, hp, personal, plain_sgd(model), specs=HPARAMS,
+                     cover=cover)

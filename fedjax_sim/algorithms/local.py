@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import Algorithm, local_sgd, map_options
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, run_cohort
+from fedjax_sim.algorithms.base import Algorithm, federated_algorithm, local_sgd
+from fedjax_sim.core.rounds import Method, keep_server, personal_only
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
@@ -18,33 +17,28 @@ from fedjax_sim.models.base import Model
 HPARAMS = ()
 
 
-def local(model: Model, **hp) -> Algorithm:
-    train = local_sgd(model, hp)
+def own_logits(model: Model):
+    """Evaluation logits of a client's own ``params``."""
+    return lambda own, _shared, x: model.apply(own["params"], x)
 
-    def init(key, data):
+
+def local(model: Model, *, cover=(), **hp) -> Algorithm:
+    def init_with(key, data, traced):
+        del traced
         state_key, model_key = jax.random.split(key)
         # Every client starts from the same initial model, as in the federated runs.
         clients = {"params": broadcast(model.init(model_key), data.num_clients)}
         return SimState.create(state_key, None, clients, data.num_clients)
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
+    def client_update(traced, received, own, x, y, n, key):
+        del received
+        params, loss = local_sgd(model, {**hp, **traced})(own["params"], x, y, n, key)
+        return None, {"params": params}, loss
 
-        def client(_, own, x, y, n, key):
-            params, loss = train(own["params"], x, y, n, key)
-            return None, {"params": params}, loss
-
-        # No uploads; the mean-upload path trains the cohort in place.
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, **map_options(hp),
-        )
-        return advance(state, next_key, clients=result.clients), {"train_loss": result.loss}
-
-    def evaluate(state, data):
-        return count_correct(
-            lambda own, _, x: model.apply(own["params"], x), state.clients, None,
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
-
-    return Algorithm("local", init, round_fn, evaluate, lambda data: (0, 0), hp)
+    # Nothing is sent: the cohort receives no global model and uploads nothing (the
+    # mean-upload path still trains it in place).
+    method = Method(client_update, own_logits(model), server_update=keep_server,
+                    broadcast=lambda traced, state, key: (key, None, None),
+                    eval_inputs=personal_only)
+    return federated_algorithm("local", hp, HPARAMS, method, init_with=init_with,
+                               comm_bytes=lambda data: (0, 0), cover=cover)

@@ -13,25 +13,30 @@ import jax
 
 from fedjax_sim.algorithms.base import (
     Algorithm,
-    check_batch_order,
-    map_options,
+    federated_algorithm,
+    local_sgd,
     num_params_bytes,
     per_round_bytes,
 )
-from fedjax_sim.core.evaluate import count_correct
-from fedjax_sim.core.rounds import advance, round_orders, run_cohort
+from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels import split
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
-# local_fn(params, x, y, n, key) -> (params, loss)
+# local_fn(hp, params, x, y, n, key) -> (params, loss); ``hp`` the resolved hyperparameters
+# with the traced ones as (traced) arrays.
 LocalFn = Callable
+
+
+def plain_sgd(model: Model) -> LocalFn:
+    """Local SGD of all layers with this round's hyperparameters."""
+    return lambda hp, params, x, y, n, key: local_sgd(model, hp)(params, x, y, n, key)
 
 
 def decoupled(
     name: str, model: Model, hp: dict, personal: tuple[str, ...], local_fn: LocalFn,
-    batch_order=None,
+    batch_order=None, specs=(), cover=(),
 ) -> Algorithm:
     """An algorithm whose layers ``personal`` stay on the clients.
 
@@ -44,8 +49,9 @@ def decoupled(
       batch_order: optional host sample orders (R, K, E, N_max) that replace the random
         batch order; ``local_fn`` must hand its key to ``core.local.train`` unchanged
         (see ``base.check_batch_order``).
+      specs: the algorithm's own ``HPARAMS``.
+      cover: other values of the traced hyperparameters (see ``base.assemble``).
     """
-    batch_order = check_batch_order(batch_order, hp)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     missing = set(personal) - set(shapes)
     if missing or not personal or set(personal) == set(shapes):
@@ -54,43 +60,34 @@ def decoupled(
             f"of the model's layers {sorted(shapes)}"
         )
 
-    def init(key, data):
+    def init_with(key, data, traced):
+        del traced
         state_key, model_key = jax.random.split(key)
         params = model.init(model_key)
         clients = {"personal": broadcast(split.take(params, personal), data.num_clients)}
         return SimState.create(state_key, {"params": params}, clients, data.num_clients)
 
-    def round_fn(state, data):
-        next_key, round_key = jax.random.split(state.key)
-        global_params = state.server["params"]
-        shared = split.drop(global_params, personal)
+    def send_shared(traced, state, round_key):
+        del traced
+        return round_key, split.drop(state.server["params"], personal), None
 
-        def client(shared, own, x, y, n, key):
-            params, loss = local_fn(split.merge(shared, own["personal"]), x, y, n, key)
-            return split.drop(params, personal), {"personal": split.take(params, personal)}, loss
+    def client_update(traced, shared, own, x, y, n, key):
+        params, loss = local_fn({**hp, **traced}, split.merge(shared, own["personal"]),
+                                x, y, n, key)
+        return split.drop(params, personal), {"personal": split.take(params, personal)}, loss
 
-        result = run_cohort(
-            round_key, state.clients, data, client, join_ratio=hp["join_ratio"],
-            mean_uploads=True, server=shared,
-            orders=round_orders(batch_order, state.round), **map_options(hp),
-        )
-        new_shared = result.uploads
+    def server_update(traced, state, cohort, context):
+        del traced, context
         # The server's copy of the personal layers is never used by anyone; it keeps the
         # initial values so that the global tree has the model's full structure.
-        server = {"params": split.merge(global_params, new_shared)}
-        return advance(state, next_key, server=server, clients=result.clients), {
-            "train_loss": result.loss
-        }
+        return {"params": split.merge(state.server["params"], cohort.uploads)}, {}
 
-    def evaluate(state, data):
-        def logits(own, global_params, x):
-            return model.apply(split.merge(global_params, own["personal"]), x)
+    def logits(own, global_params, x):
+        return model.apply(split.merge(global_params, own["personal"]), x)
 
-        return count_correct(
-            logits, state.clients, state.server["params"],
-            data.test_x, data.test_y, data.test_counts, **map_options(hp),
-        )
-
+    method = Method(client_update, logits, server_update=server_update, broadcast=send_shared)
     shared_names = tuple(n for n in shapes if n not in personal)
     size = num_params_bytes(model, shared_names)
-    return Algorithm(name, init, round_fn, evaluate, per_round_bytes(hp, size, size), hp)
+    return federated_algorithm(name, hp, specs, method, init_with=init_with,
+                               comm_bytes=per_round_bytes(hp, size, size),
+                               batch_order=batch_order, cover=cover)

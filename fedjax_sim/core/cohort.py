@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -378,3 +378,24 @@ def client_map_mean(
     total = jnp.sum(weights)
     normalized = weights / jnp.where(total > 0, total, 1.0)
     return _mapped(fn, args, normalized, shared, strategy, chunk_size)
+
+
+class Execution(NamedTuple):
+    """How the per-client functions of an algorithm run over the client axis.
+
+    Chosen once per algorithm (from its ``client_strategy`` and ``chunk_size``); the round
+    and evaluation skeletons of ``core.rounds`` and the algorithms' own client maps all
+    read it from here instead of taking the two options at every call.
+
+    Attributes:
+      strategy: one of :data:`STRATEGIES`.
+      chunk_size: clients vmapped per loop iteration with ``chunked``.
+    """
+
+    strategy: str = "auto"
+    chunk_size: int = 8
+
+    def map(self, fn: Callable[..., Any], args: tuple, *, shared: Any = None) -> Any:
+        """:func:`client_map` with this strategy."""
+        return client_map(fn, args, shared=shared, strategy=self.strategy,
+                          chunk_size=self.chunk_size)

@@ -1,8 +1,18 @@
 """The shape shared by every round: sample a cohort, train it, hand back what it produced.
 
-Algorithms supply only the per-client function and what the server does with the
-uploads; gathering the cohort's rows, splitting keys, mapping over clients and scattering
-personal state back are done here once.
+An algorithm supplies only what is its own, as a :class:`Method` (or a
+:class:`GroupMethod` for clients in groups of architectures): the client update, the
+server update and the personalized logits, plus optional hooks for what the server sends
+and what evaluation reads. :func:`federated` and :func:`grouped` wrap them in the one
+skeleton: the key split, cohort sampling, gathering the cohort's rows, mapping over
+clients with the execution strategy, scattering personal state back, advancing the state
+and the training metrics are written here once (as evosax's shared ``tell`` around each
+strategy's own part).
+
+The hooks take ``hp`` first (all but ``logits``, which reads what ``eval_inputs`` made):
+the algorithm's traced hyperparameters, a dict of scalar arrays that reaches the round as
+an argument (see ``algorithms.base``), so that one compiled round serves any of their
+values.
 """
 
 from __future__ import annotations
@@ -14,12 +24,21 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.core.cohort import (
+    Execution,
     client_map,
     client_map_mean,
     cohort_size,
     resolve_strategy,
     sample_cohort,
     train_in_place,
+)
+from fedjax_sim.core.evaluate import count_correct
+from fedjax_sim.core.groups import (
+    cohort_loss,
+    global_rows,
+    group_cohorts,
+    group_members,
+    private_data,
 )
 from fedjax_sim.core.local import FixedOrder
 from fedjax_sim.core.state import SimState
@@ -154,3 +173,234 @@ def advance(
         server=state.server if server is None else server,
         clients=state.clients if clients is None else clients,
     )
+
+
+# --- The skeleton ----------------------------------------------------------------------
+
+# client_update(hp, received, own_k, x_k, y_k, n_k, key_k) -> (upload_k, new_own_k, loss_k)
+ClientUpdate = Callable[..., tuple[Any, Any, jax.Array]]
+# server_update(hp, state, cohort, context) -> (new server part or None: unchanged, metrics)
+ServerUpdate = Callable[[Any, SimState, CohortResult, Any], tuple[Any, dict]]
+# broadcast(hp, state, round_key) -> (cohort_key, received, context)
+Broadcast = Callable[[Any, SimState, jax.Array], tuple[jax.Array, Any, Any]]
+# eval_inputs(hp, state) -> (client part with leaves (K, ...) or None, shared part)
+EvalInputs = Callable[[Any, SimState], tuple[Any, Any]]
+# logits(own_k, shared, x_k) -> logits
+Logits = Callable[[Any, Any, jax.Array], jax.Array]
+
+
+def send_global(hp: Any, state: SimState, round_key: jax.Array) -> tuple:
+    """The default broadcast: the cohort is drawn with the round key and every sampled
+    client receives the global model ``state.server["params"]``; no context."""
+    del hp
+    return round_key, state.server["params"], None
+
+
+def fedavg_server(hp: Any, state: SimState, cohort: CohortResult, context: Any) -> tuple:
+    """The default server update: the uploads' sample-weighted mean is the new global
+    model (with ``Method.mean_uploads`` the cohort already hands back that mean)."""
+    del hp, state, context
+    return {"params": cohort.uploads}, {}
+
+
+def keep_server(hp: Any, state: SimState, cohort: CohortResult, context: Any) -> tuple:
+    """A server update that changes nothing (nothing is uploaded)."""
+    del hp, state, cohort, context
+    return None, {}
+
+
+def personal_and_global(hp: Any, state: SimState) -> tuple[Any, Any]:
+    """The default evaluation inputs: every client's state, and the global model when the
+    server keeps one."""
+    del hp
+    server = state.server
+    return state.clients, server["params"] if isinstance(server, dict) else None
+
+
+def personal_only(hp: Any, state: SimState) -> tuple[Any, Any]:
+    """Evaluation inputs of algorithms whose clients are evaluated on their own state."""
+    del hp
+    return state.clients, None
+
+
+class Method(NamedTuple):
+    """What one algorithm adds to the shared round.
+
+    Attributes:
+      client_update: ``(hp, received, own, x, y, n, key) -> (upload, new_own, loss)`` for
+        one sampled client: ``received`` is what the server sent (``broadcast``), ``own``
+        the client's row of the client state (``None`` when the state keeps none).
+      logits: ``(own, shared, x) -> logits`` of the model each client is evaluated on.
+      server_update: ``(hp, state, cohort, context) -> (server, metrics)``: the new
+        server part (``None``: unchanged) and metrics besides ``train_loss``.
+      broadcast: ``(hp, state, round_key) -> (cohort_key, received, context)``: the key
+        the cohort is drawn and trained with, what every sampled client receives, and
+        anything the server update needs from before the cohort ran.
+      eval_inputs: ``(hp, state) -> (client part, shared part)`` read by ``logits``.
+      mean_uploads: the cohort hands back the uploads' sample-weighted mean instead of
+        stacking them (see :func:`run_cohort`).
+    """
+
+    client_update: ClientUpdate
+    logits: Logits
+    server_update: ServerUpdate = fedavg_server
+    broadcast: Broadcast = send_global
+    eval_inputs: EvalInputs = personal_and_global
+    mean_uploads: bool = True
+
+
+def federated(
+    method: Method,
+    *,
+    join_ratio: float,
+    execution: Execution,
+    batch_order: Any = None,
+) -> tuple[Callable, Callable]:
+    """The round and the evaluation of ``method``, each taking the traced hyperparameters.
+
+    Args:
+      method: the algorithm's own parts.
+      join_ratio: fraction of clients sampled per round (it fixes the cohort size, so it
+        is not traced).
+      execution: how per-client functions run over the client axis.
+      batch_order: optional host sample orders (R, K, E, N_max) that replace the random
+        batch order (:func:`round_orders`).
+
+    Returns:
+      ``round_with(state, data, hp) -> (state, metrics)`` and
+      ``evaluate_with(state, data, hp) -> (correct[K], loss_sum[K])``.
+    """
+
+    def client(shared, own, x, y, n, key):
+        # The traced hyperparameters travel with what the server sends (never through a
+        # closure: see core.cohort).
+        hp, received = shared
+        return method.client_update(hp, received, own, x, y, n, key)
+
+    def round_with(state: SimState, data: FederatedData, hp: Any):
+        next_key, round_key = jax.random.split(state.key)
+        cohort_key, received, context = method.broadcast(hp, state, round_key)
+        cohort = run_cohort(
+            cohort_key, state.clients, data, client, join_ratio=join_ratio,
+            mean_uploads=method.mean_uploads, server=(hp, received),
+            orders=round_orders(batch_order, state.round),
+            strategy=execution.strategy, chunk_size=execution.chunk_size,
+        )
+        server, metrics = method.server_update(hp, state, cohort, context)
+        state = advance(state, next_key, server=server, clients=cohort.clients)
+        return state, {"train_loss": cohort.loss, **metrics}
+
+    def evaluate_with(state: SimState, data: FederatedData, hp: Any):
+        own, shared = method.eval_inputs(hp, state)
+        return count_correct(
+            method.logits, own, shared, data.test_x, data.test_y, data.test_counts,
+            strategy=execution.strategy, chunk_size=execution.chunk_size,
+        )
+
+    return round_with, evaluate_with
+
+
+# --- Clients in groups (one per architecture) ------------------------------------------
+
+# keys(round_key) -> (cohort_key, train_key, other)
+GroupKeys = Callable[[jax.Array], tuple[jax.Array, jax.Array, Any]]
+# exchange(hp, rows, other) -> (inputs, received, metrics): ``rows`` the sampled rows of
+# every group's state (leaves (M_g, ...)); ``inputs`` per group what each sampled client
+# trains from (leaves (M_g, ...)).
+Exchange = Callable[[Any, list, Any], tuple[list, Any, dict]]
+# group_update(hp, g, received, inputs_k, x_k, y_k, n_k, key_k) -> (new_row_k, loss_k)
+GroupUpdate = Callable[..., tuple[Any, jax.Array]]
+
+
+class GroupMethod(NamedTuple):
+    """What an algorithm over groups of clients (``core.groups``) adds to the round.
+
+    Attributes:
+      keys: ``round_key -> (cohort_key, train_key, other)``; group g's clients train with
+        keys split from ``fold_in(train_key, g)``.
+      exchange: ``(hp, rows, other) -> (inputs, received, metrics)``: what happens between
+        the server and the sampled clients before they train privately (consensus,
+        collaboration); ``rows`` the sampled rows of each group's state.
+      client_update: ``(hp, g, received, inputs, x, y, n, key) -> (new_row, loss)`` for a
+        sampled client of group g.
+    """
+
+    keys: GroupKeys
+    exchange: Exchange
+    client_update: GroupUpdate
+
+
+def grouped(
+    method: GroupMethod,
+    *,
+    num_groups: int,
+    join_ratio: float,
+    execution: Execution,
+) -> Callable:
+    """The round of ``method`` over ``num_groups`` groups of clients.
+
+    Returns:
+      ``round_with(state, data, hp) -> (state, metrics)``; the state's client part is
+      the tuple of the groups' trees (``core.groups.grouped_state``).
+    """
+
+    def round_with(state: SimState, data: FederatedData, hp: Any):
+        members = group_members(data.num_clients, num_groups)
+        next_key, round_key = jax.random.split(state.key)
+        cohort_key, train_key, other = method.keys(round_key)
+        cohorts = group_cohorts(cohort_key, members, join_ratio)
+        rows = [gather(tree, c) for tree, c in zip(state.clients, cohorts, strict=True)]
+        inputs, received, metrics = method.exchange(hp, rows, other)
+        new_groups, losses, counts = [], [], []
+        for g, (idx, tree, c, own) in enumerate(
+            zip(members, state.clients, cohorts, inputs, strict=True)
+        ):
+            clients = global_rows(idx, c)
+            x, y, n = private_data(data, clients)
+            keys = jax.random.split(jax.random.fold_in(train_key, g), clients.shape[0])
+
+            def client(shared, *row, g=g):
+                return method.client_update(shared[0], g, shared[1], *row)
+
+            new_rows, loss = execution.map(client, (own, x, y, n, keys),
+                                           shared=(hp, received))
+            new_groups.append(scatter(tree, c, new_rows))
+            losses.append(loss)
+            counts.append(n)
+        state = advance(state, next_key, clients=tuple(new_groups))
+        return state, {"train_loss": cohort_loss(losses, counts), **metrics}
+
+    return round_with
+
+
+def grouped_evaluate(
+    logits: Callable[[int, Any, jax.Array], jax.Array],
+    *,
+    num_groups: int,
+    execution: Execution,
+) -> Callable:
+    """Evaluation over groups: every client's own model on its own test set.
+
+    Args:
+      logits: ``(g, own, x) -> logits`` of a client of group g.
+
+    Returns:
+      ``evaluate_with(state, data, hp) -> (correct[K], loss_sum[K])`` in client order.
+    """
+
+    def evaluate_with(state: SimState, data: FederatedData, hp: Any):
+        del hp
+        members = group_members(data.num_clients, num_groups)
+        correct = jnp.zeros((data.num_clients,), jnp.int32)
+        loss = jnp.zeros((data.num_clients,), jnp.float32)
+        for g, (idx, tree) in enumerate(zip(members, state.clients, strict=True)):
+            c, l_ = count_correct(
+                lambda own, _, x, g=g: logits(g, own, x), tree, None,
+                data.test_x[idx], data.test_y[idx], data.test_counts[idx],
+                strategy=execution.strategy, chunk_size=execution.chunk_size,
+            )
+            correct = correct.at[idx].set(c)
+            loss = loss.at[idx].set(l_)
+        return correct, loss
+
+    return evaluate_with

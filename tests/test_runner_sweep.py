@@ -1,0 +1,99 @@
+"""Sweeps over any traced hyperparameter: every configuration against its separate run,
+and configurations refused before anything compiles."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from conftest import random_federated
+
+from fedjax_sim import algorithms
+from fedjax_sim.models import make_model
+from fedjax_sim.runner import run, sweep, sweep_configs
+
+HP = {"local_epochs": 1, "batch_size": 8, "join_ratio": 0.6}
+CONFIGS = {
+    # lr, momentum and ig_ratio together and apart; the default ig_ratio is 0.9999.
+    "fedobp": [{"lr": 0.05, "momentum": 0.5, "ig_ratio": 0.5}, {"ig_ratio": 0.9}],
+    "ditto": [{"ditto_lambda": 0.1}, {"ditto_lambda": 2.0, "lr": 0.03}],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    data = random_federated(seed=0, num_clients=5)
+    return data, make_model("mlp", data.input_shape, data.num_classes, hidden=(8,))
+
+
+def _final(state):
+    """The trained models of a final state: the global one and the clients' own."""
+    return jax.tree.leaves((state.server["params"], state.clients["params"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedobp", "ditto"])
+def test_every_configuration_is_its_separate_run(tiny, name):
+    data, model = tiny
+    kw = {"rounds": 2, "eval_every": 2, "hparams": HP, "progress": False, "keep_states": True}
+    looped = sweep(name, model, data, seeds=[0, 1], configs=CONFIGS[name],
+                   config_strategy="map", **kw)
+    batched = sweep(name, model, data, seeds=[0, 1], configs=CONFIGS[name],
+                    config_strategy="vmap", **kw)
+    assert [(s["seed"], s["config"]) for s in looped] == [
+        (seed, c) for c in CONFIGS[name] for seed in (0, 1)]
+    for one, many in zip(looped, batched, strict=True):
+        alone = run(algorithms.make(name, model, **HP, **one["config"]), data, rounds=2,
+                    eval_every=2, seed=one["seed"], progress=False)
+        # The compiled loop over configurations runs each one's round as the separate run
+        # does: the same floats.
+        for a, b in zip(_final(one["state"]), _final(alone.state), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert one["client_accuracies"] == alone.summary["client_accuracies"]
+        assert one["history"][-1]["train_loss"] == alone.history[-1]["train_loss"]
+        # vmap batches the configurations' matmuls: float32 rounding apart.
+        for a, b in zip(_final(many["state"]), _final(alone.state), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert many["history"][-1]["train_loss"] == pytest.approx(
+            alone.history[-1]["train_loss"], rel=1e-4)
+    # The configurations differ from each other.
+    assert looped[0]["history"][-1]["train_loss"] != looped[2]["history"][-1]["train_loss"]
+
+
+def test_lr_sweep_keeps_its_summary_fields(tiny, tmp_path):
+    data, model = tiny
+    out = sweep("fedavg", model, data, seeds=[3], lrs=[0.05, 0.2], rounds=1, hparams=HP,
+                progress=False, output=tmp_path)
+    assert [(s["seed"], s["lr"], s["config"]) for s in out] == [
+        (3, 0.05, {"lr": 0.05}), (3, 0.2, {"lr": 0.2})]
+    assert (tmp_path / "seed3_lr0.2" / "summary.json").exists()
+    configs = sweep("fedavg", model, data, configs=[{"seed": 3, "momentum": 0.5}], rounds=1,
+                    hparams=HP, progress=False)
+    assert configs[0]["lr"] == 0.01 and configs[0]["momentum"] == 0.5
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"configs": [{"seed": 0, "batch_size": 4}]},
+     "configs[0]: batch_size is not a traced hyperparameter of fedavg"),
+    ({"configs": [{"seed": 0}, {"lr": 0.1}]}, "configs[1] has no seed"),
+    ({"configs": [{"seed": 0, "lr": 0.1}], "seeds": [1]}, "configs[0] sets a seed"),
+    ({"configs": [{"lr": 0.1}], "seeds": [0], "lrs": [0.1]}, "give lrs or configs"),
+    ({"configs": {"lr": 0.1}, "seeds": [0]}, "configs must be a non-empty list of dicts"),
+    ({"configs": [], "seeds": [0]}, "configs must be a non-empty list of dicts"),
+    ({"configs": [{"seed": 0, "momentum": 1.0}]}, "configs[0].momentum must be in [0, 1)"),
+    ({"configs": [{"seed": -1}]}, "configs[0].seed must be an integer >= 0"),
+    ({"configs": [{"seed": 0, "lr": 0.01}, {"seed": 0}]},
+     "configuration 1 (seed 0, {}) repeats configuration 0"),
+    ({}, "seeds must be a non-empty list of seeds, got None"),
+])
+def test_bad_configurations_are_refused(kw, message):
+    with pytest.raises(ValueError) as info:
+        sweep_configs("fedavg", {}, **kw)
+    assert message in str(info.value)
+
+
+def test_sweep_refuses_values_the_algorithm_refuses(tiny):
+    data, model = tiny
+    with pytest.raises(ValueError, match="ema_alpha must be 0 with obp_variant='random'"):
+        sweep("fedobp", model, data, seeds=[0], configs=[{"ema_alpha": 0.5}], rounds=1,
+              hparams={**HP, "obp_variant": "random"}, progress=False)
