@@ -207,26 +207,10 @@ def _to_host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
-def make_round_block(
-    algorithm: Algorithm,
-    length: int,
-    *,
-    state_shardings: Any = None,
-    check_traces: bool = False,
-    num_clients: int | None = None,
-) -> Callable:
-    """One jitted call running ``length`` rounds with ``lax.scan`` (the state buffers are
-    donated, nothing returns to the host in between).
-
-    With ``num_clients``, every round's metrics also hold ``nonfinite_clients`` (K,) and
-    ``nonfinite_any``: which clients' states (or the shared server state) hold a NaN or an
-    infinity after the round (the runner's divergence check).
-
-    Returns:
-      ``(state, data, hp=None) -> (state, metrics)``, every metric stacked over the
-      ``length`` rounds; ``hp`` the traced hyperparameters (``algorithm.hp(...)``), passed
-      as data, or ``None`` for the algorithm's own values compiled in.
-    """
+def round_block(algorithm: Algorithm, length: int, *, check_traces: bool = False,
+                num_clients: int | None = None) -> Callable:
+    """``(state, data, hp=None) -> (state, metrics)`` running ``length`` rounds with
+    ``lax.scan`` (unjitted; see :func:`make_round_block`)."""
     if length < 1:
         raise ValueError(f"rounds per call must be >= 1, got {length}")
     _, round_with, _ = algorithm.with_hp()
@@ -247,10 +231,33 @@ def make_round_block(
 
     if check_traces:
         block = traced_once(block, f"{algorithm.name} ({length} rounds per call)")
-    if state_shardings is None:
-        return jax.jit(block, donate_argnums=0)
-    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, PartitionSpec())
-    return jax.jit(block, donate_argnums=0, out_shardings=(state_shardings, replicated))
+    return block
+
+
+def make_round_block(
+    algorithm: Algorithm,
+    length: int,
+    *,
+    state_shardings: Any = None,
+    check_traces: bool = False,
+    num_clients: int | None = None,
+) -> Callable:
+    """One jitted call running ``length`` rounds with ``lax.scan`` (the state buffers are
+    donated, nothing returns to the host in between).
+
+    With ``num_clients``, every round's metrics also hold ``nonfinite_clients`` (K,) and
+    ``nonfinite_any``: which clients' states (or the shared server state) hold a NaN or an
+    infinity after the round (the runner's divergence check).
+
+    Returns:
+      ``(state, data, hp=None) -> (state, metrics)``, every metric stacked over the
+      ``length`` rounds; ``hp`` the traced hyperparameters (``algorithm.hp(...)``), passed
+      as data, or ``None`` for the algorithm's own values compiled in.
+    """
+    block = round_block(algorithm, length, check_traces=check_traces,
+                        num_clients=num_clients)
+    mesh = None if state_shardings is None else jax.tree.leaves(state_shardings)[0].mesh
+    return _jitted_block(block, state_shardings, mesh)
 
 
 # Settings that may change between a run and its resumption: they do not change what the
@@ -343,6 +350,247 @@ def _compile_block(block: Callable, state: SimState, data: FederatedData, hp: di
         safety.check_memory({"round temporaries": max(extra, 0)}, devices=devices,
                             what="one round")
     return compiled
+
+
+@dataclasses.dataclass
+class Program:
+    """What the host loop advances: ``size`` configurations of one compiled round.
+
+    A single run is a program of one configuration; a sweep stacks its configurations
+    on a leading axis and maps the round over it (as brax wraps an environment in a
+    vmap wrapper). The loop sees only this interface.
+
+    Attributes:
+      algorithm: the algorithm (its values are those of configuration 0).
+      size: number of configurations C.
+      data: the placed data argument of every call.
+      state: the initial (placed) state; leaves lead with C for a sweep.
+      shardings: the state's shardings (``None``: the default device).
+      hp: the traced hyperparameters argument (stacked over C for a sweep).
+      make_block: ``length -> jitted (state, data, hp) -> (state, metrics)``, each metric
+        shaped (C, length, ...), with ``nonfinite_clients`` (C, length, K) and
+        ``nonfinite_any`` (C, length).
+      evaluate: jitted ``(state, data, hp) -> correct``, (C, K).
+      devices: the devices the program runs on.
+      host_wait: wait for each call before dispatching the next (several CPU devices).
+      test_counts: (C, K) test sample counts.
+      comm: per configuration, bytes (up, down) per round.
+      view: ``(state, c) -> configuration c's state`` (for ``Algorithm.report``).
+    """
+
+    algorithm: Algorithm
+    size: int
+    data: Any
+    state: Any
+    shardings: Any
+    hp: Any
+    make_block: Callable[[int], Callable]
+    evaluate: Callable
+    devices: list
+    host_wait: bool
+    test_counts: np.ndarray
+    comm: list[tuple[int, int]]
+    view: Callable[[Any, int], Any]
+
+
+@dataclasses.dataclass
+class Track:
+    """One configuration's records in the host loop: what it writes and reports."""
+
+    labels: dict
+    hparams: dict
+    out: Path | None = None
+    local_accuracies: Any = None
+    extra_summary: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+    diverged: dict | None = None
+    summary: dict | None = None
+
+
+def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
+                    mesh: Mesh | None) -> Program:
+    """One run: the client axis sharded over ``mesh``, no configuration axis."""
+    data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
+    _, _, evaluate_with = algorithm.with_hp()
+    if mesh is None:
+        evaluate = jax.jit(lambda s, d, hp: evaluate_with(s, d, hp)[0][None])
+    else:
+        evaluate = jax.jit(lambda s, d, hp: evaluate_with(s, d, hp)[0][None],
+                           out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def make_block(length):
+        block = round_block(algorithm, length, check_traces=True,
+                            num_clients=data.num_clients)
+        return _jitted_block(lambda s, d, hp: _with_config_axis(block(s, d, hp)),
+                             shardings, mesh)
+
+    return Program(
+        algorithm=algorithm, size=1, data=data, state=state, shardings=shardings,
+        hp=algorithm.hp(), make_block=make_block,
+        evaluate=evaluate,
+        devices=jax.devices()[:1] if mesh is None else list(mesh.devices.flat),
+        host_wait=safety.needs_host_wait(mesh),
+        test_counts=np.asarray(data.test_counts)[None],
+        comm=[algorithm.comm_bytes(data)], view=lambda s, c: s)
+
+
+def _with_config_axis(result):
+    state, metrics = result
+    return state, jax.tree.map(lambda m: m[None], metrics)
+
+
+def _jitted_block(block: Callable, shardings: Any, mesh: Mesh | None) -> Callable:
+    if shardings is None:
+        return jax.jit(block, donate_argnums=0)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(block, donate_argnums=0, out_shardings=(shardings, replicated))
+
+
+def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int,
+          rounds_per_call: int, checkpoint_every: int, checkpoints: Checkpointer | None,
+          identity: dict | None, first_round: int, events: Events, on_divergence: str,
+          stop: safety.StopRequest, progress: bool, lead: bool, start: float,
+          name: str) -> tuple[Any, int, float | None]:
+    """The host loop, for one run and for a sweep alike.
+
+    Runs rounds ``first_round`` .. ``rounds`` in calls that end at every evaluation and
+    checkpoint; after each evaluation, every configuration's ``metrics.jsonl`` is
+    rewritten. A configuration that diverges under ``stop`` keeps its records up to its
+    divergence and takes no more (the others go on); the loop ends when every one has.
+
+    Returns:
+      ``(final state, rounds done, compile seconds)``.
+    """
+    algorithm = program.algorithm
+    writes = lead
+    watchdog = safety.Watchdog()
+    if program.host_wait:
+        watchdog.wait(program.state, "initializing the state")
+    state, data, hp = program.state, program.data, program.hp
+    blocks: dict[int, Callable] = {}
+    compile_s = None
+    bar = _progress(rounds - first_round, progress and lead, name)
+
+    def live() -> list[int]:
+        return [c for c, t in enumerate(tracks)
+                if t.diverged is None or on_divergence == "warn"]
+
+    def save(done: int) -> None:
+        checkpoints.save(done, state, {"identity": identity, "round": done})
+        events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
+
+    r = first_round
+    try:
+        while r < rounds and live():
+            stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+            if checkpoint_every:
+                stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
+            length = stop_at - r
+            tic = time.perf_counter()
+            if length not in blocks:
+                blocks[length] = _compile_block(program.make_block(length), state, data, hp,
+                                                program.devices)
+            for i in range(length):
+                events.emit("round_start", round=r + i, state=state)
+            state, metrics = blocks[length](state, data, hp)
+            if program.host_wait or compile_s is None:
+                watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
+            if compile_s is None:
+                compile_s = time.perf_counter() - tic
+            losses = np.asarray(metrics["train_loss"])
+            flags = np.asarray(metrics["nonfinite_any"])
+            new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
+                   if tracks[c].diverged is None]
+            if new:
+                clients = np.asarray(_to_host(metrics["nonfinite_clients"]))
+                for c in new:
+                    tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], r,
+                                                     tracks[c].hparams, on_divergence)
+            for i in range(length):
+                events.emit("round_end", round=r + i + 1, state=state,
+                            metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
+                                                 else m[0, i], metrics))
+            if bar is not None:
+                bar.update(length)
+            r = done = stop_at
+            if not live():
+                break
+            if done % eval_every == 0 or done == rounds:
+                correct = np.asarray(_to_host(program.evaluate(state, data, hp)))
+                for c in live():
+                    track = tracks[c]
+                    up, down = program.comm[c]
+                    record = {
+                        "round": done, **track.labels,
+                        "train_loss": float(losses[c, -1]),
+                        **summarize(correct[c], program.test_counts[c]),
+                        "bytes_up": up * done, "bytes_down": down * done,
+                        "wall_s": time.perf_counter() - start,
+                    }
+                    if track.diverged is not None:
+                        record["diverged_at"] = track.diverged["round"]
+                    track.history.append(record)
+                    if writes and track.out is not None:
+                        write_jsonl(track.out / "metrics.jsonl", track.history)
+                if bar is not None and live():
+                    bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
+                events.emit("evaluate", round=done, state=state,
+                            record=tracks[0].history[-1] if program.size == 1 and
+                            tracks[0].history else [t.history[-1] for t in tracks
+                                                    if t.history])
+            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
+                save(done)
+            if stop.requested:
+                break
+    except jax.errors.JaxRuntimeError as error:
+        if safety.is_out_of_memory(error):
+            raise safety.OutOfMemoryError(
+                f"{algorithm.name} ran out of device memory at round {r + 1}: "
+                f"{str(error).splitlines()[0][:200]}; lower --num-clients, --batch-size or "
+                "the model size, or use --client-strategy sequential") from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if stop.requested and r < rounds and checkpoints is not None:
+        save(r)
+        checkpoints.wait()
+    return state, r, compile_s
+
+
+def _finish(program: Program, tracks: list[Track], state: Any, *, rounds: int, done: int,
+            stopped: bool, fields: Callable[[int, Track, str, int], dict],
+            writes: bool) -> None:
+    """Every configuration's summary (``Track.summary``), written with its plots."""
+    for c, track in enumerate(tracks):
+        final = track.history[-1] if track.history else None
+        # Ran to the end: complete, or diverged and kept going (``warn``).
+        to_the_end = final is not None and final["round"] == rounds and not stopped
+        if stopped:
+            status, rounds_done = "stopped", done
+        elif track.diverged is not None:
+            status = "diverged"
+            rounds_done = rounds if to_the_end else track.diverged["round"]
+        else:
+            status, rounds_done = "complete", rounds
+        summary = fields(c, track, status, rounds_done)
+        if to_the_end:
+            summary.update({k: final[k] for k in (
+                "accuracy", "client_mean_accuracy", "client_std", "client_min",
+                "client_p10", "client_accuracies")})
+            if program.algorithm.report is not None:
+                summary.update(program.algorithm.report(program.view(state, c)))
+            if track.local_accuracies is not None:
+                summary.update(federation_incentives(final["client_accuracies"],
+                                                     track.local_accuracies))
+        if track.diverged is not None:
+            summary["diverged"] = track.diverged
+            summary["diverged_at"] = track.diverged["round"]
+        track.summary = summary
+        if writes and track.out is not None:
+            atomic_write_json(track.out / "summary.json", summary)
+            if track.history:
+                _plots(track.out, track.history, {**final, **summary})
 
 
 def run(
@@ -447,204 +695,83 @@ def run(
         out = Path(output) if output is not None else None
         checkpoints = Checkpointer(out / CHECKPOINT_DIR) if out is not None else None
         try:
-            return _run_loop(
-                algorithm, data, mesh=mesh, run_devices=run_devices, rounds=rounds,
-                eval_every=eval_every, seed=seed, events=events, out=out, lead=lead,
-                local_accuracies=local_accuracies, checkpoint_every=checkpoint_every,
-                resume=resume, progress=progress, extra_summary=extra_summary,
-                rounds_per_call=rounds_per_call, identity=identity, settings=settings,
-                on_divergence=on_divergence, stop=stop, checkpoints=checkpoints,
-                resume_hint=resume_hint, options=options)
+            start = time.perf_counter()
+            program = _single_program(algorithm, data, seed=seed, mesh=mesh)
+            track = Track(labels={"algorithm": algorithm.name, "dataset": data.name,
+                                  "seed": seed},
+                          hparams=algorithm.hparams, out=out,
+                          local_accuracies=local_accuracies,
+                          extra_summary=dict(extra_summary or {}))
+            resumed_from = None
+            if resume:
+                program.state, track.history = _resume(
+                    out, checkpoints, program.state, program.shardings, identity, rounds,
+                    write=lead)
+                resumed_from = int(program.state.round)
+            if out is not None and lead:
+                atomic_write_json(out / "config.json", {
+                    "identity": identity, "settings": settings, "options": options or {},
+                    "environment": environment(), "resumed_from": resumed_from})
+                if not resume:
+                    write_jsonl(out / "metrics.jsonl", [])
+            state, done, compile_s = _loop(
+                program, [track], rounds=rounds, eval_every=eval_every,
+                rounds_per_call=rounds_per_call, checkpoint_every=checkpoint_every,
+                checkpoints=checkpoints, identity=identity,
+                first_round=int(program.state.round), events=events,
+                on_divergence=on_divergence, stop=stop, progress=progress, lead=lead,
+                start=start, name=algorithm.name)
+
+            def fields(c, track, status, rounds_done):
+                up, down = program.comm[c]
+                summary = {
+                    "status": status, **track.labels, "num_clients": data.num_clients,
+                    "rounds": rounds, "rounds_done": rounds_done,
+                    "wall_s": time.perf_counter() - start, "compile_s": compile_s,
+                    "bytes_up": up * rounds_done, "bytes_down": down * rounds_done,
+                    "devices": 1 if mesh is None else mesh.size,
+                    "processes": jax.process_count(), "rounds_per_call": rounds_per_call,
+                    "hparams": algorithm.hparams, **track.extra_summary}
+                if resumed_from is not None:
+                    summary["resumed_from"] = resumed_from
+                return summary
+
+            stopped = stop.requested and done < rounds
+            if checkpoints is not None:
+                checkpoints.wait()
+            _finish(program, [track], state, rounds=rounds, done=done, stopped=stopped,
+                    fields=fields, writes=lead)
         finally:
             if checkpoints is not None:
                 checkpoints.close()
-
-
-def _run_loop(algorithm, data, *, mesh, run_devices, rounds, eval_every, seed, events, out,
-              lead, local_accuracies, checkpoint_every, resume, progress, extra_summary,
-              rounds_per_call, identity, settings, on_divergence, stop, checkpoints,
-              resume_hint, options) -> RunResult:
-    writes = out is not None and lead
-    num_devices = 1 if mesh is None else mesh.size
-    test_counts = np.asarray(data.test_counts)
-    host_wait = safety.needs_host_wait(mesh)
-    watchdog = safety.Watchdog()
-    start = time.perf_counter()
-    data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
-    history: list[dict] = []
-    resumed_from = None
-    if resume:
-        state, history = _resume(out, checkpoints, state, shardings, identity, rounds,
-                                 write=writes)
-        resumed_from = int(state.round)
-    config_record = {"identity": identity, "settings": settings, "options": options or {},
-                     "environment": environment(), "resumed_from": resumed_from}
-    if writes:
-        atomic_write_json(out / "config.json", config_record)
-        if not resume:
-            write_jsonl(out / "metrics.jsonl", [])
-    if host_wait:
-        watchdog.wait(state, "initializing the state")
-
-    blocks: dict[int, Callable] = {}
-    # The traced hyperparameters go in as data: the same compiled round serves any values
-    # (a sweep's configurations run this very program).
-    hp = algorithm.hp()
-    _, _, evaluate_with = algorithm.with_hp()
-    if mesh is None:
-        evaluate_fn = jax.jit(evaluate_with)
-    else:
-        evaluate_fn = jax.jit(evaluate_with,
-                              out_shardings=NamedSharding(mesh, PartitionSpec()))
-    up_per_round, down_per_round = algorithm.comm_bytes(data)
-    labels = {"algorithm": algorithm.name, "dataset": data.name, "seed": seed}
-    first_round = int(state.round)
-    compile_s = None
-    diverged: dict | None = None
-    bar = _progress(rounds - first_round, progress and lead, algorithm.name)
-
-    def summary_fields(status: str, done: int) -> dict:
-        return {
-            "status": status, **labels, "num_clients": data.num_clients, "rounds": rounds,
-            "rounds_done": done, "wall_s": time.perf_counter() - start,
-            "compile_s": compile_s, "bytes_up": up_per_round * done,
-            "bytes_down": down_per_round * done, "devices": num_devices,
-            "processes": jax.process_count(), "rounds_per_call": rounds_per_call,
-            "hparams": algorithm.hparams, **(extra_summary or {}),
-        }
-
-    def save(done: int) -> None:
-        checkpoints.save(done, state, {"identity": identity, "round": done})
-        events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
-
-    r = first_round
-    try:
-        while r < rounds:
-            stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
-            if checkpoint_every:
-                stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
-            length = stop_at - r
-            tic = time.perf_counter()
-            if length not in blocks:
-                blocks[length] = _compile_block(
-                    make_round_block(algorithm, length, state_shardings=shardings,
-                                     check_traces=True, num_clients=data.num_clients),
-                    state, data, hp, run_devices)
-            for i in range(length):
-                events.emit("round_start", round=r + i, state=state)
-            state, metrics = blocks[length](state, data, hp)
-            if host_wait or compile_s is None:
-                watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
-            if compile_s is None:
-                compile_s = time.perf_counter() - tic
-            losses = np.asarray(metrics["train_loss"])
-            if not np.isfinite(losses).all() or bool(np.asarray(metrics["nonfinite_any"]).any()):
-                diverged = _divergence(metrics, losses, r, algorithm, on_divergence, diverged)
-            for i in range(length):
-                events.emit("round_end", round=r + i + 1, state=state,
-                            metrics=jax.tree.map(lambda m, i=i: m[i], metrics))
-            if bar is not None:
-                bar.update(length)
-            r = done = stop_at
-            if diverged is not None and on_divergence == "stop":
-                break
-            if done % eval_every == 0 or done == rounds:
-                correct, _ = evaluate_fn(state, data, hp)
-                record = {
-                    "round": done, **labels,
-                    "train_loss": float(losses[-1]),
-                    **summarize(np.asarray(correct), test_counts),
-                    "bytes_up": up_per_round * done,
-                    "bytes_down": down_per_round * done,
-                    "wall_s": time.perf_counter() - start,
-                }
-                if diverged is not None:
-                    record["diverged_at"] = diverged["round"]
-                history.append(record)
-                if writes:
-                    write_jsonl(out / "metrics.jsonl", history)
-                if bar is not None:
-                    bar.set_postfix(acc=f"{record['accuracy']:.4f}")
-                events.emit("evaluate", round=done, state=state, record=record)
-            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
-                save(done)
-            if stop.requested:
-                break
-    except jax.errors.JaxRuntimeError as error:
-        if safety.is_out_of_memory(error):
-            raise safety.OutOfMemoryError(
-                f"{algorithm.name} ran out of device memory at round {r + 1}: "
-                f"{str(error).splitlines()[0][:200]}; lower --num-clients, --batch-size or "
-                "the model size, or use --client-strategy sequential") from None
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-
-    if diverged is not None and on_divergence == "stop":
-        summary = {**summary_fields("diverged", diverged["round"]), "diverged": diverged}
-        if writes:
-            atomic_write_json(out / "summary.json", summary)
-            if history:
-                _plots(out, history, summary)
+    summary = track.summary
+    if track.diverged is not None and on_divergence == "stop":
+        diverged = track.diverged
         raise safety.DivergedError(diverged["message"], round=diverged["round"],
                                    clients=diverged["clients"])
-    if stop.requested and r < rounds:
+    if stopped:
         saved = checkpoints is not None
-        if saved:
-            save(r)
-            checkpoints.wait()
-        summary = summary_fields("stopped", r)
-        if writes:
-            atomic_write_json(out / "summary.json", summary)
-            if history:
-                _plots(out, history, {**summary, **history[-1]})
         how = (f"; resume with: {resume_hint}" if saved and resume_hint else
                f"; its checkpoint is in {checkpoints.directory}" if saved else
                " (no output folder: nothing was saved)")
-        raise safety.StoppedError(f"stopped at round {r}{how}", round=r, signum=stop.signum,
-                                  checkpoint=saved)
-
-    final = history[-1]
-    summary = {
-        **summary_fields("complete" if diverged is None else "diverged", rounds),
-        "accuracy": final["accuracy"],
-        "client_mean_accuracy": final["client_mean_accuracy"],
-        "client_std": final["client_std"],
-        "client_min": final["client_min"],
-        "client_p10": final["client_p10"],
-        "client_accuracies": final["client_accuracies"],
-    }
-    if diverged is not None:
-        summary["diverged"] = diverged
-    if resumed_from is not None:
-        summary["resumed_from"] = resumed_from
-    if algorithm.report is not None:
-        summary.update(algorithm.report(state))
-    if local_accuracies is not None:
-        summary.update(federation_incentives(final["client_accuracies"], local_accuracies))
-    if checkpoints is not None:
-        checkpoints.wait()
-    if writes:
-        atomic_write_json(out / "summary.json", summary)
-        _plots(out, history, summary)
-    events.emit("finish", summary=summary, state=state, history=history)
-    return RunResult(summary, history, state)
+        raise safety.StoppedError(f"stopped at round {done}{how}", round=done,
+                                  signum=stop.signum, checkpoint=saved)
+    events.emit("finish", summary=summary, state=state, history=track.history)
+    return RunResult(summary, track.history, state)
 
 
-def _divergence(metrics, losses, first, algorithm, policy, seen) -> dict:
-    """The first divergence (round, clients, message); warns under ``warn``."""
-    flags = np.asarray(metrics["nonfinite_any"])
-    bad_rounds = np.flatnonzero(~np.isfinite(losses) | flags)
-    index = int(bad_rounds[0])
-    clients = np.asarray(_to_host(metrics["nonfinite_clients"]))[index]
+def _divergence(losses: np.ndarray, flags: np.ndarray, clients: np.ndarray, first: int,
+                hparams: dict, policy: str) -> dict:
+    """A configuration's first divergence in a call of rounds ``first + 1 ..`` (round,
+    clients, message) from its losses, flags and (rounds, K) non-finite clients; warns
+    under ``warn``."""
+    index = int(np.flatnonzero(~np.isfinite(losses) | flags)[0])
+    clients = clients[index]
     message = safety.divergence_message(first + index + 1, clients, float(losses[index]),
-                                        algorithm.hparams)
-    if seen is not None:
-        return seen
+                                        hparams)
     if policy == "warn":
         warnings.warn(message + " (going on: --on-divergence warn)", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=4)
     return {"round": first + index + 1, "clients": np.flatnonzero(clients).tolist(),
             "message": message}
 
@@ -722,8 +849,9 @@ def sweep_configs(
     seeds: list[int] | None = None,
     lrs: list[float] | None = None,
     configs: list[dict] | None = None,
-) -> list[tuple[int, dict]]:
-    """The configurations of a sweep as ``(seed, overrides)`` pairs, checked on the host.
+    num_splits: int = 1,
+) -> list[tuple[int, dict, int]]:
+    """The configurations of a sweep as ``(seed, overrides, split)``, checked on the host.
 
     Args:
       name: algorithm name.
@@ -731,15 +859,16 @@ def sweep_configs(
       seeds: seeds; every configuration runs once per seed (seeds varying fastest).
       lrs: learning rates: the configurations ``{"lr": lr}`` (``configs`` must be unset).
       configs: dicts of traced-hyperparameter overrides, each with its ``seed`` unless
-        ``seeds`` is given.
+        ``seeds`` is given, and optionally ``split``: the index of its data split.
+      num_splits: how many data splits there are (``split`` is in ``[0, num_splits)``).
 
     Returns:
-      One ``(seed, overrides)`` per configuration.
+      One ``(seed, overrides, split)`` per configuration.
 
     Raises:
-      ValueError: naming the entry: an empty or repeated list entry, a bad seed or value,
-        a key that is not a traced hyperparameter of ``name``, ``lrs`` with ``configs``,
-        a configuration without a seed, or two identical configurations.
+      ValueError: naming the entry: an empty or repeated list entry, a bad seed, split or
+        value, a key that is not a traced hyperparameter of ``name``, ``lrs`` with
+        ``configs``, a configuration without a seed, or two identical configurations.
     """
     from fedjax_sim import algorithms
     from fedjax_sim.algorithms.base import check_hparam
@@ -766,9 +895,9 @@ def sweep_configs(
     elif isinstance(configs, dict | str | bytes) or not configs or not all(
             isinstance(c, dict) for c in configs):
         raise ValueError(f"configs must be a non-empty list of dicts, got {configs!r}")
-    pairs = []
+    triples = []
     for i, config in enumerate(configs):
-        overrides = {k: v for k, v in config.items() if k != "seed"}
+        overrides = {k: v for k, v in config.items() if k not in ("seed", "split")}
         unknown = sorted(set(overrides) - set(specs))
         if unknown:
             raise ValueError(
@@ -776,21 +905,29 @@ def sweep_configs(
                 f"{name}; a sweep varies {', '.join(specs)} (run the others separately)")
         overrides = {k: check_hparam(specs[k], v, f"configs[{i}].{k}")
                      for k, v in overrides.items()}
+        split = config.get("split", 0)
+        if (not isinstance(split, int) or isinstance(split, bool)
+                or not 0 <= split < num_splits):
+            raise ValueError(f"configs[{i}].split must be an integer in [0, {num_splits}) "
+                             f"(one of the data splits), got {split!r}")
         if seeds is not None:
             if "seed" in config:
                 raise ValueError(f"configs[{i}] sets a seed and seeds is given; give one")
-            pairs += [(s, overrides) for s in seeds]
+            triples += [(s, overrides, split) for s in seeds]
         elif "seed" not in config:
             raise ValueError(f"configs[{i}] has no seed (give it one, or give seeds)")
         else:
-            pairs.append((check_seed(f"configs[{i}].seed", config["seed"]), overrides))
-    resolved = [(seed, algorithms.resolve(name, **{**hparams, **overrides}))
-                for seed, overrides in pairs]
-    for j, pair in enumerate(resolved):
-        if pair in resolved[:j]:
-            raise ValueError(f"configuration {j} (seed {pair[0]}, {pairs[j][1]}) repeats "
-                             f"configuration {resolved.index(pair)} (each runs once)")
-    return pairs
+            triples.append((check_seed(f"configs[{i}].seed", config["seed"]), overrides,
+                            split))
+    resolved = [(seed, split, algorithms.resolve(name, **{**hparams, **overrides}))
+                for seed, overrides, split in triples]
+    for j, entry in enumerate(resolved):
+        if entry in resolved[:j]:
+            where = f", split {entry[1]}" if num_splits > 1 else ""
+            raise ValueError(f"configuration {j} (seed {entry[0]}, {triples[j][1]}{where}) "
+                             f"repeats configuration {resolved.index(entry)} (each runs "
+                             "once)")
+    return triples
 
 
 def _refuse_repeats(label: str, values: list) -> None:
@@ -799,10 +936,11 @@ def _refuse_repeats(label: str, values: list) -> None:
         raise ValueError(f"{label} lists {repeated[0]!r} twice (each configuration runs once)")
 
 
-def _config_dir(seed: int, lr: float, overrides: dict) -> str:
-    """``seed{s}_lr{lr}`` and every other overridden value, e.g. ``seed0_lr0.1_momentum0.9``."""
+def _config_dir(seed: int, lr: float, overrides: dict, split: int, num_splits: int) -> str:
+    """``seed{s}_lr{lr}`` and every other overridden value, e.g. ``seed0_lr0.1_momentum0.9``
+    (and ``_split{i}`` when there are several data splits)."""
     rest = "".join(f"_{k}{v:g}" for k, v in overrides.items() if k != "lr")
-    return f"seed{seed}_lr{lr:g}{rest}"
+    return f"seed{seed}_lr{lr:g}{rest}" + (f"_split{split}" if num_splits > 1 else "")
 
 
 # Mesh axis name of a sweep's configuration axis.
@@ -822,10 +960,119 @@ def _config_mesh(num_configs: int, devices: int | None) -> Mesh | None:
     return Mesh(np.asarray(available[:count]), (_CONFIG_AXIS,), axis_types=(AxisType.Auto,))
 
 
+def stack_splits(splits: list[FederatedData]) -> FederatedData:
+    """Several splits of one data set (same clients, input shape and classes) as one
+    FederatedData with a leading split axis, each padded to the longest client.
+
+    Padding leaves a split's rounds unchanged: a client reads only its first ``count``
+    samples and an epoch's batches are drawn over those (``core.local``).
+    """
+    first = splits[0]
+    for i, split in enumerate(splits[1:], 1):
+        same = (split.num_clients == first.num_clients
+                and split.num_classes == first.num_classes
+                and split.train_x.shape[2:] == first.train_x.shape[2:]
+                and split.name == first.name)
+        if not same:
+            raise ValueError(f"data[{i}] is not a split of the data of data[0] (its "
+                             "clients, classes, input shape and name must be the same)")
+    n_max = max(s.train_x.shape[1] for s in splits)
+    t_max = max(s.test_x.shape[1] for s in splits)
+
+    def pad(leaf, length):
+        leaf = np.asarray(leaf)
+        width = [(0, 0), (0, length - leaf.shape[1])] + [(0, 0)] * (leaf.ndim - 2)
+        return np.pad(leaf, width)
+
+    return first.replace(
+        train_x=np.stack([pad(s.train_x, n_max) for s in splits]),
+        train_y=np.stack([pad(s.train_y, n_max) for s in splits]),
+        train_counts=np.stack([np.asarray(s.train_counts) for s in splits]),
+        test_x=np.stack([pad(s.test_x, t_max) for s in splits]),
+        test_y=np.stack([pad(s.test_y, t_max) for s in splits]),
+        test_counts=np.stack([np.asarray(s.test_counts) for s in splits]),
+    )
+
+
+def _batched_program(algorithm: Algorithm, splits: list[FederatedData],
+                     triples: list[tuple[int, dict, int]], hps: list[dict], *,
+                     config_strategy: str, mesh: Mesh | None) -> Program:
+    """Every configuration of a sweep as one program: states and traced hyperparameters
+    stacked on a leading axis, the round mapped over it (``vmap`` or ``lax.map``), the
+    axis sharded over ``mesh``. With one split the data is shared; with several, each
+    configuration reads its own (``stack_splits``)."""
+    init_with, round_with, evaluate_with = algorithm.with_hp()
+    num_clients = splits[0].num_clients
+    seeds = np.asarray([s for s, _, _ in triples], np.uint32)
+    split_of = np.asarray([i for _, _, i in triples], np.int32)
+    hp = {key: np.stack([h[key] for h in hps]) for key in hps[0]}
+    shared = len(splits) == 1
+    data = splits[0] if shared else stack_splits(splits)
+    if mesh is None:
+        data = to_device(data)
+    else:
+        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
+        per_config = NamedSharding(mesh, PartitionSpec(_CONFIG_AXIS))
+        hp, seeds, split_of = jax.device_put((hp, seeds, split_of), per_config)
+
+    def over_configs(fn):
+        """``fn(data, *config_args)`` mapped over the configurations; the data is shared,
+        or indexed by each configuration's split."""
+        def own(data, split, *args):
+            if not shared:
+                data = jax.tree.map(lambda leaf: leaf[split], data)
+            return fn(data, *args)
+
+        if config_strategy == "vmap":
+            mapped = jax.vmap(own, in_axes=(None, 0, 0, 0))
+        else:
+            def mapped(data, *args):
+                return jax.lax.map(lambda a: own(data, *a), args)
+        if mesh is None:
+            return mapped
+        # Every device advances its own block of configurations.
+        per = PartitionSpec(_CONFIG_AXIS)
+        return jax.shard_map(mapped, mesh=mesh, in_specs=(PartitionSpec(), per, per, per),
+                             out_specs=per, check_vma=False)
+
+    state = jax.jit(over_configs(
+        lambda data, seed, hp: init_with(jax.random.key(seed), data, hp)))(
+        data, split_of, seeds, hp)
+
+    def one_config(data, state, hp, length):
+        def one_round(state):
+            state, metrics = round_with(state, data, hp)
+            bad = safety.nonfinite_clients(state.clients, state.server, num_clients)
+            return state, {**metrics, "nonfinite_clients": bad, "nonfinite_any": bad.any()}
+
+        if length == 1:
+            state, metrics = one_round(state)
+            return state, jax.tree.map(lambda m: m[None], metrics)
+        return jax.lax.scan(lambda s, _: one_round(s), state, None, length=length)
+
+    def make_block(length):
+        mapped = over_configs(functools.partial(one_config, length=length))
+        block = traced_once(lambda state, data, hp: mapped(data[0], data[1], state, hp),
+                            f"{algorithm.name} sweep ({length} rounds per call)")
+        return jax.jit(block, donate_argnums=0)
+
+    evaluate = jax.jit(lambda state, data, hp: over_configs(
+        lambda d, s, h: evaluate_with(s, d, h)[0])(data[0], data[1], state, hp))
+    counts = [np.asarray(s.test_counts) for s in splits]
+    return Program(
+        algorithm=algorithm, size=len(triples), data=(data, split_of), state=state,
+        shardings=None, hp=hp, make_block=make_block, evaluate=evaluate,
+        devices=[jax.devices()[0]] if mesh is None else list(mesh.devices.flat),
+        host_wait=mesh is not None and mesh.devices.flat[0].platform == "cpu",
+        test_counts=np.stack([counts[i] for _, _, i in triples]),
+        comm=[algorithm.comm_bytes(splits[i]) for _, _, i in triples],
+        view=lambda s, c: jax.tree.map(lambda a: a[c], s))
+
+
 def sweep(
     name: str,
     model: Any,
-    data: FederatedData,
+    data: FederatedData | list[FederatedData],
     *,
     seeds: list[int] | None = None,
     lrs: list[float] | None = None,
@@ -834,6 +1081,7 @@ def sweep(
     eval_every: int = 1,
     hparams: dict | None = None,
     output: str | os.PathLike | None = None,
+    outputs: list[str | os.PathLike] | None = None,
     rounds_per_call: int = 1,
     config_strategy: str = "auto",
     progress: bool = True,
@@ -841,9 +1089,14 @@ def sweep(
     overwrite: bool = False,
     options: dict | None = None,
     keep_states: bool = False,
+    local_accuracies: list | None = None,
+    extra_summaries: list[dict] | None = None,
+    config_records: list[dict] | None = None,
+    on_divergence: str = "stop",
+    events: Events | None = None,
 ) -> list[dict]:
-    """Runs every configuration (a seed and values of the traced hyperparameters) as one
-    batched simulation.
+    """Runs every configuration (a seed, a data split and values of the traced
+    hyperparameters) as one batched simulation, in the loop :func:`run` uses.
 
     The algorithm is built once; each configuration's traced hyperparameters
     (``Algorithm.hp``) are stacked on a leading axis next to the stacked states, and one
@@ -852,24 +1105,31 @@ def sweep(
     The configuration axis is sharded over the devices (the most that divide the number
     of configurations), each device advancing its own configurations; the data is
     replicated. A configuration computes what ``run(make(name, model, **hparams,
-    **overrides), data, seed=seed)`` computes: bit for bit with ``map`` on CPU (the same
-    round, one configuration at a time), to float32 rounding with ``vmap`` (batched
-    matmuls sum in another order).
+    **overrides), data[split], seed=seed)`` computes: bit for bit with ``map`` on CPU
+    (the same round, one configuration at a time), to float32 rounding with ``vmap``
+    (batched matmuls sum in another order).
 
     Args:
       name: algorithm name (one without public data).
       model: the model.
-      data: the federated data.
+      data: the federated data, or a list of splits of one data set (other partitions,
+        e.g. other Dirichlet α or partition seeds, with the same number of clients):
+        each configuration trains on ``data[split]``.
       seeds: seeds; every configuration runs once per seed, seeds varying fastest.
       lrs: client learning rates to sweep, the configurations ``{"lr": lr}`` (``None``:
         the ``lr`` of ``hparams``); not with ``configs``.
       configs: dicts of traced-hyperparameter overrides (``algorithms.traced_names``,
         e.g. ``{"lr": 0.1, "momentum": 0.9}``), each with its ``seed`` unless ``seeds``
-        is given.
-      rounds / eval_every / rounds_per_call: as in :func:`run`.
+        is given, and its ``split`` (default 0) when ``data`` is a list.
+      rounds / eval_every / rounds_per_call / on_divergence / events: as in :func:`run`
+        (events get the stacked state, and ``evaluate`` a list of records); a
+        configuration that diverges under ``stop`` keeps its records up to the
+        divergence and the others go on.
       hparams: the algorithm's other hyperparameters (and defaults of the traced ones).
-      output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}[_key{value}...]/
-        summary.json`` per configuration.
+      output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}[_key{value}...]/``
+        run folder per configuration.
+      outputs: instead of ``output``, each configuration's run folder (``config.json``,
+        ``metrics.jsonl`` rewritten at each evaluation, ``summary.json``, plots).
       config_strategy: ``vmap`` or ``map`` over the configurations, or ``auto``: ``map``
         on CPU (where the vmapped client steps become batched matmuls of small matrices,
         and a client's inactive epoch steps become selects instead of skipped branches)
@@ -877,180 +1137,149 @@ def sweep(
       progress: show a progress bar.
       devices: devices to shard the configurations over (``None``: all visible ones of
         this process; the count used divides the number of configurations).
-      overwrite: replace the sweep in an existing non-empty ``output`` (refused without).
+      overwrite: replace existing non-empty run folders (refused without).
       options: every option of the command that started it, for ``config.json``.
       keep_states: add each configuration's final ``SimState`` to its summary as
         ``state`` (never written to disk).
-
-    A configuration whose loss or state turns non-finite is reported with ``status``
-    ``diverged`` and the round (``diverged_at``), and without accuracy figures; the
-    others go on.
+      local_accuracies: per configuration, the Local reference's per-client accuracies
+        (or None): the summary then adds the hurt fraction and participation rate.
+      extra_summaries: per configuration, more fields for its summary.
+      config_records: per configuration, the ``config.json`` to write in its folder.
 
     Returns:
-      One summary dict per configuration (``seed``, ``lr``, every overridden value and
-      ``config``: the overrides), in the order of ``configs`` (or ``lrs``), seeds varying
-      fastest.
+      One summary dict per configuration (``seed``, ``lr``, every overridden value,
+      ``split`` and ``config``: the overrides; ``history``: its evaluation records), in
+      the order of ``configs`` (or ``lrs``), seeds varying fastest. A diverged
+      configuration has ``status`` ``diverged``, ``diverged_at`` and ``accuracy`` None.
 
     Raises:
       ValueError: before anything compiles: a bad loop setting or ``devices``, a bad
         configuration (see :func:`sweep_configs`; ``seeds[i]``, ``lrs[i]``,
         ``configs[i].key`` name the entry), a value the algorithm refuses, or a bad
         hyperparameter.
+      fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM (each folder's summary says
+        ``stopped``).
     """
     from fedjax_sim import algorithms
 
-    check_federated_data(data)
-    check_model_fits(model, data)
+    splits = list(data) if isinstance(data, list | tuple) else [data]
+    if not splits:
+        raise ValueError("data must be FederatedData or a non-empty list of splits")
+    for split in splits:
+        check_federated_data(split)
+        check_model_fits(model, split)
     validate_run_options(rounds=rounds, eval_every=eval_every)
     check_int("rounds_per_call", rounds_per_call, 1)
     if devices is not None:
         check_int("devices", devices, 1)
-    if output is not None:
-        from fedjax_sim.rundir import preflight
-
-        preflight(output, overwrite=overwrite)
+    validate_divergence_policy(on_divergence)
+    if output is not None and outputs is not None:
+        raise ValueError("give output (one sweep folder) or outputs (one per "
+                         "configuration), not both")
     if config_strategy not in ("auto", "vmap", "map"):
         raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
     hparams = dict(hparams or {})
     if algorithms.uses_public(name):
         raise ValueError(f"sweep does not support {name}: it needs public data")
-    pairs = sweep_configs(name, hparams, seeds=seeds, lrs=lrs, configs=configs)
+    triples = sweep_configs(name, hparams, seeds=seeds, lrs=lrs, configs=configs,
+                            num_splits=len(splits))
+    for label, per_config in (("outputs", outputs), ("local_accuracies", local_accuracies),
+                              ("extra_summaries", extra_summaries),
+                              ("config_records", config_records)):
+        if per_config is not None and len(per_config) != len(triples):
+            raise ValueError(f"{label} must have one entry per configuration "
+                             f"({len(triples)}), got {len(per_config)}")
     strategy_override()
-    alg = algorithms.make(name, model, cover=[overrides for _, overrides in pairs], **hparams)
+    alg = algorithms.make(name, model, cover=[overrides for _, overrides, _ in triples],
+                          **hparams)
     hps = []
-    for i, (_, overrides) in enumerate(pairs):
+    for i, (_, overrides, _) in enumerate(triples):
         try:
             hps.append(alg.hp(**overrides))
         except ValueError as error:
             raise ValueError(f"configuration {i} ({overrides}): {error}") from None
-    init_with, round_with, evaluate_with = alg.with_hp()
     if config_strategy == "auto":
         config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    seed_arr = np.asarray([s for s, _ in pairs], np.uint32)
-    hp_arr = {key: np.stack([h[key] for h in hps]) for key in hps[0]}
-    mesh = _config_mesh(len(pairs), devices)
-    if mesh is None:
-        data = to_device(data)
+    mesh = _config_mesh(len(triples), devices)
+    if output is not None:
+        folders = [Path(output) / _config_dir(seed, overrides.get("lr", alg.numeric["lr"]),
+                                              overrides, split, len(splits))
+                   for seed, overrides, split in triples]
     else:
-        data = jax.device_put(data, NamedSharding(mesh, PartitionSpec()))
-        hp_arr = jax.device_put(hp_arr, NamedSharding(mesh, PartitionSpec(_CONFIG_AXIS)))
+        folders = [None if o is None else Path(o) for o in (outputs or [None] * len(triples))]
+    for folder in ([Path(output)] if output is not None else folders):
+        if folder is not None:
+            from fedjax_sim.rundir import preflight
 
-    def over_configs(fn):
-        """``fn(data, *config_args)`` mapped over the configurations; data is shared."""
-        if config_strategy == "vmap":
-            mapped = jax.vmap(fn, in_axes=(None, 0, 0))
-        else:
-            def mapped(data, *args):
-                return jax.lax.map(lambda a: fn(data, *a), args)
-        if mesh is None:
-            return mapped
-        # Every device advances its own block of configurations.
-        per_config = PartitionSpec(_CONFIG_AXIS)
-        return jax.shard_map(mapped, mesh=mesh,
-                             in_specs=(PartitionSpec(), per_config, per_config),
-                             out_specs=per_config, check_vma=False)
+            preflight(folder, overwrite=overwrite)
 
-    start = time.perf_counter()
-    states = jax.jit(over_configs(
-        lambda data, seed, hp: init_with(jax.random.key(seed), data, hp)))(
-        data, seed_arr, hp_arr)
-
-    def make_block(length):
-        def one(data, state, hp):
-            def one_round(state):
-                state, metrics = round_with(state, data, hp)
-                bad = safety.nonfinite_clients(state.clients, state.server, data.num_clients)
-                return state, {**metrics, "nonfinite_any": bad.any()}
-
-            if length == 1:
-                state, metrics = one_round(state)
-                return state, jax.tree.map(lambda m: m[None], metrics)
-            return jax.lax.scan(lambda s, _: one_round(s), state, None, length=length)
-
-        block = jax.jit(over_configs(one), donate_argnums=1)
-        return lambda states: block(data, states, hp_arr)
-
-    evaluate_all = jax.jit(over_configs(
-        lambda data, state, hp: evaluate_with(state, data, hp)))
-
-    def evaluate(states):
-        return evaluate_all(data, states, hp_arr)
-
-    labels = [{"seed": seed, "lr": overrides.get("lr", alg.numeric["lr"]), **overrides,
-               "config": overrides} for seed, overrides in pairs]
-    blocks: dict[int, Callable] = {}
-    histories: list[list[dict]] = [[] for _ in pairs]
-    diverged_at: list[int | None] = [None] * len(pairs)
-    test_counts = np.asarray(data.test_counts)
-    host_wait = mesh is not None and mesh.devices.flat[0].platform == "cpu"
-    watchdog = safety.Watchdog()
-    bar = _progress(rounds, progress, f"{name} x{len(pairs)}")
-    r, compile_s = 0, None
-    with (RunDir(output, overwrite=overwrite) if output is not None
-          else contextlib.nullcontext()):
-        while r < rounds:
-            stop = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
-            if stop - r not in blocks:
-                blocks[stop - r] = make_block(stop - r)
-            tic = time.perf_counter()
-            states, metrics = blocks[stop - r](states)
-            if host_wait or compile_s is None:
-                watchdog.wait(states, f"sweep rounds {r + 1}-{stop}")
-            if compile_s is None:
-                compile_s = time.perf_counter() - tic
-            losses = np.asarray(metrics["train_loss"])
-            bad = ~np.isfinite(losses) | np.asarray(metrics["nonfinite_any"])
-            for c in np.flatnonzero(bad.any(axis=1)):
-                if diverged_at[c] is None:
-                    diverged_at[c] = r + 1 + int(np.flatnonzero(bad[c])[0])
-            if bar is not None:
-                bar.update(stop - r)
-            r = stop
-            if r % eval_every == 0 or r == rounds:
-                correct = np.asarray(evaluate(states)[0])
-                for c in range(len(pairs)):
-                    record = {"round": r, "algorithm": name, "dataset": data.name,
-                              **labels[c], "train_loss": float(losses[c, -1]),
-                              **summarize(correct[c], test_counts),
-                              "wall_s": time.perf_counter() - start}
-                    if diverged_at[c] is not None:
-                        record["diverged_at"] = diverged_at[c]
-                    histories[c].append(record)
-        if bar is not None:
-            bar.close()
+    tracks = []
+    for c, (seed, overrides, split) in enumerate(triples):
+        labels = {"algorithm": name, "dataset": splits[split].name, "seed": seed,
+                  "lr": overrides.get("lr", alg.numeric["lr"]), **overrides,
+                  "config": overrides}
+        if len(splits) > 1:
+            labels["split"] = split
+        tracks.append(Track(
+            labels=labels, hparams=algorithms.resolve(name, **{**hparams, **overrides}),
+            out=folders[c],
+            local_accuracies=None if local_accuracies is None else local_accuracies[c],
+            extra_summary=dict((extra_summaries or [{}] * len(triples))[c])))
+    with contextlib.ExitStack() as stack:
+        if output is not None:
+            stack.enter_context(RunDir(output, overwrite=overwrite))
+        for folder in folders:
+            if folder is not None:
+                stack.enter_context(RunDir(folder, overwrite=overwrite or output is not None))
+        stop = stack.enter_context(safety.StopRequest())
+        start = time.perf_counter()
+        program = _batched_program(alg, splits, triples, hps,
+                                   config_strategy=config_strategy, mesh=mesh)
+        env = environment()
+        for c, track in enumerate(tracks):
+            if track.out is not None:
+                record = (config_records[c] if config_records is not None else {
+                    "options": options or {}, "hparams": track.hparams,
+                    "config": {"seed": triples[c][0], "split": triples[c][2],
+                               **triples[c][1]}, "environment": env})
+                atomic_write_json(track.out / "config.json", record)
+                write_jsonl(track.out / "metrics.jsonl", [])
+        state, done, compile_s = _loop(
+            program, tracks, rounds=rounds, eval_every=eval_every,
+            rounds_per_call=rounds_per_call, checkpoint_every=0, checkpoints=None,
+            identity=None, first_round=0, events=events or Events(),
+            on_divergence=on_divergence, stop=stop, progress=progress, lead=True,
+            start=start, name=f"{name} x{len(triples)}")
         wall = time.perf_counter() - start
+
+        def fields(c, track, status, rounds_done):
+            up, down = program.comm[c]
+            return {
+                "status": status, **track.labels, "num_clients": splits[0].num_clients,
+                "rounds": rounds, "rounds_done": rounds_done, "wall_s": wall,
+                "compile_s": compile_s, "bytes_up": up * rounds_done,
+                "bytes_down": down * rounds_done, "hparams": track.hparams,
+                "sweep_size": len(triples), "sweep_wall_s": wall,
+                "config_strategy": config_strategy,
+                "devices": 1 if mesh is None else mesh.size, **track.extra_summary}
+
+        stopped = stop.requested and done < rounds
+        _finish(program, tracks, state, rounds=rounds, done=done, stopped=stopped,
+                fields=fields, writes=True)
         summaries = []
-        for c, history in enumerate(histories):
-            summary = {
-                "status": "complete" if diverged_at[c] is None else "diverged",
-                "algorithm": name, "dataset": data.name, "num_clients": data.num_clients,
-                "rounds": rounds, **labels[c]}
-            if diverged_at[c] is None:
-                final = history[-1]
-                summary.update({k: final[k] for k in (
-                    "accuracy", "client_mean_accuracy", "client_std", "client_min",
-                    "client_p10", "client_accuracies")})
-            else:
-                summary.update(diverged_at=diverged_at[c], accuracy=None, client_p10=None)
-            summary.update({"history": history, "sweep_size": len(pairs),
-                            "sweep_wall_s": wall, "compile_s": compile_s,
-                            "config_strategy": config_strategy,
-                            "devices": 1 if mesh is None else mesh.size})
+        for c, track in enumerate(tracks):
+            summary = {**track.summary, "history": track.history}
+            if track.diverged is not None and "accuracy" not in summary:
+                summary.update(accuracy=None, client_p10=None)
             if keep_states:
-                summary["state"] = jax.tree.map(lambda a, c=c: a[c], states)
+                summary["state"] = jax.tree.map(lambda a, c=c: a[c], state)
             summaries.append(summary)
         if output is not None:
-            out = Path(output)
-            atomic_write_json(out / "config.json", {
-                "options": options or {}, "hparams": hparams,
-                "configs": [{"seed": seed, **overrides} for seed, overrides in pairs],
-                "environment": environment()})
-            for summary, (seed, overrides) in zip(summaries, pairs, strict=True):
-                sub = out / _config_dir(seed, summary["lr"], overrides)
-                sub.mkdir(exist_ok=True)
-                atomic_write_json(sub / "summary.json",
-                                  {k: v for k, v in summary.items() if k != "state"})
-            atomic_write_json(out / "sweep.json", [
+            atomic_write_json(Path(output) / "sweep.json", [
                 {k: v for k, v in s.items() if k not in ("client_accuracies", "history", "state")}
                 for s in summaries])
+    if stopped:
+        raise safety.StoppedError(f"sweep stopped at round {done} (rerun it to start the "
+                                  "stopped configurations again)", round=done,
+                                  signum=stop.signum, checkpoint=False)
     return summaries
