@@ -1261,7 +1261,9 @@ def sweep(
                 "bytes_down": down * rounds_done, "hparams": track.hparams,
                 "sweep_size": len(triples), "sweep_wall_s": wall,
                 "config_strategy": config_strategy,
-                "devices": 1 if mesh is None else mesh.size, **track.extra_summary}
+                "devices": 1 if mesh is None else mesh.size, **track.extra_summary,
+                # A diverged configuration's row reads as one without figures.
+                **({"accuracy": None, "client_p10": None} if status == "diverged" else {})}
 
         stopped = stop.requested and done < rounds
         _finish(program, tracks, state, rounds=rounds, done=done, stopped=stopped,
@@ -1269,8 +1271,6 @@ def sweep(
         summaries = []
         for c, track in enumerate(tracks):
             summary = {**track.summary, "history": track.history}
-            if track.diverged is not None and "accuracy" not in summary:
-                summary.update(accuracy=None, client_p10=None)
             if keep_states:
                 summary["state"] = jax.tree.map(lambda a, c=c: a[c], state)
             summaries.append(summary)

@@ -64,16 +64,12 @@ class Group(NamedTuple):
     """Specs run by one program.
 
     Attributes:
-      specs: the specs, learning rates outer and seeds inner when ``batched``.
-      seeds: their seeds.
-      lrs: their learning rates.
-      batched: one ``runner.sweep`` program over every (seed, learning rate) pair; else
-        one ``runner.run``.
+      specs: the specs, in grid order.
+      batched: one ``runner.sweep`` program over every spec (each its seed, split and
+        traced hyperparameters); else one ``runner.run`` of its single spec.
     """
 
     specs: tuple[ExperimentSpec, ...]
-    seeds: tuple[int, ...]
-    lrs: tuple[float, ...]
     batched: bool
 
 
@@ -105,69 +101,60 @@ def data_key(spec: ExperimentSpec) -> str:
     return json.dumps(record, sort_keys=True, default=str)
 
 
+# Settings that only choose the split: specs that differ in them share a program (each
+# configuration reads its own split, ``runner.stack_splits``).
+SPLIT_FIELDS = ("partition", "alpha", "min_samples", "shards_per_client",
+                "classes_per_client", "test_ratio", "partition_seed", "partition_file",
+                "save_partition")
+
+
 def program_key(spec: ExperimentSpec) -> str | None:
     """What the specs of one compiled program share, or None for a spec that runs alone.
 
-    One program (``runner.sweep``) advances configurations that differ only in seed and
-    learning rate, on one split of the data: so, under the seed rule, seeds share a
-    program only with a fixed split (``partition_seed`` or ``partition_file``). When the
-    engine takes more numeric hyperparameters as traced inputs, they leave this key and
-    the groups grow; nothing else changes.
+    One program (``runner.sweep``) advances configurations that differ in their seed,
+    their split of the data (partition settings and seed) and their traced
+    hyperparameters (``algorithms.traced_names``: learning rates, momentum, FedOBP's
+    ig_ratio, Ditto's λ, ...). The structure must be the same: algorithm, model, data
+    set and client count, the other hyperparameters and the loop settings. Algorithms
+    with public data, several architectures or checkpoints run alone.
     """
-    if (algorithms.uses_public(spec.algorithm) or spec.compare_local
-            or spec.architectures is not None or spec.checkpoint_every):
+    if (algorithms.uses_public(spec.algorithm) or spec.architectures is not None
+            or spec.checkpoint_every):
         return None
     identity = spec.identity()
     identity.pop("seed")
-    identity["hparams"].pop("lr")
-    identity["data"] = data_key(spec)
+    for field in SPLIT_FIELDS:
+        identity.pop(field, None)
+    traced = set(algorithms.traced_names(spec.algorithm))
+    identity["hparams"] = {k: v for k, v in identity["hparams"].items() if k not in traced}
     identity.update(rounds_per_call=spec.rounds_per_call, devices=spec.devices,
-                    sweep_strategy=spec.sweep_strategy)
+                    sweep_strategy=spec.sweep_strategy, on_divergence=spec.on_divergence)
     return json.dumps(identity, sort_keys=True, default=str)
 
 
 def group_specs(specs: Sequence[ExperimentSpec]) -> list[Group]:
-    """Groups the specs that can share one compiled program.
-
-    Specs with equal :func:`program_key` form blocks of every (seed, learning rate) pair
-    of a set of seeds and a set of learning rates (``runner.sweep`` runs such a product);
-    a block of one spec, and a spec without a key, runs alone. Groups come ordered by
-    their data (each split is built once) and then by the order of ``specs``.
+    """Groups the specs that can share one compiled program (equal :func:`program_key`);
+    a group of one spec, and a spec without a key, runs alone. Groups come in the order
+    of their first spec.
 
     Returns:
       The groups; every spec is in exactly one.
     """
-    order = {id(spec): i for i, spec in enumerate(specs)}
     keyed: dict[str, list[ExperimentSpec]] = {}
-    groups: list[Group] = []
+    order: list[str | ExperimentSpec] = []
     for spec in specs:
         key = program_key(spec)
         if key is None:
-            groups.append(_single(spec))
+            order.append(spec)
         else:
+            if key not in keyed:
+                order.append(key)
             keyed.setdefault(key, []).append(spec)
-    for members in keyed.values():
-        by_seed: dict[int, dict[float, ExperimentSpec]] = {}
-        for spec in members:
-            by_seed.setdefault(spec.seed, {})[spec.resolved_hparams()["lr"]] = spec
-        blocks: dict[tuple[float, ...], list[int]] = {}
-        for seed, by_lr in by_seed.items():
-            blocks.setdefault(tuple(by_lr), []).append(seed)
-        for lrs, seeds in blocks.items():
-            block = tuple(by_seed[s][lr] for lr in lrs for s in seeds)
-            if len(block) == 1:
-                groups.append(_single(block[0]))
-            else:
-                groups.append(Group(block, tuple(seeds), lrs, True))
-    first_data: dict[str, int] = {}
-    for spec in specs:
-        first_data.setdefault(data_key(spec), order[id(spec)])
-    return sorted(groups, key=lambda g: (first_data[data_key(g.specs[0])],
-                                         min(order[id(s)] for s in g.specs)))
-
-
-def _single(spec: ExperimentSpec) -> Group:
-    return Group((spec,), (spec.seed,), (spec.resolved_hparams()["lr"],), False)
+    groups = []
+    for entry in order:
+        members = keyed[entry] if isinstance(entry, str) else [entry]
+        groups.append(Group(tuple(members), len(members) > 1))
+    return groups
 
 
 # ---- names and records --------------------------------------------------------------------
@@ -299,34 +286,73 @@ def _run_single(spec, built, folder: Path, tags: dict, local, resume_hint) -> di
                     "seed": spec.seed, "diverged_at": error.round}
 
 
-def _run_batched(group: Group, built, folders: list[Path], tags: list[dict],
-                 env: dict) -> list[dict]:
-    """A group with one ``runner.sweep`` program; writes each configuration's folder."""
+def _run_batched(group: Group, folders: list[Path], tags: list[dict], env: dict) -> list[dict]:
+    """A group as one ``runner.sweep`` program: every spec its own seed, split and traced
+    hyperparameters; writes each spec's folder as it goes. With ``compare_local``, the
+    Local references of the group's (seed, split) pairs run first, as one program too."""
     from fedjax_sim import runner
 
-    spec = group.specs[0]
-    hparams = {k: v for k, v in spec.hparams if k != "lr"}
+    specs = group.specs
+    first = specs[0]
+    splits, split_of = [], []
+    keys: dict[str, int] = {}
+    for spec in specs:
+        key = data_key(spec)
+        if key not in keys:
+            keys[key] = len(splits)
+            splits.append(build_data(spec)[0])
+        split_of.append(keys[key])
+    built = build(first, data=splits[0])
+    traced = set(algorithms.traced_names(first.algorithm))
+    hparams = first.resolved_hparams()
+    configs = [{"seed": spec.seed, "split": split_of[i],
+                **{k: v for k, v in spec.resolved_hparams().items() if k in traced}}
+               for i, spec in enumerate(specs)]
+    local = None
+    if built.local is not None:
+        local = _local_references(specs, split_of, splits, built.model)
+    extras = []
+    for spec, tag in zip(specs, tags, strict=True):
+        extra = dict(built.extra_summary)
+        extra["data_seed"] = None if spec.partition_file else spec.data_seed
+        extras.append({**extra, **tag})
+    records = [{"identity": spec.identity(), "options": spec.values(), "environment": env}
+               for spec in specs]
     summaries = runner.sweep(
-        spec.algorithm, built.model, built.data, seeds=list(group.seeds), lrs=list(group.lrs),
-        rounds=spec.rounds, eval_every=spec.eval_every, hparams=hparams,
-        rounds_per_call=spec.rounds_per_call, config_strategy=spec.sweep_strategy,
-        progress=spec.progress, devices=spec.devices)
-    results = []
-    for member, summary, folder, tag in zip(group.specs, summaries, folders, tags,
-                                            strict=True):
-        if (summary["seed"], summary["lr"]) != (member.seed, member.resolved_hparams()["lr"]):
-            raise RuntimeError("runner.sweep returned its configurations in another order")
-        history = summary.pop("history")
-        summary.update(hparams=member.resolved_hparams(), rounds_done=summary["rounds"]
-                       if summary["status"] == "complete" else summary.get("diverged_at"),
-                       wall_s=summary["sweep_wall_s"], **built.extra_summary, **tag)
-        with RunDir(folder, overwrite=True):
-            atomic_write_json(folder / "config.json", {
-                "identity": member.identity(), "options": member.values(), "environment": env})
-            write_jsonl(folder / "metrics.jsonl", history)
-            atomic_write_json(folder / "summary.json", summary)
-        results.append(summary)
-    return results
+        first.algorithm, built.model, splits, configs=configs, rounds=first.rounds,
+        eval_every=first.eval_every, hparams=hparams, outputs=folders, overwrite=True,
+        rounds_per_call=first.rounds_per_call, config_strategy=first.sweep_strategy,
+        progress=first.progress, devices=first.devices, local_accuracies=local,
+        extra_summaries=extras, config_records=records, on_divergence=first.on_divergence)
+    for summary in summaries:
+        summary.pop("history")
+    return summaries
+
+
+def _local_references(specs: Sequence[ExperimentSpec], split_of: list[int], splits: list,
+                      model) -> list[list[float]]:
+    """Per spec, the per-client accuracies of its Local reference (its split, seed and
+    Local hyperparameters), every distinct reference in one program."""
+    from fedjax_sim import runner
+    from fedjax_sim.spec import local_hparams
+
+    traced = set(algorithms.traced_names("local"))
+    first = specs[0]
+    structural = {k: v for k, v in local_hparams(first).items() if k not in traced}
+    configs, index = [], []
+    for spec, split in zip(specs, split_of, strict=True):
+        values = algorithms.resolve("local", **local_hparams(spec))
+        config = {"seed": spec.seed, "split": split,
+                  **{k: v for k, v in values.items() if k in traced}}
+        if config not in configs:
+            configs.append(config)
+        index.append(configs.index(config))
+    summaries = runner.sweep(
+        "local", model, splits, configs=configs, rounds=first.rounds,
+        eval_every=first.eval_every, hparams=structural,
+        rounds_per_call=first.rounds_per_call, config_strategy=first.sweep_strategy,
+        progress=first.progress, devices=first.devices, on_divergence=first.on_divergence)
+    return [summaries[i].get("client_accuracies") for i in index]
 
 
 def run_sweep(
@@ -420,7 +446,7 @@ def run_sweep(
         if pending:
             batched = sum(len(g.specs) for g in groups if g.batched)
             log(f"{_count(len(pending), 'run')} to do in {_count(len(groups), 'program')} "
-                f"({batched} batched over seeds and learning rates)")
+                f"({batched} batched over seeds, splits and traced hyperparameters)")
         cache = _Cache()
         locals_: dict[str, list[float]] = {}
         done_order = list(records.values())
@@ -437,16 +463,15 @@ def run_sweep(
 
         for group in groups:
             first = group.specs[0]
-            data, public = cache.data(first)
             folders = [out / names[s.config_hash()] / f"seed{s.seed}" for s in group.specs]
             tags = [_tags(s, names[s.config_hash()], keys) for s in group.specs]
             if group.batched:
-                built = build(first, data=data, public=public)
                 for spec, summary, folder in zip(
-                        group.specs, _run_batched(group, built, folders, tags, env), folders,
+                        group.specs, _run_batched(group, folders, tags, env), folders,
                         strict=True):
                     finish(spec, summary, folder)
                 continue
+            data, public = cache.data(first)
             built = build(first, data=data, public=public)
             local = None
             if built.local is not None:

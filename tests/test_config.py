@@ -279,26 +279,26 @@ def test_run_compare_and_sweep_follow_one_seed_rule(extra, same_split):
             [(0, 7), (1, 7)] if same_split else [(0, 0), (1, 1)])
     single, _ = _plan(["run", "--seed", "1", *extra])
     assert single[0].data_seed == run_specs[1].data_seed
-    # Seeds share one program only when they share the split.
-    groups = group_specs(run_specs)
-    assert [len(g.specs) for g in groups] == ([2] if same_split else [1, 1])
+    # Seeds share one program whether or not they share the split (each reads its own).
+    assert [len(g.specs) for g in group_specs(run_specs)] == [2]
 
 
-def test_group_specs_batches_seeds_and_lrs_per_split():
+def test_group_specs_batches_seeds_splits_and_traced_hparams():
     base = ExperimentSpec(num_clients=4, partition_seed=0)
     specs = [base.replace(seed=s, lr=lr) for lr in (0.1, 0.2) for s in (0, 1)]
     specs.append(base.replace(seed=0, lr=0.1, local_epochs=2))  # another program
     specs.append(base.replace(algorithm="dsfl", seed=0))  # public data: alone
     groups = group_specs(specs)
-    assert [(g.batched, g.seeds, g.lrs) for g in groups] == [
-        (True, (0, 1), (0.1, 0.2)), (False, (0,), (0.1,)), (False, (0,), (0.01,))]
+    assert [(g.batched, len(g.specs)) for g in groups] == [(True, 4), (False, 1), (False, 1)]
+    assert groups[0].specs == tuple(specs[:4])
     assert sorted(id(s) for g in groups for s in g.specs) == sorted(id(s) for s in specs)
-    # Without a fixed split, each seed is its own program over the learning rates.
-    free = [s.replace(partition_seed=None) for s in specs[:4]]
-    assert [(g.seeds, g.lrs) for g in group_specs(free)] == [((0,), (0.1, 0.2)),
-                                                              ((1,), (0.1, 0.2))]
-    # A product with a hole splits into blocks that are products.
-    holey = [s for s in specs[:4] if (s.seed, s.hparam_dict["lr"]) != (1, 0.2)]
-    blocks = sorted((g.seeds, g.lrs) for g in group_specs(holey))
-    assert blocks == [((0,), (0.1, 0.2)), ((1,), (0.1,))]
-    assert np.sum([len(g.specs) for g in group_specs(holey)]) == 3
+    # Other splits (partition seed, alpha), momentum and an incomplete product: one program.
+    varied = [s.replace(partition_seed=None) for s in specs[:3]] + [
+        base.replace(alpha=0.5, momentum=0.9), base.replace(seed=5, partition="iid")]
+    assert [len(g.specs) for g in group_specs(varied)] == [5]
+    # Structural settings and other algorithms do not share a program.
+    apart = [base, base.replace(batch_size=16), base.replace(algorithm="fedper"),
+             base.replace(rounds=3)]
+    assert [len(g.specs) for g in group_specs(apart)] == [1, 1, 1, 1]
+    obp = [base.replace(algorithm="fedobp", ig_ratio=r) for r in (0.99, 0.999)]
+    assert [len(g.specs) for g in group_specs(obp)] == [2]
