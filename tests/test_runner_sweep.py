@@ -97,3 +97,53 @@ def test_sweep_refuses_values_the_algorithm_refuses(tiny):
     with pytest.raises(ValueError, match="ema_alpha must be 0 with obp_variant='random'"):
         sweep("fedobp", model, data, seeds=[0], configs=[{"ema_alpha": 0.5}], rounds=1,
               hparams={**HP, "obp_variant": "random"}, progress=False)
+
+
+def _two_alphas():
+    from fedjax_sim.data import make_federated_data
+
+    return [make_federated_data("digits", num_clients=4, alpha=alpha, seed=seed)[0]
+            for alpha, seed in ((0.1, 0), (0.5, 1))]
+
+
+def test_fedavg_over_two_alphas_and_momentum_is_the_separate_runs():
+    splits = _two_alphas()
+    model = make_model("mlp", splits[0].input_shape, splits[0].num_classes, hidden=(8,))
+    hp = {"local_epochs": 1, "batch_size": 32}
+    configs = [{"seed": 0, "split": 1, "lr": 0.05, "momentum": 0.5}, {"seed": 1, "split": 0}]
+    swept = sweep("fedavg", model, splits, configs=configs, rounds=2, hparams=hp,
+                  progress=False, keep_states=True, devices=1)
+    for config, one in zip(configs, swept, strict=True):
+        overrides = {k: v for k, v in config.items() if k not in ("seed", "split")}
+        alone = run(algorithms.make("fedavg", model, **hp, **overrides),
+                    splits[config["split"]], rounds=2, seed=config["seed"], progress=False,
+                    devices=1)
+        for a, b in zip(jax.tree.leaves(one["state"].server),
+                        jax.tree.leaves(alone.state.server), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert one["client_accuracies"] == alone.summary["client_accuracies"]
+
+
+@pytest.mark.slow
+def test_one_program_over_lr_momentum_ig_ratio_seeds_and_two_alphas_is_the_separate_runs():
+    splits = _two_alphas()
+    assert splits[0].train_x.shape[1] != splits[1].train_x.shape[1]  # padded to one shape
+    model = make_model("mlp", splits[0].input_shape, splits[0].num_classes, hidden=(8,))
+    hp = {"local_epochs": 1, "batch_size": 32, "join_ratio": 1.0}
+    configs = [{"seed": 0, "split": 0, "lr": 0.05, "momentum": 0.5, "ig_ratio": 0.5},
+               {"seed": 1, "split": 1, "ig_ratio": 0.9},
+               {"seed": 2, "split": 1, "lr": 0.02, "momentum": 0.9},
+               {"seed": 0, "split": 0, "lr": 0.02, "momentum": 0.9}]
+    swept = sweep("fedobp", model, splits, configs=configs, rounds=2, hparams=hp,
+                  config_strategy="map", progress=False, keep_states=True)
+    assert [s["split"] for s in swept] == [0, 1, 1, 0]
+    for config, one in zip(configs, swept, strict=True):
+        overrides = {k: v for k, v in config.items() if k not in ("seed", "split")}
+        alone = run(algorithms.make("fedobp", model, **hp, **overrides),
+                    splits[config["split"]], rounds=2, seed=config["seed"], progress=False)
+        for a, b in zip(_final(one["state"]), _final(alone.state), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert one["client_accuracies"] == alone.summary["client_accuracies"]
+        assert [h["accuracy"] for h in one["history"]] == [
+            h["accuracy"] for h in alone.history]
+    assert len({s["accuracy"] for s in swept}) > 1
