@@ -504,9 +504,9 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
         args._names = list(names)
     if command == "run" and args._sweep:
         spec = specs[0]
-        if algorithms.uses_public(spec.algorithm) or spec.compare_local or spec.resume:
-            raise ValueError("--seeds/--sweep-lr take no public-data algorithm, "
-                             "--compare-local or --resume (use `fedjax-sim sweep`)")
+        if algorithms.uses_public(spec.algorithm) or spec.resume:
+            raise ValueError("--seeds/--sweep-lr take no public-data algorithm or --resume "
+                             "(use `fedjax-sim sweep`)")
     return specs
 
 
@@ -698,8 +698,48 @@ def _compare_one(built, output, local) -> dict:
                 "client_p10": np.nan}
 
 
+def _compare_batched(group: list[ExperimentSpec], splits: dict, folders: dict,
+                     local: dict) -> list[dict]:
+    """One algorithm's seeds of a comparison as one program (``runner.sweep``), each
+    seed on its own split; a diverged seed becomes a row marked as such."""
+    from fedjax_sim import runner
+    from fedjax_sim.rundir import environment
+
+    first = group[0]
+    seeds = [spec.seed for spec in group]
+    built = build(first, data=splits[first.seed][0], public=splits[first.seed][1])
+    traced = set(algorithms.traced_names(first.algorithm))
+    references = [local[seed] for seed in seeds]
+    env = environment()
+    summaries = runner.sweep(
+        first.algorithm, built.model, [splits[seed][0] for seed in seeds],
+        configs=[{"seed": spec.seed, "split": i,
+                  **{k: v for k, v in spec.resolved_hparams().items() if k in traced}}
+                 for i, spec in enumerate(group)],
+        rounds=first.rounds, eval_every=first.eval_every, hparams=first.resolved_hparams(),
+        outputs=[folders[seed] for seed in seeds], rounds_per_call=first.rounds_per_call,
+        config_strategy=first.sweep_strategy, progress=first.progress,
+        devices=first.devices, on_divergence=first.on_divergence,
+        local_accuracies=None if None in references else references,
+        extra_summaries=[{**built.extra_summary, "data_seed": spec.data_seed}
+                         for spec in group],
+        config_records=[{"identity": spec.identity(), "options": spec.values(),
+                         "environment": env} for spec in group])
+    rows = []
+    for summary in summaries:
+        summary.pop("history")
+        if summary["status"] == "diverged":
+            print(f"fedjax-sim compare: {first.algorithm} seed {summary['seed']}: "
+                  f"{summary['diverged']['message']}", file=sys.stderr)
+            summary.update({k: np.nan for k in ("accuracy", "client_mean_accuracy",
+                                                "client_p10", "bytes_up")})
+        rows.append(summary)
+    return rows
+
+
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
     from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, environment
+    from fedjax_sim.sweep import program_key
 
     specs = args._specs
     names = args._names
@@ -711,21 +751,33 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     with RunDir(out, overwrite=first.overwrite):
         atomic_write_json(out / "config.json", {"options": _options(args, first),
                                                 "environment": environment()})
-        for seed in seeds:
-            by_name = {spec.algorithm: spec for spec in specs if spec.seed == seed}
-            # Every algorithm of a seed shares one split (share_public_split).
-            data, public = build_data(by_name[order[0]])
-            local = None
-            for name in order:
-                built = build(by_name[name], data=data, public=public)
-                summary = _compare_one(built, out / f"{name}_seed{seed}" if name in names
-                                       else None, local)
+        by_seed = {seed: {spec.algorithm: spec for spec in specs if spec.seed == seed}
+                   for seed in seeds}
+        # Every algorithm of a seed shares one split (share_public_split).
+        splits = {seed: build_data(by_seed[seed][order[0]]) for seed in seeds}
+        data = splits[seeds[0]][0]
+        local: dict[int, list | None] = dict.fromkeys(seeds)
+        for name in order:
+            folders = {seed: out / f"{name}_seed{seed}" if name in names else None
+                       for seed in seeds}
+            group = [by_seed[seed][name] for seed in seeds]
+            if len(group) > 1 and program_key(group[0]) is not None:
+                # The seeds as one program (each its own split).
+                summaries = _compare_batched(group, splits, folders, local)
+            else:
+                summaries = [_compare_one(build(spec, data=splits[spec.seed][0],
+                                                public=splits[spec.seed][1]),
+                                          folders[spec.seed], local[spec.seed])
+                             for spec in group]
+            for seed, summary in zip(seeds, summaries, strict=True):
                 if name == "local" and summary["status"] != "diverged":
-                    local = summary["client_accuracies"]
+                    local[seed] = summary["client_accuracies"]
                 if name in names:
                     results[name].append(summary)
+                accuracy = summary.get("accuracy")
                 print(f"seed {seed} {name}: {summary['status']}, accuracy "
-                      f"{summary['accuracy']:.4f} ({summary['wall_s']:.1f} s)", file=sys.stderr)
+                      f"{np.nan if accuracy is None else accuracy:.4f} "
+                      f"({summary['wall_s']:.1f} s)", file=sys.stderr)
 
         header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
                   "| MB up | wall s |")

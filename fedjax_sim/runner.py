@@ -1256,7 +1256,8 @@ def sweep(
             up, down = program.comm[c]
             return {
                 "status": status, **track.labels, "num_clients": splits[0].num_clients,
-                "rounds": rounds, "rounds_done": rounds_done, "wall_s": wall,
+                # Its share of the program's time (all configurations ran together).
+                "rounds": rounds, "rounds_done": rounds_done, "wall_s": wall / len(triples),
                 "compile_s": compile_s, "bytes_up": up * rounds_done,
                 "bytes_down": down * rounds_done, "hparams": track.hparams,
                 "sweep_size": len(triples), "sweep_wall_s": wall,

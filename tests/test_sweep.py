@@ -155,16 +155,19 @@ def test_sweep_refuses_a_foreign_folder(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_compare_and_sweep_give_the_same_accuracy(swept, tmp_path, capsys):
-    expected = _by_pair(_records(swept / "out"))[(GOOD, 1)]["accuracy"]
+def test_run_compare_and_sweep_give_the_same_accuracy(tmp_path):
+    # Two seeds, each on its own split: compare and sweep run them as one program.
     setting = ["--num-clients", "3", "--rounds", "2", "--eval-every", "1", "--local-epochs",
-               "1", "--lr", "0.05", "--partition-seed", "0", "--no-progress"]
+               "1", "--lr", "0.05", "--no-progress"]
     main(["run", "--seed", "1", *setting, "--output", str(tmp_path / "run")])
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["accuracy"] == expected
-    main(["compare", "--algorithms", "fedavg", "--seeds", "1", *setting, "--output",
+    expected = json.loads((tmp_path / "run" / "summary.json").read_text())["accuracy"]
+    main(["sweep", "--seeds", "0,1", *setting, "--output", str(tmp_path / "sweep")])
+    swept = {r["seed"]: r["accuracy"] for r in _records(tmp_path / "sweep")}
+    main(["compare", "--algorithms", "fedavg", "--seeds", "0,1", *setting, "--output",
           str(tmp_path / "compare")])
     rows = json.loads((tmp_path / "compare" / "compare.json").read_text())["fedavg"]
-    assert [r["accuracy"] for r in rows] == [expected]
+    assert swept[1] == expected and rows[1]["accuracy"] == expected
+    assert swept[0] == rows[0]["accuracy"] != expected
 
 
 def test_grid_file_example_parses(tmp_path):
