@@ -14,7 +14,9 @@ sampled run's final accuracy is compared with its configuration in the sweep.
     python experiments/sweep_grid.py --output runs/sweep_grid
 
 prints a markdown table and writes it, with the sweep's and the runs' folders, to
-``--output``.
+``--output``. With ``--compare`` it times the README's main job instead: ``fedjax-sim
+compare`` (nine algorithms × three seeds, each algorithm's seeds one program) against one
+``fedjax-sim run`` per algorithm (seed 0) scaled to the three seeds.
 """
 
 from __future__ import annotations
@@ -64,17 +66,54 @@ def _sample(records: list[dict], per_algorithm: int) -> list[dict]:
     return chosen
 
 
+def compare(out: Path) -> str:
+    """``fedjax-sim compare`` against its runs one by one; the table."""
+    from fedjax_sim.cli import DEFAULT_COMPARE, DEFAULT_COMPARE_SEEDS
+
+    compare_s = _timed(_command("compare", "--no-progress", "--output", str(out / "compare")))
+    rows = json.loads((out / "compare" / "compare.json").read_text())
+    times = {name: _timed(_command("run", "--algorithm", name, "--seed", "0", "--no-progress",
+                                   "--output", str(out / "runs" / name)))
+             for name in DEFAULT_COMPARE}
+    for name in DEFAULT_COMPARE:
+        alone = json.loads((out / "runs" / name / "summary.json").read_text())["accuracy"]
+        if rows[name][0]["accuracy"] != alone:
+            print(f"{name} seed 0: compare {rows[name][0]['accuracy']}, run {alone}",
+                  file=sys.stderr)
+    seeds = len(DEFAULT_COMPARE_SEEDS)
+    separate_s = seeds * sum(times.values())
+    return "\n".join([
+        f"`fedjax-sim compare` (defaults: {len(DEFAULT_COMPARE)} algorithms × {seeds} seeds), "
+        "compile cache off",
+        "",
+        "| | wall s |",
+        "|---|---|",
+        f"| `fedjax-sim compare` | {compare_s:.1f} |",
+        f"| its {len(DEFAULT_COMPARE) * seeds} runs one by one (one `fedjax-sim run` per "
+        f"algorithm timed, × {seeds}: mean {sum(times.values()) / len(times):.1f} s) | "
+        f"{separate_s:.1f} |",
+        f"| ratio | {compare_s / separate_s:.2f} |",
+    ])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="runs/sweep_grid")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--sample", type=int, default=2,
                         help="separate runs timed per algorithm (default 2)")
+    parser.add_argument("--compare", action="store_true",
+                        help="time `fedjax-sim compare` against its runs one by one instead")
     args = parser.parse_args(argv)
     out = Path(args.output)
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"--output {out} is not empty; give a new folder")
     out.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        table = compare(out)
+        (out / "compare_speed.md").write_text(table + "\n")
+        print(table)
+        return
     grid = out / "grid.toml"
     grid.write_text(GRID.format(rounds=args.rounds))
 

@@ -290,8 +290,9 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     sweep = _subparser(
         commands, "sweep", "run a grid of configurations x seeds; resumable",
         "Run a grid (the product of every list in --config, --set and --seeds / "
-        "--algorithms / --sweep-lr) in one process. Configurations that differ only in "
-        "seed (on one split) and learning rate share one compiled program. Writes "
+        "--algorithms / --sweep-lr) in one process. Configurations of one algorithm that "
+        "differ only in seed, data split (partition settings) and numeric hyperparameters "
+        "share one compiled program. Writes "
         "grid.json, results.jsonl (one line per finished configuration and seed), "
         "results.md (mean ± std over seeds, the best configuration of each algorithm "
         "marked), curves.png and <config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the "
