@@ -1201,6 +1201,14 @@ def sweep(
     if config_strategy == "auto":
         config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     mesh = _config_mesh(len(triples), devices)
+    # Every device holds the data (all splits) and the states of its configurations.
+    per_config = _estimate_memory(alg, splits[0], 0, 1)
+    run_devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    safety.check_memory(
+        {"client state": per_config["client state"] * len(triples) // len(run_devices),
+         "server state": per_config["server state"] * len(triples) // len(run_devices),
+         "data": sum(safety.tree_bytes(split) for split in splits)},
+        devices=run_devices, what=f"a sweep of {len(triples)} {name} configurations")
     if output is not None:
         folders = [Path(output) / _config_dir(seed, overrides.get("lr", alg.numeric["lr"]),
                                               overrides, split, len(splits))
