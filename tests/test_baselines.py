@@ -237,3 +237,26 @@ def test_fedopt_refuses_an_unknown_server_optimizer(tiny):
         algorithms.make("fedopt", tiny[1], server_opt="rmsprop")
     with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
         algorithms.make("fedopt", tiny[1], beta2=1.0)
+
+
+def test_fedper_server_optimizer_on_the_shared_layers(tiny):
+    from fedjax_sim.algorithms.partial import decoupled, plain_sgd
+
+    data, model = tiny
+    # The default (sgd at server_lr 1) is the plain mean of the shared layers, bit for bit.
+    hp = algorithms.resolve("fedper", **COMMON)
+    plain = decoupled("fedper", model, hp, model.head, plain_sgd(model))
+    _, default, default_metrics = run("fedper", tiny, 2)
+    state = plain.init(jax.random.key(7), data)
+    metrics = []
+    for _ in range(2):
+        state, m = jax.jit(plain.round)(state, data)
+        metrics.append(m)
+    assert_bitwise((default.server, default.clients, default_metrics),
+                   (state.server, state.clients, metrics))
+    # Adam keeps its state for the shared layers only; the personal head stays where it was.
+    _, adam, _ = run("fedper", tiny, 2, server_opt="adam", server_lr=0.05)
+    assert set(adam.server) == {"params", "opt"}
+    assert "head" not in adam.server["opt"][0].mu
+    assert_bitwise(adam.server["params"]["head"], default.server["params"]["head"])
+    assert differs(adam.server["params"], default.server["params"])

@@ -1,15 +1,23 @@
 """Algorithm registry: ``make(name, model, **hparams)`` validates and builds an algorithm.
 
 Each algorithm lives in its own module, with its paper in the module docstring, a factory
-``(model, **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own hyperparameters;
-the common ones (local budget, optimizer, participation, execution strategy) are
-``base.COMMON``.
+``(model, *, cover=(), **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own
+hyperparameters; the common ones (local budget, optimizer, participation, execution
+strategy) are ``base.COMMON``.
+
+Your own algorithm joins the registry with :func:`register` (``register(name, factory,
+hparams)``) and then works wherever a built-in name does: ``make``, specs, config files,
+sweeps, and the command line (``--plugin MODULE``, with a flag per hyperparameter). The
+baselines FedProx, SCAFFOLD and FedOpt are written this way (``fedprox.py``,
+``scaffold.py``, ``fedopt.py``). Installed packages add theirs through the entry-point
+group ``fedjax_sim.algorithms`` (:data:`ENTRY_POINT_GROUP`), loaded on the first look-up.
 
 Numeric hyperparameters marked ``traced`` (see ``base``) reach the round as data:
 ``Algorithm.round_with(state, data, hp)`` with ``hp = algorithm.hp(lr=..., ...)``; one
 compiled round serves every value of them. ``traced_names(name)`` lists them.
 
-``DISTILLATION`` lists the algorithms that also need a public data set, passed as
+``ALGORITHMS`` and ``DISTILLATION`` (read live: registered algorithms are in them) list
+the names; ``DISTILLATION`` the algorithms that also need a public data set, passed as
 ``make(name, model, public=PublicData(...))`` (see ``fedjax_sim.data.public``); FedMD and
 FCCL also accept a sequence of models (heterogeneous architectures) for ``model``.
 """
