@@ -94,15 +94,100 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _add_hparam(group, spec: HParam, seen: set[str]) -> None:
+def _add_hparam(group, spec: HParam, seen: set[str], owner: str | None = None) -> None:
     if spec.name in seen:
         return
     seen.add(spec.name)
     kind = _parse_bool if spec.kind is bool else spec.kind
-    group.add_argument(
-        _flag(spec.name), dest=spec.name, type=kind, default=None, choices=spec.choices,
-        help=f"{spec.help} ({spec.allowed}; default {spec.default})",
-    )
+    try:
+        group.add_argument(
+            _flag(spec.name), dest=spec.name, type=kind, default=None, choices=spec.choices,
+            help=f"{spec.help} ({spec.allowed}; default {spec.default})",
+        )
+    except argparse.ArgumentError:
+        # Only a registered algorithm can get here: the built-in names are distinct.
+        raise ValueError(f"algorithm {owner}: hyperparameter {spec.name!r} has the name of "
+                         f"the option {_flag(spec.name)}; register it under another name"
+                         ) from None
+
+
+def load_plugin(entry: str) -> None:
+    """Imports a plug-in for ``--plugin``: ``MODULE`` (on ``sys.path`` or in the current
+    directory), or a ``FILE.py``, which registers its algorithms or data sources when
+    imported; with ``:FUNCTION`` appended, that function of it is then called to register
+    them.
+
+    Raises:
+      ValueError: naming ``--plugin`` and the entry when the module cannot be found or
+        imported, has no such function, or its registration fails.
+    """
+    import importlib
+    import importlib.util
+
+    target, _, function = entry.rpartition(":") if _has_function(entry) else (entry, "", "")
+    if not target:
+        raise ValueError(f"--plugin takes MODULE, FILE.py or either with :FUNCTION, got "
+                         f"{entry!r}")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ValueError(f"--plugin {entry}: no file {target}")
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module
+            spec.loader.exec_module(module)
+        else:
+            # As `python -m` does: a module in the current directory is found, also from
+            # the installed `fedjax-sim` script.
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.append(os.getcwd())
+            module = importlib.import_module(target)
+    except ModuleNotFoundError as error:
+        if error.name and target.startswith(error.name):
+            raise ValueError(f"--plugin {entry}: no module named {error.name!r} (is it "
+                             "installed, on PYTHONPATH, or in this directory?)") from None
+        raise ValueError(f"--plugin {entry}: importing {target} failed: {error}") from None
+    except ValueError as error:
+        text = str(error)
+        raise ValueError(text if text.startswith("--plugin") else
+                         f"--plugin {entry}: {text}") from None
+    if function:
+        register = getattr(module, function, None)
+        if not callable(register):
+            raise ValueError(f"--plugin {entry}: {target} has no function {function!r}")
+        try:
+            register()
+        except ValueError as error:
+            raise ValueError(f"--plugin {entry}: {error}") from None
+
+
+def _has_function(entry: str) -> bool:
+    """Whether ``entry`` ends in ``:FUNCTION`` (not a Windows drive letter's colon)."""
+    head, sep, tail = entry.rpartition(":")
+    return bool(sep) and tail.isidentifier() and len(head) > 1
+
+
+def _load_plugins(argv: list[str]) -> None:
+    """The first pass over the command line: imports every ``--plugin`` before the parser
+    is built, so that the algorithms (and their hyperparameter flags) and data sources they
+    register are known to it."""
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--plugin", action="append", default=[])
+    # Only `--plugin X` and `--plugin=X` count (no abbreviation: the full parser refuses
+    # those); the rest of the line is parsed after.
+    known, _ = first.parse_known_args(argv)
+    for entry in known.plugin:
+        load_plugin(entry)
+
+
+def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=None,
+                        metavar="MODULE[:FUNCTION]",
+                        help="import MODULE (or FILE.py) first, repeatable: it registers "
+                        "algorithms (fedjax_sim.algorithms.register) or data sources "
+                        "(fedjax_sim.data.register_source) when imported; with :FUNCTION, "
+                        "that function of it is called to register them")
 
 
 def _add_platform_args(parser: argparse.ArgumentParser) -> None:
@@ -203,7 +288,7 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         if own:
             sub = parser.add_argument_group(f"{name} hyperparameters")
             for spec in own:
-                _add_hparam(sub, spec, seen)
+                _add_hparam(sub, spec, seen, name)
 
 
 def _add_seed_args(parser: argparse.ArgumentParser, *, seeds_help: str) -> None:
@@ -268,6 +353,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      "if any setting that changes results differs; --rounds may grow)")
     run.add_argument("--no-progress", action="store_true")
     _add_config_args(run)
+    _add_plugin_args(run)
     _add_platform_args(run)
     _add_data_args(run)
     _add_training_args(run)
@@ -283,6 +369,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_output_args(compare, "runs/compare-<dataset>-<time>", "--overwrite")
     compare.add_argument("--no-progress", action="store_true")
     _add_config_args(compare)
+    _add_plugin_args(compare)
     _add_platform_args(compare)
     _add_data_args(compare)
     _add_training_args(compare)
@@ -308,6 +395,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      "it holds this sweep (which then continues) or --overwrite")
     sweep.add_argument("--no-progress", action="store_true")
     _add_config_args(sweep)
+    _add_plugin_args(sweep)
     _add_platform_args(sweep)
     _add_data_args(sweep)
     _add_training_args(sweep)
@@ -347,7 +435,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 # ---- options -> specs ---------------------------------------------------------------------
 
 # Namespace entries that are not spec keys.
-_NOT_KEYS = frozenset({"command", "config", "set", "help"})
+_NOT_KEYS = frozenset({"command", "config", "set", "help", "plugin"})
 # Per command, the keys it refuses (from a config file or --set), and why.
 _RUN_ONLY = "works with `fedjax-sim run` only"
 _REFUSED = {
@@ -879,16 +967,20 @@ def main(argv: list[str] | None = None) -> int:
     on stderr and exit status 2, and Ctrl-C with ``fedjax-sim <command>: interrupted`` and
     status 130; only an unexpected error type, a bug, shows a traceback.
     """
-    parser = build_parser()
-    prog, args = parser.prog, None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and argv[0] in ("run", "compare", "sweep", "bench") else None
+    parser = _Parser(prog="fedjax-sim")  # until the full parser is built
+    prog, args = parser.prog + (f" {command}" if command else ""), None
     handlers = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep,
                 "bench": cmd_bench}
     from fedjax_sim.core.checkpoint import CheckpointError
     from fedjax_sim.safety import RunError, StoppedError
 
     try:
+        _load_plugins(argv)
+        parser = build_parser()
         args = parser.parse_args(argv)
-        args._argv = list(sys.argv[1:] if argv is None else argv)
+        args._argv = argv
         prog = f"{parser.prog} {args.command}"
         check_environment()
         check_args(args)  # everything, before any data loads or anything compiles

@@ -26,7 +26,9 @@ STRUCTURE = {"public_batch": 16, "distill_batch_size": 8, "feddf_steps": 3,
 OTHER = {"lr": 0.03, "momentum": 0.5, "weight_decay": 1e-3, "ig_ratio": 0.5,
          "ema_alpha": 0.3, "ditto_lambda": 0.3, "apfl_alpha": 0.3, "apfl_alpha_lr": 0.02,
          "distill_lr": 0.02, "dsfl_temperature": 0.3, "fccl_lambda": 0.01,
-         "fccl_public_lr": 0.002, "feddf_lr": 0.002, "feddf_temperature": 2.0}
+         "fccl_public_lr": 0.002, "feddf_lr": 0.002, "feddf_temperature": 2.0,
+         "mu": 0.1, "server_lr": 0.7, "server_momentum": 0.5, "beta1": 0.8, "beta2": 0.9,
+         "tau": 0.01}
 # The heterogeneous-group algorithms pretrain before the first round: slower to compile.
 EVERY = [pytest.param(name, marks=pytest.mark.slow) if name in ("fedmd", "fccl") else name
          for name in algorithms.ALGORITHMS + algorithms.DISTILLATION]

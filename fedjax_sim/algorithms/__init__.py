@@ -1,22 +1,34 @@
 """Algorithm registry: ``make(name, model, **hparams)`` validates and builds an algorithm.
 
 Each algorithm lives in its own module, with its paper in the module docstring, a factory
-``(model, **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own hyperparameters;
-the common ones (local budget, optimizer, participation, execution strategy) are
-``base.COMMON``.
+``(model, *, cover=(), **hparams) -> Algorithm`` and a tuple ``HPARAMS`` of its own
+hyperparameters; the common ones (local budget, optimizer, participation, execution
+strategy) are ``base.COMMON``.
+
+Your own algorithm joins the registry with :func:`register` (``register(name, factory,
+hparams)``) and then works wherever a built-in name does: ``make``, specs, config files,
+sweeps, and the command line (``--plugin MODULE``, with a flag per hyperparameter). The
+baselines FedProx, SCAFFOLD and FedOpt are written this way (``fedprox.py``,
+``scaffold.py``, ``fedopt.py``). Installed packages add theirs through the entry-point
+group ``fedjax_sim.algorithms`` (:data:`ENTRY_POINT_GROUP`), loaded on the first look-up.
 
 Numeric hyperparameters marked ``traced`` (see ``base``) reach the round as data:
 ``Algorithm.round_with(state, data, hp)`` with ``hp = algorithm.hp(lr=..., ...)``; one
 compiled round serves every value of them. ``traced_names(name)`` lists them.
 
-``DISTILLATION`` lists the algorithms that also need a public data set, passed as
+``ALGORITHMS`` and ``DISTILLATION`` (read live: registered algorithms are in them) list
+the names; ``DISTILLATION`` the algorithms that also need a public data set, passed as
 ``make(name, model, public=PublicData(...))`` (see ``fedjax_sim.data.public``); FedMD and
 FCCL also accept a sequence of models (heterogeneous architectures) for ``model``.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+import dataclasses
+import keyword
+import types
+import warnings
+from collections.abc import Callable, Sequence
 
 from fedjax_sim.algorithms import (
     apfl,
@@ -44,29 +56,201 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.models.base import Model
 
-_MODULES: dict[str, ModuleType] = {
-    "fedavg": fedavg,
-    "local": local,
-    "fedavg_ft": fedavg_ft,
-    "fedper": fedper,
-    "fedrep": fedrep,
-    "fedbabu": fedbabu,
-    "lg_fedavg": lg_fedavg,
-    "ditto": ditto,
-    "apfl": apfl,
-    "fedobp": fedobp,
-}
+# The entry-point group a package names its algorithms in (``pyproject.toml``:
+# ``[project.entry-points."fedjax_sim.algorithms"] name = "package.module[:register]"``).
+ENTRY_POINT_GROUP = "fedjax_sim.algorithms"
 
-ALGORITHMS: tuple[str, ...] = tuple(_MODULES)
 
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    """One registered algorithm."""
+
+    name: str
+    factory: Callable[..., Algorithm]
+    hparams: tuple[HParam, ...]
+    uses_public: bool = False
+    takes_batch_order: bool = False
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def _builtin(module: types.ModuleType, *, uses_public: bool = False) -> None:
+    name = module.__name__.rsplit(".", 1)[1]
+    _REGISTRY[name] = _Entry(name, getattr(module, name), tuple(module.HPARAMS), uses_public,
+                             getattr(module, "TAKES_BATCH_ORDER", False))
+
+
+for _module in (fedavg, local, fedavg_ft, fedper, fedrep, fedbabu, lg_fedavg, ditto, apfl,
+                fedobp):
+    _builtin(_module)
 # Federated distillation: these take public data (``uses_public``).
-_MODULES.update({"dsfl": dsfl, "fedmd": fedmd, "fccl": fccl, "feddf": feddf})
-DISTILLATION: tuple[str, ...] = ("dsfl", "fedmd", "fccl", "feddf")
+for _module in (dsfl, fedmd, fccl, feddf):
+    _builtin(_module, uses_public=True)
+del _module
+
+# Names that can never be registered again; the baselines written as plug-ins (FedProx,
+# SCAFFOLD, FedOpt) join them once this module has imported them (at its end).
+_BUILTIN: frozenset[str] = frozenset(_REGISTRY)
+_entry_points_loaded = False
+
+
+def register(
+    name: str,
+    factory: Callable[..., Algorithm],
+    hparams: Sequence[HParam] = (),
+    *,
+    uses_public: bool = False,
+    replace: bool = False,
+) -> None:
+    """Adds an algorithm to the registry, where it works as the built-in ones do: ``make``,
+    ``hparam_specs``, ``resolve``, ``resolve_cover``, ``uses_public``, experiment specs,
+    config files, sweeps and the command line (``fedjax-sim run --plugin MODULE
+    --algorithm NAME``, with a ``--flag`` per hyperparameter).
+
+    Args:
+      name: the registry name, a Python identifier (it names config tables and output
+        folders).
+      factory: ``factory(model, *, cover=(), **hp) -> Algorithm``; ``hp`` holds every
+        resolved hyperparameter, the common ones (``base.COMMON``) and ``hparams``, and,
+        with ``uses_public``, ``public`` (a ``PublicData``). Build the result with
+        ``base.federated_algorithm`` (or ``base.assemble``) passing ``hparams`` as its
+        ``specs`` and ``cover`` on, so that the traced hyperparameters reach the round as
+        data.
+      hparams: the algorithm's own hyperparameters (``base.COMMON`` is added). A name used
+        by another algorithm must keep that one's type, default and ``traced`` flag: a
+        config key or command-line flag means one thing.
+      uses_public: the algorithm needs public data (``make(..., public=...)``; listed in
+        ``DISTILLATION``).
+      replace: replace an algorithm registered earlier under ``name`` (never a built-in).
+
+    Raises:
+      ValueError: a name that is not an identifier, a built-in name, a name registered
+        already without ``replace``, a factory that is not callable, ``hparams`` that are
+        not ``HParam`` s (or repeat a name, shadow a common one, conflict with another
+        algorithm's, or have a default outside their own range).
+    """
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+        raise ValueError(f"algorithm name must be a Python identifier (letters, digits, "
+                         f"underscores, not starting with a digit), got {name!r}")
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in algorithm and cannot be registered again; "
+                         "choose another name")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"algorithm {name!r} is registered already; pass replace=True to "
+                         "replace it")
+    if not callable(factory):
+        raise ValueError(f"factory of algorithm {name!r} must be callable "
+                         f"(model, *, cover=(), **hp) -> Algorithm, got "
+                         f"{type(factory).__name__}")
+    if isinstance(hparams, HParam | str | bytes) or not isinstance(hparams, Sequence):
+        raise ValueError(f"hparams of algorithm {name!r} must be a tuple of HParam, got "
+                         f"{type(hparams).__name__}")
+    specs = tuple(hparams)
+    _check_specs(name, specs)
+    if not isinstance(uses_public, bool):
+        raise ValueError(f"uses_public must be True or False, got {uses_public!r}")
+    _REGISTRY[name] = _Entry(name, factory, specs, uses_public)
+
+
+def _check_specs(name: str, specs: tuple) -> None:
+    common = {spec.name for spec in COMMON}
+    others = {spec.name: (entry.name, spec) for entry in _REGISTRY.values()
+              if entry.name != name for spec in entry.hparams}
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, HParam):
+            raise ValueError(f"hparams[{i}] of algorithm {name!r} must be an HParam, got "
+                             f"{type(spec).__name__}")
+        if not spec.name.isidentifier():
+            raise ValueError(f"hparams[{i}] of algorithm {name!r}: the name must be an "
+                             f"identifier, got {spec.name!r}")
+        if spec.name in common or spec.name in seen:
+            raise ValueError(f"algorithm {name!r} defines hyperparameter {spec.name!r} "
+                             + ("that every algorithm has (base.COMMON)" if spec.name in common
+                                else "twice"))
+        seen.add(spec.name)
+        if spec.name in others:
+            owner, other = others[spec.name]
+            if ((spec.kind, spec.default, spec.traced)
+                    != (other.kind, other.default, other.traced)):
+                raise ValueError(
+                    f"algorithm {name!r}: hyperparameter {spec.name!r} is also {owner}'s, "
+                    f"with type {other.kind.__name__}, default {other.default!r}, "
+                    f"traced={other.traced}; give it the same or another name")
+        if spec.traced and spec.kind is not float:
+            raise ValueError(f"algorithm {name!r}: traced hyperparameter {spec.name!r} must "
+                             f"be a float (traced values reach the round as float32)")
+        try:
+            check_hparam(spec, spec.default, f"{name}: the default of {spec.name}")
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+
+
+def unregister(name: str) -> None:
+    """Removes an algorithm added by :func:`register` (not a built-in one).
+
+    Raises:
+      ValueError: a built-in or unknown name.
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"{name!r} is a built-in algorithm and cannot be removed")
+    if name not in _REGISTRY:
+        raise ValueError(f"no algorithm {name!r} is registered")
+    del _REGISTRY[name]
+
+
+def load_entry_points() -> None:
+    """Imports the algorithms installed packages name in the entry-point group
+    ``fedjax_sim.algorithms``, once. Each entry point is a module that registers its
+    algorithms when imported, or a callable (``module:function``) that registers when
+    called. One that fails to load is reported as a warning and skipped, so that one broken
+    package does not stop every run. Called by every registry look-up."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True  # first: an entry point may look names up itself
+    from importlib.metadata import entry_points
+
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = point.load()
+            if callable(loaded) and not isinstance(loaded, types.ModuleType):
+                loaded()
+        except Exception as error:  # any failure of third-party code
+            warnings.warn(f"fedjax_sim algorithm entry point {point.name!r} ({point.value}) "
+                          f"failed to load: {type(error).__name__}: {error}", RuntimeWarning,
+                          stacklevel=2)
+
+
+def names(*, public: bool | None = None) -> tuple[str, ...]:
+    """Registered algorithm names, built-in ones first: every one, or with ``public`` those
+    that do (True) or do not (False) need public data."""
+    load_entry_points()
+    return tuple(n for n, e in _REGISTRY.items() if public is None or e.uses_public == public)
+
+
+def __getattr__(attribute: str):
+    # ALGORITHMS and DISTILLATION are read live, so that algorithms registered later (and
+    # installed ones, loaded on first use) are listed wherever they are read.
+    if attribute == "ALGORITHMS":
+        return names(public=False)
+    if attribute == "DISTILLATION":
+        return names(public=True)
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")
+
+
+def _entry(name: str) -> _Entry:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        load_entry_points()
+    if name not in _REGISTRY:
+        raise ValueError(f"algorithm must be one of {', '.join(_REGISTRY)}; got {name!r}")
+    return _REGISTRY[name]
 
 
 def hparam_specs(name: str) -> tuple[HParam, ...]:
     """The common hyperparameters followed by the algorithm's own."""
-    return COMMON + _module(name).HPARAMS
+    return COMMON + _entry(name).hparams
 
 
 def traced_names(name: str) -> tuple[str, ...]:
@@ -74,16 +258,9 @@ def traced_names(name: str) -> tuple[str, ...]:
     return tuple(spec.name for spec in hparam_specs(name) if spec.traced)
 
 
-def _module(name: str) -> ModuleType:
-    if name not in _MODULES:
-        raise ValueError(
-            f"algorithm must be one of {', '.join(ALGORITHMS + DISTILLATION)}; got {name!r}")
-    return _MODULES[name]
-
-
 def uses_public(name: str) -> bool:
     """Whether algorithm ``name`` needs public data (``make(..., public=...)``)."""
-    return getattr(_module(name), "USES_PUBLIC", False)
+    return _entry(name).uses_public
 
 
 def resolve(name: str, **hparams) -> dict:
@@ -107,7 +284,7 @@ def resolve(name: str, **hparams) -> dict:
 def takes_batch_order(name: str) -> bool:
     """Whether algorithm ``name`` accepts ``make(..., batch_order=...)``: host-drawn sample
     orders (R, K, E, N_max) replacing the random batch order (``core.local.FixedOrder``)."""
-    return getattr(_module(name), "TAKES_BATCH_ORDER", False)
+    return _entry(name).takes_batch_order
 
 
 def resolve_cover(name: str, hparams: dict, cover) -> tuple[dict[str, float], ...]:
@@ -149,22 +326,25 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     ``weight_decay`` all 0, see ``base``; FedOBP's EMA and quantile search). The result
     records ``model`` (``Algorithm.models``), which the runner checks against the data.
     """
-    module = _module(name)
+    entry = _entry(name)
     resolved = resolve(name, **hparams)
     covered = resolve_cover(name, resolved, cover)
     extra = {}
     if batch_order is not None:
         if not takes_batch_order(name):
             raise ValueError(f"{name} takes no batch_order; algorithms that do: " + ", ".join(
-                n for n in ALGORITHMS + DISTILLATION if takes_batch_order(n)))
+                n for n in names() if takes_batch_order(n)))
         extra["batch_order"] = batch_order
     extra["cover"] = covered
-    if uses_public(name):
-        algorithm = getattr(module, name)(model, public=public, **extra, **resolved)
+    if entry.uses_public:
+        algorithm = entry.factory(model, public=public, **extra, **resolved)
     elif public is not None:
         raise ValueError(f"{name} takes no public data")
     else:
-        algorithm = getattr(module, name)(model, **extra, **resolved)
+        algorithm = entry.factory(model, **extra, **resolved)
+    if not isinstance(algorithm, Algorithm):
+        raise ValueError(f"the factory of algorithm {name!r} returned "
+                         f"{type(algorithm).__name__}, not an Algorithm")
     for i, overrides in enumerate(cover or ()):
         try:  # the algorithm's own checks of traced values (e.g. FedOBP's)
             algorithm.hp(**overrides)
@@ -177,6 +357,13 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     return algorithm
 
 
-__all__ = ["ALGORITHMS", "DISTILLATION", "Algorithm", "HParam", "check_hparam",
-           "check_model_fits", "hparam_specs", "make", "resolve", "resolve_cover",
-           "takes_batch_order", "traced_names", "uses_public"]
+# The standard baselines, written as plug-ins through ``register`` (as a user would);
+# importing them registers them, and from here on their names are built-in ones too.
+from fedjax_sim.algorithms import fedopt, fedprox, scaffold  # noqa: E402, F401
+
+_BUILTIN = frozenset(_REGISTRY)
+
+__all__ = ["ALGORITHMS", "DISTILLATION", "ENTRY_POINT_GROUP", "Algorithm", "HParam",
+           "check_hparam", "check_model_fits", "hparam_specs", "load_entry_points", "make",
+           "names", "register", "resolve", "resolve_cover", "takes_batch_order",
+           "traced_names", "unregister", "uses_public"]

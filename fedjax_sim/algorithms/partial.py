@@ -18,6 +18,7 @@ from fedjax_sim.algorithms.base import (
     num_params_bytes,
     per_round_bytes,
 )
+from fedjax_sim.algorithms.server_opt import with_server_optimizer
 from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels import split
@@ -36,7 +37,7 @@ def plain_sgd(model: Model) -> LocalFn:
 
 def decoupled(
     name: str, model: Model, hp: dict, personal: tuple[str, ...], local_fn: LocalFn,
-    batch_order=None, specs=(), cover=(),
+    batch_order=None, specs=(), cover=(), server_opt: str | None = None,
 ) -> Algorithm:
     """An algorithm whose layers ``personal`` stay on the clients.
 
@@ -51,6 +52,11 @@ def decoupled(
         (see ``base.check_batch_order``).
       specs: the algorithm's own ``HPARAMS``.
       cover: other values of the traced hyperparameters (see ``base.assemble``).
+      server_opt: a server optimizer of ``server_opt.SERVER_OPTIMIZERS`` stepping the
+        shared layers on their pseudo-gradient (FedOpt's server, with ``hp``'s
+        ``server_lr``, ...), or None for the plain mean. A stateful one keeps its state in
+        the server part as ``"opt"``; ``sgd`` keeps none (at ``server_lr`` 1 it is the
+        plain mean bit for bit).
     """
     shapes = jax.eval_shape(model.init, jax.random.key(0))
     missing = set(personal) - set(shapes)
@@ -60,12 +66,18 @@ def decoupled(
             f"of the model's layers {sorted(shapes)}"
         )
 
+    stateful = server_opt is not None and server_opt != "sgd"
+    if server_opt is not None:
+        init_opt, step = with_server_optimizer(server_opt, hp)
+
     def init_with(key, data, traced):
-        del traced
         state_key, model_key = jax.random.split(key)
         params = model.init(model_key)
         clients = {"personal": broadcast(split.take(params, personal), data.num_clients)}
-        return SimState.create(state_key, {"params": params}, clients, data.num_clients)
+        server = {"params": params}
+        if stateful:
+            server["opt"] = init_opt(split.drop(params, personal), traced)
+        return SimState.create(state_key, server, clients, data.num_clients)
 
     def send_shared(traced, state, round_key):
         del traced
@@ -77,10 +89,19 @@ def decoupled(
         return split.drop(params, personal), {"personal": split.take(params, personal)}, loss
 
     def server_update(traced, state, cohort, context):
-        del traced, context
+        del context
         # The server's copy of the personal layers is never used by anyone; it keeps the
         # initial values so that the global tree has the model's full structure.
-        return {"params": split.merge(state.server["params"], cohort.uploads)}, {}
+        if server_opt is None:
+            return {"params": split.merge(state.server["params"], cohort.uploads)}, {}
+        shared = split.drop(state.server["params"], personal)
+        # sgd's state holds no arrays: made afresh each round rather than kept.
+        opt = state.server["opt"] if stateful else init_opt(shared, traced)
+        shared, opt = step(traced, shared, cohort.uploads, opt)
+        server = {"params": split.merge(state.server["params"], shared)}
+        if stateful:
+            server["opt"] = opt
+        return server, {}
 
     def logits(own, global_params, x):
         return model.apply(split.merge(global_params, own["personal"]), x)

@@ -29,18 +29,26 @@ from fedjax_sim.data.partition import (
     train_test_split,
 )
 from fedjax_sim.data.sources import (
+    NPZ_PREFIX,
     SOURCE_OPTIONS,
     SOURCES,
     Pooled,
     check_source,
+    has_natural_ids,
+    is_source,
     known_size,
+    load_npz,
     load_source,
     make_synthetic,
+    pooled_from_arrays,
+    register_source,
+    unregister_source,
 )
 
 __all__ = [
     "DEFAULT_NUM_CLIENTS",
     "MAX_DIRICHLET_DRAWS",
+    "NPZ_PREFIX",
     "PARTITIONS",
     "SOURCES",
     "SOURCE_OPTIONS",
@@ -50,15 +58,20 @@ __all__ = [
     "check_federated_data",
     "check_partition_file",
     "check_splits",
+    "is_source",
+    "load_npz",
     "load_partition",
     "load_partition_meta",
     "load_source",
     "make_federated_data",
     "make_synthetic",
     "partition_indices",
+    "pooled_from_arrays",
+    "register_source",
     "save_partition",
     "split_hints",
     "train_test_split",
+    "unregister_source",
 ]
 
 
@@ -108,6 +121,30 @@ def _check_feasible(
         )
 
 
+def _no_natural_ids(dataset: str) -> ValueError:
+    return ValueError(
+        f"partition='natural' needs a data set with natural client ids (synthetic, an "
+        f"npz:PATH file with a 'client' array, or a registered source that gives them); "
+        f"{dataset!r} has none")
+
+
+def _check_natural_sizes(dataset: str, pooled: Pooled, num_clients: int,
+                         min_samples: int) -> None:
+    """Refuses natural clients (the first ``num_clients`` ids) with fewer than
+    ``min_samples`` examples."""
+    sizes = np.bincount(pooled.groups)
+    small = [g for g in range(min(num_clients, sizes.size)) if sizes[g] < min_samples]
+    if small:
+        names = pooled.group_ids if pooled.group_ids is not None else np.arange(sizes.size)
+        shown = ", ".join(f"{names[g]!s} ({sizes[g]})" for g in small[:5])
+        more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+        raise ValueError(
+            f"dataset {dataset}: {len(small)} natural client(s) have fewer than min_samples="
+            f"{min_samples} examples, client id (examples): {shown}{more}; every client "
+            "needs min_samples (at least 2: one train and one test example): lower "
+            "min_samples, merge or drop those clients, or use another partition")
+
+
 def make_federated_data(
     dataset: str = "digits",
     *,
@@ -132,11 +169,13 @@ def make_federated_data(
     give equal results.
 
     Args:
-      dataset: one of ``SOURCES``.
+      dataset: one of ``SOURCES``: a built-in or registered source, or ``npz:PATH``.
       partition: one of ``PARTITIONS`` (see ``partition_indices``). With ``natural`` on
         ``synthetic``, the generator makes ``num_clients`` clients unless
-        ``source_options`` says otherwise.
-      num_clients: number of clients K (default ``DEFAULT_NUM_CLIENTS``, 20). With
+        ``source_options`` says otherwise; on other sources with client ids (an npz file's
+        ``client``), one client per id, each with at least ``min_samples`` examples.
+      num_clients: number of clients K (default ``DEFAULT_NUM_CLIENTS``, 20; with
+        ``natural`` on a source other than synthetic, every id). With
         ``partition_file``, the file's client count, which a given value must equal.
       alpha: Dirichlet concentration, a finite number > 0 (``dirichlet``).
       min_samples: fewest samples per client before the train/test split, >= 2 so that
@@ -192,17 +231,21 @@ def make_federated_data(
     )
     if partition_file is None:
         if partition == "natural":
-            if dataset != "synthetic":
-                raise ValueError(
-                    f"partition='natural' needs a data set with natural client ids "
-                    f"(synthetic); {dataset!r} has none"
-                )
-            options.setdefault("num_clients", drawn_clients)
+            if has_natural_ids(dataset) is False:
+                raise _no_natural_ids(dataset)
+            if dataset == "synthetic":
+                options.setdefault("num_clients", drawn_clients)
         size = known_size(dataset, options)
         if size is not None:
             _check_feasible(dataset, *size, **feasibility)
 
     pooled = load_source(dataset, data_dir=data_dir, **options)
+    if partition_file is None and partition == "natural":
+        if pooled.groups is None:
+            raise _no_natural_ids(dataset)
+        if num_clients is None:  # every natural client
+            drawn_clients = feasibility["num_clients"] = int(np.unique(pooled.groups).size)
+        _check_natural_sizes(dataset, pooled, drawn_clients, min_samples)
     if partition_file is not None:
         meta = load_partition_meta(partition_file)
         for key, expected in (("dataset", dataset), ("num_samples", pooled.num_samples)):

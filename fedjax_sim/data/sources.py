@@ -18,6 +18,15 @@ of every source is part of its contract:
   in record order followed by the ``test`` split in record order. Record order is fixed
   when tfds prepares a data set version, so a partition file stays valid for that version.
 
+- ``npz:PATH``: your own data, a NumPy ``.npz`` file (``np.savez``) holding ``x`` (N, ...)
+  inputs, ``y`` (N,) integer labels in ``[0, num_classes)`` and optionally ``client`` (N,)
+  natural client ids (integers or strings; the ``natural`` partition makes one client per
+  id, in sorted id order) and a scalar ``num_classes`` (default ``max(y) + 1``). The file's
+  row order. Inputs are cast to float32 as they are (scale them yourself); images want a
+  trailing channel axis, (N, H, W, C).
+- registered sources (:func:`register_source`): whatever their loader returns, checked as
+  an npz file's arrays are.
+
 Images are float32 in [0, 1] with a trailing channel axis; labels are int32.
 """
 
@@ -26,11 +35,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-SOURCES = (
+# ``npz:PATH`` names a NumPy .npz file of your own (see the module docstring).
+NPZ_PREFIX = "npz:"
+
+_BUILTIN_SOURCES = (
     "digits",
     "mnist1d",
     "synthetic",
@@ -54,6 +67,105 @@ SOURCE_OPTIONS: dict[str, tuple[str, ...]] = {
     "cifar100": ("label_key",),
     "svhn_cropped": (),
 }
+
+# Sources added by ``register_source``: name -> loader.
+_REGISTERED: dict[str, Callable[..., Any]] = {}
+
+
+def is_source(name: Any) -> bool:
+    """Whether ``name`` names a source: a built-in or registered one, or ``npz:PATH``."""
+    return isinstance(name, str) and (
+        name in _BUILTIN_SOURCES or name in _REGISTERED
+        or (name.startswith(NPZ_PREFIX) and len(name) > len(NPZ_PREFIX)))
+
+
+class SourceNames(Sequence):
+    """The source names, read live: the built-in ones, the registered ones, and
+    ``npz:PATH`` (the form of every npz file). ``name in SOURCES`` is :func:`is_source`,
+    so it holds for any ``npz:...`` name."""
+
+    def _names(self) -> tuple[str, ...]:
+        return (*_BUILTIN_SOURCES, *_REGISTERED, NPZ_PREFIX + "PATH")
+
+    def __getitem__(self, index):
+        return self._names()[index]
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name: object) -> bool:
+        return is_source(name)
+
+    def __add__(self, other):
+        return self._names() + tuple(other)
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+SOURCES = SourceNames()
+
+
+def register_source(name: str, loader: Callable[..., Any], *, options: Sequence[str] = (),
+                    replace: bool = False) -> None:
+    """Adds a data source, usable wherever the built-in ones are (``make_federated_data``,
+    the ``dataset`` and ``public_dataset`` of experiment specs, ``--dataset NAME``).
+
+    Args:
+      name: the source's name, a Python identifier.
+      loader: ``loader(**options) -> Pooled`` or a dict of arrays as an npz source holds:
+        ``x`` (N, ...), ``y`` (N,) integer labels, optionally ``client`` (N,) natural
+        client ids and ``num_classes``. Called once per load, with the ``source_options``
+        given to ``make_federated_data``; it must return the same examples in the same
+        order every time (partition files index into that order).
+      options: the names of the keyword options ``loader`` takes.
+      replace: replace a source registered earlier under ``name`` (never a built-in).
+
+    Raises:
+      ValueError: a name that is not an identifier, a built-in name, ``npz``, a name
+        registered already without ``replace``, a loader that is not callable, options
+        that are not identifiers.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"source name must be a Python identifier, got {name!r}")
+    if name in _BUILTIN_SOURCES or name == "npz":
+        raise ValueError(f"{name!r} is a built-in data source and cannot be registered again; "
+                         "choose another name")
+    if name in _REGISTERED and not replace:
+        raise ValueError(f"data source {name!r} is registered already; pass replace=True to "
+                         "replace it")
+    if not callable(loader):
+        raise ValueError(f"loader of data source {name!r} must be callable, got "
+                         f"{type(loader).__name__}")
+    if isinstance(options, str) or not all(isinstance(o, str) and o.isidentifier()
+                                           for o in options):
+        raise ValueError(f"options of data source {name!r} must be a tuple of option names, "
+                         f"got {options!r}")
+    _REGISTERED[name] = loader
+    SOURCE_OPTIONS[name] = tuple(options)
+
+
+def unregister_source(name: str) -> None:
+    """Removes a source added by :func:`register_source`.
+
+    Raises:
+      ValueError: a built-in or unknown name.
+    """
+    if name not in _REGISTERED:
+        raise ValueError(f"no data source {name!r} is registered"
+                         + (" (built-in sources cannot be removed)"
+                            if name in _BUILTIN_SOURCES else ""))
+    del _REGISTERED[name]
+    del SOURCE_OPTIONS[name]
+
+
+def has_natural_ids(name: str) -> bool | None:
+    """Whether source ``name`` gives natural client ids: True or False for the built-in
+    ones, None where only loading tells (npz files, registered sources)."""
+    if name in _BUILTIN_SOURCES:
+        return name == "synthetic"
+    return None
+
 
 _TFDS_SOURCES = ("mnist", "fashion_mnist", "emnist", "cifar10", "cifar100", "svhn_cropped")
 
@@ -87,6 +199,8 @@ class Pooled:
       num_classes: number of labels.
       name: data set name (with the tfds config where there is one, e.g. ``emnist/balanced``).
       groups: (N,) int64 natural client id of every example, or None when the source has none.
+      group_ids: the source's own client id of each value of ``groups`` (``group_ids[g]``
+        for ``g``), for messages; None when the ids are ``groups`` themselves.
     """
 
     x: np.ndarray
@@ -94,6 +208,7 @@ class Pooled:
     num_classes: int
     name: str
     groups: np.ndarray | None = None
+    group_ids: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -110,11 +225,12 @@ def check_source(name: str, options: dict[str, Any] | None = None) -> None:
     Raises:
       ValueError: unknown source or option.
     """
-    if name not in SOURCES:
+    if not is_source(name):
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(SOURCES)}")
-    unknown = sorted(set(options or {}) - set(SOURCE_OPTIONS[name]))
+    allowed_options = () if name.startswith(NPZ_PREFIX) else SOURCE_OPTIONS[name]
+    unknown = sorted(set(options or {}) - set(allowed_options))
     if unknown:
-        allowed = ", ".join(SOURCE_OPTIONS[name]) or "none"
+        allowed = ", ".join(allowed_options) or "none"
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; allowed: {allowed}"
         )
@@ -160,8 +276,14 @@ def check_prepared(name: str, data_dir: str | os.PathLike | None = None,
       options: the source's options (``config`` for emnist).
 
     Raises:
-      FileNotFoundError: naming the data set and the folder that should hold it.
+      FileNotFoundError: naming the data set and the folder that should hold it (for
+        ``npz:PATH``, the file).
     """
+    if isinstance(name, str) and name.startswith(NPZ_PREFIX):
+        path = name[len(NPZ_PREFIX):]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset {name}: no file {path}")
+        return
     if name not in _TFDS_SOURCES:
         return
     where = root = os.fspath(data_dir) if data_dir is not None else None
@@ -200,10 +322,15 @@ def load_source(
       The pooled data set.
 
     Raises:
-      ValueError: unknown name or option, or a bad option value.
-      FileNotFoundError: a tfds data set is not prepared under ``data_dir``.
+      ValueError: unknown name or option, or a bad option value; an npz file or registered
+        source whose arrays are refused by :func:`pooled_from_arrays`.
+      FileNotFoundError: a tfds data set is not prepared under ``data_dir``; no npz file.
     """
     check_source(name, options)
+    if name.startswith(NPZ_PREFIX):
+        return load_npz(name[len(NPZ_PREFIX):])
+    if name in _REGISTERED:
+        return _load_registered(name, options)
     if name == "digits":
         return _load_digits()
     if name == "mnist1d":
@@ -355,3 +482,132 @@ def _load_tfds(
     if x.ndim == 3:  # grayscale images stored without a channel axis
         x = x[..., None]
     return Pooled(x=x, y=np.concatenate(parts_y), num_classes=num_classes, name=full_name)
+
+
+def load_npz(path: str | os.PathLike) -> Pooled:
+    """Loads your own data from a NumPy ``.npz`` file (the ``npz:PATH`` source).
+
+    Args:
+      path: a file written by ``np.savez`` / ``np.savez_compressed`` with arrays ``x``,
+        ``y`` and optionally ``client`` and ``num_classes`` (see :func:`pooled_from_arrays`).
+        Object arrays are refused (nothing is unpickled).
+
+    Returns:
+      The pooled data set, named after the file.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: a file NumPy cannot read as npz, or arrays that
+        :func:`pooled_from_arrays` refuses; the message names the file.
+    """
+    path = os.fspath(path)
+    what = f"dataset {NPZ_PREFIX}{path}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what}: no file {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("it holds one array, not an npz archive of named arrays")
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError) as error:
+        raise ValueError(f"{what}: cannot read it as an .npz file of arrays (np.savez): "
+                         f"{error}") from None
+    return pooled_from_arrays(arrays, what=what, name=os.path.basename(path))
+
+
+def pooled_from_arrays(arrays: Mapping[str, Any], *, what: str = "data",
+                       name: str = "data") -> Pooled:
+    """Checks your own arrays and makes them a pooled data set.
+
+    Args:
+      arrays: ``x`` (N, ...) numeric inputs (at least one feature axis), ``y`` (N,)
+        integer labels in ``[0, num_classes)``, optionally ``client`` (N,) natural client
+        ids (integers or strings) and ``num_classes`` (an integer >= 2; default
+        ``max(y) + 1``). Other keys are refused (a misspelt name would be ignored).
+      what: how messages name the data (``dataset npz:PATH``).
+      name: the data set's name.
+
+    Returns:
+      ``Pooled`` with float32 ``x``, int32 ``y`` and, with ``client``, ``groups`` the
+      index of each example's id among the sorted distinct ids.
+
+    Raises:
+      ValueError: a missing or unknown array, labels that are not integers or fall outside
+        ``[0, num_classes)``, ``x``, ``y`` or ``client`` of different lengths, inputs that
+        are not finite numbers, fewer than 2 classes.
+    """
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"{what}: expected a Pooled or a dict of arrays x, y (optional "
+                         f"client, num_classes), got {type(arrays).__name__}")
+    held = ", ".join(sorted(arrays)) or "nothing"
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise ValueError(f"{what} has no array {key!r} (it holds: {held}); it needs x "
+                             "(N, ...) inputs and y (N,) integer labels, optionally client "
+                             "(N,) client ids and num_classes")
+    unknown = sorted(set(arrays) - {"x", "y", "client", "num_classes"})
+    if unknown:
+        raise ValueError(f"{what}: unknown array(s) {', '.join(unknown)}; the arrays are x, y "
+                         "and optionally client and num_classes")
+    x, y = np.asarray(arrays["x"]), np.asarray(arrays["y"])
+    if y.ndim != 1:
+        raise ValueError(f"{what}: y must be one label per example, shape (N,), got shape "
+                         f"{y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: y must hold integer class labels, got dtype {y.dtype} "
+                         "(cast whole-number labels with y.astype(int))")
+    if x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) \
+            or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{what}: x must be real numbers of shape (N, features...), got dtype "
+                         f"{x.dtype} and shape {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{what}: x has {x.shape[0]} examples but y has {y.shape[0]} labels; "
+                         "they must have the same length")
+    if y.shape[0] < 2:
+        raise ValueError(f"{what}: needs at least 2 examples, got {y.shape[0]}")
+    if "num_classes" in arrays:
+        given = np.asarray(arrays["num_classes"])
+        if given.shape != () or not np.issubdtype(given.dtype, np.integer) or given < 2:
+            raise ValueError(f"{what}: num_classes must be one integer >= 2, got "
+                             f"{arrays['num_classes']!r}")
+        num_classes = int(given)
+    else:
+        num_classes = int(y.max()) + 1
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{what}: labels must be in [0, {num_classes}) (num_classes="
+                         f"{num_classes}); {int(bad.sum())} are not, e.g. y[{first}] = "
+                         f"{int(y[first])}")
+    if num_classes < 2:
+        raise ValueError(f"{what}: needs at least 2 classes; every label is 0 (set "
+                         "num_classes if some classes are absent)")
+    x32 = x.astype(np.float32)
+    if not np.isfinite(x32).all():
+        raise ValueError(f"{what}: x must be finite float32 numbers; it has NaN or infinite "
+                         "values (or values beyond float32's range)")
+    groups = group_ids = None
+    if "client" in arrays:
+        client = np.asarray(arrays["client"])
+        if client.ndim != 1 or client.shape[0] != y.shape[0]:
+            raise ValueError(f"{what}: client must hold one client id per example, shape "
+                             f"({y.shape[0]},), got shape {client.shape}")
+        if not (np.issubdtype(client.dtype, np.integer) or client.dtype.kind in "US"):
+            raise ValueError(f"{what}: client ids must be integers or strings, got dtype "
+                             f"{client.dtype}")
+        group_ids, groups = np.unique(client, return_inverse=True)
+        groups = groups.astype(np.int64).reshape(-1)
+    return Pooled(x=x32, y=y.astype(np.int32), num_classes=num_classes, name=name,
+                  groups=groups, group_ids=group_ids)
+
+
+def _load_registered(name: str, options: dict[str, Any]) -> Pooled:
+    out = _REGISTERED[name](**options)
+    what = f"dataset {name} (registered source)"
+    if isinstance(out, Pooled):
+        arrays = {"x": out.x, "y": out.y, "num_classes": np.int64(out.num_classes)}
+        if out.groups is not None:
+            arrays["client"] = out.groups if out.group_ids is None else out.group_ids[
+                np.asarray(out.groups)]
+        return pooled_from_arrays(arrays, what=what, name=out.name)
+    return pooled_from_arrays(out, what=what, name=name)
