@@ -131,9 +131,10 @@ def test_register_refuses(name, factory, hparams, message):
 
 
 def test_register_twice_needs_replace(plugin):
+    register_plugin()  # the same registration again: nothing changes
     with pytest.raises(ValueError, match="'fedavg_mix' is registered already; pass "
                                          "replace=True"):
-        register_plugin()
+        algorithms.register(plugin, lambda model, **hp: fedavg_mix(model, **hp), MIX)
     algorithms.register(plugin, fedavg_mix, MIX, replace=True)
     with pytest.raises(ValueError, match="built-in algorithm and cannot be removed"):
         algorithms.unregister("fedavg")
@@ -225,3 +226,27 @@ def test_cli_runs_a_plugin_algorithm_on_an_npz_file(tmp_path):
     written = json.loads((out / "summary.json").read_text())
     assert written["hparams"]["mix"] == 0.7 and written["num_clients"] == 4  # one per id
     assert written["rounds_done"] == 2
+
+
+@pytest.mark.slow
+def test_a_plugin_runs_through_compare_sweep_and_compare_local(plugin, tmp_path, capsys):
+    tiny = ["--num-clients", "3", "--rounds", "2", "--local-epochs", "1", "--no-progress",
+            "--plugin", "test_plugins:register_plugin"]
+    # compare: its seeds as one program, with Local as the reference (hurt fraction, IPR).
+    cli.main(["compare", "--algorithms", "fedavg,fedavg_mix", "--seeds", "0,1", *tiny,
+              "--output", str(tmp_path / "compare")])
+    rows = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert [r["status"] for r in rows["fedavg_mix"]] == ["complete", "complete"]
+    assert all("hurt_fraction" in r for r in rows["fedavg_mix"])
+    # sweep over its own traced hyperparameter and seeds, with --compare-local: one
+    # program, and mix 1 is FedAvg.
+    cli.main(["sweep", "--algorithm", "fedavg_mix", "--set", "fedavg_mix.mix=0.5,1.0",
+              "--seeds", "0,1", "--compare-local", *tiny, "--output", str(tmp_path / "sweep")])
+    assert "4 runs to do in 1 program" in capsys.readouterr().err
+    records = [json.loads(line) for line in
+               (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    assert sorted((r["values"]["mix"], r["seed"]) for r in records) == [
+        (0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
+    assert all(r["status"] == "complete" and r["hurt_fraction"] is not None for r in records)
+    fedavg = {r["seed"]: r["accuracy"] for r in rows["fedavg"]}
+    assert {r["seed"]: r["accuracy"] for r in records if r["values"]["mix"] == 1.0} == fedavg

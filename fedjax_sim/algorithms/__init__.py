@@ -123,6 +123,7 @@ def register(
       uses_public: the algorithm needs public data (``make(..., public=...)``; listed in
         ``DISTILLATION``).
       replace: replace an algorithm registered earlier under ``name`` (never a built-in).
+        Registering the same factory, hyperparameters and ``uses_public`` again is a no-op.
 
     Raises:
       ValueError: a name that is not an identifier, a built-in name, a name registered
@@ -136,6 +137,10 @@ def register(
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is a built-in algorithm and cannot be registered again; "
                          "choose another name")
+    existing = _REGISTRY.get(name)
+    if existing is not None and (existing.factory, existing.hparams, existing.uses_public) == (
+            factory, tuple(hparams), uses_public):
+        return  # the same registration again (a plug-in loaded twice in one process)
     if name in _REGISTRY and not replace:
         raise ValueError(f"algorithm {name!r} is registered already; pass replace=True to "
                          "replace it")
