@@ -119,6 +119,18 @@ def tiny(argv: list[str], output: Path) -> list[str]:
     return [*argv, *extra]
 
 
+def named_python_files(markdown: str) -> dict[str, str]:
+    """The ``python`` blocks of ``markdown`` whose first line is ``# NAME.py``: the files a
+    reader saves (``{NAME.py: source}``)."""
+    blocks = re.findall(r"```python\n# ([\w.]+\.py)\n(.*?)```", markdown, flags=re.S)
+    return {name: source for name, source in blocks}
+
+
+def setup_commands(markdown: str) -> list[list[str]]:
+    """The ``python NAME.py`` lines of the shell blocks (scripts a reader runs first)."""
+    return [line.split() for line in re.findall(r"^python [\w.]+\.py$", markdown, flags=re.M)]
+
+
 def toml_blocks(markdown: str) -> list[str]:
     """The fenced ``toml`` code blocks of ``markdown``."""
     return re.findall(r"```toml\n(.*?)```", markdown, flags=re.S)
@@ -153,6 +165,9 @@ def _execute(command: str, workdir: Path, cache: Path):
       ``(completed process, the output directory it was given)``.
     """
     output = workdir / "output"  # fresh for every command
+    text = README.read_text()
+    for name, source in named_python_files(text).items():
+        (workdir / name).write_text(source)
     config = _option(_argv(command), "--config")
     if config:
         # A config file the README names is the README's TOML example.
@@ -162,6 +177,12 @@ def _execute(command: str, workdir: Path, cache: Path):
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                       os.environ.get("PYTHONPATH")]))}
+    if any("npz:" in word for word in _argv(command)):
+        # The data a README script saves (make_data.py).
+        for setup in setup_commands(text):
+            done = subprocess.run([sys.executable, *setup[1:]], cwd=workdir, env=env,
+                                  capture_output=True, text=True, timeout=TIMEOUT_S)
+            assert done.returncode == 0, f"{' '.join(setup)}: {done.stderr[-2000:]}"
     proc = subprocess.run(
         [sys.executable, "-m", "fedjax_sim.cli", *tiny(_argv(command), output)],
         cwd=workdir, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -189,7 +210,8 @@ def started(request, tmp_path_factory):
 def check_command(command: str, started: dict) -> None:
     """``command``'s options exist; if it can run here, it exited 0 and wrote its output."""
     argv = _argv(command)
-    if not _asks_help(argv):
+    # A plug-in's options exist once the command imports it: the run itself checks them.
+    if not _asks_help(argv) and "--plugin" not in argv:
         try:
             build_parser().parse_args(argv)
         except SystemExit:
@@ -204,6 +226,13 @@ def check_command(command: str, started: dict) -> None:
         assert "usage: fedjax-sim" in proc.stdout
     elif argv[0] in ("run", "compare", "sweep"):
         assert any(output.rglob("summary.json")), f"{command} wrote no summary.json"
+
+
+def test_readme_examples_are_complete():
+    text = README.read_text()
+    assert set(named_python_files(text)) >= {"make_data.py", "my_algo.py"}
+    assert ["python", "make_data.py"] in setup_commands(text)
+    assert any("--plugin my_algo" in c for c in shell_commands(text))
 
 
 def test_readme_shows_commands():
