@@ -497,8 +497,9 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                 watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
             if compile_s is None:
                 compile_s = time.perf_counter() - tic
-            losses = np.asarray(metrics["train_loss"])
-            flags = np.asarray(metrics["nonfinite_any"])
+            # Rows past the tracks are padding (``sweep``'s repeated configurations).
+            losses = np.asarray(metrics["train_loss"])[:len(tracks)]
+            flags = np.asarray(metrics["nonfinite_any"])[:len(tracks)]
             new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
                    if tracks[c].diverged is None]
             if new:
@@ -947,17 +948,24 @@ def _config_dir(seed: int, lr: float, overrides: dict, split: int, num_splits: i
 _CONFIG_AXIS = "configs"
 
 
-def _config_mesh(num_configs: int, devices: int | None) -> Mesh | None:
-    """A one-axis mesh over the most devices of this process that divide ``num_configs``,
-    or ``None`` for one."""
+def _config_mesh(num_configs: int, devices: int | None) -> tuple[Mesh | None, int]:
+    """A one-axis mesh over ``devices`` of this process (at most one per configuration),
+    or ``None`` for one, and the configuration count padded to a multiple of it.
+
+    Every device gets the same number of configurations: 3 on 2 devices run as 4, the
+    last repeated and its copy's results dropped, which still finishes sooner than 3 on
+    one device.
+    """
     available = jax.local_devices()
     wanted = len(available) if devices is None else int(devices)
     if not 1 <= wanted <= len(available):
         raise ValueError(f"devices must be in [1, {len(available)}], got {devices!r}")
-    count = max(d for d in range(1, wanted + 1) if num_configs % d == 0)
+    count = min(wanted, num_configs)
+    padded = -(-num_configs // count) * count
     if count == 1:
-        return None
-    return Mesh(np.asarray(available[:count]), (_CONFIG_AXIS,), axis_types=(AxisType.Auto,))
+        return None, padded
+    mesh = Mesh(np.asarray(available[:count]), (_CONFIG_AXIS,), axis_types=(AxisType.Auto,))
+    return mesh, padded
 
 
 def stack_splits(splits: list[FederatedData]) -> FederatedData:
@@ -1200,13 +1208,13 @@ def sweep(
             raise ValueError(f"configuration {i} ({overrides}): {error}") from None
     if config_strategy == "auto":
         config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
-    mesh = _config_mesh(len(triples), devices)
+    mesh, padded = _config_mesh(len(triples), devices)
     # Every device holds the data (all splits) and the states of its configurations.
     per_config = _estimate_memory(alg, splits[0], 0, 1)
     run_devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
     safety.check_memory(
-        {"client state": per_config["client state"] * len(triples) // len(run_devices),
-         "server state": per_config["server state"] * len(triples) // len(run_devices),
+        {"client state": per_config["client state"] * padded // len(run_devices),
+         "server state": per_config["server state"] * padded // len(run_devices),
          "data": sum(safety.tree_bytes(split) for split in splits)},
         devices=run_devices, what=f"a sweep of {len(triples)} {name} configurations")
     if output is not None:
@@ -1241,8 +1249,10 @@ def sweep(
                 stack.enter_context(RunDir(folder, overwrite=overwrite or output is not None))
         stop = stack.enter_context(safety.StopRequest())
         start = time.perf_counter()
-        program = _batched_program(alg, splits, triples, hps,
-                                   config_strategy=config_strategy, mesh=mesh)
+        extra = padded - len(triples)  # copies of the last configuration, dropped
+        program = _batched_program(alg, splits, triples + triples[-1:] * extra,
+                                   hps + hps[-1:] * extra, config_strategy=config_strategy,
+                                   mesh=mesh)
         env = environment()
         for c, track in enumerate(tracks):
             if track.out is not None:

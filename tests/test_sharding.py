@@ -55,6 +55,14 @@ SCRIPT = textwrap.dedent("""
     out["sweep"] = {{str(d): [{{k: s[k] for k in ("client_accuracies", "devices", "seed", "lr")}}
                               for s in sweep("fedper", model, data, devices=d, **kw)]
                     for d in (1, None)}}
+    # 3 configurations on 4 devices use 3; 6 run as 8 on 4 (the last repeated, dropped).
+    kw["lrs"] = [0.05]
+    for count in (3, 6):
+        kw["seeds"] = list(range(count))
+        out[f"sweep{{count}}"] = {{
+            str(d): [{{k: s[k] for k in ("client_accuracies", "devices", "seed")}}
+                     for s in sweep("fedper", model, data, devices=d, **kw)]
+            for d in (1, None)}}
     print(json.dumps(out))
 """)
 
@@ -89,6 +97,12 @@ def test_sharded_resume_equals_uninterrupted(sharded):
 
 def test_sweep_shards_configurations_over_devices(sharded):
     results, _ = sharded
+    for key, devices in (("sweep3", 3), ("sweep6", 4)):
+        one, many = results[key]["1"], results[key]["None"]
+        assert [s["seed"] for s in many] == [s["seed"] for s in one]
+        assert {s["devices"] for s in many} == {devices}
+        for a, b in zip(one, many, strict=True):
+            assert b["client_accuracies"] == pytest.approx(a["client_accuracies"], abs=1e-9)
     one, four = results["sweep"]["1"], results["sweep"]["None"]
     assert {s["devices"] for s in one} == {1} and {s["devices"] for s in four} == {4}
     for a, b in zip(one, four, strict=True):
