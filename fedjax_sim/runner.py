@@ -410,6 +410,9 @@ class Track:
 def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
                     mesh: Mesh | None) -> Program:
     """One run: the client axis sharded over ``mesh``, no configuration axis."""
+    # Host facts first: placed arrays may span processes.
+    test_counts = np.asarray(data.test_counts)[None]
+    comm = [algorithm.comm_bytes(data)]
     data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
     _, _, evaluate_with = algorithm.with_hp()
     if mesh is None:
@@ -430,8 +433,7 @@ def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
         evaluate=evaluate,
         devices=jax.devices()[:1] if mesh is None else list(mesh.devices.flat),
         host_wait=safety.needs_host_wait(mesh),
-        test_counts=np.asarray(data.test_counts)[None],
-        comm=[algorithm.comm_bytes(data)], view=lambda s, c: s)
+        test_counts=test_counts, comm=comm, view=lambda s, c: s)
 
 
 def _with_config_axis(result):
