@@ -424,8 +424,10 @@ def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
     def make_block(length):
         block = round_block(algorithm, length, check_traces=True,
                             num_clients=data.num_clients)
-        return _jitted_block(lambda s, d, hp: _with_config_axis(block(s, d, hp)),
-                             shardings, mesh)
+        def rounds_block(state, data, hp):
+            return _with_config_axis(block(state, data, hp))
+
+        return _jitted_block(rounds_block, shardings, mesh)
 
     return Program(
         algorithm=algorithm, size=1, data=data, state=state, shardings=shardings,
@@ -1062,7 +1064,11 @@ def _batched_program(algorithm: Algorithm, splits: list[FederatedData],
 
     def make_block(length):
         mapped = over_configs(functools.partial(one_config, length=length))
-        block = traced_once(lambda state, data, hp: mapped(data[0], data[1], state, hp),
+
+        def rounds_block(state, data, hp):
+            return mapped(data[0], data[1], state, hp)
+
+        block = traced_once(rounds_block,
                             f"{algorithm.name} sweep ({length} rounds per call)")
         return jax.jit(block, donate_argnums=0)
 

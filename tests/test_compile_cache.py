@@ -27,14 +27,14 @@ def test_runs_keep_compiled_programs_unless_told_not_to(tmp_path):
     cache = tmp_path / "cache"
     first = _run(tmp_path, "first", cache=cache)
     kept = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
-    assert any(name.startswith("jit_block") for name in kept), kept
+    assert any(name.startswith("jit_rounds_block") for name in kept), kept
     # The same programs again: read back, not rewritten; the numbers are the same. (A
     # program whose compile time stayed under the caching threshold the first time may
     # cross it on a busy machine and be written now: only kept entries are checked.)
     second = _run(tmp_path, "second", cache=cache)
     assert {name: (cache / name).stat().st_mtime_ns for name in kept} == kept
-    assert sum(p.name.startswith("jit_block") for p in cache.iterdir()) == sum(
-        name.startswith("jit_block") for name in kept)
+    assert sum(p.name.startswith("jit_rounds_block") for p in cache.iterdir()) == sum(
+        name.startswith("jit_rounds_block") for name in kept)
     assert second["accuracy"] == first["accuracy"]
     off = tmp_path / "off"
     _run(tmp_path, "uncached", "--no-compile-cache", cache=off)
