@@ -105,3 +105,9 @@ def run_two_processes(script: str, folder: Path, timeout: int = 600) -> list[str
         assert worker.returncode == 0, text[-3000:]
         texts.append(text)
     return texts
+
+
+def slow_unless(values, keep):
+    """``values`` as test parameters, each one not in ``keep`` marked slow: the default
+    suite runs a representative few, ``-m slow`` all of them."""
+    return [pytest.param(v, marks=() if v in keep else pytest.mark.slow) for v in values]

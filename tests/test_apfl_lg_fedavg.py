@@ -45,6 +45,7 @@ def test_apfl_summary_reports_final_alpha(small_data):
     assert not np.allclose(alpha, 0.5)  # α learned away from its start with lr 0.5
 
 
+@pytest.mark.slow
 def test_apfl_alpha_lr(small_data):
     _, _, frozen = _one_round("apfl", small_data, apfl_alpha=0.3, apfl_alpha_lr=0.0)
     np.testing.assert_array_equal(np.asarray(frozen.clients["alpha"]), np.float32(0.3))

@@ -203,6 +203,7 @@ def test_fedopt_sgd_at_server_lr_1_is_fedavg_bit_for_bit(tiny):
     assert differs(slow.server["params"], avg.server["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("server_opt", ["momentum", "yogi", "adagrad"])
 def test_fedopt_other_server_optimizers_run_and_differ(tiny, server_opt):
     _, avg, _ = run("fedavg", tiny, 2)
@@ -239,6 +240,7 @@ def test_fedopt_refuses_an_unknown_server_optimizer(tiny):
         algorithms.make("fedopt", tiny[1], beta2=1.0)
 
 
+@pytest.mark.slow
 def test_fedper_server_optimizer_on_the_shared_layers(tiny):
     from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_federated
+from conftest import random_federated, slow_unless
 
 from fedjax_sim import algorithms
 from fedjax_sim.core import local
@@ -167,6 +167,7 @@ def test_same_seed_same_result(small_data):
     assert jax.tree.leaves(c) is not None
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     data = random_federated(seed=2)
     model = make_model("mlp", data.input_shape, data.num_classes)
@@ -183,7 +184,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert len(lines) == 4
 
 
-@pytest.mark.parametrize("name", algorithms.ALGORITHMS)
+@pytest.mark.parametrize("name", slow_unless(algorithms.ALGORITHMS,
+                                             ("fedavg", "fedobp", "apfl", "scaffold")))
 def test_every_algorithm_runs_and_evaluates(small_data, name):
     model = make_model("mlp", small_data.input_shape, small_data.num_classes)
     alg = algorithms.make(name, model, local_epochs=2, batch_size=8, join_ratio=0.6)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_federated
+from conftest import random_federated, slow_unless
 
 from fedjax_sim import algorithms
 from fedjax_sim.core.cohort import cohort_size
@@ -167,7 +167,7 @@ def test_feddf_with_zero_distillation_steps_equals_fedavg():
     assert changed or steps < 12
 
 
-@pytest.mark.parametrize("name", ["fedmd", "fccl"])
+@pytest.mark.parametrize("name", slow_unless(["fedmd", "fccl"], ("fedmd",)))
 def test_heterogeneous_groups_train_in_one_round(name):
     data = to_device(random_federated(num_clients=6))
     models = [make_model("mlp", (6,), 4, hidden=h) for h in ((8,), (16,), (8, 8))]

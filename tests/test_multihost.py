@@ -64,6 +64,7 @@ def runs(tmp_path_factory):
     return _result(single.stdout), outputs, out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["fedavg", "fedper"])
 def test_two_processes_agree_with_one(runs, name):
     single, (p0, p1), out = runs

@@ -207,6 +207,7 @@ def _kill_and_resume(out: Path, rounds: int, delays: list[float]) -> None:
     assert final.returncode == 0, final.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(tmp_path):
     rounds = 8
     whole = _cli([*RUN, "--rounds", str(rounds), "--output", str(tmp_path / "whole")])

@@ -125,6 +125,7 @@ def test_strategies_give_equal_rounds(name):
                      other, results[0])
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_runs(tmp_path):
     from fedjax_sim.runner import run, sweep
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_federated
+from conftest import random_federated, slow_unless
 
 from fedjax_sim import algorithms
 from fedjax_sim.algorithms.base import client_optimizer, cross_entropy_loss
@@ -30,8 +30,10 @@ OTHER = {"lr": 0.03, "momentum": 0.5, "weight_decay": 1e-3, "ig_ratio": 0.5,
          "mu": 0.1, "server_lr": 0.7, "server_momentum": 0.5, "beta1": 0.8, "beta2": 0.9,
          "tau": 0.01}
 # The heterogeneous-group algorithms pretrain before the first round: slower to compile.
-EVERY = [pytest.param(name, marks=pytest.mark.slow) if name in ("fedmd", "fccl") else name
-         for name in algorithms.ALGORITHMS + algorithms.DISTILLATION]
+# The default suite checks one algorithm of each kind of state (none, personal, EMA,
+# distillation targets, control variates); -m slow checks every one.
+EVERY = slow_unless(algorithms.ALGORITHMS + algorithms.DISTILLATION,
+                    ("fedavg", "fedobp", "ditto", "dsfl", "scaffold"))
 
 
 @pytest.fixture(scope="module")
