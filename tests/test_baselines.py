@@ -262,3 +262,12 @@ def test_fedper_server_optimizer_on_the_shared_layers(tiny):
     assert "head" not in adam.server["opt"][0].mu
     assert_bitwise(adam.server["params"]["head"], default.server["params"]["head"])
     assert differs(adam.server["params"], default.server["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fedrep", "lg_fedavg"])
+def test_fedrep_and_lg_fedavg_take_a_server_optimizer(tiny, name):
+    _, default, _ = run(name, tiny, 2)
+    _, adam, _ = run(name, tiny, 2, server_opt="adam", server_lr=0.05)
+    assert set(adam.server) == {"params", "opt"} and set(default.server) == {"params"}
+    assert differs(adam.server["params"], default.server["params"])

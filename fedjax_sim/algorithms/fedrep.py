@@ -8,6 +8,10 @@ with the head frozen (``body_epochs`` epochs, default 1, as FL-bench's
 ``train_body_epoch``); the head stays personal, the base is averaged. With
 ``local_epochs = E`` the head gets ``E - body_epochs`` epochs. With ``local_steps = S`` the
 head gets S steps and the base ``body_epochs`` × ceil(S / local_epochs) steps.
+
+``server_opt`` (with ``server_lr``, ``server_momentum``, ``beta1``, ``beta2``, ``tau``)
+applies a server optimizer to the shared layers, as for ``fedper``; the default, ``sgd``
+at ``server_lr`` 1, is the plain mean, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from fedjax_sim.algorithms.base import (
     cross_entropy_loss,
 )
 from fedjax_sim.algorithms.partial import decoupled
+from fedjax_sim.algorithms.server_opt import SERVER_HPARAMS
 from fedjax_sim.core import local
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
     HParam("body_epochs", 1, int, lambda v: v >= 1, "a positive integer",
            "FedRep: epochs that train the base after the head (must be <= local_epochs)"),
+    *SERVER_HPARAMS,
 )
 
 
@@ -62,4 +68,5 @@ def fedrep(model: Model, *, cover=(), **hp) -> Algorithm:
         # The reported loss is that of the phase that trains the shared representation.
         return params, body_loss
 
-    return decoupled("fedrep", model, hp, model.head, local_fn, specs=HPARAMS, cover=cover)
+    return decoupled("fedrep", model, hp, model.head, local_fn, specs=HPARAMS, cover=cover,
+                     server_opt=hp["server_opt"])

@@ -7,6 +7,10 @@ The layers nearest the output are shared and averaged; those below them, the loc
 representation, stay personal. By default only the classifier is shared, as in PFLlib;
 ``lg_global_layers N`` shares the top N top-level layers of the model (in forward order,
 ``Model.layers``). Clients train all layers locally.
+
+``server_opt`` (with ``server_lr``, ``server_momentum``, ``beta1``, ``beta2``, ``tau``)
+applies a server optimizer to the shared layers, as for ``fedper``; the default, ``sgd``
+at ``server_lr`` 1, is the plain mean, bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import jax
 
 from fedjax_sim.algorithms.base import Algorithm, HParam
 from fedjax_sim.algorithms.partial import decoupled, plain_sgd
+from fedjax_sim.algorithms.server_opt import SERVER_HPARAMS
 from fedjax_sim.models.base import Model
 
 HPARAMS = (
@@ -23,6 +28,7 @@ HPARAMS = (
            "LG-FedAvg: number of top layers (nearest the output) shared and averaged; the "
            "others stay personal (unset: the classifier head only); at most the model's "
            "layer count - 1"),
+    *SERVER_HPARAMS,
 )
 
 
@@ -59,4 +65,4 @@ def lg_fedavg(model: Model, *, cover=(), **hp) -> Algorithm:
     layers = tuple(jax.eval_shape(model.init, jax.random.key(0)))
     personal = tuple(name for name in layers if name not in shared)
     return decoupled("lg_fedavg", model, hp, personal, plain_sgd(model), specs=HPARAMS,
-                     cover=cover)
+                     cover=cover, server_opt=hp["server_opt"])
