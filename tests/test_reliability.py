@@ -66,7 +66,7 @@ def _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, names):
 
 
 # One algorithm of each kind by default; every one with -m slow.
-SPARSE_QUICK = ("fedper", "fedobp", "fedmd")
+SPARSE_QUICK = ("fedobp", "fedmd")
 
 
 def test_algorithms_on_two_devices_with_sparse_evaluation(tmp_path):

@@ -57,9 +57,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-# One of each kind runs by default (a mean of uploads, frozen layers, personal state, the
-# server-side FedOBP step, distillation); the others are marked slow.
-QUICK = ("fedavg", "fedrep", "ditto", "fedobp", "dsfl")
+# A mean of uploads, personal state with the server-side FedOBP step, and distillation run
+# by default; the others (frozen layers, Ditto's personal models, ...) are marked slow.
+QUICK = ("fedavg", "fedobp", "dsfl")
 REST = tuple(n for n in (*algorithms.ALGORITHMS, *algorithms.DISTILLATION,
                          "fccl_no_collaboration") if n not in QUICK)
 
