@@ -40,7 +40,6 @@ import optax
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
     Algorithm,
-    HParam,
     client_optimizer,
     federated_algorithm,
     local_sgd,
@@ -48,16 +47,13 @@ from fedjax_sim.algorithms.base import (
     per_round_bytes,
     shared_logits,
 )
+from fedjax_sim.algorithms.server_opt import SERVER_LR
 from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
-HPARAMS = (
-    HParam("server_lr", 1.0, float, lambda v: v > 0, "> 0",
-           "server learning rate η_g applied to the mean client update (SCAFFOLD, FedOpt)",
-           traced=True),
-)
+HPARAMS = (SERVER_LR,)
 
 
 def corrected(shift: Any) -> optax.GradientTransformation:

@@ -20,14 +20,17 @@ def _unit(v):
     return 0 <= v < 1
 
 
+# One definition for every algorithm with a server learning rate (SCAFFOLD, FedOpt).
+SERVER_LR = HParam("server_lr", 1.0, float, lambda v: v > 0, "> 0",
+                   "server learning rate η_g applied to the mean client update "
+                   "(SCAFFOLD, FedOpt)", traced=True)
+
 SERVER_HPARAMS = (
     HParam("server_opt", "sgd", str, lambda v: v in SERVER_OPTIMIZERS,
            f"one of {SERVER_OPTIMIZERS}",
            "FedOpt: the server optimizer applied to the pseudo-gradient",
            choices=SERVER_OPTIMIZERS),
-    HParam("server_lr", 1.0, float, lambda v: v > 0, "> 0",
-           "server learning rate η_g applied to the mean client update (SCAFFOLD, FedOpt)",
-           traced=True),
+    SERVER_LR,
     HParam("server_momentum", 0.9, float, _unit, "in [0, 1)",
            "FedOpt: momentum of server_opt=momentum (FedAvgM)", traced=True),
     HParam("beta1", 0.9, float, _unit, "in [0, 1)",
