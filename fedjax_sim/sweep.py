@@ -514,25 +514,36 @@ def _setting_line(specs: Sequence[ExperimentSpec], keys: Sequence[str]) -> str:
     return ", ".join(parts) + f"; seeds {','.join(map(str, seeds))}"
 
 
-def _best(rows: dict[str, list[dict]]) -> dict[str, str]:
-    """Per algorithm, the configuration with the highest mean accuracy."""
-    best: dict[str, tuple[float, str]] = {}
+# Settings that change the data a configuration is measured on: "best" is only compared
+# among configurations that agree on them.
+DATA_FIELDS = ("dataset", "num_clients", "public_fraction", "public_dataset",
+               *SPLIT_FIELDS)
+
+
+def _best(rows: dict[str, list[dict]]) -> dict[tuple, str]:
+    """Per algorithm and data setting (``DATA_FIELDS`` among the grid's axes) that has
+    more than one configuration, the one with the highest mean accuracy."""
+    best: dict[tuple, tuple[float, str]] = {}
+    sizes: dict[tuple, int] = {}
     for name, records in rows.items():
         accs = [r["accuracy"] for r in records if r["status"] == "complete"
                 and r["accuracy"] is not None]
         if not accs:
             continue
-        algorithm = records[0]["algorithm"]
+        values = records[0].get("values", {})
+        group = (records[0]["algorithm"],
+                 *((k, str(values[k])) for k in DATA_FIELDS if k in values))
+        sizes[group] = sizes.get(group, 0) + 1
         mean = float(np.mean(accs))
-        if algorithm not in best or mean > best[algorithm][0]:
-            best[algorithm] = (mean, name)
-    return {algorithm: name for algorithm, (_, name) in best.items()}
+        if group not in best or mean > best[group][0]:
+            best[group] = (mean, name)
+    return {group: name for group, (_, name) in best.items() if sizes[group] > 1}
 
 
 def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
                   keys: Sequence[str]) -> str:
     """results.md: per configuration, mean ± std over its finished seeds; the best
-    configuration of each algorithm marked."""
+    configuration of each algorithm on each data setting marked."""
     rows: dict[str, list[dict]] = {}
     expected: dict[str, int] = {}
     algorithm_of: dict[str, str] = {}
@@ -596,7 +607,7 @@ def _histories(out: Path, records: Sequence[dict]) -> dict[str, list[list[dict]]
 def plot_curves(out: Path, records: Sequence[dict], keys: Sequence[str]) -> str | None:
     """curves.png: per algorithm, each configuration's mean accuracy over its complete
     seeds against rounds, with a band of ± one standard deviation; the best configuration
-    drawn thicker.
+    of each data setting drawn thicker.
 
     Returns:
       None, or a note saying why there is no plot.

@@ -178,3 +178,17 @@ def test_grid_file_example_parses(tmp_path):
     specs = config.expand(config.load_config(path))
     assert [(s.seed, s.hparam_dict["lr"]) for s in specs] == [
         (0, 0.05), (1, 0.05), (0, 1e30), (1, 1e30)]
+
+
+def test_best_is_marked_per_algorithm_and_data_setting():
+    from fedjax_sim.sweep import _best
+
+    def rows(name, dataset, lr, accuracy):
+        return name, [{"algorithm": "fedavg", "status": "complete", "accuracy": accuracy,
+                       "values": {"dataset": dataset, "lr": lr}}]
+
+    best = _best(dict([rows("a", "digits", 0.1, 0.9), rows("b", "digits", 0.2, 0.8),
+                       rows("c", "mnist1d", 0.1, 0.3), rows("d", "mnist1d", 0.2, 0.4),
+                       rows("e", "emnist", 0.1, 0.5)]))
+    # Each data set's own best; a data setting with a single configuration marks none.
+    assert sorted(best.values()) == ["a", "d"]
