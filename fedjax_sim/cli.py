@@ -758,7 +758,7 @@ def cmd_run(args: argparse.Namespace) -> dict | list[dict]:
                        resume_hint=_resume_command(args, output))
     summary = result.summary
     keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
-            "client_p10", "hurt_fraction", "ipr", "bytes_up", "wall_s")
+            "client_p10", "hurt_fraction", "ipr", "tie_fraction", "bytes_up", "wall_s")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     print(f"results in {output}", file=sys.stderr)
     return summary
@@ -869,14 +869,14 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
                       f"({summary['wall_s']:.1f} s)", file=sys.stderr)
 
         header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
-                  "| MB up | wall s |")
-        lines = [header, "|" + "---|" * 8]
+                  "| ties % | MB up | wall s |")
+        lines = [header, "|" + "---|" * 9]
         for name in names:
             rows = [r for r in results[name] if r["status"] != "diverged"]
             failed = len(results[name]) - len(rows)
             if not rows:
                 lines.append(f"| {name} | diverged in {failed} of {failed} runs |"
-                             + " |" * 6)
+                             + " |" * 7)
                 continue
             label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
             lines.append(
@@ -885,6 +885,7 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
                 f"| {_mean_std([r['client_p10'] for r in rows])} "
                 f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
                 f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
+                f"| {_mean_std([r.get('tie_fraction', np.nan) for r in rows])} "
                 f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
                 f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
             )

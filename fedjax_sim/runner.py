@@ -532,6 +532,10 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                         "bytes_up": up * done, "bytes_down": down * done,
                         "wall_s": time.perf_counter() - start,
                     }
+                    if track.local_accuracies is not None:
+                        # Against the Local reference's final accuracies (it ran first).
+                        record.update(federation_incentives(record["client_accuracies"],
+                                                            track.local_accuracies))
                     if track.diverged is not None:
                         record["diverged_at"] = track.diverged["round"]
                     track.history.append(record)
@@ -634,8 +638,10 @@ def run(
         when None (nor by any process but the first in a multi-process run). An existing
         non-empty folder is refused unless ``resume`` or ``overwrite``; a lock keeps
         other processes out while the run uses it.
-      local_accuracies: per-client accuracies of a local-only run on the same split; when
-        given, the summary adds the hurt fraction and the participation rate.
+      local_accuracies: per-client accuracies of a local-only run on the same split (its
+        final ones; run it first); when given, every evaluation record and the summary add
+        ``hurt_fraction``, ``ipr``, ``ipr_strict`` and ``tie_fraction`` against them
+        (``core.evaluate.federation_incentives``).
       checkpoint_every: save the state every this many rounds (0: only when stopped by a
         signal). Saving is asynchronous: the next rounds run while it writes.
       resume: continue from the latest checkpoint in ``output``; refused when there is
@@ -1158,7 +1164,8 @@ def sweep(
       keep_states: add each configuration's final ``SimState`` to its summary as
         ``state`` (never written to disk).
       local_accuracies: per configuration, the Local reference's per-client accuracies
-        (or None): the summary then adds the hurt fraction and participation rate.
+        (or None): every evaluation record and the summary then add the hurt fraction,
+        the participation rates and the ties (as in :func:`run`).
       extra_summaries: per configuration, more fields for its summary.
       config_records: per configuration, the ``config.json`` to write in its folder.
 

@@ -207,7 +207,8 @@ def make_record(spec: ExperimentSpec, name: str, keys: Sequence[str], summary: d
         "values": {k: values[k] for k in keys if k in values},
         "lr": spec.resolved_hparams()["lr"], "status": status,
     }
-    for key in ("accuracy", "client_mean_accuracy", "client_p10", "hurt_fraction", "ipr"):
+    for key in ("accuracy", "client_mean_accuracy", "client_p10", "hurt_fraction", "ipr",
+                "ipr_strict", "tie_fraction"):
         if key in summary or key == "accuracy":
             record[key] = summary.get(key) if complete else None
     if diverged_at is not None:
@@ -560,7 +561,7 @@ def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
     local = any("hurt_fraction" in r for r in records)
     header = ["algorithm", *keys, "seeds", "accuracy %", "client mean %", "bottom decile %"]
     if local:
-        header += ["hurt %", "IPR %"]
+        header += ["hurt %", "IPR %", "ties %"]
     header.append("folder")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, found in rows.items():
@@ -579,7 +580,8 @@ def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
                   mean_std(r.get("client_p10") for r in complete)]
         if local:
             cells += [mean_std(r.get("hurt_fraction") for r in complete),
-                      mean_std(r.get("ipr") for r in complete)]
+                      mean_std(r.get("ipr") for r in complete),
+                      mean_std(r.get("tie_fraction") for r in complete)]
         cells.append(name)
         lines.append("| " + " | ".join(cells) + " |")
     return _setting_line(specs, keys) + "\n\n" + "\n".join(lines) + "\n"

@@ -27,6 +27,13 @@ def test_run_writes_metrics_summary_and_plots(tmp_path, capsys):
     assert summary["bytes_up"] > 0 and summary["hurt_fraction"] + summary["ipr"] == 1
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
+    # Local ran first: every evaluation record holds the incentives against its final
+    # accuracies, and the last one's are the summary's.
+    incentives = ("hurt_fraction", "ipr", "ipr_strict", "tie_fraction")
+    for record in records:
+        assert all(0 <= record[k] <= 1 for k in incentives)
+        assert record["ipr"] == pytest.approx(record["ipr_strict"] + record["tie_fraction"])
+    assert {k: records[-1][k] for k in incentives} == {k: summary[k] for k in incentives}
     assert (out / "accuracy.png").stat().st_size > 0 and (out / "clients.png").exists()
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["accuracy"] == summary["accuracy"]
@@ -44,6 +51,11 @@ def test_compare_prints_a_table(tmp_path, capsys):
           str(tmp_path), *TINY])
     out = capsys.readouterr().out
     assert "| fedavg |" in out and "| local |" in out
+    assert "| hurt % | IPR % | ties % |" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("| algorithm |"))
+    fedavg = next(line for line in lines if line.startswith("| fedavg |"))
+    assert fedavg.count("|") == header.count("|")  # a cell per column
     assert (tmp_path / "compare.md").exists() and (tmp_path / "fedavg_seed0").is_dir()
 
 

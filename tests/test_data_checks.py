@@ -296,8 +296,14 @@ def test_summarize_leaves_out_clients_without_test_data():
     none = summarize(np.zeros(2), np.zeros(2))
     assert np.isnan(none["accuracy"]) and np.isnan(none["client_mean_accuracy"])
     # Incentives compare the clients that have an accuracy in both runs.
+    # Client 0 gains, client 2 ties (both 100%), client 3 is hurt.
     incentives = federation_incentives(accuracies, [0.5, 0.9, 1.0, 0.5])
-    assert incentives == {"hurt_fraction": pytest.approx(1 / 3), "ipr": pytest.approx(2 / 3)}
+    assert incentives == {"hurt_fraction": pytest.approx(1 / 3), "ipr": pytest.approx(2 / 3),
+                          "ipr_strict": pytest.approx(1 / 3),
+                          "tie_fraction": pytest.approx(1 / 3)}
+    unknown = federation_incentives([np.nan], [0.5])
+    assert set(unknown) == {"hurt_fraction", "ipr", "ipr_strict", "tie_fraction"}
+    assert all(np.isnan(v) for v in unknown.values())
 
 
 # ---- command line ------------------------------------------------------------------------

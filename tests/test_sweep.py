@@ -192,3 +192,18 @@ def test_best_is_marked_per_algorithm_and_data_setting():
                        rows("e", "emnist", 0.1, 0.5)]))
     # Each data set's own best; a data setting with a single configuration marks none.
     assert sorted(best.values()) == ["a", "d"]
+def test_results_table_shows_hurt_ipr_and_ties():
+    from fedjax_sim.spec import ExperimentSpec, check_spec
+    from fedjax_sim.sweep import config_name, make_record, results_table
+
+    spec = check_spec(ExperimentSpec(algorithm="fedavg", compare_local=True))
+    summary = {"status": "complete", "accuracy": 0.5, "client_mean_accuracy": 0.5,
+               "client_p10": 0.25, "hurt_fraction": 0.25, "ipr": 0.75, "ipr_strict": 0.5,
+               "tie_fraction": 0.25, "rounds": 1, "wall_s": 1.0}
+    record = make_record(spec, config_name(spec, ()), (), summary, "run")
+    assert (record["ipr_strict"], record["tie_fraction"]) == (0.5, 0.25)
+    lines = results_table([record], [spec], ()).splitlines()
+    header = next(line for line in lines if line.startswith("| algorithm"))
+    row = next(line for line in lines if line.startswith("| fedavg"))
+    assert "| hurt % | IPR % | ties % |" in header
+    assert "| 25.00 ± 0.00 | 75.00 ± 0.00 | 25.00 ± 0.00 |" in row

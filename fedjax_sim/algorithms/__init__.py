@@ -8,8 +8,8 @@ strategy) are ``base.COMMON``.
 Your own algorithm joins the registry with :func:`register` (``register(name, factory,
 hparams)``) and then works wherever a built-in name does: ``make``, specs, config files,
 sweeps, and the command line (``--plugin MODULE``, with a flag per hyperparameter). The
-baselines FedProx, SCAFFOLD and FedOpt are written this way (``fedprox.py``,
-``scaffold.py``, ``fedopt.py``). Installed packages add theirs through the entry-point
+baselines FedProx, SCAFFOLD and FedOpt and IncFL are written this way (``fedprox.py``,
+``scaffold.py``, ``fedopt.py``, ``incfl.py``). Installed packages add theirs through the entry-point
 group ``fedjax_sim.algorithms`` (:data:`ENTRY_POINT_GROUP`), loaded on the first look-up.
 
 Numeric hyperparameters marked ``traced`` (see ``base``) reach the round as data:
@@ -89,8 +89,8 @@ for _module in (dsfl, fedmd, fccl, feddf):
     _builtin(_module, uses_public=True)
 del _module
 
-# Names that can never be registered again; the baselines written as plug-ins (FedProx,
-# SCAFFOLD, FedOpt) join them once this module has imported them (at its end).
+# Names that can never be registered again; the algorithms written as plug-ins (FedProx,
+# SCAFFOLD, FedOpt, IncFL) join them once this module has imported them (at its end).
 _BUILTIN: frozenset[str] = frozenset(_REGISTRY)
 _entry_points_loaded = False
 
@@ -362,9 +362,9 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     return algorithm
 
 
-# The standard baselines, written as plug-ins through ``register`` (as a user would);
-# importing them registers them, and from here on their names are built-in ones too.
-from fedjax_sim.algorithms import fedopt, fedprox, scaffold  # noqa: E402, F401
+# The standard baselines and IncFL, written as plug-ins through ``register`` (as a user
+# would); importing them registers them, and from here on their names are built-in ones too.
+from fedjax_sim.algorithms import fedopt, fedprox, incfl, scaffold  # noqa: E402, F401
 
 _BUILTIN = frozenset(_REGISTRY)
 

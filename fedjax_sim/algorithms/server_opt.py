@@ -20,10 +20,10 @@ def _unit(v):
     return 0 <= v < 1
 
 
-# One definition for every algorithm with a server learning rate (SCAFFOLD, FedOpt).
+# One definition for every algorithm with a server learning rate (SCAFFOLD, FedOpt, IncFL).
 SERVER_LR = HParam("server_lr", 1.0, float, lambda v: v > 0, "> 0",
                    "server learning rate η_g applied to the mean client update "
-                   "(SCAFFOLD, FedOpt)", traced=True)
+                   "(SCAFFOLD, FedOpt, IncFL)", traced=True)
 
 SERVER_HPARAMS = (
     HParam("server_opt", "sgd", str, lambda v: v in SERVER_OPTIMIZERS,

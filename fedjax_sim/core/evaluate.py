@@ -89,24 +89,33 @@ def summarize(correct: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
     return {**stats, "client_accuracies": per_client.tolist()}
 
 
+# The fields of :func:`federation_incentives`, in the order they are reported.
+INCENTIVE_FIELDS = ("hurt_fraction", "ipr", "ipr_strict", "tie_fraction")
+
+
 def federation_incentives(accuracies: np.ndarray, local_accuracies: np.ndarray) -> dict:
     """Who gains from federating, against a local-only reference on the same split.
 
     Clients whose accuracy is NaN in either list (no test data) are left out.
 
     Returns:
-      ``hurt_fraction``: share of clients whose accuracy is strictly below their local-only
-      accuracy (Motley). ``ipr``: the incentivized participation rate of Cho et al. (2022),
-      share of clients with accuracy >= local-only accuracy.
+      The shares of clients (all NaN when no client has both accuracies):
+      ``hurt_fraction``, accuracy strictly below the local-only accuracy (Motley);
+      ``ipr``, the incentivized participation rate of Cho et al. (2022), accuracy >= the
+      local-only accuracy (``1 − hurt_fraction``); ``ipr_strict``, strictly above it; and
+      ``tie_fraction``, exactly equal (``ipr − ipr_strict``: on small test sets many
+      clients tie, e.g. both at 100%).
     """
     accuracies = np.asarray(accuracies, np.float64)
     local_accuracies = np.asarray(local_accuracies, np.float64)
     # Clients without an accuracy (NaN: no test data) count on neither side.
     known = np.isfinite(accuracies) & np.isfinite(local_accuracies)
     if not known.any():
-        return {"hurt_fraction": float("nan"), "ipr": float("nan")}
+        return dict.fromkeys(INCENTIVE_FIELDS, float("nan"))
     accuracies, local_accuracies = accuracies[known], local_accuracies[known]
     return {
         "hurt_fraction": float(np.mean(accuracies < local_accuracies)),
         "ipr": float(np.mean(accuracies >= local_accuracies)),
+        "ipr_strict": float(np.mean(accuracies > local_accuracies)),
+        "tie_fraction": float(np.mean(accuracies == local_accuracies)),
     }

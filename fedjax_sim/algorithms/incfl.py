@@ -1,0 +1,230 @@
+"""IncFL (MaxFL): aggregation that maximizes the number of clients the global model appeals to.
+
+Cho, Jhunjhunwala, Li, Smith, Joshi. "Maximizing Global Model Appeal in Federated
+Learning." arXiv:2205.14840 (first titled "To Federate or Not To Federate: Incentivizing
+Client Participation in Federated Learning").
+
+A client gains from federating when the global model w does at least as well on its own
+objective as the model it could train alone: f_k(w) <= ρ_k, with f_k the client's training
+loss and ρ_k the loss of its local-only model. IncFL maximizes the *global model appeal*,
+the count of such clients,
+
+    max_w  Σ_k 1[f_k(w) <= ρ_k],
+
+through its smooth surrogate Σ_k σ((ρ_k − f_k(w)) / T). The surrogate's gradient is
+−Σ_k (1/T) σ'((f_k(w) − ρ_k) / T) ∇f_k(w) (σ' = σ(1 − σ), an even function), so each
+client's update is weighted by
+
+    q_k = σ'((f_k(w) − ρ_k) / T):
+
+clients near their threshold weigh most; clients far above it (out of reach) or far below
+it (already won) weigh little.
+
+A round: every sampled client computes f_k(w), its mean cross-entropy on its own training
+rows under the global model it received (before training), runs local SGD from w as in
+FedAvg, and uploads its model w_k and f_k. The server takes the normalized weights
+p_k = q_k / Σ_{j∈S} q_j over the cohort S (``kernels.incentives.incfl_weights``, in log
+space: no weight underflows to a 0/0) and steps
+
+    w ← w + η_g (Σ_{k∈S} p_k w_k − w).
+
+Choices made here:
+
+* ρ_k is computed once, when the state is initialized: every client trains a local-only
+  model from the same initial global model for ``incfl_local_epochs`` epochs (epochs even
+  when the run sets ``local_steps``) with the run's client optimizer, learning rate and
+  batch size, and ρ_k is that model's mean cross-entropy on the client's own training
+  rows. ρ (K,) is kept in the client part of the state (``clients["rho"]``), unchanged.
+* f_k is the mean training loss (the paper's f_k is the client's training objective),
+  evaluated in blocks of at most :data:`LOSS_BLOCK` rows.
+* Normalizing by Σ q_j keeps the step's size when every client is far from its threshold
+  (each q_k <= 1/4). With a flat surrogate (T → ∞) every p_k is 1/|S|: the server averages
+  the cohort's models uniformly, which is FedAvg when the clients hold equal sample counts.
+* ``incfl_temperature`` (T > 0) and ``server_lr`` (η_g > 0, the one definition of
+  ``server_opt.SERVER_LR``) are traced; ``incfl_local_epochs`` is structural.
+
+Round metrics: ``incfl_appeal``, the share of the cohort with f_k <= ρ_k (the global model
+appeal on training losses, before the round's update), and ``incfl_max_weight``, the
+largest p_k. ``summary.json`` records ρ's mean, minimum and maximum.
+
+Written as a plug-in through ``fedjax_sim.algorithms.register``, as any user algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_sim.algorithms import register
+from fedjax_sim.algorithms.base import (
+    Algorithm,
+    HParam,
+    execution,
+    federated_algorithm,
+    local_sgd,
+    num_params_bytes,
+    per_round_bytes,
+    shared_logits,
+)
+from fedjax_sim.algorithms.server_opt import SERVER_LR
+from fedjax_sim.core.rounds import Method
+from fedjax_sim.core.state import SimState
+from fedjax_sim.kernels.aggregation import gather
+from fedjax_sim.kernels.incentives import incfl_weights
+from fedjax_sim.models.base import Model
+
+HPARAMS = (
+    HParam("incfl_temperature", 1.0, float, lambda v: v > 0, "> 0",
+           "IncFL: temperature T of the sigmoid surrogate σ((ρ_k − f_k(w)) / T) of the "
+           "global model appeal (large: flat, uniform weights)", traced=True),
+    SERVER_LR,
+    HParam("incfl_local_epochs", 10, int, lambda v: v >= 1, "a positive integer",
+           "IncFL: epochs of the local-only model whose training loss is the threshold ρ_k"),
+)
+
+# Rows of a client's training data whose loss is computed in one pass (bounds the memory of
+# f_k on large clients).
+LOSS_BLOCK = 1024
+
+# The stream of the initial key that draws the local-only models' batch orders (the state
+# key and the model key are FedAvg's).
+RHO_STREAM = 1
+
+
+def mean_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, n: jax.Array, *,
+              block: int = LOSS_BLOCK) -> jax.Array:
+    """Mean cross-entropy of ``params`` over the first ``n`` rows of ``(x, y)``.
+
+    The rows are read in blocks of at most ``block``; the last block is shifted back to
+    end at the last row, its rows of the previous block masked out, so that no padded copy
+    of the data is made.
+
+    Args:
+      model: the model.
+      params: its parameters.
+      x: (N_max, ...) inputs; y: (N_max,) labels; n: scalar, the real rows.
+      block: rows per pass.
+
+    Returns:
+      Scalar float32 (0 when ``n`` is 0).
+    """
+    rows = x.shape[0]
+    size = min(block, rows)
+    count = -(-rows // size)
+
+    def block_sum(i):
+        start = jnp.minimum(i * size, rows - size)
+        index = start + jnp.arange(size)
+        xb = jax.lax.dynamic_slice_in_dim(x, start, size)
+        yb = jax.lax.dynamic_slice_in_dim(y, start, size)
+        keep = (index >= i * size) & (index < n)
+        nll = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, xb), yb)
+        return jnp.sum(jnp.where(keep, nll, 0.0))
+
+    total = block_sum(0) if count == 1 else jnp.sum(jax.lax.map(block_sum, jnp.arange(count)))
+    return total / jnp.maximum(n, 1).astype(jnp.float32)
+
+
+def local_thresholds(model: Model, hp: dict, epochs: int) -> Any:
+    """``(traced, params, x, y, n, keys) -> ρ (K,)``: every client trains a local-only model
+    from ``params`` for ``epochs`` epochs (``base.local_sgd`` with the run's optimizer and
+    batch size) and ρ_k is its mean training loss (:func:`mean_loss`), mapped over the
+    clients with the run's execution strategy."""
+    run = execution(hp)
+
+    def one_client(shared, x, y, n, key):
+        traced, params = shared
+        h = {**hp, **traced, "local_steps": None}  # epochs, whatever the round's budget
+        trained, _ = local_sgd(model, h, epochs=epochs)(params, x, y, n, key)
+        return mean_loss(model, trained, x, y, n)
+
+    def thresholds(traced, params, x, y, n, keys):
+        return run.map(one_client, (x, y, n, keys), shared=(traced, params))
+
+    return thresholds
+
+
+def aggregate(params: Any, uploads: Any, weights: jax.Array, server_lr: Any) -> Any:
+    """``w + η_g (Σ_k weights_k w_k − w)``, computed as ``mean + (1 − η_g)(w − mean)`` (η_g
+    = 1 gives the weighted mean itself).
+
+    Args:
+      params: the global model w.
+      uploads: the cohort's models, leaves (M, ...).
+      weights: (M,) weights summing to 1.
+      server_lr: η_g.
+    """
+
+    def weighted_sum(leaf):
+        # Elementwise products and a sum, not a matmul: no reduced-precision (TF32) path.
+        w = weights.reshape((-1,) + (1,) * (leaf.ndim - 1)).astype(leaf.dtype)
+        return jnp.sum(w * leaf, axis=0)
+
+    mean = jax.tree.map(weighted_sum, uploads)
+    return jax.tree.map(lambda m, x: m + (1.0 - server_lr) * (x - m), mean, params)
+
+
+def rho_report(rho) -> dict:
+    """Summary fields of the thresholds ρ (K,): ``incfl_rho_mean``, ``incfl_rho_min``,
+    ``incfl_rho_max``."""
+    rho = np.asarray(rho, np.float64).reshape(-1)
+    return {"incfl_rho_mean": float(rho.mean()), "incfl_rho_min": float(rho.min()),
+            "incfl_rho_max": float(rho.max())}
+
+
+def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
+    """IncFL bound to ``model``; ``hp`` holds the common hyperparameters and ``HPARAMS``.
+
+    State: ``server = {"params": w}``, ``clients = {"rho": ρ}`` with ρ (K,).
+    """
+    thresholds = jax.jit(local_thresholds(model, hp, hp["incfl_local_epochs"]))
+
+    def init_with(key, data, traced):
+        state_key, model_key = jax.random.split(key)  # as FedAvg's
+        params = model.init(model_key)
+        keys = jax.random.split(jax.random.fold_in(key, RHO_STREAM), data.num_clients)
+        rho = thresholds(traced, params, data.train_x, data.train_y, data.train_counts, keys)
+        return SimState.create(state_key, {"params": params}, {"rho": rho}, data.num_clients)
+
+    def client_update(traced, start, own, x, y, n, key):
+        global_loss = mean_loss(model, start, x, y, n)
+        params, loss = local_sgd(model, {**hp, **traced})(start, x, y, n, key)
+        return (params, global_loss), own, loss
+
+    def server_update(traced, state, cohort, context):
+        del context
+        params, global_loss = cohort.uploads
+        rho = gather(state.clients["rho"], cohort.index)
+        present = cohort.counts > 0
+        weights = incfl_weights(global_loss, rho, traced["incfl_temperature"],
+                                present=present)
+        new = aggregate(state.server["params"], params, weights, traced["server_lr"])
+        appealed = jnp.sum(present & (global_loss <= rho)).astype(jnp.float32)
+        metrics = {"incfl_appeal": appealed / jnp.maximum(jnp.sum(present), 1),
+                   "incfl_max_weight": jnp.max(weights)}
+        return {"params": new}, metrics
+
+    def report(state):
+        rho = state.clients["rho"]
+        if isinstance(rho, jax.Array) and not rho.is_fully_addressable:
+            # Client shards held by other processes (multi-host runs).
+            from jax.experimental import multihost_utils
+
+            rho = multihost_utils.process_allgather(rho, tiled=True)
+        return rho_report(rho)
+
+    size = num_params_bytes(model)
+    method = Method(client_update, shared_logits(model), server_update=server_update,
+                    eval_inputs=lambda traced, state: (None, state.server["params"]),
+                    mean_uploads=False)
+    # Up: the model and one float (f_k) per sampled client; down: the model.
+    return federated_algorithm("incfl", hp, HPARAMS, method, init_with=init_with,
+                               comm_bytes=per_round_bytes(hp, size + 4, size),
+                               report=report, cover=cover)
+
+
+register("incfl", incfl, HPARAMS)
