@@ -527,14 +527,14 @@ def _best(rows: dict[str, list[dict]]) -> dict[tuple, str]:
     best: dict[tuple, tuple[float, str]] = {}
     sizes: dict[tuple, int] = {}
     for name, records in rows.items():
-        accs = [r["accuracy"] for r in records if r["status"] == "complete"
-                and r["accuracy"] is not None]
-        if not accs:
-            continue
         values = records[0].get("values", {})
         group = (records[0]["algorithm"],
                  *((k, str(values[k])) for k in DATA_FIELDS if k in values))
         sizes[group] = sizes.get(group, 0) + 1
+        accs = [r["accuracy"] for r in records if r["status"] == "complete"
+                and r["accuracy"] is not None]
+        if not accs:
+            continue
         mean = float(np.mean(accs))
         if group not in best or mean > best[group][0]:
             best[group] = (mean, name)
