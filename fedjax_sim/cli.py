@@ -383,7 +383,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "grid.json, results.jsonl (one line per finished configuration and seed), "
         "results.md (mean ± std over seeds, the best configuration of each algorithm on "
         "each data setting marked), curves.png and "
-        "<config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the same command with the same --output to skip what is finished: an interrupted "
+        "<config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the same command with the "
+        "same --output to skip what is finished: an interrupted "
         "sweep resumes; a diverged configuration is marked and the others go on.")
     sweep.add_argument("--algorithm", default=_DEFAULTS.algorithm,
                        help="the algorithm (one; see --algorithms)")
