@@ -144,10 +144,10 @@ def test_hp_refuses_what_the_round_does_not_take(tiny):
         build("fedavg", tiny, cover=[{"join_ratio": 0.5}])
     with pytest.raises(ValueError, match=r"cover\[1\].momentum must be in \[0, 1\)"):
         build("fedavg", tiny, cover=[{}, {"momentum": 1.0}])
-    # An unset distillation lr follows the client lr, also when the lr is overridden.
+    # The distillation lr is its own, not the client lr.
     dsfl = build("dsfl", tiny)
-    assert dsfl.numeric["distill_lr"] == dsfl.numeric["lr"] == 0.01
-    assert dsfl.hp(lr=0.2)["distill_lr"] == np.float32(0.2)
+    assert dsfl.numeric["distill_lr"] == np.float32(0.1) and dsfl.numeric["lr"] == 0.01
+    assert dsfl.hp(lr=0.2)["distill_lr"] == np.float32(0.1)
     # FedOBP's program depends on the values it was built for.
     obp = build("fedobp", tiny)
     with pytest.raises(ValueError, match=r"ig_ratio=0\.5 is outside the values"):

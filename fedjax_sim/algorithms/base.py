@@ -72,7 +72,7 @@ class Algorithm(NamedTuple):
       models: the model(s) it was built for, set by ``algorithms.make`` so that the runner
         can check them against the data (``check_model_fits``); empty when unknown.
       numeric: the traced hyperparameters at their resolved values (an unset optional one,
-        e.g. ``distill_lr``, at the value it stands for); empty for an algorithm built by
+        e.g. ``apfl_alpha_lr``, at the value it stands for); empty for an algorithm built by
         hand.
       encode: ``(overrides) -> hp``: checks a dict of traced-hyperparameter overrides on
         the host and returns the full ``hp`` that ``round_with`` takes (see :meth:`hp`).
@@ -355,7 +355,7 @@ def numeric_values(specs: Sequence[HParam], hp: Mapping) -> dict[str, float]:
     """The traced hyperparameters of the resolved ``hp`` as floats.
 
     An unset optional one (``None``) takes the value of its ``fallback`` (e.g.
-    ``distill_lr`` unset is the client ``lr``).
+    ``apfl_alpha_lr`` unset is the client ``lr``).
     """
     values = {}
     for spec in specs:

@@ -65,10 +65,12 @@ DISTILL_BATCH = HParam(
     "distill_batch_size", 64, int, lambda v: v >= 1, "a positive integer",
     "distillation: mini-batch size on the public subset",
 )
+# 0.1, not the client lr: at the client lr (0.01 by default) a round's few distillation
+# steps barely move the models off what private training gives, and a default run ties
+# with Local on most clients (86% of digits clients at α = 0.1, against 53-67% at 0.1).
 DISTILL_LR = HParam(
-    "distill_lr", None, float, lambda v: v is None or v > 0, "> 0 or unset",
-    "distillation: SGD learning rate on the public set (unset: the client lr)",
-    traced=True, fallback="lr",
+    "distill_lr", 0.1, float, lambda v: v > 0, "> 0",
+    "distillation: SGD learning rate on the public set", traced=True,
 )
 SHARED = (PUBLIC_BATCH, DISTILL_EPOCHS, DISTILL_BATCH, DISTILL_LR)
 
@@ -102,10 +104,9 @@ def single_model(model, algorithm: str) -> Model:
 
 
 def distill_optimizer(hp: dict) -> optax.GradientTransformation:
-    """The client optimizer with ``distill_lr`` (when set) as its learning rate; ``hp``
-    may hold the traced hyperparameters (there ``distill_lr`` is always set)."""
-    lr = hp["lr"] if hp["distill_lr"] is None else hp["distill_lr"]
-    return client_optimizer({**hp, "lr": lr})
+    """The client optimizer with ``distill_lr`` as its learning rate; ``hp`` may hold the
+    traced hyperparameters."""
+    return client_optimizer({**hp, "lr": hp["distill_lr"]})
 
 
 def sample_public(key: jax.Array, num_public: int, size: int) -> jax.Array:
