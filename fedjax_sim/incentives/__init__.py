@@ -59,20 +59,22 @@ to calibrate on instead (``deliver(..., calibration=...)``), and ``Mechanism.anc
 reads the pooled term v(M) off the model actually trained at the targets.
 """
 
-from fedjax_sim.incentives.game import (
+from fedjax_sim.incentives.costs import (
     COST_DISTRIBUTIONS,
+    check_costs,
+    draw_costs,
+    parse_cost_spec,
+)
+from fedjax_sim.incentives.game import (
     DEFAULT_DELTA,
     Equilibrium,
     Mechanism,
     Solo,
     ValueCurve,
     best_response,
-    check_costs,
     check_delta,
     curve_from_points,
-    draw_costs,
     naive_equilibrium,
-    parse_cost_spec,
     shaped_accuracy,
     shaping_mechanism,
     solo,
