@@ -34,3 +34,9 @@ def test_sweep_notebook_runs():
     assert "4 runs:" in outputs and "4 run, 0 skipped" in outputs
     assert "lr 0.05  seed 1: complete" in outputs
     assert "(best)" in outputs  # the results table
+
+
+def test_incentives_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "incentives.ipynb")
+    assert "shaping targets" in outputs and "largest gain from deviating" in outputs
+    assert "max |delivered - target|" in outputs
