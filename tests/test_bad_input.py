@@ -70,7 +70,7 @@ CLI_CASES = [
     _c("run-dsfl-temperature-inf", "run --algorithm dsfl --dsfl-temperature inf",
        "--dsfl-temperature must be a finite number > 0, got inf"),
     _c("run-distill-lr-nan", "run --algorithm dsfl --distill-lr nan",
-       "--distill-lr must be a finite number > 0 or unset, got nan"),
+       "--distill-lr must be a finite number > 0, got nan"),
     _c("run-fccl-lambda-neg-inf", "run --algorithm fccl --fccl-lambda=-inf",
        "--fccl-lambda must be a finite number >= 0, got -inf"),
     _c("run-feddf-temperature-nan", "run --algorithm feddf --feddf-temperature nan",

@@ -60,8 +60,12 @@ def average(trees, weights):
                                                                          strict=True)), *trees)
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "sequential", "chunked"])
-@pytest.mark.parametrize("join_ratio", [1.0, 0.6])
+# Each strategy once by default (full participation on vmap, a cohort on the loops); every
+# pair with -m slow.
+@pytest.mark.parametrize("strategy,join_ratio", [
+    pytest.param(s, j, marks=() if (s, j) in (("vmap", 1.0), ("sequential", 0.6),
+                                              ("chunked", 0.6)) else pytest.mark.slow)
+    for j in (1.0, 0.6) for s in ("vmap", "sequential", "chunked")])
 def test_fedavg_round_equals_python_loop(small_data, strategy, join_ratio):
     model = make_model("mlp", small_data.input_shape, small_data.num_classes)
     alg = algorithms.make("fedavg", model, client_strategy=strategy, chunk_size=2,

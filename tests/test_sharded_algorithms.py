@@ -59,7 +59,8 @@ SCRIPT = textwrap.dedent("""
 
 # A mean of uploads, personal state with the server-side FedOBP step, and distillation run
 # by default; the others (frozen layers, Ditto's personal models, ...) are marked slow.
-QUICK = ("fedavg", "fedobp", "dsfl")
+# FedAvg sharded over 4 devices is in test_sharding.
+QUICK = ("fedobp", "dsfl")
 REST = tuple(n for n in (*algorithms.ALGORITHMS, *algorithms.DISTILLATION,
                          "fccl_no_collaboration") if n not in QUICK)
 
