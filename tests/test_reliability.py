@@ -65,18 +65,7 @@ def _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, names):
         assert [r["round"] for r in _records(tmp_path / name)] == [3]
 
 
-# One algorithm of each kind by default; every one with -m slow.
-SPARSE_QUICK = ("fedobp", "fedmd")
-
-
-def test_algorithms_on_two_devices_with_sparse_evaluation(tmp_path):
-    _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, SPARSE_QUICK)
-
-
-@pytest.mark.slow
-def test_every_other_algorithm_on_two_devices_with_sparse_evaluation(tmp_path):
-    _algorithms_on_two_devices_with_sparse_evaluation(tmp_path, [
-        n for n in algorithms.ALGORITHMS + algorithms.DISTILLATION if n not in SPARSE_QUICK])
+# The check itself, over every algorithm: tests/test_every_algorithm_on_two_devices.py.
 
 
 def test_divergence_stops_at_the_round_and_keeps_what_was_written(tmp_path, capsys):
