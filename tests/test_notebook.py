@@ -40,3 +40,4 @@ def test_incentives_notebook_runs():
     outputs = _execute(NOTEBOOKS / "incentives.ipynb")
     assert "shaping targets" in outputs and "largest gain from deviating" in outputs
     assert "max |delivered - target|" in outputs
+    assert "incfl   accuracy" in outputs and "IPR" in outputs
