@@ -193,7 +193,7 @@ def test_trace_availability(tmp_path):
     path.write_text(json.dumps({"intervals": [[[0, 10], [20, 30]], [], [[5, 6]]]}))
     trace = system.load_trace(path, 3)
     sysm = jax.tree.map(jnp.asarray, system.with_trace(system.homogeneous(3), trace))
-    at = lambda t: np.asarray(system.online_at(sysm, jnp.float32(t))).tolist()  # noqa: E731
+    at = lambda t: np.asarray(system.online_at(sysm, jnp.float32(t))).tolist()
     assert at(0) == [True, False, False]
     assert at(5.5) == [True, False, True]
     assert at(10) == [False, False, False]
@@ -233,7 +233,7 @@ def test_bad_system_and_condition_values():
         check_clock(Clock(homog, condition="fedbuff", buffer_size=0), 6, 3)
     with pytest.raises(ValueError, match="needs deadline"):
         check_clock(Clock(homog, condition="deadline"), 6, 3)
-    data, model, _ = _setup("fedavg")
+    _, model, _ = _setup("fedavg")
     scaffold = algorithms.make("scaffold", model, **HP)
     with pytest.raises(ValueError, match="algorithm scaffold cannot run under condition"):
         clocked(scaffold, Clock(homog), 6)
