@@ -505,14 +505,17 @@ def federated_algorithm(
         budget=(hp["local_epochs"], hp["local_steps"], hp["batch_size"]),
         comm_bytes=comm_bytes,
     )
+    step_bytes = comm_bytes
     if clock is not None:
         from fedjax_sim.core import clock as clock_lib
 
         init_with = clock_lib.clocked_init(method, init_with, clock)
         report = _with_participation(report)
+        if clock.asynchronous:
+            step_bytes = _step_bytes(comm_bytes, hp["join_ratio"], clock)
     algorithm = assemble(name, hp, specs, init_with=init_with, round_with=round_with,
                          evaluate_with=evaluate_with or default_evaluate,
-                         comm_bytes=comm_bytes, report=report, derive=derive, cover=cover)
+                         comm_bytes=step_bytes, report=report, derive=derive, cover=cover)
 
     def with_clock(new_clock):
         return federated_algorithm(
@@ -521,6 +524,20 @@ def federated_algorithm(
             derive=derive, cover=cover, clock=new_clock)
 
     return algorithm._replace(with_clock=with_clock, clock=clock)
+
+
+def _step_bytes(comm_bytes: Callable, join_ratio: float, clock: Any) -> Callable:
+    """``comm_bytes`` of one asynchronous server step: the B arrivals it merges (and the B
+    models it sends to the clients it dispatches in their place), not a cohort."""
+    from fedjax_sim.core.cohort import cohort_size
+
+    def step_bytes(data: FederatedData) -> tuple[int, int]:
+        up, down = comm_bytes(data)
+        size = cohort_size(data.num_clients, join_ratio)
+        arrivals = clock.buffer(size)
+        return up // size * arrivals, down // size * arrivals
+
+    return step_bytes
 
 
 def _with_participation(report: Callable | None) -> Callable:
@@ -542,7 +559,7 @@ CLOCK_REFUSED = {
     "feddf": "it distills the cohort's models on a public set, not a mean of updates",
 }
 # Asynchronous conditions also need uploads in the space of the model the server sends.
-ASYNC_ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedavg_ft", "fedbabu", "fedper",
+ASYNC_ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedavg_ft", "fedper",
                     "fedrep", "lg_fedavg", "fedobp")
 
 
