@@ -291,3 +291,37 @@ def test_run_records_clock_fields(tmp_path):
     summary = result.summary
     assert sum(summary["participation"]) == 6 and "participation_gini" in summary
     assert (tmp_path / "run" / "accuracy_vs_time.png").exists()
+
+
+SHARDED = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import random_federated
+from fedjax_sim import algorithms
+from fedjax_sim.algorithms.base import clocked
+from fedjax_sim.core import system
+from fedjax_sim.core.clock import Clock
+from fedjax_sim.models import make_model
+from fedjax_sim.runner import run
+
+data = random_federated(num_clients=4)
+model = make_model("mlp", data.input_shape, data.num_classes)
+out = {{}}
+for cond, extra in [("wait_all", {{}}), ("fedbuff", {{"buffer_size": 1}})]:
+    alg = algorithms.make("fedper", model, local_epochs=1, batch_size=8, join_ratio=0.5)
+    timed = clocked(alg, Clock(system.lognormal(4), condition=cond, **extra), 4)
+    out[cond] = [[run(timed, data, rounds=3, eval_every=3, progress=False,
+                      devices=d).history[-1][k] for k in ("virtual_time", "accuracy")]
+                  for d in (1, 2)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_clock_on_two_devices_equals_one():
+    from conftest import TESTS_DIR, run_on_cpu_devices
+
+    results = run_on_cpu_devices(SHARDED.format(tests=TESTS_DIR), devices=2, timeout=600)
+    for cond in ("wait_all", "fedbuff"):
+        one, two = results[cond]
+        assert two == pytest.approx(one, rel=1e-5)

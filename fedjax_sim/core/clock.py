@@ -52,6 +52,9 @@ at dispatch and the staleness of its last update live in ``ClockState``; persona
 dropped client holds its slot until its would-be finish time and its update is then
 discarded (wasted). A step with nothing in flight and no client online waits: with a
 trace the clock jumps to the next interval start.
+
+Availability decides who can be sampled (dispatched); a client that goes offline during a
+job is modeled by its dropout probability, not by the availability chain or trace.
 """
 
 from __future__ import annotations
