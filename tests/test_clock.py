@@ -274,6 +274,18 @@ def test_cli_negative_speeds_file(tmp_path, capsys):
     assert str(path) in err
 
 
+def test_cli_malformed_trace(tmp_path, capsys):
+    path = tmp_path / "trace.json"
+    path.write_text('{"intervals": [[[3, 1]], [], [], []]}')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--dataset", "digits", "--num-clients", "4", "--rounds", "1",
+              "--system", "homogeneous", "--availability-trace", str(path), "--output",
+              str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "client 0, interval 0" in err
+
+
 def test_run_records_clock_fields(tmp_path):
     data, _, alg = _setup("fedper", join_ratio=0.5)
     timed = clocked(alg, Clock(system.lognormal(6), condition="fedbuff", buffer_size=2), 6)
