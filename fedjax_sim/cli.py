@@ -39,6 +39,7 @@ from fedjax_sim.platform import (
     parse_cpu_devices,
 )
 from fedjax_sim.spec import (
+    CLOCK_FIELDS,
     DEFAULT_PUBLIC_FRACTION,
     DEFAULT_VAL_FRACTION,
     HETEROGENEOUS,
@@ -313,6 +314,32 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "and the incentivized participation rate")
 
 
+def _add_clock_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "devices and time", "a per-client system model and a server condition on a virtual "
+        "clock (default: none, the synchronous round without time)")
+    group.add_argument("--system", default=None,
+                       help="homogeneous, lognormal or FILE.npz (arrays speed, up, down "
+                       "[, p_off, p_on, dropout]; one value per client)")
+    group.add_argument("--availability-trace", default=None,
+                       help='JSON {"intervals": [[[start, end], ...], ...]}: per client, '
+                       "online intervals in virtual seconds")
+    group.add_argument("--dropout", type=float, default=None,
+                       help="probability that a started job is never reported")
+    group.add_argument("--condition", default=None,
+                       help="wait_all (default), deadline, first_m, fedasync, fedbuff")
+    group.add_argument("--deadline", type=float, default=None,
+                       help="deadline T in virtual seconds (--condition deadline)")
+    group.add_argument("--first-m", "--over-select", dest="first_m", type=int, default=None,
+                       help="aggregate the first M of the sampled (--condition first_m)")
+    group.add_argument("--buffer-size", type=int, default=None,
+                       help="FedBuff: arrivals per server step (default: the cohort size)")
+    group.add_argument("--async-alpha", type=float, default=None,
+                       help="FedAsync: mixing weight alpha in (0, 1] (default 0.6)")
+    group.add_argument("--staleness-exponent", type=float, default=None,
+                       help="FedAsync: a of the staleness weight (1 + tau)^-a (default 0.5)")
+
+
 def _subparser(commands, name: str, help_text: str, description: str):
     return commands.add_parser(name, help=help_text, description=description,
                                epilog=SEEDS_HELP + "\n\n" + CONFIG_HELP,
@@ -357,6 +384,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_platform_args(run)
     _add_data_args(run)
     _add_training_args(run)
+    _add_clock_args(run)
 
     compare = _subparser(
         commands, "compare", "run several algorithms on the same partitions; print a table",
@@ -449,6 +477,7 @@ _REFUSED = {
         "architectures": "works with `fedjax-sim run`; compare uses one --model",
         "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
         "process_id": _RUN_ONLY,
+        **{name: _RUN_ONLY for name in CLOCK_FIELDS},
     },
     "sweep": {
         "resume": "is not taken by `fedjax-sim sweep`: a sweep resumes by itself (rerun it "
@@ -457,6 +486,7 @@ _REFUSED = {
         "save_partition": _RUN_ONLY,
         "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
         "process_id": _RUN_ONLY,
+        **{name: _RUN_ONLY for name in CLOCK_FIELDS},
     },
 }
 
@@ -597,6 +627,10 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
         if algorithms.uses_public(spec.algorithm) or spec.resume:
             raise ValueError("--seeds/--sweep-lr take no public-data algorithm or --resume "
                              "(use `fedjax-sim sweep`)")
+        clock = [name for name in CLOCK_FIELDS if getattr(spec, name) is not None]
+        if clock:
+            raise ValueError(f"--seeds/--sweep-lr take no {_flag(clock[0])}: a run on the "
+                             "virtual clock is one seed and one learning rate")
     return specs
 
 

@@ -28,6 +28,7 @@ from fedjax_sim import safety
 from fedjax_sim.algorithms.base import Algorithm, check_model_fits
 from fedjax_sim.checks import check_int, check_seed
 from fedjax_sim.core.checkpoint import Checkpointer
+from fedjax_sim.core.clock import CLOCK_METRICS
 from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState
@@ -157,6 +158,7 @@ def _state_shardings(state_shape: SimState, mesh: Mesh) -> SimState:
         round=replicated,
         server=jax.tree.map(lambda _: replicated, state_shape.server),
         clients=jax.tree.map(client_leaf, state_shape.clients),
+        clock=jax.tree.map(lambda _: replicated, state_shape.clock),
     )
 
 
@@ -483,6 +485,19 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
         checkpoints.save(done, state, {"identity": identity, "round": done})
         events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
 
+    # The virtual time of a clocked run (``core.clock``), kept on the host from the round
+    # metrics so that the events read it without waiting on the device.
+    last_time = None
+    if getattr(state, "clock", None) is not None:
+        last_time = np.asarray(_to_host(state.clock.time)).reshape(-1)[:len(tracks)]
+        last_time = np.broadcast_to(last_time, (len(tracks),))
+
+    def clock_info(times) -> dict:
+        if last_time is None:
+            return {}
+        now = last_time if times is None else times
+        return {"virtual_time": float(now[0]) if program.size == 1 else now.tolist()}
+
     r = first_round
     try:
         while r < rounds and live():
@@ -495,7 +510,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                 blocks[length] = _compile_block(program.make_block(length), state, data, hp,
                                                 program.devices)
             for i in range(length):
-                events.emit("round_start", round=r + i, state=state)
+                events.emit("round_start", round=r + i, state=state, **clock_info(None))
             state, metrics = blocks[length](state, data, hp)
             if program.host_wait or compile_s is None:
                 watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
@@ -511,10 +526,15 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                 for c in new:
                     tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], r,
                                                      tracks[c].hparams, on_divergence)
+            times = (np.asarray(metrics["virtual_time"])[:len(tracks)]
+                     if "virtual_time" in metrics else None)
             for i in range(length):
                 events.emit("round_end", round=r + i + 1, state=state,
                             metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
-                                                 else m[0, i], metrics))
+                                                 else m[0, i], metrics),
+                            **clock_info(None if times is None else times[:, i]))
+            if times is not None:
+                last_time = times[:, -1]
             if bar is not None:
                 bar.update(length)
             r = done = stop_at
@@ -532,6 +552,9 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                         "bytes_up": up * done, "bytes_down": down * done,
                         "wall_s": time.perf_counter() - start,
                     }
+                    for key in CLOCK_METRICS:
+                        if key in metrics:
+                            record[key] = np.asarray(metrics[key])[c, -1].item()
                     if track.local_accuracies is not None:
                         # Against the Local reference's final accuracies (it ran first).
                         record.update(federation_incentives(record["client_accuracies"],
@@ -543,7 +566,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                         write_jsonl(track.out / "metrics.jsonl", track.history)
                 if bar is not None and live():
                     bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
-                events.emit("evaluate", round=done, state=state,
+                events.emit("evaluate", round=done, state=state, **clock_info(None),
                             record=tracks[0].history[-1] if program.size == 1 and
                             tracks[0].history else [t.history[-1] for t in tracks
                                                     if t.history])
@@ -825,7 +848,8 @@ def _progress(total: int, enabled: bool, name: str):
 
 
 def _plots(out: Path, history: list[dict], summary: dict) -> None:
-    """accuracy.png (accuracy against rounds) and clients.png (per-client distribution)."""
+    """accuracy.png (accuracy against rounds), clients.png (per-client distribution) and,
+    for a run on the virtual clock, accuracy_vs_time.png (accuracy against virtual time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -842,6 +866,20 @@ def _plots(out: Path, history: list[dict], summary: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=100)
     plt.close(fig)
+
+    if history and "virtual_time" in history[0]:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([h["virtual_time"] for h in history], [h["accuracy"] for h in history],
+                label="accuracy")
+        ax.plot([h["virtual_time"] for h in history], [h["client_p10"] for h in history],
+                label="bottom decile", linestyle="--")
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylabel("personalized test accuracy")
+        ax.set_title(f"{summary['algorithm']} on {summary['dataset']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_time.png", dpi=100)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(summary["client_accuracies"], bins=20, range=(0, 1))

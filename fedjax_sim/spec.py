@@ -34,6 +34,7 @@ from fedjax_sim.checks import (
     check_choice,
     check_float,
     check_input_dir,
+    check_input_file,
     check_int,
     check_output_dir,
     check_output_file,
@@ -87,6 +88,16 @@ class ExperimentSpec:
     public_dataset: str | None = None
     public_size: int | None = None
     public_val_fraction: float = DEFAULT_VAL_FRACTION
+    # -- devices and time (core.system, core.clock); unset: no system model --
+    system: str | None = None
+    availability_trace: str | None = None
+    dropout: float | None = None
+    condition: str | None = None
+    deadline: float | None = None
+    first_m: int | None = None
+    buffer_size: int | None = None
+    async_alpha: float | None = None
+    staleness_exponent: float | None = None
     # -- the loop --
     rounds: int = 30
     eval_every: int = 5
@@ -159,7 +170,8 @@ class ExperimentSpec:
         """The settings that decide the numbers a run produces: every field but those of
         :data:`EXECUTION`, and every hyperparameter resolved (so that a default given
         explicitly is the same experiment)."""
-        record = {f: getattr(self, f) for f in FIELDS if f not in EXECUTION}
+        record = {f: getattr(self, f) for f in FIELDS if f not in EXECUTION
+                  and not (f in CLOCK_FIELDS and getattr(self, f) is None)}
         record["hparams"] = self.resolved_hparams()
         return _jsonable(record)
 
@@ -189,6 +201,12 @@ DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
                 "init", "architectures", "public_fraction", "public_dataset", "public_size",
                 "public_val_fraction")
 
+# The options of the virtual clock; unset ones are left out of a run's identity (a run
+# without a system model is the run it always was).
+CLOCK_FIELDS = ("system", "availability_trace", "dropout", "condition", "deadline",
+                "first_m", "buffer_size", "async_alpha", "staleness_exponent")
+SYSTEM_PRESETS = ("homogeneous", "lognormal")
+
 # The type of every field (how ``--set`` text is read); ``OPTIONAL`` ones may be unset.
 KINDS: dict[str, type] = {
     "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
@@ -201,6 +219,9 @@ KINDS: dict[str, type] = {
     "checkpoint_every": int, "on_divergence": str, "sweep_strategy": str, "progress": bool,
     "cpu_devices": str, "distributed": bool, "coordinator": str, "num_processes": int,
     "process_id": int, "output": str, "overwrite": bool, "resume": bool,
+    "system": str, "availability_trace": str, "dropout": float, "condition": str,
+    "deadline": float, "first_m": int, "buffer_size": int, "async_alpha": float,
+    "staleness_exponent": float,
 }
 OPTIONAL = frozenset(f.name for f in dataclasses.fields(ExperimentSpec)
                      if f.default is None)
@@ -389,6 +410,95 @@ def _check_process(spec: ExperimentSpec, label: Callable[[str], str]) -> None:
                          f"{label('process_id')} need {label('distributed')}")
 
 
+def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict,
+                 hparams: dict) -> None:
+    """The virtual-clock options: ranges, files, the condition's own settings, and
+    whether the algorithm can run under it."""
+    from fedjax_sim.algorithms.base import check_clock_support
+    from fedjax_sim.core.clock import conditions, get_condition
+
+    given = [f for f in CLOCK_FIELDS if getattr(spec, f) is not None]
+    if not given:
+        return
+    if spec.system is None:
+        raise ValueError(f"{label(given[0])} needs {label('system')} (homogeneous, lognormal "
+                         "or FILE.npz)")
+    system = _check_text(label("system"), spec.system)
+    if system not in SYSTEM_PRESETS:
+        if not system.endswith(".npz"):
+            raise ValueError(f"{label('system')} must be one of {', '.join(SYSTEM_PRESETS)} "
+                             f"or a FILE.npz, got {system!r}")
+        check_input_file(label("system"), system)
+    if spec.availability_trace is not None:
+        check_input_file(label("availability_trace"),
+                         _check_text(label("availability_trace"), spec.availability_trace))
+    if spec.dropout is not None:
+        values["dropout"] = check_float(label("dropout"), spec.dropout, 0.0, 1.0)
+    condition = spec.condition or "wait_all"
+    check_choice(label("condition"), condition, conditions())
+    if spec.deadline is not None:
+        values["deadline"] = check_float(label("deadline"), spec.deadline, 0.0, low_open=True)
+    if condition == "deadline" and spec.deadline is None:
+        raise ValueError(f"{label('condition')} deadline needs {label('deadline')} (virtual "
+                         "seconds > 0)")
+    if spec.first_m is not None:
+        check_int(label("first_m"), spec.first_m, 1)
+    if condition == "first_m" and spec.first_m is None:
+        raise ValueError(f"{label('condition')} first_m needs {label('first_m')} (updates "
+                         "aggregated per round, at most the cohort size)")
+    if spec.buffer_size is not None:
+        check_int(label("buffer_size"), spec.buffer_size, 1)
+    if spec.async_alpha is not None:
+        values["async_alpha"] = check_float(label("async_alpha"), spec.async_alpha, 0.0, 1.0,
+                                            low_open=True)
+    if spec.staleness_exponent is not None:
+        values["staleness_exponent"] = check_float(label("staleness_exponent"),
+                                                   spec.staleness_exponent, 0.0)
+    if spec.num_clients is not None:
+        from fedjax_sim.core.cohort import cohort_size
+
+        cohort = cohort_size(spec.num_clients,
+                             algorithms.resolve(spec.algorithm, **hparams)["join_ratio"])
+        for name in ("first_m", "buffer_size"):
+            value = getattr(spec, name)
+            if value is not None and value > cohort:
+                raise ValueError(f"{label(name)} must be at most the cohort size N = "
+                                 f"{cohort} (num_clients x join_ratio), got {value}")
+    if spec.algorithm in HETEROGENEOUS or algorithms.uses_public(spec.algorithm):
+        raise ValueError(f"algorithm {spec.algorithm} cannot run under condition {condition}: "
+                         "it does not aggregate client updates through the standard round")
+    check_clock_support(spec.algorithm, condition, get_condition(condition).asynchronous)
+
+
+def build_clock(spec: ExperimentSpec, num_clients: int):
+    """The ``core.clock.Clock`` of ``spec`` for ``num_clients`` clients, or ``None`` when
+    no system model is set. Files are read here.
+
+    Raises:
+      ValueError: a malformed system file or availability trace, naming the file.
+    """
+    from fedjax_sim.core import system as system_lib
+    from fedjax_sim.core.clock import Clock
+
+    if spec.system is None:
+        return None
+    if spec.system == "homogeneous":
+        model = system_lib.homogeneous(num_clients)
+    elif spec.system == "lognormal":
+        model = system_lib.lognormal(num_clients, seed=spec.seed)
+    else:
+        model = system_lib.load_system(spec.system, num_clients)
+    if spec.availability_trace is not None:
+        model = system_lib.with_trace(
+            model, system_lib.load_trace(spec.availability_trace, num_clients))
+    if spec.dropout is not None:
+        model = system_lib.with_dropout(model, spec.dropout)
+    options = {name: getattr(spec, name) for name in (
+        "deadline", "first_m", "buffer_size", "async_alpha", "staleness_exponent")
+        if getattr(spec, name) is not None}
+    return Clock(model, condition=spec.condition or "wait_all", **options)
+
+
 def check_spec(spec: ExperimentSpec, *,
                label: Callable[[str], str] | None = None) -> ExperimentSpec:
     """Checks every value of ``spec`` before anything is loaded or compiled.
@@ -425,6 +535,7 @@ def check_spec(spec: ExperimentSpec, *,
         _check_bool(label(name), getattr(spec, name))
     check_choice(label("on_divergence"), spec.on_divergence, DIVERGENCE_POLICIES)
     check_choice(label("sweep_strategy"), spec.sweep_strategy, SWEEP_STRATEGIES)
+    _check_clock(spec, label, values, hparams)
     if spec.output is not None:  # None: a fresh runs/... folder
         check_output_dir(label("output"), _check_text(label("output"), spec.output))
     if spec.resume and spec.overwrite:
@@ -470,6 +581,9 @@ class Built(NamedTuple):
         record = {name: getattr(self.spec, name) for name in DATA_OPTIONS}
         if self.spec.partition_seed is not None:
             record["partition_seed"] = self.spec.partition_seed
+        for name in CLOCK_FIELDS:
+            if getattr(self.spec, name) is not None:
+                record[name] = getattr(self.spec, name)
         return record
 
     @property
@@ -568,6 +682,11 @@ def build(spec: ExperimentSpec, *, data=None, public=None) -> Built:
         data, public = build_data(spec)
     model = build_model(spec, data.input_shape, data.num_classes)
     algorithm = build_algorithm(spec, model, public)
+    clock = build_clock(spec, data.num_clients)
+    if clock is not None:
+        from fedjax_sim.algorithms.base import clocked
+
+        algorithm = clocked(algorithm, clock, data.num_clients)
     local = None
     if spec.compare_local and spec.algorithm != "local":
         local = build_local(spec, model, data.num_clients)

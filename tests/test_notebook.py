@@ -41,3 +41,9 @@ def test_incentives_notebook_runs():
     assert "shaping targets" in outputs and "largest gain from deviating" in outputs
     assert "max |delivered - target|" in outputs
     assert "incfl   accuracy" in outputs and "IPR" in outputs
+
+
+def test_clock_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "clock.ipynb")
+    assert "wait_all" in outputs and "fedbuff" in outputs
+    assert "participation [" in outputs and "virtual time" in outputs

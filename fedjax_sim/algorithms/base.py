@@ -80,6 +80,10 @@ class Algorithm(NamedTuple):
         traced hyperparameters as a last argument ``hp``; ``init``, ``round`` and
         ``evaluate`` are these at ``hp()`` (the same floats, bit for bit). ``None`` for an
         algorithm built by hand (the runner then calls the plain ones).
+      with_clock: ``(clock) -> Algorithm``, the same algorithm on the virtual clock of a
+        ``core.clock.Clock`` (see :func:`clocked`); ``None`` for an algorithm outside the
+        standard round skeleton.
+      clock: the ``core.clock.Clock`` it runs on, or ``None``.
     """
 
     name: str
@@ -95,6 +99,8 @@ class Algorithm(NamedTuple):
     init_with: Callable[[jax.Array, FederatedData, Traced], SimState] | None = None
     round_with: Callable[[SimState, FederatedData, Traced], tuple[SimState, dict]] | None = None
     evaluate_with: Callable[[SimState, FederatedData, Traced], tuple] | None = None
+    with_clock: Callable[[Any], Algorithm] | None = None
+    clock: Any = None
 
     def hp(self, **overrides: float) -> Traced:
         """The traced hyperparameters ``round_with`` takes: these defaults with
@@ -478,6 +484,7 @@ def federated_algorithm(
     batch_order: Any = None,
     derive: Callable | None = None,
     cover: Sequence[Mapping[str, float]] = (),
+    clock: Any = None,
 ) -> Algorithm:
     """An algorithm made of its own parts (``method``, a ``core.rounds.Method``) in the
     shared round skeleton, with this run's participation and execution strategy.
@@ -488,14 +495,110 @@ def federated_algorithm(
       init_with: ``(key, data, hp) -> SimState``.
       evaluate_with: replaces the skeleton's evaluation (e.g. :func:`finetuned_evaluate`).
       batch_order: optional host sample orders (see :func:`check_batch_order`).
+      clock: optional ``core.clock.Clock``: the round runs on the virtual clock (prefer
+        :func:`clocked`, which checks it first).
     """
+    init_with_arg, report_arg = init_with, report
     round_with, default_evaluate = federated(
         method, join_ratio=hp["join_ratio"], execution=execution(hp),
-        batch_order=check_batch_order(batch_order, hp),
+        batch_order=check_batch_order(batch_order, hp), clock=clock,
+        budget=(hp["local_epochs"], hp["local_steps"], hp["batch_size"]),
+        comm_bytes=comm_bytes,
     )
-    return assemble(name, hp, specs, init_with=init_with, round_with=round_with,
-                    evaluate_with=evaluate_with or default_evaluate, comm_bytes=comm_bytes,
-                    report=report, derive=derive, cover=cover)
+    step_bytes = comm_bytes
+    if clock is not None:
+        from fedjax_sim.core import clock as clock_lib
+
+        init_with = clock_lib.clocked_init(method, init_with, clock)
+        report = _with_participation(report)
+        if clock.asynchronous:
+            step_bytes = _step_bytes(comm_bytes, hp["join_ratio"], clock)
+    algorithm = assemble(name, hp, specs, init_with=init_with, round_with=round_with,
+                         evaluate_with=evaluate_with or default_evaluate,
+                         comm_bytes=step_bytes, report=report, derive=derive, cover=cover)
+
+    def with_clock(new_clock):
+        return federated_algorithm(
+            name, hp, specs, method, init_with=init_with_arg, comm_bytes=comm_bytes,
+            report=report_arg, evaluate_with=evaluate_with, batch_order=batch_order,
+            derive=derive, cover=cover, clock=new_clock)
+
+    return algorithm._replace(with_clock=with_clock, clock=clock)
+
+
+def _step_bytes(comm_bytes: Callable, join_ratio: float, clock: Any) -> Callable:
+    """``comm_bytes`` of one asynchronous server step: the B arrivals it merges (and the B
+    models it sends to the clients it dispatches in their place), not a cohort."""
+    from fedjax_sim.core.cohort import cohort_size
+
+    def step_bytes(data: FederatedData) -> tuple[int, int]:
+        up, down = comm_bytes(data)
+        size = cohort_size(data.num_clients, join_ratio)
+        arrivals = clock.buffer(size)
+        return up // size * arrivals, down // size * arrivals
+
+    return step_bytes
+
+
+def _with_participation(report: Callable | None) -> Callable:
+    from fedjax_sim.core.clock import participation_report
+
+    def combined(state):
+        own = report(state) if report is not None else {}
+        return {**own, **participation_report(state)}
+
+    return combined
+
+
+# Algorithms whose rounds fit the skeleton but whose server state a clock would break:
+# SCAFFOLD's control variates (|S| / N steps), the distillation methods' public-set
+# exchange.
+CLOCK_REFUSED = {
+    "scaffold": "its server control variate steps by |S| / N of the clients that report",
+    "dsfl": "it aggregates soft labels on a public set, not client updates",
+    "feddf": "it distills the cohort's models on a public set, not a mean of updates",
+}
+# Asynchronous conditions also need uploads in the space of the model the server sends.
+ASYNC_ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedavg_ft", "fedper",
+                    "fedrep", "lg_fedavg", "fedobp")
+
+
+def check_clock_support(name: str, condition: str, asynchronous: bool) -> None:
+    """Refuses an algorithm the virtual clock cannot serve under ``condition``.
+
+    Raises:
+      ValueError: naming the algorithm, the condition and why.
+    """
+    if name in CLOCK_REFUSED:
+        raise ValueError(f"algorithm {name} cannot run under condition {condition}: "
+                         f"{CLOCK_REFUSED[name]}")
+    if asynchronous and name not in ASYNC_ALGORITHMS:
+        raise ValueError(f"algorithm {name} cannot run under the asynchronous condition "
+                         f"{condition}: it needs uploads in the space of the global model; "
+                         f"these can: {', '.join(ASYNC_ALGORITHMS)}")
+
+
+def clocked(algorithm: Algorithm, clock: Any, num_clients: int) -> Algorithm:
+    """``algorithm`` on the virtual clock of ``clock`` (``core.clock.Clock``), checked
+    for a run of ``num_clients`` clients before anything is compiled.
+
+    Raises:
+      ValueError: an algorithm outside the standard round skeleton (grouped
+        architectures, distillation), one of :data:`CLOCK_REFUSED`, an asynchronous
+        condition with an algorithm not in :data:`ASYNC_ALGORITHMS`, or a bad clock
+        setting (``core.clock.check_clock``).
+    """
+    from fedjax_sim.core.clock import check_clock, get_condition
+    from fedjax_sim.core.cohort import cohort_size
+
+    condition = get_condition(clock.condition)
+    if algorithm.with_clock is None:
+        raise ValueError(f"algorithm {algorithm.name} cannot run under condition "
+                         f"{clock.condition}: it does not aggregate client updates through "
+                         "the standard round")
+    check_clock_support(algorithm.name, clock.condition, condition.asynchronous)
+    check_clock(clock, num_clients, cohort_size(num_clients, algorithm.hparams["join_ratio"]))
+    return algorithm.with_clock(clock)
 
 
 def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:

@@ -82,6 +82,8 @@ def run_cohort(
     mean_uploads: bool = False,
     server: Any = None,
     orders: jax.Array | None = None,
+    index: Any = "sample",
+    present: jax.Array | None = None,
 ) -> CohortResult:
     """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them.
 
@@ -100,14 +102,20 @@ def run_cohort(
         :func:`round_orders`), or ``None``. When given, each sampled client receives
         ``core.local.FixedOrder(orders[k])`` in place of its PRNG key, which
         ``core.local.train`` reads as its batch order.
+      index: the cohort, (M,) client indices or ``None`` (everyone), drawn beforehand with
+        :func:`draw_cohort` from this ``key``; by default it is drawn here.
+      present: optional (M,) bool, whose updates count: the weights (and the counts handed
+        back) become ``counts * present``; the rows of absent members are still trained
+        and written (the caller decides what to keep). ``None``: every member counts.
 
     Raises:
       ValueError: if ``orders`` does not have K rows and ``N_max`` columns.
     """
     num_clients = data.num_clients
     size = cohort_size(num_clients, join_ratio)
-    cohort_key, train_key = jax.random.split(key)
-    index = sample_cohort(cohort_key, num_clients, size)
+    drawn, train_key = draw_cohort(key, num_clients, size)
+    if isinstance(index, str):
+        index = drawn
     keys = jax.random.split(train_key, size)
     if orders is not None:
         n_max = data.train_x.shape[1]
@@ -117,6 +125,9 @@ def run_cohort(
         keys = FixedOrder(gather(orders, index))
     counts = gather(data.train_counts, index)
     weights = counts.astype(jnp.float32)
+    if present is not None:
+        counts = counts * present.astype(counts.dtype)
+        weights = weights * present.astype(jnp.float32)
     if mean_uploads and resolve_strategy(strategy) != "vmap":
         # Loop strategies read and write the resident (K, ...) arrays in place.
         uploads, new_clients, losses = train_in_place(
@@ -138,6 +149,13 @@ def run_cohort(
         )
     loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+
+def draw_cohort(key: jax.Array, num_clients: int, size: int) -> tuple:
+    """``(index, train_key)``: the cohort :func:`run_cohort` draws from ``key`` (``None``
+    under full participation) and the key its members train with."""
+    cohort_key, train_key = jax.random.split(key)
+    return sample_cohort(cohort_key, num_clients, size), train_key
 
 
 def round_orders(batch_order: Any, round_index: jax.Array) -> jax.Array | None:
@@ -255,6 +273,9 @@ def federated(
     join_ratio: float,
     execution: Execution,
     batch_order: Any = None,
+    clock: Any = None,
+    budget: tuple | None = None,
+    comm_bytes: Callable | None = None,
 ) -> tuple[Callable, Callable]:
     """The round and the evaluation of ``method``, each taking the traced hyperparameters.
 
@@ -265,6 +286,11 @@ def federated(
       execution: how per-client functions run over the client axis.
       batch_order: optional host sample orders (R, K, E, N_max) that replace the random
         batch order (:func:`round_orders`).
+      clock: optional ``core.clock.Clock`` (system model and server condition): the round
+        then runs on the virtual clock (``core.clock``); ``None``: today's round.
+      budget: with ``clock``, ``(local_epochs, local_steps, batch_size)`` (the samples a
+        job processes).
+      comm_bytes: with ``clock``, the algorithm's ``comm_bytes`` (bytes a job moves).
 
     Returns:
       ``round_with(state, data, hp) -> (state, metrics)`` and
@@ -297,6 +323,15 @@ def federated(
             strategy=execution.strategy, chunk_size=execution.chunk_size,
         )
 
+    if clock is not None:
+        from fedjax_sim.core import clock as clock_lib
+
+        common = dict(join_ratio=join_ratio, execution=execution, clock=clock, budget=budget,
+                      comm_bytes=comm_bytes)
+        if clock.asynchronous:
+            return clock_lib.asynchronous_round(method, **common), evaluate_with
+        return (clock_lib.synchronous_round(method, batch_order=batch_order, **common),
+                evaluate_with)
     return round_with, evaluate_with
 
 

@@ -21,12 +21,15 @@ class SimState:
         client axis.
       clients: per-client pytree; every leaf shaped (K, ...). ``None`` or ``{}`` when the
         algorithm keeps nothing on clients between rounds.
+      clock: the virtual clock of a run with a system model (``core.clock.ClockState``),
+        ``None`` otherwise (no leaves: the state of a run without one is unchanged).
     """
 
     key: jax.Array
     round: jax.Array
     server: Any
     clients: Any
+    clock: Any = None
 
     @classmethod
     def create(cls, key: jax.Array, server: Any, clients: Any, num_clients: int) -> SimState:

@@ -1,0 +1,224 @@
+"""Devices and time: synchronous rounds, a deadline, over-selection, FedAsync and FedBuff on
+a virtual clock, under homogeneous and log-normal devices.
+
+For each dataset (Dirichlet 0.1, min 5 samples per client; mnist1d 100 clients at join ratio
+0.1, digits 40 clients at join ratio 0.25, as its 1797 samples admit no Dirichlet-0.1 draw
+over 100 clients: a cohort of N = 10 either way), each
+algorithm and each system model it runs every condition for the same number of
+*dispatched jobs' worth of aggregation slots*: ``--rounds`` synchronous rounds, FedBuff
+(B = 5) twice as many server steps, FedAsync (B = 1) ten times as many, and reports
+
+* ``time_to_target``: virtual seconds until the accuracy first reaches the target (90% of
+  the best final accuracy among the conditions of the same dataset, algorithm and system
+  model), ``None`` when never;
+* final accuracy, bottom decile (``client_p10``), ``wasted_work`` (share of trained
+  samples whose update was not aggregated) and the final virtual time;
+* ``slow_q`` / ``fast_q``: mean accuracy of the slowest and the fastest quartile of clients
+  by compute speed (under homogeneous devices the quartiles are by client index).
+
+The deadline is the median job duration of the clients on that system model; first_m
+aggregates the first M = 7 of the N = 10 sampled.
+
+A speed check follows: the round time with the system model (wait_all, homogeneous)
+against the same algorithm without it, in one process, alternating, median of several
+calls; the ratio's target is <= 1.10.
+
+    python experiments/clock.py                # the defaults of experiments/clock.md
+    python experiments/clock.py --quick        # digits, FedAvg, fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fedjax_sim.algorithms.base import clocked  # noqa: E402
+from fedjax_sim.core import system as system_lib  # noqa: E402
+from fedjax_sim.core.clock import Clock, job_samples  # noqa: E402
+from fedjax_sim.core.cohort import cohort_size  # noqa: E402
+from fedjax_sim.spec import (  # noqa: E402
+    ExperimentSpec,
+    build,
+    build_clock,
+    build_data,
+    check_spec,
+    run_built,
+)
+
+CONDITIONS = ("wait_all", "deadline", "first_m", "fedasync", "fedbuff")
+# Clients and join ratio per dataset (a cohort of 10).
+CLIENTS = {"digits": (40, 0.25), "mnist1d": (100, 0.1)}
+BUFFER = 5
+FIRST_M = 7
+
+
+def base_spec(args, dataset: str, algorithm: str, **clock) -> ExperimentSpec:
+    clients, join = CLIENTS.get(dataset, (100, 0.1))
+    return check_spec(ExperimentSpec(
+        algorithm=algorithm, dataset=dataset, partition="dirichlet", alpha=0.1,
+        num_clients=clients, min_samples=5, seed=args.seed, progress=False, **clock,
+        hparams={"local_epochs": 2, "join_ratio": join, "lr": 0.1, "batch_size": 32}))
+
+
+def median_duration(spec: ExperimentSpec, built) -> float:
+    """The median job duration of the clients (the deadline of the comparison)."""
+    clock = build_clock(spec, built.data.num_clients)
+    hp = built.algorithm.hparams
+    up, down = built.algorithm.comm_bytes(built.data)
+    size = cohort_size(built.data.num_clients, hp["join_ratio"])
+    samples = np.asarray(job_samples(np.asarray(built.data.train_counts),
+                                     (hp["local_epochs"], hp["local_steps"],
+                                      hp["batch_size"])))
+    durations = np.asarray(system_lib.job_durations(
+        jax.tree.map(np.asarray, clock.system), samples, down / size, up / size))
+    return float(np.median(durations))
+
+
+def one_run(args, data, dataset, algorithm, system, condition, deadline) -> dict:
+    extra = {"system": system, "condition": condition}
+    rounds = args.rounds
+    if condition == "deadline":
+        extra["deadline"] = deadline
+    elif condition == "first_m":
+        extra["first_m"] = FIRST_M
+    elif condition == "fedbuff":
+        extra["buffer_size"] = BUFFER
+        rounds *= 10 // BUFFER
+    elif condition == "fedasync":
+        rounds *= 10
+    every = max(1, rounds // args.evals)
+    spec = base_spec(args, dataset, algorithm, **extra).replace(
+        rounds=rounds, eval_every=every, rounds_per_call=every)
+    built = build(spec, data=data)
+    tic = time.perf_counter()
+    result = run_built(built, output=None)
+    speeds = np.asarray(built.algorithm.clock.system.speed)
+    acc = np.asarray(result.history[-1]["client_accuracies"])
+    order = np.argsort(speeds, kind="stable")
+    quarter = len(order) // 4
+    return {
+        "dataset": dataset, "algorithm": algorithm, "system": system,
+        "condition": condition, "steps": rounds,
+        "history": [(h["virtual_time"], h["accuracy"]) for h in result.history],
+        "accuracy": result.history[-1]["accuracy"],
+        "client_p10": result.history[-1]["client_p10"],
+        "wasted_work": result.history[-1]["wasted_work"],
+        "virtual_time": result.history[-1]["virtual_time"],
+        "slow_q": float(acc[order[:quarter]].mean()),
+        "fast_q": float(acc[order[-quarter:]].mean()),
+        "participation_gini": result.summary["participation_gini"],
+        "wall_s": time.perf_counter() - tic,
+    }
+
+
+def time_to(history, target):
+    for t, acc in history:
+        if acc >= target:
+            return t
+    return None
+
+
+def speed_check(args) -> dict:
+    """Round time with the system model (wait_all, homogeneous) over without, alternating."""
+    spec = base_spec(args, "digits", "fedavg")
+    data, _ = build_data(spec)
+    built = build(spec, data=data)
+    plain = built.algorithm
+    timed = clocked(plain, Clock(system_lib.homogeneous(data.num_clients)), data.num_clients)
+    from fedjax_sim.runner import to_device
+
+    data = to_device(data)
+    length = 10
+
+    def block(alg):
+        def rounds(state, data):
+            return jax.lax.scan(lambda s, _: (alg.round(s, data)[0], None), state, None,
+                                length=length)[0]
+        return jax.jit(rounds)
+
+    calls = {}
+    for name, alg in (("plain", plain), ("clock", timed)):
+        fn = block(alg)
+        state = jax.block_until_ready(fn(alg.init(jax.random.key(0), data), data))
+        calls[name] = (fn, state)
+    times = {"plain": [], "clock": []}
+    for _ in range(args.repeats):
+        for name in ("plain", "clock"):
+            fn, state = calls[name]
+            tic = time.perf_counter()
+            state = jax.block_until_ready(fn(state, data))
+            times[name].append((time.perf_counter() - tic) / length)
+            calls[name] = (fn, state)
+    plain_s, clock_s = statistics.median(times["plain"]), statistics.median(times["clock"])
+    return {"plain_round_s": plain_s, "clock_round_s": clock_s, "ratio": clock_s / plain_s,
+            "repeats": args.repeats, "rounds_per_call": length}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="digits,mnist1d")
+    parser.add_argument("--algorithms", default="fedavg,fedper")
+    parser.add_argument("--systems", default="homogeneous,lognormal")
+    parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="synchronous rounds (FedBuff: x2 steps, FedAsync: x10)")
+    parser.add_argument("--evals", type=int, default=4, help="evaluations per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=7, help="speed check calls per side")
+    parser.add_argument("--quick", action="store_true",
+                        help="digits, fedavg, 10 rounds")
+    parser.add_argument("--output", default=str(ROOT / "experiments/results/clock.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.datasets, args.algorithms, args.rounds = "digits", "fedavg", 10
+    rows = []
+    start = time.perf_counter()
+    for dataset in args.datasets.split(","):
+        data, _ = build_data(base_spec(args, dataset, "fedavg"))
+        for algorithm in args.algorithms.split(","):
+            for system in args.systems.split(","):
+                spec = base_spec(args, dataset, algorithm, system=system)
+                deadline = median_duration(spec, build(spec, data=data))
+                group = [one_run(args, data, dataset, algorithm, system, c, deadline)
+                         for c in args.conditions.split(",")]
+                target = 0.9 * max(r["accuracy"] for r in group)
+                for r in group:
+                    r["target"] = target
+                    r["time_to_target"] = time_to(r["history"], target)
+                    r["deadline"] = deadline
+                rows.extend(group)
+                print(f"{dataset} {algorithm} {system}: done "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    speed = speed_check(args)
+    header = ("| dataset | algorithm | system | condition | time to target (s) | accuracy "
+              "| bottom decile | wasted | virtual time (s) | slow q | fast q | gini |")
+    print(header)
+    print("|" + "---|" * 12)
+    for r in rows:
+        ttt = "never" if r["time_to_target"] is None else f"{r['time_to_target']:.0f}"
+        print(f"| {r['dataset']} | {r['algorithm']} | {r['system']} | {r['condition']} | "
+              f"{ttt} | {r['accuracy']:.3f} | {r['client_p10']:.3f} | "
+              f"{r['wasted_work']:.2f} | {r['virtual_time']:.0f} | {r['slow_q']:.3f} | "
+              f"{r['fast_q']:.3f} | {r['participation_gini']:.2f} |")
+    print(f"\nspeed check (digits, fedavg, 40 clients, join 0.25, wait_all homogeneous): "
+          f"{speed['clock_round_s'] * 1e3:.2f} ms / round with the system model, "
+          f"{speed['plain_round_s'] * 1e3:.2f} ms without: ratio {speed['ratio']:.3f}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"settings": vars(args), "rows": rows, "speed": speed},
+                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
