@@ -164,6 +164,37 @@ def speed_check(args) -> dict:
             "repeats": args.repeats, "rounds_per_call": length}
 
 
+def plot_time(rows: list[dict], path: Path) -> Path:
+    """Accuracy against virtual time, one panel per (dataset, algorithm, devices), one line
+    per condition."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(dict.fromkeys((r["dataset"], r["algorithm"], r["system"]) for r in rows))
+    columns = min(4, len(panels))
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4 * columns, 3 * lines),
+                             squeeze=False)
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        for r in rows:
+            if (r["dataset"], r["algorithm"], r["system"]) == panel:
+                t, acc = zip(*r["history"], strict=True)
+                ax.plot(t, acc, marker="o", label=r["condition"])
+        ax.set_title(" / ".join(panel), fontsize=9)
+        ax.set_xlabel("virtual time (s)")
+        ax.set_ylim(0, 1)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits,mnist1d")
@@ -178,7 +209,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="digits, fedavg, 10 rounds")
     parser.add_argument("--output", default=str(ROOT / "experiments/results/clock.json"))
+    parser.add_argument("--plot", default=str(ROOT / "experiments/figures/clock_time.png"),
+                        help="accuracy against virtual time")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw --plot from the JSON in --output")
     args = parser.parse_args()
+    if args.replot:
+        print(plot_time(json.loads(Path(args.output).read_text())["rows"], Path(args.plot)))
+        return
     if args.quick:
         args.datasets, args.algorithms, args.rounds = "digits", "fedavg", 10
     rows = []
@@ -218,6 +256,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": vars(args), "rows": rows, "speed": speed},
                               indent=1))
+    print(plot_time(rows, Path(args.plot)))
 
 
 if __name__ == "__main__":
