@@ -31,7 +31,7 @@ from fedjax_sim.core.checkpoint import Checkpointer
 from fedjax_sim.core.clock import CLOCK_METRICS
 from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
-from fedjax_sim.core.state import SimState
+from fedjax_sim.core.state import SimState, to_host
 from fedjax_sim.data.federated import FederatedData, check_federated_data
 from fedjax_sim.rundir import RunDir, atomic_write_json, environment, read_jsonl, write_jsonl
 
@@ -194,19 +194,6 @@ def place(
     state = jax.jit(lambda d: algorithm.init(jax.random.key(seed), d),
                     out_shardings=shardings)(data)
     return data, state, shardings
-
-
-def _to_host(tree: Any) -> Any:
-    """NumPy copies of every leaf, gathering shards held by other processes if needed."""
-
-    def fetch(leaf):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        return np.asarray(leaf)
-
-    return jax.tree.map(fetch, tree)
 
 
 def round_block(algorithm: Algorithm, length: int, *, check_traces: bool = False,
@@ -489,7 +476,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     # metrics so that the events read it without waiting on the device.
     last_time = None
     if getattr(state, "clock", None) is not None:
-        last_time = np.asarray(_to_host(state.clock.time)).reshape(-1)[:len(tracks)]
+        last_time = np.asarray(to_host(state.clock.time)).reshape(-1)[:len(tracks)]
         last_time = np.broadcast_to(last_time, (len(tracks),))
 
     def clock_info(times) -> dict:
@@ -522,7 +509,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
             new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
                    if tracks[c].diverged is None]
             if new:
-                clients = np.asarray(_to_host(metrics["nonfinite_clients"]))
+                clients = np.asarray(to_host(metrics["nonfinite_clients"]))
                 for c in new:
                     tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], r,
                                                      tracks[c].hparams, on_divergence)
@@ -541,7 +528,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
             if not live():
                 break
             if done % eval_every == 0 or done == rounds:
-                correct = np.asarray(_to_host(program.evaluate(state, data, hp)))
+                correct = np.asarray(to_host(program.evaluate(state, data, hp)))
                 for c in live():
                     track = tracks[c]
                     up, down = program.comm[c]
@@ -855,31 +842,23 @@ def _plots(out: Path, history: list[dict], summary: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([h["round"] for h in history], [h["accuracy"] for h in history], label="accuracy")
-    ax.plot([h["round"] for h in history], [h["client_p10"] for h in history],
-            label="bottom decile", linestyle="--")
-    ax.set_xlabel("round")
-    ax.set_ylabel("personalized test accuracy")
-    ax.set_title(f"{summary['algorithm']} on {summary['dataset']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-
-    if history and "virtual_time" in history[0]:
+    def accuracy_against(key: str, label: str, name: str) -> None:
+        x = [h[key] for h in history]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([h["virtual_time"] for h in history], [h["accuracy"] for h in history],
-                label="accuracy")
-        ax.plot([h["virtual_time"] for h in history], [h["client_p10"] for h in history],
-                label="bottom decile", linestyle="--")
-        ax.set_xlabel("virtual time (s)")
+        ax.plot(x, [h["accuracy"] for h in history], label="accuracy")
+        ax.plot(x, [h["client_p10"] for h in history], label="bottom decile", linestyle="--")
+        ax.set_xlabel(label)
         ax.set_ylabel("personalized test accuracy")
         ax.set_title(f"{summary['algorithm']} on {summary['dataset']}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "accuracy_vs_time.png", dpi=100)
+        fig.savefig(out / name, dpi=100)
         plt.close(fig)
+
+    accuracy_against("round", "round", "accuracy.png")
+
+    if history and "virtual_time" in history[0]:
+        accuracy_against("virtual_time", "virtual time (s)", "accuracy_vs_time.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist(summary["client_accuracies"], bins=20, range=(0, 1))

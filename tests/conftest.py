@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("FEDJAX_SIM_COMPILE_CACHE", tempfile.mkdtemp(prefix="fedjax-sim-cc-"))
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -111,3 +112,15 @@ def slow_unless(values, keep):
     """``values`` as test parameters, each one not in ``keep`` marked slow: the default
     suite runs a representative few, ``-m slow`` all of them."""
     return [pytest.param(v, marks=() if v in keep else pytest.mark.slow) for v in values]
+
+
+def linear_model(dim: int, classes: int):
+    """Softmax regression as a ``Model`` (one "head" layer), for checks against numpy."""
+    from fedjax_sim.models.base import Model
+
+    def init(key):
+        return {"head": {"kernel": 0.3 * jax.random.normal(key, (dim, classes)),
+                         "bias": jnp.zeros((classes,))}}
+
+    return Model("linear", (dim,), classes, ("head",), init,
+                 lambda p, x: x @ p["head"]["kernel"] + p["head"]["bias"], ("head",))

@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_federated
+from conftest import linear_model, random_federated
 
 from fedjax_sim import algorithms
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.models import make_model
-from fedjax_sim.models.base import Model
 from fedjax_sim.runner import to_device
 
 COMMON = {"local_epochs": 1, "batch_size": 8, "join_ratio": 0.6, "lr": 0.05}
@@ -121,15 +120,6 @@ def test_scaffold_keeps_c_the_weighted_mean_of_the_client_variates(tiny):
                                    rtol=1e-4, atol=1e-6)
 
 
-def _linear(dim, classes):
-    def init(key):
-        return {"head": {"kernel": 0.3 * jax.random.normal(key, (dim, classes)),
-                         "bias": jnp.zeros((classes,))}}
-
-    return Model("linear", (dim,), classes, ("head",), init,
-                 lambda p, x: x @ p["head"]["kernel"] + p["head"]["bias"], ("head",))
-
-
 def _grad(w, b, x, y):
     """Mean cross-entropy gradient of softmax regression, float64."""
     z = x @ w + b
@@ -149,7 +139,7 @@ def test_scaffold_matches_the_papers_update_in_numpy():
     counts = np.full(k, n, np.int32)
     data = to_device(FederatedData(x, y, counts, x[:, :2], y[:, :2], np.full(k, 2, np.int32),
                                    num_classes=classes, name="tiny"))
-    model = _linear(dim, classes)
+    model = linear_model(dim, classes)
     alg = algorithms.make("scaffold", model, local_epochs=epochs, batch_size=n, lr=lr,
                           server_lr=server_lr)
     state = alg.init(jax.random.key(0), data)

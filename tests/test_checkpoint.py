@@ -133,7 +133,8 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
 SAVE_SHARDED = """
 import jax, numpy as np
 from fedjax_sim.core.checkpoint import Checkpointer
-from fedjax_sim.runner import _to_host, client_axis_mesh, mesh_context, place
+from fedjax_sim.core.state import to_host as _to_host
+from fedjax_sim.runner import client_axis_mesh, mesh_context, place
 
 alg, data = _setup(num_clients=4)
 mesh = client_axis_mesh(data.num_clients)
@@ -154,7 +155,8 @@ local_clients = sorted({{x.addressable_shards[0].data.shape[0]
 RESTORE = """
 import jax, numpy as np
 from fedjax_sim.core.checkpoint import Checkpointer
-from fedjax_sim.runner import _to_host, client_axis_mesh, mesh_context, place
+from fedjax_sim.core.state import to_host as _to_host
+from fedjax_sim.runner import client_axis_mesh, mesh_context, place
 
 alg, data = _setup(num_clients=4)
 mesh = client_axis_mesh(data.num_clients)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_federated
+from conftest import linear_model, random_federated
 
 from fedjax_sim import algorithms
 from fedjax_sim.algorithms.base import local_sgd
@@ -22,7 +22,6 @@ from fedjax_sim.core.cohort import cohort_size, sample_cohort
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.incentives import incfl_weights
 from fedjax_sim.models import make_model
-from fedjax_sim.models.base import Model
 from fedjax_sim.runner import to_device
 
 
@@ -73,15 +72,6 @@ def test_weights_are_the_normalized_sigmoid_slope():
                                rtol=1e-6)
 
 
-def _linear(dim, classes):
-    def init(key):
-        return {"head": {"kernel": 0.3 * jax.random.normal(key, (dim, classes)),
-                         "bias": jnp.zeros((classes,))}}
-
-    return Model("linear", (dim,), classes, ("head",), init,
-                 lambda p, x: x @ p["head"]["kernel"] + p["head"]["bias"], ("head",))
-
-
 def _loss_and_grad(w, b, x, y):
     """Mean cross-entropy of softmax regression and its gradient, float64."""
     z = x @ w + b
@@ -116,7 +106,7 @@ def test_rounds_match_the_papers_update_in_numpy(join_ratio):
     counts = np.full(k, n, np.int32)
     data = to_device(FederatedData(x, y, counts, x[:, :2], y[:, :2], np.full(k, 2, np.int32),
                                    num_classes=classes, name="tiny"))
-    alg = algorithms.make("incfl", _linear(dim, classes), local_epochs=epochs, batch_size=n,
+    alg = algorithms.make("incfl", linear_model(dim, classes), local_epochs=epochs, batch_size=n,
                           lr=lr, join_ratio=join_ratio, server_lr=server_lr,
                           incfl_temperature=temperature, incfl_local_epochs=rho_epochs)
     state = jax.jit(alg.init)(jax.random.key(0), data)

@@ -28,7 +28,8 @@ WORKER = textwrap.dedent("""
     from conftest import random_federated
     from fedjax_sim import algorithms
     from fedjax_sim.models import make_model
-    from fedjax_sim.runner import _to_host, run
+    from fedjax_sim.core.state import to_host as _to_host
+    from fedjax_sim.runner import run
 
     data = random_federated(seed=5, num_clients=6)
     model = make_model("mlp", data.input_shape, data.num_classes)

@@ -30,7 +30,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.core import local
 from fedjax_sim.core.rounds import Method
-from fedjax_sim.core.state import SimState
+from fedjax_sim.core.state import SimState, to_host
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
@@ -111,13 +111,8 @@ def apfl(model: Model, *, cover=(), **hp) -> Algorithm:
         return a * model.apply(own["params"], x) + (1 - a) * model.apply(global_params, x)
 
     def report(state):
-        alpha = state.clients["alpha"]
-        if isinstance(alpha, jax.Array) and not alpha.is_fully_addressable:
-            # Client shards held by other processes (multi-host runs).
-            from jax.experimental import multihost_utils
-
-            alpha = multihost_utils.process_allgather(alpha, tiled=True)
-        return alpha_report(alpha)
+        # Gathers client shards held by other processes (multi-host runs).
+        return alpha_report(to_host(state.clients["alpha"]))
 
     size = num_params_bytes(model)
     return federated_algorithm("apfl", hp, HPARAMS, Method(client_update, logits),

@@ -72,7 +72,7 @@ from fedjax_sim.algorithms.base import (
 )
 from fedjax_sim.algorithms.server_opt import SERVER_LR
 from fedjax_sim.core.rounds import Method
-from fedjax_sim.core.state import SimState
+from fedjax_sim.core.state import SimState, to_host
 from fedjax_sim.kernels.aggregation import gather
 from fedjax_sim.kernels.incentives import incfl_weights
 from fedjax_sim.models.base import Model
@@ -209,13 +209,8 @@ def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
         return {"params": new}, metrics
 
     def report(state):
-        rho = state.clients["rho"]
-        if isinstance(rho, jax.Array) and not rho.is_fully_addressable:
-            # Client shards held by other processes (multi-host runs).
-            from jax.experimental import multihost_utils
-
-            rho = multihost_utils.process_allgather(rho, tiled=True)
-        return rho_report(rho)
+        # Gathers client shards held by other processes (multi-host runs).
+        return rho_report(to_host(state.clients["rho"]))
 
     size = num_params_bytes(model)
     method = Method(client_update, shared_logits(model), server_update=server_update,

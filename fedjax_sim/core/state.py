@@ -7,6 +7,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -36,3 +37,16 @@ class SimState:
         if jax.tree.leaves(clients):
             chex.assert_tree_shape_prefix(clients, (num_clients,))
         return cls(key=key, round=jnp.zeros((), jnp.int32), server=server, clients=clients)
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of every leaf, gathering shards held by other processes if needed."""
+
+    def fetch(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+
+    return jax.tree.map(fetch, tree)

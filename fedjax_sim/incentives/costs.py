@@ -19,36 +19,43 @@ def _distributions() -> str:
     return ", ".join(f"{name}({', '.join(args)})" for name, args in COST_DISTRIBUTIONS.items())
 
 
-def check_costs(costs: Any, num_agents: int | None = None) -> np.ndarray:
-    """Checks per-sample costs: one finite number ``>= 0`` per agent.
+def per_agent(name: str, values: Any, num_agents: int | None, meaning: str) -> np.ndarray:
+    """Checks one finite number ``>= 0`` per agent (costs, available samples, ...).
 
     Args:
-      costs: array-like of shape (N,).
+      name: how messages name the argument.
+      values: array-like of shape (N,).
       num_agents: N, when known.
+      meaning: what the numbers are, for the message.
 
     Returns:
-      The costs as a float64 array.
+      The values as a float64 array.
 
     Raises:
-      ValueError: naming ``costs``, the allowed range and the first bad agent.
+      ValueError: naming ``name``, the allowed range and the first bad agent.
     """
     try:
-        array = np.asarray(costs, dtype=np.float64)
+        array = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
-        raise ValueError(f"costs must be finite numbers >= 0, one per agent, got {costs!r}"
+        raise ValueError(f"{name} must be finite numbers >= 0, one per agent, got {values!r}"
                          ) from None
     if array.ndim != 1 or array.size == 0:
-        raise ValueError(f"costs must be a 1-D array of finite numbers >= 0 (one per agent), "
-                         f"got shape {array.shape}")
+        raise ValueError(f"{name} must be a 1-D array of finite numbers >= 0 (one per "
+                         f"agent), got shape {array.shape}")
     if num_agents is not None and array.size != num_agents:
-        raise ValueError(f"costs must have one entry per agent ({num_agents}), got "
+        raise ValueError(f"{name} must have one entry per agent ({num_agents}), got "
                          f"{array.size}")
     bad = ~np.isfinite(array) | (array < 0)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"costs must be finite numbers >= 0 (one per agent), got "
+        raise ValueError(f"{name} must be finite numbers >= 0 ({meaning}), got "
                          f"{float(array[i])!r} for agent {i}")
     return array
+
+
+def check_costs(costs: Any, num_agents: int | None = None) -> np.ndarray:
+    """Checks per-sample costs: one finite number ``>= 0`` per agent (``per_agent``)."""
+    return per_agent("costs", costs, num_agents, "one per agent")
 
 
 def parse_cost_spec(spec: str) -> tuple[str, tuple[float, ...]]:

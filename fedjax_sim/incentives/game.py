@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedjax_sim.checks import check_float, check_int
-from fedjax_sim.incentives.costs import check_costs
+from fedjax_sim.incentives.costs import check_costs, per_agent
 
 # The mechanism's margin: contributing d samples less than the target costs
 # (1 + DEFAULT_DELTA) c_i d of accuracy, more than the d c_i saved.
@@ -38,16 +38,7 @@ def check_delta(delta: Any) -> float:
 
 
 def _check_caps(caps: Any, num_agents: int) -> np.ndarray:
-    array = np.asarray(caps, dtype=np.float64)
-    if array.shape != (num_agents,):
-        raise ValueError(f"caps must have one entry per agent ({num_agents}), got shape "
-                         f"{array.shape}")
-    bad = ~np.isfinite(array) | (array < 0)
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"caps must be finite numbers >= 0 (each agent's available "
-                         f"samples), got {float(array[i])!r} for agent {i}")
-    return array
+    return per_agent("caps", caps, num_agents, "each agent's available samples")
 
 
 # ---------------------------------------------------------------------------------------
