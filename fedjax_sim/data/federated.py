@@ -1,11 +1,14 @@
-"""FederatedData: every client's train and test set as fixed-shape padded arrays."""
+"""Per-client data in two layouts: padded arrays (K, N_max, ...) (``FederatedData``) and
+pooled arrays with per-client offsets (``RaggedFederatedData``), read the same way by the
+round through ``client_rows`` / ``unpacker``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
@@ -46,6 +49,26 @@ class FederatedData:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[2:])
+
+    layout = "padded"
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_y.shape[2:])
+
+    def width(self, split: str) -> int:
+        """The padded length of ``split`` (N_max or T_max)."""
+        return getattr(self, f"{split}_x").shape[1]
+
+    def client_rows(self, split: str) -> tuple[Any, Any]:
+        """``(rows, pool)`` as :meth:`RaggedFederatedData.client_rows`: here the rows are
+        the padded arrays themselves and there is no pool."""
+        return tuple(getattr(self, f"{split}_{part}") for part in ("x", "y", "counts")), ()
+
+    def unpacker(self, split: str) -> Callable:
+        """``unpack(pool, row) -> (x, y, n)`` with the inputs decoded."""
+        del split
+        return _padded_unpack
 
 
 def _host(value: Any) -> np.ndarray | None:
@@ -184,3 +207,205 @@ def build_federated(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]
         num_classes=int(pooled.num_classes),
         name=str(pooled.name),
     )
+
+
+# --- The ragged layout ---------------------------------------------------------------
+
+def decode_inputs(x: jax.Array) -> jax.Array:
+    """Inputs as a model reads them, from their stored dtype.
+
+    ``uint8`` (images kept at a quarter of float32's size) becomes float32 in [0, 1];
+    other integers (tokens) become int32; floats are read as stored. Applied inside the
+    jitted step to the rows a client reads, so the resident data keeps its own dtype.
+    """
+    dtype = jnp.dtype(x.dtype)
+    if dtype == jnp.uint8:
+        return x.astype(jnp.float32) / 255.0
+    if jnp.issubdtype(dtype, jnp.integer):
+        return x.astype(jnp.int32)
+    return x
+
+
+@struct.dataclass
+class RaggedFederatedData:
+    """Per-client data as pooled arrays with per-client offsets: memory O(total examples).
+
+    Client ``k``'s training examples are rows ``train_offsets[k] : train_offsets[k] +
+    train_counts[k]`` of ``train_x`` / ``train_y`` (likewise for test). Inside the jitted
+    round each client's rows are read by one dynamic slice of static length
+    ``train_width`` (the largest client), rows past its count zeroed, so a client function
+    sees exactly what the padded :class:`FederatedData` would give it (the same floats)
+    while only the examples themselves stay resident. Every pool ends with ``width``
+    rows of zeros so that the last client's slice stays in bounds.
+
+    Attributes:
+      train_x: (P_train, *input_shape) pooled inputs in their stored dtype (uint8 images,
+        int32 tokens, float32 features).
+      train_y: (P_train, *label_shape) int32 labels (``label_shape`` is () for
+        classification, (L,) for next-token prediction; a negative label is a pad token,
+        neither trained nor scored).
+      train_offsets / train_counts: (K,) int32 first row and number of rows per client.
+      test_x / test_y / test_offsets / test_counts: the same for the test sets.
+      num_classes: number of labels (static).
+      name: data set name (static).
+      train_width / test_width: static, the largest client's count (at least 1).
+    """
+
+    train_x: jax.Array
+    train_y: jax.Array
+    train_offsets: jax.Array
+    train_counts: jax.Array
+    test_x: jax.Array
+    test_y: jax.Array
+    test_offsets: jax.Array
+    test_counts: jax.Array
+    num_classes: int = struct.field(pytree_node=False)
+    name: str = struct.field(pytree_node=False, default="")
+    train_width: int = struct.field(pytree_node=False, default=1)
+    test_width: int = struct.field(pytree_node=False, default=1)
+
+    layout = "ragged"
+
+    @property
+    def num_clients(self) -> int:
+        return self.train_counts.shape[-1]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_y.shape[1:])
+
+    def width(self, split: str) -> int:
+        """The static padded length a client function sees for ``split``."""
+        return self.train_width if split == "train" else self.test_width
+
+    def client_rows(self, split: str) -> tuple[Any, Any]:
+        """``(rows, pool)``: per-client leaves (K, ...) and what every client reads from.
+
+        Map ``rows`` over the client axis, hand ``pool`` to every client as a shared
+        (replicated) argument, and read one client's examples with ``unpacker(split)``.
+        """
+        return ((getattr(self, f"{split}_offsets"), getattr(self, f"{split}_counts")),
+                (getattr(self, f"{split}_x"), getattr(self, f"{split}_y")))
+
+    def unpacker(self, split: str) -> Callable:
+        """``unpack(pool, row) -> (x, y, n)``: one client's examples, padded to the
+        split's width with zero rows, inputs decoded (:func:`decode_inputs`)."""
+        width = self.width(split)
+
+        def unpack(pool, row):
+            (pool_x, pool_y), (offset, count) = pool, row
+            valid = jnp.arange(width) < count
+            x = jax.lax.dynamic_slice_in_dim(pool_x, offset, width)
+            y = jax.lax.dynamic_slice_in_dim(pool_y, offset, width)
+            x = jnp.where(valid.reshape(-1, *([1] * (x.ndim - 1))), x, jnp.zeros((), x.dtype))
+            y = jnp.where(valid.reshape(-1, *([1] * (y.ndim - 1))), y, jnp.zeros((), y.dtype))
+            return decode_inputs(x), y, count
+
+        return unpack
+
+
+def _padded_unpack(pool, row):
+    del pool
+    x, y, n = row
+    return decode_inputs(x), y, n
+
+
+AnyFederatedData = FederatedData | RaggedFederatedData
+
+
+def client_examples(data: Any, split: str, index: jax.Array | None = None) -> tuple:
+    """``(x, y, n)`` of the clients ``index`` (all when ``None``), each padded to the
+    split's width: (M, width, ...) arrays, in either layout.
+
+    Materializes M padded clients: meant for cohorts and groups, not for all K clients of
+    a large ragged set (map over ``client_rows`` for that).
+    """
+    rows, pool = data.client_rows(split)
+    if index is not None:
+        rows = jax.tree.map(lambda a: a[index], rows)
+    unpack = data.unpacker(split)
+    return jax.vmap(lambda row: unpack(pool, row))(rows)
+
+
+def _pool(parts: Sequence[np.ndarray], width: int, dtype: Any, shape: tuple) -> np.ndarray:
+    """The parts stacked, followed by ``width`` rows of zeros (room for the last slice)."""
+    total = sum(len(p) for p in parts)
+    out = np.zeros((total + width, *shape), dtype=dtype)
+    start = 0
+    for part in parts:
+        out[start:start + len(part)] = part
+        start += len(part)
+    return out
+
+
+def ragged_from_clients(
+    train: Sequence[tuple[Any, Any]],
+    test: Sequence[tuple[Any, Any]],
+    *,
+    num_classes: int,
+    name: str = "",
+) -> RaggedFederatedData:
+    """Pools per-client arrays into :class:`RaggedFederatedData`, keeping their dtype.
+
+    Args:
+      train: per client ``(x_k, y_k)``: x (n_k, *input_shape) of one dtype for all
+        clients (uint8, an integer or float32), y (n_k, *label_shape) integers.
+      test: the same for the test sets, one entry per client.
+      num_classes: number of labels (vocabulary size for next-token prediction).
+      name: data set name.
+
+    Returns:
+      The pooled data (NumPy arrays).
+    """
+    if len(train) != len(test) or len(train) == 0:
+        raise ValueError(f"train and test must hold one entry per client, at least one; got "
+                         f"{len(train)} and {len(test)}")
+    fields: dict[str, Any] = {}
+    widths = {}
+    for split, parts in (("train", train), ("test", test)):
+        xs = [np.asarray(x) for x, _ in parts]
+        ys = [np.asarray(y) for _, y in parts]
+        counts = np.array([len(x) for x in xs], dtype=np.int64)
+        if any(len(x) != len(y) for x, y in zip(xs, ys, strict=True)):
+            raise ValueError(f"{split}: every client's x and y must have the same length")
+        x_dtype = np.result_type(*[x.dtype for x in xs])
+        if np.issubdtype(x_dtype, np.floating):
+            x_dtype = np.float32
+        elif np.issubdtype(x_dtype, np.integer) and x_dtype != np.uint8:
+            x_dtype = np.int32
+        width = max(1, int(counts.max()))
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        if offsets[-1] + width >= np.iinfo(np.int32).max:
+            raise ValueError(f"{split}: {int(counts.sum())} examples exceed the int32 row "
+                             "index of the ragged layout")
+        fields[f"{split}_x"] = _pool(xs, width, x_dtype, xs[0].shape[1:])
+        fields[f"{split}_y"] = _pool(ys, width, np.int32, ys[0].shape[1:])
+        fields[f"{split}_offsets"] = offsets.astype(np.int32)
+        fields[f"{split}_counts"] = counts.astype(np.int32)
+        widths[f"{split}_width"] = width
+    return RaggedFederatedData(**fields, **widths, num_classes=int(num_classes),
+                               name=str(name))
+
+
+def build_ragged(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]
+                 ) -> RaggedFederatedData:
+    """:func:`build_federated` in the ragged layout: every client's rows copied once into
+    the pooled train and test arrays, inputs in the source's own dtype."""
+    x, y = np.asarray(pooled.x), np.asarray(pooled.y)
+    return ragged_from_clients(
+        [(x[np.asarray(tr, np.int64)], y[np.asarray(tr, np.int64)]) for tr, _ in splits],
+        [(x[np.asarray(te, np.int64)], y[np.asarray(te, np.int64)]) for _, te in splits],
+        num_classes=int(pooled.num_classes), name=str(pooled.name))
+
+
+def to_padded(data: RaggedFederatedData) -> FederatedData:
+    """The same clients in the padded layout (for tests and small sets)."""
+    fields = {}
+    for split in ("train", "test"):
+        x, y, n = (np.asarray(a) for a in client_examples(data, split))
+        fields.update({f"{split}_x": x, f"{split}_y": y, f"{split}_counts": n})
+    return FederatedData(**fields, num_classes=data.num_classes, name=data.name)
