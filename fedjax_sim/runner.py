@@ -32,7 +32,13 @@ from fedjax_sim.core.clock import CLOCK_METRICS
 from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
 from fedjax_sim.core.state import SimState, to_host
-from fedjax_sim.data.federated import FederatedData, check_federated_data
+from fedjax_sim.data.federated import (
+    AnyFederatedData,
+    FederatedData,
+    check_federated_data,
+    scored_counts,
+    stack_ragged,
+)
 from fedjax_sim.rundir import RunDir, atomic_write_json, environment, read_jsonl, write_jsonl
 
 EVENTS = ("round_start", "round_end", "evaluate", "checkpoint", "finish")
@@ -167,7 +173,19 @@ def to_device(data: FederatedData, mesh: Mesh | None = None) -> FederatedData:
     client axis is sharded over it."""
     if mesh is None:
         return jax.tree.map(jax.numpy.asarray, data)
-    return _place(data, _client_sharded(data, mesh))
+    return _place(data, _data_shardings(data, mesh))
+
+
+def _data_shardings(data: AnyFederatedData, mesh: Mesh) -> Any:
+    """Per-client leaves sharded over the client axis; a ragged layout's pools, which
+    every client slices its rows from, replicated."""
+    shardings = _client_sharded(data, mesh)
+    if data.layout == "ragged":
+        replicated = NamedSharding(mesh, PartitionSpec())
+        pools = {f"{split}_{part}": replicated for split in ("train", "test")
+                 for part in ("x", "y")}
+        shardings = shardings.replace(**pools)
+    return shardings
 
 
 def mesh_context(mesh: Mesh | None):
@@ -400,7 +418,7 @@ def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
                     mesh: Mesh | None) -> Program:
     """One run: the client axis sharded over ``mesh``, no configuration axis."""
     # Host facts first: placed arrays may span processes.
-    test_counts = np.asarray(data.test_counts)[None]
+    test_counts = scored_counts(data)[None]
     comm = [algorithm.comm_bytes(data)]
     data, state, shardings = place(algorithm, data, seed=seed, mesh=mesh)
     _, _, evaluate_with = algorithm.with_hp()
@@ -1006,11 +1024,15 @@ def stack_splits(splits: list[FederatedData]) -> FederatedData:
     for i, split in enumerate(splits[1:], 1):
         same = (split.num_clients == first.num_clients
                 and split.num_classes == first.num_classes
-                and split.train_x.shape[2:] == first.train_x.shape[2:]
+                and split.input_shape == first.input_shape
+                and split.layout == first.layout
                 and split.name == first.name)
         if not same:
             raise ValueError(f"data[{i}] is not a split of the data of data[0] (its "
-                             "clients, classes, input shape and name must be the same)")
+                             "clients, classes, input shape, layout and name must be the "
+                             "same)")
+    if first.layout == "ragged":
+        return stack_ragged(splits)
     n_max = max(s.train_x.shape[1] for s in splits)
     t_max = max(s.test_x.shape[1] for s in splits)
 
@@ -1097,7 +1119,7 @@ def _batched_program(algorithm: Algorithm, splits: list[FederatedData],
 
     evaluate = jax.jit(lambda state, data, hp: over_configs(
         lambda d, s, h: evaluate_with(s, d, h)[0])(data[0], data[1], state, hp))
-    counts = [np.asarray(s.test_counts) for s in splits]
+    counts = [scored_counts(s) for s in splits]
     return Program(
         algorithm=algorithm, size=len(triples), data=(data, split_of), state=state,
         shardings=None, hp=hp, make_block=make_block, evaluate=evaluate,

@@ -45,6 +45,7 @@ import optax
 
 from fedjax_sim.checks import INT32_MAX
 from fedjax_sim.core.cohort import STRATEGIES, Execution
+from fedjax_sim.core.evaluate import score
 from fedjax_sim.core.local import weighted_cross_entropy
 from fedjax_sim.core.rounds import Method, federated
 from fedjax_sim.core.state import SimState
@@ -611,23 +612,22 @@ def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
     budget = schedule(hp, epochs=epochs)
     run = execution(hp)
 
-    def one_client(shared, x, y, n, tx, ty, tn, key):
-        traced, global_params = shared
-        optimizer = client_optimizer({**hp, **traced})
-        params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key, **budget)
-        logits = model.apply(params, tx)
-        valid = jax.numpy.arange(tx.shape[0]) < tn
-        hits = jax.numpy.sum((logits.argmax(-1) == ty) & valid).astype(jax.numpy.int32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, ty)
-        return hits, jax.numpy.sum(jax.numpy.where(valid, nll, 0.0))
-
     def evaluate_with(state: SimState, data: FederatedData, traced: Traced):
         keys = jax.random.split(jax.random.fold_in(state.key, 1), data.num_clients)
-        return run.map(
-            one_client,
-            (data.train_x, data.train_y, data.train_counts,
-             data.test_x, data.test_y, data.test_counts, keys),
-            shared=(traced, state.server["params"]),
-        )
+        (train_rows, train_pool), (test_rows, test_pool) = (
+            data.client_rows("train"), data.client_rows("test"))
+        unpack_train, unpack_test = data.unpacker("train"), data.unpacker("test")
+
+        def one_client(shared, train_row, test_row, key):
+            traced, global_params, train_pool, test_pool = shared
+            x, y, n = unpack_train(train_pool, train_row)
+            optimizer = client_optimizer({**hp, **traced})
+            params, _ = local.train(loss_fn, optimizer, global_params, x, y, n, key,
+                                    **budget)
+            tx, ty, tn = unpack_test(test_pool, test_row)
+            return score(model.apply(params, tx), ty, tn)
+
+        return run.map(one_client, (train_rows, test_rows, keys),
+                       shared=(traced, state.server["params"], train_pool, test_pool))
 
     return evaluate_with

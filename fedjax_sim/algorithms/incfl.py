@@ -130,20 +130,24 @@ def mean_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, n: jax.Arra
 
 
 def local_thresholds(model: Model, hp: dict, epochs: int) -> Any:
-    """``(traced, params, x, y, n, keys) -> ρ (K,)``: every client trains a local-only model
+    """``(traced, params, data, keys) -> ρ (K,)``: every client trains a local-only model
     from ``params`` for ``epochs`` epochs (``base.local_sgd`` with the run's optimizer and
     batch size) and ρ_k is its mean training loss (:func:`mean_loss`), mapped over the
     clients with the run's execution strategy."""
     run = execution(hp)
 
-    def one_client(shared, x, y, n, key):
-        traced, params = shared
-        h = {**hp, **traced, "local_steps": None}  # epochs, whatever the round's budget
-        trained, _ = local_sgd(model, h, epochs=epochs)(params, x, y, n, key)
-        return mean_loss(model, trained, x, y, n)
+    def thresholds(traced, params, data, keys):
+        rows, pool = data.client_rows("train")
+        unpack = data.unpacker("train")
 
-    def thresholds(traced, params, x, y, n, keys):
-        return run.map(one_client, (x, y, n, keys), shared=(traced, params))
+        def one_client(shared, row, key):
+            traced, params, pool = shared
+            x, y, n = unpack(pool, row)
+            h = {**hp, **traced, "local_steps": None}  # epochs, whatever the round's budget
+            trained, _ = local_sgd(model, h, epochs=epochs)(params, x, y, n, key)
+            return mean_loss(model, trained, x, y, n)
+
+        return run.map(one_client, (rows, keys), shared=(traced, params, pool))
 
     return thresholds
 
@@ -187,7 +191,7 @@ def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
         state_key, model_key = jax.random.split(key)  # as FedAvg's
         params = model.init(model_key)
         keys = jax.random.split(jax.random.fold_in(key, RHO_STREAM), data.num_clients)
-        rho = thresholds(traced, params, data.train_x, data.train_y, data.train_counts, keys)
+        rho = thresholds(traced, params, data, keys)
         return SimState.create(state_key, {"params": params}, {"rho": rho}, data.num_clients)
 
     def client_update(traced, start, own, x, y, n, key):

@@ -506,10 +506,17 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
 
         base = gather(start, sel)
         own = gather(state.clients, sel)
-        x, y, n = gather((data.train_x, data.train_y, data.train_counts), sel)
+        rows, pool = data.client_rows("train")
+        n = gather(data.train_counts, sel)
         keys = jax.random.split(train_key, size)
+        unpack = data.unpacker("train")
+
+        def started(shared_and_pool, start, own, row, key):
+            shared, pool = shared_and_pool
+            return client(shared, start, own, *unpack(pool, row), key)
+
         uploads, new_rows, losses = client_map(
-            client, (base, own, x, y, n, keys), shared=(hp, received),
+            started, (base, own, gather(rows, sel), keys), shared=((hp, received), pool),
             strategy=execution.strategy, chunk_size=execution.chunk_size)
         if not _same_space(current, uploads):
             raise ValueError("asynchronous conditions need uploads in the space of the model "

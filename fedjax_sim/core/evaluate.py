@@ -19,37 +19,56 @@ def count_correct(
     logits_fn: LogitsFn,
     client_part: Any,
     shared_part: Any,
-    x: jax.Array,
-    y: jax.Array,
-    counts: jax.Array,
+    data: Any,
     *,
+    split: str = "test",
+    index: Any = None,
     strategy: str = "auto",
     chunk_size: int = 8,
 ) -> tuple[jax.Array, jax.Array]:
-    """Correct predictions and summed loss of every client on its own padded data.
+    """Correct predictions and summed loss of every client on its own data.
+
+    Each client's rows are read inside the mapped function (``data.client_rows`` /
+    ``unpacker``), so the ragged layout never materializes more than the clients being
+    evaluated at once. With token labels (B, L), every non-pad token (label >= 0) counts.
 
     Args:
       logits_fn: ``(client_part_k, shared_part, x_k) -> logits``.
-      client_part: per-client tree with leaves (K, ...), or ``None``.
+      client_part: per-client tree with leaves (M, ...), or ``None``.
       shared_part: tree common to all clients (e.g. the global model), or ``None``.
-      x: (K, T, ...) inputs; y: (K, T) labels; counts: (K,) real rows per client.
+      data: ``FederatedData`` or ``RaggedFederatedData``.
+      split: which split to score, ``"test"`` or ``"train"``.
+      index: (M,) the clients to score (static NumPy or traced), ``None`` for all K.
 
     Returns:
-      correct (K,) int32 and loss_sum (K,) float32 over each client's real rows.
+      correct (M,) int32 and loss_sum (M,) float32 over each client's real rows.
     """
+    rows, pool = data.client_rows(split)
+    if index is not None:
+        rows = jax.tree.map(lambda a: a[index], rows)
+    unpack = data.unpacker(split)
 
-    def one_client(shared, part, xk, yk, nk):
+    def one_client(shared, part, row):
+        shared, pool = shared
+        xk, yk, nk = unpack(pool, row)
         logits = logits_fn(part, shared, xk)
-        valid = jnp.arange(xk.shape[0]) < nk
-        hits = jnp.sum((jnp.argmax(logits, -1) == yk) & valid)
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), yk[:, None], axis=-1)[:, 0]
-        return hits.astype(jnp.int32), jnp.sum(jnp.where(valid, nll, 0.0))
+        return score(logits, yk, nk)
 
-    options = {"shared": shared_part, "strategy": strategy, "chunk_size": chunk_size}
+    options = {"shared": (shared_part, pool), "strategy": strategy, "chunk_size": chunk_size}
     if client_part is None:
-        return client_map(lambda shared, xk, yk, nk: one_client(shared, None, xk, yk, nk),
-                          (x, y, counts), **options)
-    return client_map(one_client, (client_part, x, y, counts), **options)
+        return client_map(lambda shared, row: one_client(shared, None, row), (rows,),
+                          **options)
+    return client_map(one_client, (client_part, rows), **options)
+
+
+def score(logits: jax.Array, y: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(correct, loss_sum)`` of one client's padded rows: logits (T, ..., C), labels
+    (T, ...), the first ``n`` rows real; negative labels (pad tokens) are not scored."""
+    valid = (jnp.arange(y.shape[0]) < n).reshape(-1, *([1] * (y.ndim - 1))) & (y >= 0)
+    labels = jnp.maximum(y, 0)
+    hits = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[..., None], axis=-1)[..., 0]
+    return hits.astype(jnp.int32), jnp.sum(jnp.where(valid, nll, 0.0))
 
 
 def summarize(correct: np.ndarray, counts: np.ndarray) -> dict[str, Any]:

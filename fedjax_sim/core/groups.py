@@ -17,7 +17,7 @@ import numpy as np
 
 from fedjax_sim.core.cohort import cohort_size, sample_cohort
 from fedjax_sim.core.state import SimState
-from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.data.federated import AnyFederatedData, client_examples
 
 
 def group_members(num_clients: int, num_groups: int) -> tuple[np.ndarray, ...]:
@@ -56,9 +56,10 @@ def global_rows(members: np.ndarray, rows: jax.Array | None) -> jax.Array:
     return members if rows is None else members[rows]
 
 
-def private_data(data: FederatedData, clients: jax.Array) -> tuple:
-    """``(train_x, train_y, train_counts)`` of the clients ``clients``."""
-    return data.train_x[clients], data.train_y[clients], data.train_counts[clients]
+def private_data(data: AnyFederatedData, clients: jax.Array) -> tuple:
+    """``(train_x, train_y, train_counts)`` of the clients ``clients``, padded to the
+    training width in either layout (M, N_max, ...)."""
+    return client_examples(data, "train", clients)
 
 
 def grouped_state(key: jax.Array, server: Any, groups: tuple) -> SimState:

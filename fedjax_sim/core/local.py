@@ -237,10 +237,28 @@ def scan_batches(
     return carry, jnp.sum(losses) / n_active
 
 
+def token_weights(labels: jax.Array, weights: jax.Array) -> jax.Array:
+    """Per-label weights: ``weights`` (B,) broadcast over the label axes of ``labels``
+    (B, *label_shape), zero where a label is negative (a pad token)."""
+    extra = labels.ndim - weights.ndim
+    if extra == 0:
+        return weights
+    return weights.reshape(*weights.shape, *([1] * extra)) * (labels >= 0).astype(weights.dtype)
+
+
 def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array) -> jax.Array:
-    """Mean cross-entropy over rows with weight > 0."""
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    """Mean cross-entropy over rows with weight > 0.
+
+    Labels (B,) give one class per row; labels (B, L) (next-token prediction) one per
+    position, the mean then running over every non-pad token (label >= 0) of the rows
+    with weight > 0, as the references average a sequence model's loss.
+    """
+    if labels.ndim == weights.ndim:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    weights = token_weights(labels, weights)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+    return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def sgd_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> StepFn:

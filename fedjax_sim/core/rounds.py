@@ -118,7 +118,7 @@ def run_cohort(
         index = drawn
     keys = jax.random.split(train_key, size)
     if orders is not None:
-        n_max = data.train_x.shape[1]
+        n_max = data.width("train")
         if orders.ndim != 3 or orders.shape[0] != num_clients or orders.shape[2] != n_max:
             raise ValueError(f"batch orders of a round must have shape (clients, epochs, "
                              f"N_max) = ({num_clients}, E, {n_max}), got {orders.shape}")
@@ -128,27 +128,42 @@ def run_cohort(
     if present is not None:
         counts = counts * present.astype(counts.dtype)
         weights = weights * present.astype(jnp.float32)
+    rows, pool = data.client_rows("train")
+    client_fn = with_examples(client_fn, data.unpacker("train"))
+    shared = (server, pool)
     if mean_uploads and resolve_strategy(strategy) != "vmap":
         # Loop strategies read and write the resident (K, ...) arrays in place.
         uploads, new_clients, losses = train_in_place(
-            client_fn, clients, (data.train_x, data.train_y, data.train_counts), index, keys,
-            weights, shared=server, strategy=strategy, chunk_size=chunk_size,
+            client_fn, clients, (rows,), index, keys, weights, shared=shared,
+            strategy=strategy, chunk_size=chunk_size,
         )
         loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
         return CohortResult(index, counts, uploads, new_clients, loss)
-    x, y = gather((data.train_x, data.train_y), index)
-    cohort_args = (gather(clients, index), x, y, counts, keys)
+    cohort_args = (gather(clients, index), gather(rows, index), keys)
     if mean_uploads:
         uploads, (new_rows, losses) = client_map_mean(
-            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights, shared=server,
+            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights, shared=shared,
             strategy=strategy, chunk_size=chunk_size,
         )
     else:
         uploads, new_rows, losses = client_map(
-            client_fn, cohort_args, shared=server, strategy=strategy, chunk_size=chunk_size
+            client_fn, cohort_args, shared=shared, strategy=strategy, chunk_size=chunk_size
         )
     loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+
+def with_examples(client_fn: Callable, unpack: Callable) -> Callable:
+    """``client_fn(shared, own, x, y, n, key)`` as a function of a client's data row:
+    ``(shared_and_pool, own, row, *rest)``, its examples read with ``unpack`` (see
+    ``FederatedData.client_rows``) inside the mapped function, where the ragged layout
+    slices them out of the pool."""
+
+    def client(shared_and_pool, own, row, *rest):
+        shared, pool = shared_and_pool
+        return client_fn(shared, own, *unpack(pool, row), *rest)
+
+    return client
 
 
 def draw_cohort(key: jax.Array, num_clients: int, size: int) -> tuple:
@@ -318,10 +333,8 @@ def federated(
 
     def evaluate_with(state: SimState, data: FederatedData, hp: Any):
         own, shared = method.eval_inputs(hp, state)
-        return count_correct(
-            method.logits, own, shared, data.test_x, data.test_y, data.test_counts,
-            strategy=execution.strategy, chunk_size=execution.chunk_size,
-        )
+        return count_correct(method.logits, own, shared, data,
+                             strategy=execution.strategy, chunk_size=execution.chunk_size)
 
     if clock is not None:
         from fedjax_sim.core import clock as clock_lib
@@ -430,8 +443,7 @@ def grouped_evaluate(
         loss = jnp.zeros((data.num_clients,), jnp.float32)
         for g, (idx, tree) in enumerate(zip(members, state.clients, strict=True)):
             c, l_ = count_correct(
-                lambda own, _, x, g=g: logits(g, own, x), tree, None,
-                data.test_x[idx], data.test_y[idx], data.test_counts[idx],
+                lambda own, _, x, g=g: logits(g, own, x), tree, None, data, index=idx,
                 strategy=execution.strategy, chunk_size=execution.chunk_size,
             )
             correct = correct.at[idx].set(c)

@@ -13,7 +13,17 @@ import numpy as np
 
 from fedjax_sim.checks import check_float, check_seed
 from fedjax_sim.data import partition as _partition
-from fedjax_sim.data.federated import FederatedData, build_federated, check_federated_data
+from fedjax_sim.data.federated import (
+    LAYOUTS,
+    FederatedData,
+    RaggedFederatedData,
+    build_federated,
+    build_layout,
+    build_ragged,
+    check_federated_data,
+    check_layout,
+    ragged_from_clients,
+)
 from fedjax_sim.data.partition import (
     MAX_DIRICHLET_DRAWS,
     PARTITIONS,
@@ -47,6 +57,7 @@ from fedjax_sim.data.sources import (
 
 __all__ = [
     "DEFAULT_NUM_CLIENTS",
+    "LAYOUTS",
     "MAX_DIRICHLET_DRAWS",
     "NPZ_PREFIX",
     "PARTITIONS",
@@ -54,8 +65,12 @@ __all__ = [
     "SOURCE_OPTIONS",
     "FederatedData",
     "Pooled",
+    "RaggedFederatedData",
     "build_federated",
+    "build_layout",
+    "build_ragged",
     "check_federated_data",
+    "check_layout",
     "check_partition_file",
     "check_splits",
     "is_source",
@@ -67,6 +82,7 @@ __all__ = [
     "make_synthetic",
     "partition_indices",
     "pooled_from_arrays",
+    "ragged_from_clients",
     "register_source",
     "save_partition",
     "split_hints",
@@ -160,7 +176,8 @@ def make_federated_data(
     partition_file: str | os.PathLike | None = None,
     save_partition: str | os.PathLike | None = None,
     source_options: Mapping[str, Any] | None = None,
-) -> tuple[FederatedData, list[tuple[np.ndarray, np.ndarray]], Pooled]:
+    layout: str = "auto",
+) -> tuple[FederatedData | RaggedFederatedData, list[tuple[np.ndarray, np.ndarray]], Pooled]:
     """Loads a data set, partitions it over clients and pads it into ``FederatedData``.
 
     Every argument is checked before any data is read. The pooled data set does not depend
@@ -192,6 +209,9 @@ def make_federated_data(
       save_partition: write the clients' train/test indices and the settings to this file.
       source_options: keyword options for ``load_source`` (e.g. ``{"num_samples": 2000}``
         for mnist1d, ``{"alpha": 0.5, "beta": 0.5}`` for synthetic).
+      layout: ``padded`` (K, N_max, ...) arrays, ``ragged`` pooled arrays with per-client
+        offsets (memory of the examples alone), or ``auto`` (``federated.choose_layout``:
+        padded while it costs little beyond the examples). Both give the same floats.
 
     Returns:
       ``(data, splits, pooled)``: the padded per-client arrays, per client the
@@ -219,6 +239,7 @@ def make_federated_data(
     _check_int("classes_per_client", classes_per_client, 1)
     check_float("test_ratio", test_ratio, 0.0, 1.0, low_open=True, high_open=True)
     check_seed("seed", seed)
+    check_layout(layout)
     if partition_file is not None:
         check_partition_file(partition_file)
 
@@ -295,4 +316,4 @@ def make_federated_data(
             meta["copied_from"] = os.fspath(partition_file)
         _partition.save_partition(save_partition, splits, **meta)
 
-    return check_federated_data(build_federated(pooled, splits)), splits, pooled
+    return check_federated_data(build_layout(pooled, splits, layout)), splits, pooled

@@ -104,8 +104,11 @@ def check_federated_data(data: Any) -> FederatedData:
     Raises:
       ValueError: the first problem found, naming the data set, the array and the clients.
     """
+    if isinstance(data, RaggedFederatedData):
+        return check_ragged_data(data)
     if not isinstance(data, FederatedData):
-        raise ValueError(f"data must be a FederatedData, got {type(data).__name__}")
+        raise ValueError(f"data must be a FederatedData or RaggedFederatedData, got "
+                         f"{type(data).__name__}")
     what = f"data {data.name!r}" if data.name else "data"
     num_classes = data.num_classes
     if (isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer)
@@ -409,3 +412,141 @@ def to_padded(data: RaggedFederatedData) -> FederatedData:
         x, y, n = (np.asarray(a) for a in client_examples(data, split))
         fields.update({f"{split}_x": x, f"{split}_y": y, f"{split}_counts": n})
     return FederatedData(**fields, num_classes=data.num_classes, name=data.name)
+
+
+def scored_counts(data: Any, split: str = "test") -> np.ndarray:
+    """(K,) what each client's accuracy divides by: its examples, or with token labels
+    its non-pad tokens (labels >= 0), as :func:`fedjax_sim.core.evaluate.score` counts."""
+    counts = np.asarray(getattr(data, f"{split}_counts"))
+    if not data.label_shape:
+        return counts
+    y = np.asarray(getattr(data, f"{split}_y"))
+    scored = (y >= 0).reshape(*y.shape[: y.ndim - len(data.label_shape)], -1).sum(-1)
+    if data.layout == "padded":
+        valid = np.arange(y.shape[1])[None, :] < counts[:, None]
+        return (scored * valid).sum(1).astype(np.int64)
+    offsets = np.asarray(data.test_offsets if split == "test" else data.train_offsets)
+    cumulative = np.concatenate([[0], np.cumsum(scored)])
+    return (cumulative[offsets + counts] - cumulative[offsets]).astype(np.int64)
+
+
+def stack_ragged(splits: Sequence[RaggedFederatedData]) -> RaggedFederatedData:
+    """Several ragged splits of one data set with a leading split axis: each pool padded
+    with zero rows to one length, widths the largest (a client still reads only its own
+    ``count`` rows)."""
+    fields: dict[str, Any] = {}
+    widths = {}
+    for split in ("train", "test"):
+        width = max(s.width(split) for s in splits)
+        length = max(int(np.asarray(getattr(s, f"{split}_counts")).sum()) for s in splits) + width
+        for part in ("x", "y"):
+            leaves = [np.asarray(getattr(s, f"{split}_{part}")) for s in splits]
+            fields[f"{split}_{part}"] = np.stack([
+                np.pad(a, [(0, length - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+                for a in leaves])
+        for part in ("offsets", "counts"):
+            fields[f"{split}_{part}"] = np.stack(
+                [np.asarray(getattr(s, f"{split}_{part}")) for s in splits])
+        widths[f"{split}_width"] = width
+    return splits[0].replace(**fields, **widths)
+
+
+def check_ragged_data(data: RaggedFederatedData) -> RaggedFederatedData:
+    """:func:`check_federated_data` for the ragged layout: offsets and counts (K,) of
+    integers, every client's rows inside its pool with room for the width after them, at
+    least one train and one test example per client, labels in ``[0, num_classes)`` (or
+    negative, pad tokens, where labels are sequences), finite float inputs.
+
+    Raises:
+      ValueError: the first problem found, naming the data set, the array and the clients.
+    """
+    what = f"data {data.name!r}" if data.name else "data"
+    num_classes = data.num_classes
+    if (isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer)
+            or num_classes < 2):
+        raise ValueError(f"{what}: num_classes must be an integer >= 2, got {num_classes!r}")
+    k = int(np.shape(data.train_counts)[0]) if np.ndim(data.train_counts) == 1 else -1
+    if k < 1:
+        raise ValueError(f"{what}: train_counts must have shape (K,) with K >= 1, got "
+                         f"{np.shape(data.train_counts)}")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        width = data.width(split)
+        for part in ("offsets", "counts"):
+            value = getattr(data, f"{split}_{part}")
+            if tuple(np.shape(value)) != (k,) or not np.issubdtype(np.asarray(value).dtype,
+                                                                   np.integer):
+                raise ValueError(f"{what}: {split}_{part} must be (K,) = ({k},) integers, got "
+                                 f"shape {np.shape(value)}")
+        if np.shape(y)[:1] != np.shape(x)[:1]:
+            raise ValueError(f"{what}: {split}_y has {np.shape(y)[0]} rows, {split}_x "
+                             f"{np.shape(x)[0]}")
+        if np.shape(x)[1:] != data.input_shape:
+            raise ValueError(f"{what}: {split}_x has input shape {np.shape(x)[1:]}, train_x "
+                             f"{data.input_shape}")
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            raise ValueError(f"{what}: {split}_y must hold integers, got {np.asarray(y).dtype}")
+        offsets, counts = (_host(getattr(data, f"{split}_{p}")) for p in ("offsets", "counts"))
+        if offsets is None or counts is None:
+            continue
+        if (counts < 1).any():
+            raise ValueError(f"{what}: {_clients(counts < 1)} has no {split} examples; every "
+                             "client needs at least one train and one test example")
+        outside = (offsets < 0) | (offsets + width > np.shape(x)[0]) | (counts > width)
+        if outside.any():
+            raise ValueError(f"{what}: {split} rows of {_clients(outside)} lie outside the "
+                             f"pool of {np.shape(x)[0]} rows (offset + width {width})")
+        y_h = _host(y)
+        if y_h is not None:
+            low = -np.inf if data.label_shape else 0
+            bad = (y_h >= num_classes) | (y_h < low)
+            if bad.any():
+                raise ValueError(f"{what}: {split}_y holds label(s) "
+                                 f"{np.unique(y_h[bad])[:10].tolist()} outside "
+                                 f"[0, {num_classes}) (num_classes={num_classes})")
+        x_h = _host(x)
+        if x_h is not None and np.issubdtype(x_h.dtype, np.floating) and \
+                not np.isfinite(x_h).all():
+            raise ValueError(f"{what}: {split}_x holds NaN or infinite values")
+    return data
+
+
+LAYOUTS = ("auto", "padded", "ragged")
+
+# ``auto`` keeps the padded layout while it costs at most this many bytes beyond the
+# pooled examples: small sets stay as they always ran; large or skewed ones go ragged.
+PADDED_SLACK_BYTES = 64 * 2**20
+
+
+def check_layout(layout: Any) -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`.
+
+    Raises:
+      ValueError: naming ``data_layout`` and the allowed values.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"data_layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def choose_layout(train_counts: Any, test_counts: Any, example_bytes: int,
+                  layout: str = "auto") -> str:
+    """The layout ``auto`` stands for: ``padded`` while padding every client to the
+    largest costs at most :data:`PADDED_SLACK_BYTES` more than the examples themselves
+    (today's small sets, where it is the faster path on CPU), else ``ragged``."""
+    if check_layout(layout) != "auto":
+        return layout
+    slack = 0
+    for counts in (np.asarray(train_counts), np.asarray(test_counts)):
+        slack += (counts.size * int(max(1, counts.max(initial=1))) - int(counts.sum()))
+    return "padded" if slack * int(example_bytes) <= PADDED_SLACK_BYTES else "ragged"
+
+
+def build_layout(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]],
+                 layout: str = "auto") -> FederatedData | RaggedFederatedData:
+    """:func:`build_federated` or :func:`build_ragged`, as :func:`choose_layout` says."""
+    example_bytes = 4 * int(np.prod(np.shape(pooled.x)[1:], dtype=np.int64))
+    chosen = choose_layout([len(tr) for tr, _ in splits], [len(te) for _, te in splits],
+                           example_bytes, layout)
+    return build_ragged(pooled, splits) if chosen == "ragged" else build_federated(pooled,
+                                                                                   splits)

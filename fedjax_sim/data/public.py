@@ -22,7 +22,12 @@ import numpy as np
 from flax import struct
 
 from fedjax_sim.checks import check_float, check_seed
-from fedjax_sim.data.federated import FederatedData, build_federated, check_federated_data
+from fedjax_sim.data.federated import (
+    FederatedData,
+    build_layout,
+    check_federated_data,
+    check_layout,
+)
 from fedjax_sim.data.partition import (
     _check_int,
     _check_positive,
@@ -245,6 +250,7 @@ def make_federated_data_with_public(
     save_partition_to: str | os.PathLike | None = None,
     source_options: Mapping[str, Any] | None = None,
     public_source_options: Mapping[str, Any] | None = None,
+    layout: str = "auto",
 ) -> tuple[FederatedData, PublicData, list[tuple[np.ndarray, np.ndarray]], Pooled]:
     """``make_federated_data`` with a public set and a server validation split held out.
 
@@ -267,6 +273,7 @@ def make_federated_data_with_public(
         held-out indices.
       save_partition_to: write the client splits (and the held-out indices) to this file.
       public_source_options: options of ``public_dataset``'s loader.
+      layout: the client data's layout, as in ``make_federated_data``.
 
     Returns:
       ``(data, public, splits, pooled)``.
@@ -290,6 +297,7 @@ def make_federated_data_with_public(
             f"public_fraction + val_fraction must be < 1, got {public_fraction} + {val_fraction}"
         )
     public_options = dict(public_source_options or {})
+    check_layout(layout)
     if public_dataset is not None:
         check_source(public_dataset, public_options)
         if public_dataset == dataset and public_options == options:
@@ -391,7 +399,7 @@ def make_federated_data_with_public(
     public = as_public(
         public_x, public_y, val_x=pooled.x[val_idx], val_y=pooled.y[val_idx], name=public_name
     )
-    return check_federated_data(build_federated(pooled, splits)), public, splits, pooled
+    return check_federated_data(build_layout(pooled, splits, layout)), public, splits, pooled
 
 
 __all__ = [

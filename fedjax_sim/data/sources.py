@@ -419,7 +419,14 @@ def make_synthetic(
     if iid:
         w_shared = rng.normal(0.0, 1.0, (dim, num_classes))
         b_shared = rng.normal(0.0, 1.0, num_classes)
-    xs, ys = [], []
+    # Streamed: the pooled arrays are allocated once from the drawn counts and filled
+    # client by client, so the peak is the pooled data plus one client's float64 rows.
+    # The draws and their order are those of the former list-and-concatenate version,
+    # and writing float64 into float32 rounds as astype does: the output is the same.
+    total = int(counts.sum())
+    x_pool = np.empty((total, dim), dtype=np.float32)
+    y_pool = np.empty(total, dtype=np.int32)
+    start = 0
     for k in range(num_clients):
         if iid:
             v, w, b = np.full(dim, b_mean[k]), w_shared, b_shared
@@ -427,13 +434,16 @@ def make_synthetic(
             v = rng.normal(b_mean[k], 1.0, dim)
             w = rng.normal(u[k], 1.0, (dim, num_classes))
             b = rng.normal(u[k], 1.0, num_classes)
+        stop = start + int(counts[k])
         x = v + rng.standard_normal((counts[k], dim)) * sigma_sqrt
-        xs.append(x)
+        x_pool[start:stop] = x
         # argmax of softmax(z) is argmax of z.
-        ys.append(np.argmax(x @ w + b, axis=1))
+        y_pool[start:stop] = np.argmax(x @ w + b, axis=1)
+        del x
+        start = stop
     return Pooled(
-        x=np.concatenate(xs).astype(np.float32),
-        y=np.concatenate(ys).astype(np.int32),
+        x=x_pool,
+        y=y_pool,
         num_classes=int(num_classes),
         name="synthetic",
         groups=np.repeat(np.arange(num_clients, dtype=np.int64), counts),
