@@ -250,6 +250,10 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="load the client split from this JSON file")
     group.add_argument("--save-partition", default=None,
                        help="write the client split to this JSON file")
+    group.add_argument("--data-layout", default=d.data_layout,
+                       help="auto, padded or ragged: clients padded to the largest (K, N_max, "
+                       "...) or pooled with per-client offsets (memory of the examples "
+                       "alone); auto pads while that costs little. Same numbers either way")
     group.add_argument("--model", default=d.model,
                        help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
     group.add_argument("--init", default=d.init,

@@ -79,6 +79,7 @@ class ExperimentSpec:
     partition_file: str | None = None
     save_partition: str | None = None
     partition_seed: int | None = None
+    data_layout: str = "auto"
     # -- model --
     model: str = "auto"
     init: str = DEFAULT_INIT
@@ -190,7 +191,7 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExperimentSpe
 # Fields that change how a run goes or where it writes, never its numbers.
 EXECUTION = frozenset({
     "data_dir", "save_partition", "rounds_per_call", "devices", "checkpoint_every",
-    "on_divergence", "sweep_strategy", "progress", "cpu_devices", "distributed",
+    "on_divergence", "sweep_strategy", "progress", "cpu_devices", "distributed", "data_layout",
     "coordinator", "num_processes", "process_id", "output", "overwrite", "resume",
 })
 
@@ -212,7 +213,8 @@ KINDS: dict[str, type] = {
     "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
     "num_clients": int, "min_samples": int, "shards_per_client": int,
     "classes_per_client": int, "test_ratio": float, "partition_file": str,
-    "save_partition": str, "partition_seed": int, "model": str, "init": str,
+    "save_partition": str, "partition_seed": int, "data_layout": str, "model": str,
+    "init": str,
     "architectures": str, "public_fraction": float, "public_dataset": str,
     "public_size": int, "public_val_fraction": float, "rounds": int, "eval_every": int,
     "seed": int, "compare_local": bool, "rounds_per_call": int, "devices": int,
@@ -325,7 +327,7 @@ def _check_hparams(spec: ExperimentSpec, label: Callable[[str], str]) -> dict:
 
 
 def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict) -> None:
-    from fedjax_sim.data import PARTITIONS, SOURCES, check_partition_file
+    from fedjax_sim.data import LAYOUTS, PARTITIONS, SOURCES, check_partition_file
     from fedjax_sim.data.sources import check_prepared
     from fedjax_sim.models import INITS, MODELS
 
@@ -341,6 +343,7 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
                                        low_open=True, high_open=True)
     if spec.partition_seed is not None:
         check_seed(label("partition_seed"), spec.partition_seed)
+    check_choice(label("data_layout"), spec.data_layout, LAYOUTS)
     check_choice(label("model"), spec.model, ("auto", *MODELS))
     check_choice(label("init"), spec.init, INITS)
     if spec.public_fraction is not None:
@@ -611,7 +614,8 @@ def build_data(spec: ExperimentSpec):
         partition=spec.partition, num_clients=spec.num_clients, alpha=spec.alpha,
         min_samples=spec.min_samples, shards_per_client=spec.shards_per_client,
         classes_per_client=spec.classes_per_client, test_ratio=spec.test_ratio,
-        seed=spec.data_seed, data_dir=spec.data_dir, partition_file=spec.partition_file)
+        seed=spec.data_seed, data_dir=spec.data_dir, partition_file=spec.partition_file,
+        layout=spec.data_layout)
     if not wants_public(spec):
         data, _, _ = make_federated_data(spec.dataset, save_partition=spec.save_partition,
                                          **common)
