@@ -124,8 +124,7 @@ def server_model_recorder(model, data) -> tuple[Events, list]:
     client's test set: ``(round, accuracy, cumulative bytes, correct per client)``."""
     device_data = to_device(data)
     correct_fn = jax.jit(lambda params: count_correct(
-        shared_logits(model), None, params, device_data.test_x, device_data.test_y,
-        device_data.test_counts)[0])
+        shared_logits(model), None, params, device_data)[0])
     curve: list = []
 
     def on_evaluate(round, state, record, **_):

@@ -180,7 +180,7 @@ def _counts(split, k, value):
 
 
 BAD_DATA = [
-    (lambda: "data", "data must be a FederatedData, got str"),
+    (lambda: "data", "data must be a FederatedData or RaggedFederatedData, got str"),
     (lambda: _bad(num_classes=1), "num_classes must be an integer >= 2, got 1"),
     (lambda: _bad(train_counts=np.ones(4, np.int32)),
      r"train_counts has shape \(4,\), expected \(5,\)"),
