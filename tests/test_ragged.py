@@ -25,6 +25,7 @@ from fedjax_sim.data.federated import (
     check_federated_data,
     choose_layout,
     client_examples,
+    host_inputs,
     ragged_from_clients,
     scored_counts,
     to_padded,
@@ -59,7 +60,7 @@ def test_inputs_keep_their_dtype_and_are_decoded_in_the_step():
     assert data.train_x.dtype == np.uint8
     x, y, n = client_examples(data, "train", jnp.asarray([1]))
     assert x.dtype == jnp.float32 and int(n[0]) == 5
-    np.testing.assert_allclose(np.asarray(x[0]), images[1].astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(np.asarray(x[0]), host_inputs(images[1]))
     np.testing.assert_array_equal(np.asarray(y[0]), labels[1])
     tokens = [rng.integers(0, 9, (n, 6)).astype(np.int64) for n in (2, 4)]
     text = ragged_from_clients([(t, t) for t in tokens], [(t, t) for t in tokens],
@@ -185,3 +186,25 @@ def test_malformed_ragged_data_is_refused_with_the_array_named():
     with pytest.raises(ValueError, match="outside \\[0, 10\\)"):
         check_federated_data(data.replace(test_y=bad_labels))
     assert build_federated(pooled, splits).layout == "padded"
+
+
+def test_uint8_images_give_the_same_rounds_in_both_layouts():
+    """Stored as uint8 in the ragged layout and decoded in the step; decoded on the host in
+    the padded one: the same floats, so the same rounds."""
+    from fedjax_sim.data.sources import Pooled
+
+    rng = np.random.default_rng(5)
+    pooled = Pooled(x=rng.integers(0, 256, (120, 8, 8, 1), dtype=np.uint8),
+                    y=rng.integers(0, 3, 120).astype(np.int32), num_classes=3, name="u8")
+    order = rng.permutation(120)
+    splits = [(order[i:i + 20][:15], order[i:i + 20][15:]) for i in range(0, 120, 20)]
+    padded, ragged = build_federated(pooled, splits), build_ragged(pooled, splits)
+    assert padded.train_x.dtype == np.float32 and ragged.train_x.dtype == np.uint8
+    model = make_model("cnn", (8, 8, 1), 3, padding="SAME")
+    results = []
+    for data in (padded, ragged):
+        algorithm = algorithms.make("fedavg", model, local_epochs=1)
+        state = jax.jit(algorithm.init)(jax.random.key(1), data)
+        state, _ = jax.jit(algorithm.round)(state, data)
+        results.append((state.server, jax.jit(algorithm.evaluate)(state, data)))
+    _equal(*results)

@@ -171,6 +171,15 @@ def check_federated_data(data: Any) -> FederatedData:
     return data
 
 
+def host_inputs(x: Any) -> np.ndarray:
+    """float32 inputs on the host: uint8 images divided by 255 (the floats
+    :func:`decode_inputs` gives in the step), anything else cast."""
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) * np.float32(UINT8_SCALE)
+    return x.astype(np.float32)
+
+
 def build_federated(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]) -> FederatedData:
     """Gathers every client's train and test examples into padded arrays.
 
@@ -184,7 +193,7 @@ def build_federated(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]
     """
     if len(splits) == 0:
         raise ValueError("splits must hold at least one client")
-    x = np.asarray(pooled.x, dtype=np.float32)
+    x = host_inputs(pooled.x)
     y = np.asarray(pooled.y, dtype=np.int32)
 
     def pad(index_lists: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,6 +223,11 @@ def build_federated(pooled: Any, splits: Sequence[tuple[np.ndarray, np.ndarray]]
 
 # --- The ragged layout ---------------------------------------------------------------
 
+# uint8 images are read as x * (1 / 255) in float32, on the host and in the step alike (a
+# product, not a quotient: XLA may turn a division by a constant into one).
+UINT8_SCALE = 1.0 / 255.0
+
+
 def decode_inputs(x: jax.Array) -> jax.Array:
     """Inputs as a model reads them, from their stored dtype.
 
@@ -223,7 +237,7 @@ def decode_inputs(x: jax.Array) -> jax.Array:
     """
     dtype = jnp.dtype(x.dtype)
     if dtype == jnp.uint8:
-        return x.astype(jnp.float32) / 255.0
+        return x.astype(jnp.float32) * jnp.float32(UINT8_SCALE)
     if jnp.issubdtype(dtype, jnp.integer):
         return x.astype(jnp.int32)
     return x

@@ -27,6 +27,7 @@ from fedjax_sim.data.federated import (
     build_layout,
     check_federated_data,
     check_layout,
+    host_inputs,
 )
 from fedjax_sim.data.partition import (
     _check_int,
@@ -357,9 +358,9 @@ def make_federated_data_with_public(
                 )
             rng = np.random.default_rng([int(seed), 0x9B1D])
             take = np.sort(rng.choice(other.num_samples, public_size, replace=False))
-        public_x, public_y, public_name = other.x[take], other.y[take], other.name
+        public_x, public_y, public_name = host_inputs(other.x[take]), other.y[take], other.name
     else:
-        public_x, public_y = pooled.x[public_idx], pooled.y[public_idx]
+        public_x, public_y = host_inputs(pooled.x[public_idx]), pooled.y[public_idx]
         public_name = f"{pooled.name} (held out {public_fraction:g})"
 
     held = np.concatenate([public_idx, val_idx])
@@ -397,7 +398,7 @@ def make_federated_data_with_public(
         )
 
     public = as_public(
-        public_x, public_y, val_x=pooled.x[val_idx], val_y=pooled.y[val_idx], name=public_name
+        public_x, public_y, val_x=host_inputs(pooled.x[val_idx]), val_y=pooled.y[val_idx], name=public_name
     )
     return check_federated_data(build_layout(pooled, splits, layout)), public, splits, pooled
 

@@ -27,7 +27,8 @@ of every source is part of its contract:
 - registered sources (:func:`register_source`): whatever their loader returns, checked as
   an npz file's arrays are.
 
-Images are float32 in [0, 1] with a trailing channel axis; labels are int32.
+Images have a trailing channel axis; tfds images stay uint8 (read as x / 255, float32 in
+[0, 1], by every model), the offline sources are float32; labels are int32.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class Pooled:
     """All examples of a data set in one canonical order (see the module docstring).
 
     Attributes:
-      x: (N, *input_shape) float32.
+      x: (N, *input_shape) float32, or uint8 images (read as x / 255).
       y: (N,) int32 labels in [0, num_classes).
       num_classes: number of labels.
       name: data set name (with the tfds config where there is one, e.g. ``emnist/balanced``).
@@ -487,8 +488,9 @@ def _load_tfds(
             parts_y.append(y)
     if not parts_x:
         raise FileNotFoundError(f"tfds data set {full_name!r} has no examples under {data_dir}")
-    x = np.concatenate(parts_x).astype(np.float32)
-    x /= 255.0
+    # Kept as uint8 (a quarter of float32): the ragged layout stores them so and divides
+    # by 255 in the step; the padded layout and public sets decode on the host.
+    x = np.concatenate(parts_x)
     if x.ndim == 3:  # grayscale images stored without a channel axis
         x = x[..., None]
     return Pooled(x=x, y=np.concatenate(parts_y), num_classes=num_classes, name=full_name)
