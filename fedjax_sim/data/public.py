@@ -397,9 +397,8 @@ def make_federated_data_with_public(
             val_fraction=val_fraction, public_indices=public_idx, val_indices=val_idx,
         )
 
-    public = as_public(
-        public_x, public_y, val_x=host_inputs(pooled.x[val_idx]), val_y=pooled.y[val_idx], name=public_name
-    )
+    public = as_public(public_x, public_y, val_x=host_inputs(pooled.x[val_idx]),
+                       val_y=pooled.y[val_idx], name=public_name)
     return check_federated_data(build_layout(pooled, splits, layout)), public, splits, pooled
 
 
