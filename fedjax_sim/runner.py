@@ -338,8 +338,19 @@ def _estimate_memory(algorithm: Algorithm, data: FederatedData, seed: int,
     return {
         "client state": safety.tree_bytes(shape.clients) // num_devices,
         "server state": safety.tree_bytes(shape.server),
-        "data": safety.tree_bytes(data) // num_devices,
+        "data": data_bytes_per_device(data, num_devices),
     }
+
+
+def data_bytes_per_device(data: AnyFederatedData, num_devices: int) -> int:
+    """Bytes of ``data`` on each device: per-client leaves split over the devices, a
+    ragged layout's pools whole on every one (``_data_shardings``)."""
+    if data.layout != "ragged":
+        return safety.tree_bytes(data) // num_devices
+    pools = [getattr(data, f"{split}_{part}") for split in ("train", "test")
+             for part in ("x", "y")]
+    pool_bytes = safety.tree_bytes(pools)
+    return pool_bytes + (safety.tree_bytes(data) - pool_bytes) // num_devices
 
 
 def _compile_block(block: Callable, state: SimState, data: FederatedData, hp: dict,
