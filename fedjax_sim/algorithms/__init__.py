@@ -333,6 +333,13 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     """
     entry = _entry(name)
     resolved = resolve(name, **hparams)
+    if resolved.get("augment", "none") != "none":
+        for m in model if isinstance(model, tuple | list) else (model,):
+            shape = getattr(m, "input_shape", ())
+            if len(shape) != 3:
+                raise ValueError(f"augment={resolved['augment']!r} needs image inputs "
+                                 f"(H, W, C); the model takes {tuple(shape)}: set augment "
+                                 "to 'none'")
     covered = resolve_cover(name, resolved, cover)
     extra = {}
     if batch_order is not None:

@@ -50,6 +50,7 @@ from fedjax_sim.core.local import weighted_cross_entropy
 from fedjax_sim.core.rounds import Method, federated
 from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
+from fedjax_sim.kernels.augment import AUGMENTATIONS
 from fedjax_sim.models.base import Model
 
 # Traced hyperparameters as the round receives them: name -> scalar array.
@@ -223,6 +224,12 @@ COMMON = (
         choices=STRATEGIES,
     ),
     _positive_int("chunk_size", 8, "clients per chunk for client_strategy=chunked"),
+    HParam(
+        "augment", "none", str, lambda v: v in AUGMENTATIONS, f"one of {AUGMENTATIONS}",
+        "augment every local batch in the jitted step: crop_flip is CIFAR's random crop "
+        "(padding 4) and horizontal flip, each sample its own draw",
+        choices=AUGMENTATIONS,
+    ),
 )
 
 
@@ -254,11 +261,13 @@ def cross_entropy_loss(model: Model) -> Callable:
 
 
 def schedule(hp: dict, epochs: int | None = None) -> dict:
-    """Keyword arguments of ``core.local`` for this run's local budget."""
+    """Keyword arguments of ``core.local`` for this run's local budget (and augmentation,
+    when one is set)."""
+    extra = {"augment": hp["augment"]} if hp.get("augment", "none") != "none" else {}
     if hp["local_steps"] is not None:
-        return {"batch_size": hp["batch_size"], "steps": hp["local_steps"]}
+        return {"batch_size": hp["batch_size"], "steps": hp["local_steps"], **extra}
     return {"batch_size": hp["batch_size"], "epochs": hp["local_epochs"] if epochs is None
-            else epochs}
+            else epochs, **extra}
 
 
 def check_model_fits(model: Model | Sequence[Model], data: FederatedData) -> None:

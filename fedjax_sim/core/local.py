@@ -24,7 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_sim.kernels.augment import augment_batch
+
 PyTree = Any
+# fold_in constant of the augmentation keys: a stream apart from the batch order's.
+AUGMENT_STREAM = 0x417567
 # step_fn(carry, x_batch, y_batch, weights) -> (carry, loss)
 StepFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], tuple[PyTree, jax.Array]]
 
@@ -195,6 +199,7 @@ def scan_batches(
     batch_size: int,
     epochs: int | None = None,
     steps: int | None = None,
+    augment: str | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Runs ``step_fn`` over one client's mini-batches.
 
@@ -203,24 +208,38 @@ def scan_batches(
       carry: any pytree (parameters, optimizer state, ...).
       x: (N_max, ...) padded inputs; y: (N_max,) labels; count: real sample count.
       key: PRNG key for the batch order, or a :class:`FixedOrder` (epochs only).
+      augment: ``None`` / ``"none"``, or an augmentation of ``kernels.augment`` applied to
+        every batch with its own key (drawn from ``key``, a stream apart from the order).
 
     Returns:
       The final carry and the mean loss over active steps.
+
+    Raises:
+      ValueError: an augmentation with a :class:`FixedOrder` (which carries no key).
     """
     index, weight, active = batch_schedule(
         key, count, x.shape[0], batch_size, epochs=epochs, steps=steps
     )
+    augmenting = augment not in (None, "none")
+    if augmenting and isinstance(key, FixedOrder):
+        raise ValueError("augment needs a PRNG key per client; a fixed batch order has none")
+    step_keys = (jax.random.split(jax.random.fold_in(key, AUGMENT_STREAM), index.shape[0])
+                 if augmenting else jnp.zeros((index.shape[0],), jnp.uint32))
+
+    def batch(rows, step_key):
+        xb = x[rows]
+        return (augment_batch(augment, step_key, xb) if augmenting else xb), y[rows]
 
     if steps is not None:
         # Every step of a fixed-steps budget is active: no masking needed.
         def body(carry, inputs):
-            rows, w, _ = inputs
-            return step_fn(carry, x[rows], y[rows], w)
+            rows, w, _, step_key = inputs
+            return step_fn(carry, *batch(rows, step_key), w)
 
     else:
 
         def body(carry, inputs):
-            rows, w, is_active = inputs
+            rows, w, is_active, step_key = inputs
 
             def skip(carry):
                 loss = jax.eval_shape(step_fn, carry, x[rows], y[rows], w)[1]
@@ -229,10 +248,10 @@ def scan_batches(
             # A branch, not a select: a client past its last batch of the epoch does no
             # work in the loop strategies (under vmap this becomes a select, as before).
             return jax.lax.cond(
-                is_active, lambda c: step_fn(c, x[rows], y[rows], w), skip, carry
+                is_active, lambda c: step_fn(c, *batch(rows, step_key), w), skip, carry
             )
 
-    carry, losses = jax.lax.scan(body, carry, (index, weight, active))
+    carry, losses = jax.lax.scan(body, carry, (index, weight, active, step_keys))
     n_active = jnp.maximum(jnp.sum(active), 1)
     return carry, jnp.sum(losses) / n_active
 
@@ -290,6 +309,7 @@ def train(
     batch_size: int,
     epochs: int | None = None,
     steps: int | None = None,
+    augment: str | None = None,
 ) -> tuple[PyTree, jax.Array]:
     """Local training of one client from ``params`` with a fresh optimizer state.
 
@@ -308,6 +328,7 @@ def train(
         batch_size=batch_size,
         epochs=epochs,
         steps=steps,
+        augment=augment,
     )
     return params, loss
 
