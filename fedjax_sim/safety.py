@@ -234,14 +234,7 @@ def free_memory(device: Any) -> tuple[int | None, str]:
     CPU devices share the host's memory (``MemAvailable``); accelerators report their own.
     """
     if device.platform == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024, "host memory available"
-        except OSError:
-            pass
-        return None, "host memory"
+        return host_memory_available(), "host memory available"
     try:
         stats = device.memory_stats() or {}
     except Exception:  # a backend without memory statistics
@@ -280,6 +273,38 @@ def check_memory(parts: dict[str, int], *, devices: list, share: float = 0.9,
         f"{what} needs about {_gib(need)} ({detail}) but only {_gib(free)} of {source} is "
         "left; lower --num-clients, --batch-size or the model size, use "
         "--client-strategy sequential (one client at a time), or shard over more devices")
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory available (``MemAvailable``), ``None`` where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(parts: dict[str, int], *, what: str, advice: str,
+                      share: float = 0.9) -> None:
+    """Raises :class:`OutOfMemoryError` (exit 5) when ``parts`` (bytes the host will hold
+    at once, e.g. a source and the federated arrays built from it) exceed ``share`` of
+    the host memory available, before any of it is allocated.
+
+    Args:
+      parts: named byte counts.
+      what: what needs them, for the message.
+      advice: the options to change, for the message.
+    """
+    free = host_memory_available()
+    need = sum(parts.values())
+    if free is None or need <= share * free:
+        return
+    detail = ", ".join(f"{name} {_gib(size)}" for name, size in parts.items() if size)
+    raise OutOfMemoryError(f"{what} needs about {_gib(need)} of host memory ({detail}) but "
+                           f"only {_gib(free)} is available; {advice}")
 
 
 def is_out_of_memory(error: BaseException) -> bool:

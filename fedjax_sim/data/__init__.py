@@ -161,6 +161,25 @@ def _check_natural_sizes(dataset: str, pooled: Pooled, num_clients: int,
             "min_samples, merge or drop those clients, or use another partition")
 
 
+def _check_data_memory(dataset: str, options: dict, *, layout: str, **settings: Any) -> None:
+    """Refuses (exit 5) data whose source and federated arrays would not fit in host
+    memory, from the generator's parameters or the source's known size, before anything
+    is generated or loaded."""
+    from fedjax_sim.data.scale import estimate_source_bytes
+    from fedjax_sim.safety import check_host_memory
+
+    found = estimate_source_bytes(dataset, options, layout=layout, **settings)
+    if found is None:
+        return
+    estimate = found[1]
+    advice = "lower --num-clients"
+    if estimate.layout == "padded":
+        advice += " or use --data-layout ragged (memory of the examples alone)"
+    check_host_memory(
+        {"source": estimate.source_bytes, f"{estimate.layout} client data": estimate.data_bytes},
+        what=f"dataset {dataset} with {settings['partition']} clients", advice=advice)
+
+
 def make_federated_data(
     dataset: str = "digits",
     *,
@@ -260,6 +279,10 @@ def make_federated_data(
         if size is not None:
             _check_feasible(dataset, *size, **feasibility)
 
+    if partition_file is None:
+        _check_data_memory(dataset, options, partition=partition, num_clients=num_clients,
+                           test_ratio=test_ratio, layout=layout, min_samples=min_samples,
+                           shards_per_client=shards_per_client)
     pooled = load_source(dataset, data_dir=data_dir, **options)
     if partition_file is None and partition == "natural":
         if pooled.groups is None:
