@@ -93,15 +93,17 @@ def test_tfds_sources_with_mock_data():
         data, _, pooled = make_federated_data(
             "cifar10", partition="iid", num_clients=2, min_samples=2, test_ratio=0.5
         )
-    assert mnist.x.shape == (12, 28, 28, 1) and mnist.x.dtype == np.float32
+    # Images stay uint8 (a quarter of float32); the padded layout reads them as x / 255.
+    assert mnist.x.shape == (12, 28, 28, 1) and mnist.x.dtype == np.uint8
     assert mnist.y.dtype == np.int32 and mnist.num_classes == 10
-    assert 0.0 <= mnist.x.min() and mnist.x.max() <= 1.0
     # The mock yields the same examples for train and test: train comes first, then test.
     np.testing.assert_array_equal(mnist.x[:6], mnist.x[6:])
     assert emnist.name == "emnist/balanced" and emnist.num_classes == 47
     assert coarse.num_classes == 20 and coarse.y.max() < 20
     assert pooled.x.shape == (12, 32, 32, 3)
     assert data.input_shape == (32, 32, 3) and data.num_clients == 2
+    assert data.train_x.dtype == np.float32 and 0.0 <= data.train_x.min()
+    assert data.train_x.max() <= 1.0
     assert int(data.train_counts.sum() + data.test_counts.sum()) == 12
 
 
