@@ -208,3 +208,29 @@ def test_uint8_images_give_the_same_rounds_in_both_layouts():
         state, _ = jax.jit(algorithm.round)(state, data)
         results.append((state.server, jax.jit(algorithm.evaluate)(state, data)))
     _equal(*results)
+
+
+def test_large_cohorts_are_uniform_distinct_subsets_drawn_without_a_shuffle():
+    from itertools import combinations
+
+    from fedjax_sim.core.cohort import SHUFFLE_MAX_CLIENTS, floyd_sample, sample_cohort
+
+    num_clients, size, draws = 7, 3, 35_000
+    keys = jax.random.split(jax.random.key(2), draws)
+    picked = np.asarray(jax.jit(jax.vmap(lambda k: floyd_sample(k, num_clients, size)))(keys))
+    assert all(len(set(row)) == size for row in picked)
+    assert picked.min() >= 0 and picked.max() < num_clients
+    # Every one of the 35 subsets about 1,000 times (binomial sd ~31), every client in
+    # every position about equally often.
+    subsets = {s: 0 for s in combinations(range(num_clients), size)}
+    for row in picked:
+        subsets[tuple(sorted(row))] += 1
+    assert min(subsets.values()) > 860 and max(subsets.values()) < 1140
+    first = np.bincount(picked[:, 0], minlength=num_clients) / draws
+    np.testing.assert_allclose(first, 1 / num_clients, atol=0.01)
+    # Small K keeps the draw of earlier runs; large K takes Floyd's.
+    key = jax.random.key(9)
+    np.testing.assert_array_equal(sample_cohort(key, 100, 10),
+                                  jax.random.choice(key, 100, (10,), replace=False))
+    big = SHUFFLE_MAX_CLIENTS + 1
+    np.testing.assert_array_equal(sample_cohort(key, big, 10), floyd_sample(key, big, 10))

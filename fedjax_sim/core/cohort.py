@@ -49,14 +49,41 @@ def cohort_size(num_clients: int, join_ratio: float) -> int:
     return max(1, min(num_clients, round(join_ratio * num_clients)))
 
 
-def sample_cohort(key: jax.Array, num_clients: int, size: int) -> jax.Array | None:
-    """Indices of ``size`` distinct clients, or ``None`` for full participation.
+# Up to this many clients a cohort is drawn by ``jax.random.choice`` (a shuffle of all K,
+# the draw every earlier run used); beyond it by Floyd's algorithm, whose cost depends on
+# the cohort alone: the shuffle took 160 ms a round at K = 342,477 on the 2-core CPU.
+SHUFFLE_MAX_CLIENTS = 4096
 
-    ``None`` lets callers skip the gather/scatter entirely when everybody trains.
+
+def sample_cohort(key: jax.Array, num_clients: int, size: int) -> jax.Array | None:
+    """Indices of ``size`` distinct clients in random order, or ``None`` for full
+    participation.
+
+    ``None`` lets callers skip the gather/scatter entirely when everybody trains. Every
+    ``size``-subset is equally likely; for more than :data:`SHUFFLE_MAX_CLIENTS` clients
+    the draw costs O(size²) instead of O(K log K) (:func:`floyd_sample`).
     """
     if size >= num_clients:
         return None
-    return jax.random.choice(key, num_clients, (size,), replace=False)
+    if num_clients <= SHUFFLE_MAX_CLIENTS:
+        return jax.random.choice(key, num_clients, (size,), replace=False)
+    return floyd_sample(key, num_clients, size)
+
+
+def floyd_sample(key: jax.Array, num_clients: int, size: int) -> jax.Array:
+    """``size`` distinct integers of ``[0, num_clients)``, a uniform random subset in random
+    order (Floyd's algorithm: for j = K - M .. K - 1, draw t in [0, j] and take t, or j
+    when t is taken already; then shuffle the M)."""
+    draw_key, order_key = jax.random.split(key)
+    keys = jax.random.split(draw_key, size)
+
+    def take(i, chosen):
+        j = num_clients - size + i
+        t = jax.random.randint(keys[i], (), 0, j + 1, dtype=jnp.int32)
+        return chosen.at[i].set(jnp.where(jnp.any(chosen == t), j, t))
+
+    chosen = jax.lax.fori_loop(0, size, take, jnp.full((size,), -1, jnp.int32))
+    return jax.random.permutation(order_key, chosen)
 
 
 # The environment variable that overrides ``auto``: ``NAME`` or ``NAME:CHUNK_SIZE``.
