@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         del data, device_data, state
     base = rows[0]["round_ms"]
     print(f"\n{args.algorithm}, {args.model}, cohort {args.cohort}, {args.local_steps} steps of "
-          f"{args.batch_size}\n\n| clients K | train sentences | data MiB | ms / round "
+          f"{args.batch_size}\n\n| clients K | train examples | data MiB | ms / round "
           "| vs smallest K |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['clients']:,} | {r['examples']:,} | {r['data_bytes'] / 2**20:,.0f} "
