@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.models.base import Model, Params
-from fedjax_sim.models.cnn import cnn
+from fedjax_sim.models.cnn import cnn, emnist_cnn
 from fedjax_sim.models.layers import (
     DEFAULT_INIT,
     INITS,
@@ -23,13 +23,18 @@ from fedjax_sim.models.layers import (
     max_pool_2x2,
     resolve_conv_impl,
 )
+from fedjax_sim.models.lstm import char_lstm, so_lstm
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.resnet import resnet
+from fedjax_sim.models.transformer import transformer
 
-MODELS = ("mlp", "cnn", "resnet")
+MODELS = ("mlp", "cnn", "resnet", "emnist_cnn", "char_lstm", "so_lstm", "transformer")
 
-_FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet}
-_CONV_MODELS = ("cnn", "resnet")
+_FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "emnist_cnn": emnist_cnn,
+              "char_lstm": char_lstm, "so_lstm": so_lstm, "transformer": transformer}
+_CONV_MODELS = ("cnn", "resnet", "emnist_cnn")
+# Models that read int tokens (B, L) and give logits (B, L, V) for every position.
+SEQUENCE_MODELS = ("char_lstm", "so_lstm", "transformer")
 
 
 def make_model(
@@ -90,15 +95,20 @@ def count_params(params: Params) -> int:
 __all__ = [
     "INITS",
     "MODELS",
+    "SEQUENCE_MODELS",
     "Model",
     "Params",
+    "char_lstm",
     "check_init",
     "cnn",
     "conv2d",
     "count_params",
+    "emnist_cnn",
     "make_model",
     "max_pool_2x2",
     "mlp",
     "resnet",
     "resolve_conv_impl",
+    "so_lstm",
+    "transformer",
 ]
