@@ -225,11 +225,17 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     from fedjax_sim.data import PARTITIONS, SOURCES
+    from fedjax_sim.data.natural import NATURAL_DATASETS
 
     d = _DEFAULTS
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(SOURCES)}")
-    group.add_argument("--data-dir", default=None, help="tfds data directory (tfds sources)")
+    group.add_argument("--dataset", default=d.dataset,
+                       help=f"one of {', '.join(SOURCES)}, or a natural data set read from "
+                       f"its files in --data-dir: {', '.join(NATURAL_DATASETS)} (with "
+                       "--partition natural)")
+    group.add_argument("--data-dir", default=None,
+                       help="tfds data directory (tfds sources), or the folder of a natural "
+                       "data set's files (leaf:*, tff:*)")
     group.add_argument("--partition", default=d.partition,
                        help=f"one of {', '.join(PARTITIONS)}")
     group.add_argument("--alpha", type=float, default=d.alpha,
@@ -250,6 +256,9 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="load the client split from this JSON file")
     group.add_argument("--save-partition", default=None,
                        help="write the client split to this JSON file")
+    group.add_argument("--max-examples", type=int, default=None,
+                       help="natural data sets: keep at most this many examples of each "
+                       "client, the first in file order")
     group.add_argument("--data-layout", default=d.data_layout,
                        help="auto, padded or ragged: clients padded to the largest (K, N_max, "
                        "...) or pooled with per-client offsets (memory of the examples "

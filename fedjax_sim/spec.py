@@ -80,6 +80,7 @@ class ExperimentSpec:
     save_partition: str | None = None
     partition_seed: int | None = None
     data_layout: str = "auto"
+    max_examples: int | None = None
     # -- model --
     model: str = "auto"
     init: str = DEFAULT_INIT
@@ -197,7 +198,7 @@ EXECUTION = frozenset({
 
 # Options that decide the data, the partition and the model: recorded in config.json and
 # matched on resume (with the algorithm's hyperparameters, the seed and the split itself).
-DATA_OPTIONS = ("dataset", "partition", "alpha", "num_clients", "min_samples",
+DATA_OPTIONS = ("dataset", "max_examples", "partition", "alpha", "num_clients", "min_samples",
                 "shards_per_client", "classes_per_client", "test_ratio", "model",
                 "init", "architectures", "public_fraction", "public_dataset", "public_size",
                 "public_val_fraction")
@@ -213,7 +214,8 @@ KINDS: dict[str, type] = {
     "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
     "num_clients": int, "min_samples": int, "shards_per_client": int,
     "classes_per_client": int, "test_ratio": float, "partition_file": str,
-    "save_partition": str, "partition_seed": int, "data_layout": str, "model": str,
+    "save_partition": str, "partition_seed": int, "data_layout": str, "max_examples": int,
+    "model": str,
     "init": str,
     "architectures": str, "public_fraction": float, "public_dataset": str,
     "public_size": int, "public_val_fraction": float, "rounds": int, "eval_every": int,
@@ -331,8 +333,18 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
     from fedjax_sim.data.sources import check_prepared
     from fedjax_sim.models import INITS, MODELS
 
-    check_choice(label("dataset"), spec.dataset, SOURCES)
+    natural = is_natural(spec.dataset)
+    if not natural:
+        check_choice(label("dataset"), spec.dataset, (*SOURCES, *natural_names()))
     check_choice(label("partition"), spec.partition, PARTITIONS)
+    if spec.max_examples is not None:
+        check_int(label("max_examples"), spec.max_examples, 1)
+        if not natural:
+            raise ValueError(f"{label('max_examples')} caps the examples of a natural data "
+                             f"set's clients ({', '.join(natural_names())}); "
+                             f"{spec.dataset!r} is partitioned, not natural")
+    if natural:
+        _check_natural(spec, label)
     values["alpha"] = check_float(label("alpha"), spec.alpha, 0.0, low_open=True)
     if spec.num_clients is not None:  # None: 20, or the partition file's count
         check_int(label("num_clients"), spec.num_clients, 1)
@@ -372,7 +384,7 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
         if "://" not in spec.data_dir:
             check_input_dir(label("data_dir"), spec.data_dir)
     for source in (spec.dataset, spec.public_dataset):
-        if source is not None:
+        if source is not None and not is_natural(source):
             check_prepared(source, spec.data_dir)
     if spec.partition_file is not None:
         check_partition_file(_check_text(label("partition_file"), spec.partition_file),
@@ -604,11 +616,55 @@ def model_names(model) -> str:
     return ",".join(m.name for m in model) if isinstance(model, tuple) else model.name
 
 
+def is_natural(dataset: Any) -> bool:
+    """Whether ``dataset`` names a natural federated data set read from its files
+    (``leaf:femnist``, ``tff:stackoverflow``, ...: ``fedjax_sim.data.natural``)."""
+    return isinstance(dataset, str) and dataset in natural_names()
+
+
+def natural_names() -> tuple[str, ...]:
+    from fedjax_sim.data.natural import NATURAL_DATASETS
+
+    return tuple(NATURAL_DATASETS)
+
+
+def _check_natural(spec: ExperimentSpec, label: Callable[[str], str]) -> None:
+    """A natural data set brings its own clients and train / test split: it is read from
+    files under ``data_dir``, with the ``natural`` partition and no public set."""
+    if spec.partition != "natural":
+        raise ValueError(f"{label('dataset')} {spec.dataset} comes with its own clients and "
+                         f"their train / test split: use {label('partition')} natural")
+    if spec.data_dir is None:
+        raise ValueError(f"{label('dataset')} {spec.dataset} is read from its files: give "
+                         f"{label('data_dir')} (README: Natural federated data)")
+    for field in ("partition_file", "save_partition", "public_dataset", "public_fraction"):
+        if getattr(spec, field) is not None:
+            raise ValueError(f"{label(field)} does not apply to the natural data set "
+                             f"{spec.dataset}")
+    if algorithms.uses_public(spec.algorithm):
+        raise ValueError(f"{spec.algorithm} needs a public data set, which the natural data "
+                         f"set {spec.dataset} does not hold out; use a partitioned source")
+
+
 def build_data(spec: ExperimentSpec):
     """``(data, public)`` of ``spec``: the split drawn from ``spec.data_seed``; with a public
     set (and the server validation split) held out of the pool before partitioning when
-    :func:`wants_public`, ``public`` is None otherwise."""
+    :func:`wants_public`, ``public`` is None otherwise. A natural data set is read from
+    its files with its own clients and split (``fedjax_sim.data.natural``)."""
     from fedjax_sim.data import make_federated_data
+
+    if is_natural(spec.dataset):
+        from fedjax_sim.data.natural import load_natural, natural_size
+        from fedjax_sim.safety import check_host_memory
+
+        size = natural_size(spec.dataset, spec.data_dir)
+        if size is not None:
+            check_host_memory({"client data": size}, what=f"dataset {spec.dataset}",
+                              advice="lower --num-clients or --max-examples")
+        data, _, _ = load_natural(spec.dataset, spec.data_dir, min_samples=spec.min_samples,
+                                  max_examples=spec.max_examples,
+                                  max_clients=spec.num_clients)
+        return data, None
 
     common = dict(
         partition=spec.partition, num_clients=spec.num_clients, alpha=spec.alpha,
@@ -632,8 +688,15 @@ def build_data(spec: ExperimentSpec):
     return data, public
 
 
-def build_model(spec: ExperimentSpec, input_shape: tuple[int, ...], num_classes: int):
-    """The model (``auto``: mlp for flat or small inputs, else cnn), or with
+# ``auto`` on next-token data: the published model of the data set, else a small
+# causal transformer.
+SEQUENCE_MODELS = (("shakespeare", "char_lstm"), ("stackoverflow", "so_lstm"))
+
+
+def build_model(spec: ExperimentSpec, input_shape: tuple[int, ...], num_classes: int,
+                data: Any = None):
+    """The model (``auto``: mlp for flat or small inputs, else cnn; on next-token data the
+    data set's published LSTM, else a small causal transformer), or with
     ``architectures`` a tuple of models."""
     from fedjax_sim.models import make_model
 
@@ -641,7 +704,10 @@ def build_model(spec: ExperimentSpec, input_shape: tuple[int, ...], num_classes:
         return tuple(make_model(name, input_shape, num_classes, init=spec.init, **options)
                      for name, options in parse_architectures(spec.architectures))
     name = spec.model
-    if name == "auto":
+    if name == "auto" and data is not None and data.label_shape:
+        name = next((model for key, model in SEQUENCE_MODELS if key in data.name),
+                    "transformer")
+    elif name == "auto":
         image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
         name = "cnn" if image else "mlp"
     return make_model(name, input_shape, num_classes, init=spec.init)
@@ -684,7 +750,7 @@ def build(spec: ExperimentSpec, *, data=None, public=None) -> Built:
     """
     if data is None:
         data, public = build_data(spec)
-    model = build_model(spec, data.input_shape, data.num_classes)
+    model = build_model(spec, data.input_shape, data.num_classes, data)
     algorithm = build_algorithm(spec, model, public)
     clock = build_clock(spec, data.num_clients)
     if clock is not None:

@@ -95,7 +95,7 @@ def data_key(spec: ExperimentSpec) -> str:
     fields = ("dataset", "data_dir", "partition", "alpha", "num_clients", "min_samples",
               "shards_per_client", "classes_per_client", "test_ratio", "partition_file",
               "public_fraction", "public_dataset", "public_size", "public_val_fraction",
-              "data_layout")
+              "data_layout", "max_examples")
     record = {f: getattr(spec, f) for f in fields}
     record.update(data_seed=None if spec.partition_file else spec.data_seed,
                   public=wants_public(spec))

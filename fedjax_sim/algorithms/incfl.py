@@ -71,6 +71,7 @@ from fedjax_sim.algorithms.base import (
     shared_logits,
 )
 from fedjax_sim.algorithms.server_opt import SERVER_LR
+from fedjax_sim.core.local import token_weights
 from fedjax_sim.core.rounds import Method
 from fedjax_sim.core.state import SimState, to_host
 from fedjax_sim.kernels.aggregation import gather
@@ -106,7 +107,8 @@ def mean_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, n: jax.Arra
     Args:
       model: the model.
       params: its parameters.
-      x: (N_max, ...) inputs; y: (N_max,) labels; n: scalar, the real rows.
+      x: (N_max, ...) inputs; y: (N_max,) labels, or (N_max, L) next-token labels (the
+        mean then runs over the non-pad tokens); n: scalar, the real rows.
       block: rows per pass.
 
     Returns:
@@ -121,12 +123,15 @@ def mean_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, n: jax.Arra
         index = start + jnp.arange(size)
         xb = jax.lax.dynamic_slice_in_dim(x, start, size)
         yb = jax.lax.dynamic_slice_in_dim(y, start, size)
-        keep = (index >= i * size) & (index < n)
-        nll = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, xb), yb)
-        return jnp.sum(jnp.where(keep, nll, 0.0))
+        keep = ((index >= i * size) & (index < n)).astype(jnp.float32)
+        weights = token_weights(yb, keep)  # next-token labels: every non-pad token
+        nll = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, xb),
+                                                              jnp.maximum(yb, 0))
+        return jnp.stack([jnp.sum(jnp.where(weights > 0, nll, 0.0)), jnp.sum(weights)])
 
-    total = block_sum(0) if count == 1 else jnp.sum(jax.lax.map(block_sum, jnp.arange(count)))
-    return total / jnp.maximum(n, 1).astype(jnp.float32)
+    sums = block_sum(0) if count == 1 else jnp.sum(jax.lax.map(block_sum, jnp.arange(count)),
+                                                   axis=0)
+    return sums[0] / jnp.maximum(sums[1], 1.0)
 
 
 def local_thresholds(model: Model, hp: dict, epochs: int) -> Any:

@@ -370,7 +370,8 @@ def ragged_from_clients(
 
     Args:
       train: per client ``(x_k, y_k)``: x (n_k, *input_shape) of one dtype for all
-        clients (uint8, an integer or float32), y (n_k, *label_shape) integers.
+        clients (uint8 images, int16 / int32 tokens, or floats, stored as float32),
+        y (n_k, *label_shape) integers.
       test: the same for the test sets, one entry per client.
       num_classes: number of labels (vocabulary size for next-token prediction).
       name: data set name.
@@ -392,8 +393,8 @@ def ragged_from_clients(
         x_dtype = np.result_type(*[x.dtype for x in xs])
         if np.issubdtype(x_dtype, np.floating):
             x_dtype = np.float32
-        elif np.issubdtype(x_dtype, np.integer) and x_dtype != np.uint8:
-            x_dtype = np.int32
+        elif np.issubdtype(x_dtype, np.integer) and x_dtype.itemsize > 4:
+            x_dtype = np.int32  # tokens: int16 or int32 as given, never int64
         width = max(1, int(counts.max()))
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         if offsets[-1] + width >= np.iinfo(np.int32).max:
