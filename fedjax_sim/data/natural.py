@@ -333,7 +333,7 @@ def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1
                 ratio = float(options.get("test_ratio", 0.2))
                 for cid in ids:
                     x, y = _tff_client(spec, train_groups[cid], options, vocab)
-                    held = max(1, int(round(len(y) * ratio))) if len(y) > 1 else 0
+                    held = max(1, round(len(y) * ratio)) if len(y) > 1 else 0
                     train[cid] = (x[: len(y) - held][cap], y[: len(y) - held][cap])
                     test[cid] = (x[len(y) - held:][cap], y[len(y) - held:][cap])
                 read = len(ids)
