@@ -107,9 +107,9 @@ def test_min_samples_max_examples_and_max_clients(tmp_path):
 
 
 def test_missing_files_and_bad_names_say_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="femnist/data/train/\\*.json"):
+    with pytest.raises(FileNotFoundError, match=r"femnist/data/train/\*\.json"):
         load_natural("leaf:femnist", tmp_path)
-    with pytest.raises(FileNotFoundError, match="fed_emnist_train.h5"):
+    with pytest.raises(FileNotFoundError, match=r"fed_emnist_train\.h5"):
         load_natural("tff:emnist", tmp_path)
     with pytest.raises(ValueError, match="unknown natural data set"):
         load_natural("leaf:mnist", tmp_path)
