@@ -16,8 +16,9 @@ SENTENCES = {"u1": ["the cat sat on the mat", "hello world"], "u2": ["the the zz
 WORD_COUNTS = [("the", 50), ("cat", 20), ("sat", 10), ("on", 5), ("mat", 3)]
 
 
-def write_leaf(root: Path, name: str = "femnist", seed: int = 0) -> Path:
-    """LEAF's layout: root/<name>/data/{train,test}/*.json, users split over two files."""
+def write_leaf(root: Path, name: str = "femnist", seed: int = 0, scale: int = 1) -> Path:
+    """LEAF's layout: root/<name>/data/{train,test}/*.json, users split over two files;
+    every client ``scale`` times the examples of :data:`SIZES`."""
     rng = np.random.default_rng(seed)
     for split, column in (("train", 0), ("test", 1)):
         folder = root / name / "data" / split
@@ -26,7 +27,7 @@ def write_leaf(root: Path, name: str = "femnist", seed: int = 0) -> Path:
         for part, chunk in enumerate((users[:2], users[2:])):
             blob = {"users": chunk, "num_samples": [], "user_data": {}}
             for user in chunk:
-                n = SIZES[user][column]
+                n = SIZES[user][column] * scale
                 if name == "femnist":
                     x = rng.random((n, 784)).round(3).tolist()
                     y = rng.integers(0, 62, n).tolist()
@@ -43,8 +44,9 @@ def write_leaf(root: Path, name: str = "femnist", seed: int = 0) -> Path:
     return root
 
 
-def write_tff(root: Path, name: str, seed: int = 0) -> Path:
-    """TFF's h5 files: examples/<client id>/<feature>; strings as bytes."""
+def write_tff(root: Path, name: str, seed: int = 0, scale: int = 1) -> Path:
+    """TFF's h5 files: examples/<client id>/<feature>; strings as bytes; every client
+    ``scale`` times the examples (sentences, snippets) of the tables above."""
     import h5py
 
     rng = np.random.default_rng(seed)
@@ -58,7 +60,7 @@ def write_tff(root: Path, name: str, seed: int = 0) -> Path:
             examples = f.create_group("examples")
             if name in ("emnist", "cifar100"):
                 for cid, sizes in SIZES.items():
-                    n = sizes[column] if name == "emnist" else sum(sizes)
+                    n = scale * (sizes[column] if name == "emnist" else sum(sizes))
                     group = examples.create_group(cid)
                     if name == "emnist":
                         group["pixels"] = rng.random((n, 28, 28)).astype(np.float32)
@@ -69,13 +71,13 @@ def write_tff(root: Path, name: str, seed: int = 0) -> Path:
                         group["coarse_label"] = rng.integers(0, 20, n).astype(np.int64)
             elif name == "shakespeare":
                 for cid, snippets in SNIPPETS.items():
-                    chosen = snippets if column == 0 else snippets[:1]
+                    chosen = (snippets if column == 0 else snippets[:1]) * scale
                     examples.create_group(cid)["snippets"] = [s.encode() for s in chosen]
             else:
                 for cid, sentences in SENTENCES.items():
                     if column == 1 and cid == "u3":
                         continue  # a client without test sentences
-                    chosen = sentences if column == 0 else sentences[:1]
+                    chosen = (sentences if column == 0 else sentences[:1]) * scale
                     examples.create_group(cid)["tokens"] = [s.encode() for s in chosen]
     if name == "stackoverflow":
         (root / "stackoverflow.word_count").write_text(
