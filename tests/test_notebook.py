@@ -47,3 +47,9 @@ def test_clock_notebook_runs():
     outputs = _execute(NOTEBOOKS / "clock.ipynb")
     assert "wait_all" in outputs and "fedbuff" in outputs
     assert "participation [" in outputs and "virtual time" in outputs
+
+
+def test_natural_data_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "natural_data.ipynb")
+    assert "FEMNIST-shaped, ragged" in outputs and "StackOverflow-shaped, padded" in outputs
+    assert "fedper  accuracy" in outputs and "transformer token accuracy" in outputs

@@ -17,14 +17,16 @@ from fedjax_sim.models.lstm import lstm_layer
 
 def test_published_parameter_counts():
     # Reddi et al. (2021): StackOverflow LSTM 4,050,748; EMNIST CNN 1,206,590.
-    assert count_params(make_model("so_lstm", (20,), 10_004).init(jax.random.key(0))) == \
-        4_050_748
+    so_lstm = make_model("so_lstm", (20,), 10_004, init="flax")  # Keras' one bias a gate
+    assert count_params(so_lstm.init(jax.random.key(0))) == 4_050_748
+    torch_layout = make_model("so_lstm", (20,), 10_004, init="torch")  # PyTorch's two
+    assert count_params(torch_layout.init(jax.random.key(0))) == 4_050_748 + 4 * 670
     assert count_params(make_model("emnist_cnn", (28, 28, 1), 62).init(jax.random.key(0))) \
         == 1_206_590
     # Shakespeare: 8 x V embedding, 4 x 256 x (8 + 256 + 1), 4 x 256 x (256 + 256 + 1),
     # head 256 x V + V.
     v = 90
-    expected = 8 * v + 4 * 256 * 265 + 4 * 256 * 513 + 256 * v + v
+    expected = 8 * v + 4 * 256 * 266 + 4 * 256 * 514 + 256 * v + v  # two biases (torch)
     assert count_params(make_model("char_lstm", (80,), v).init(jax.random.key(0))) == expected
 
 
@@ -40,6 +42,9 @@ def test_lstm_equals_a_numpy_loop_of_the_pytorch_equations(init):
     x = np.random.default_rng(0).normal(size=(3, 6, 5)).astype(np.float32)
     got = np.asarray(lstm_layer(params, jnp.asarray(x)))
     w_in, w_rec, b = (np.asarray(params[k], np.float64) for k in ("w_in", "w_rec", "bias"))
+    if init == "torch":
+        assert "bias_rec" in params  # PyTorch's b_hh, trained on its own
+        b = b + np.asarray(params["bias_rec"], np.float64)
     h = np.zeros((3, 7))
     c = np.zeros((3, 7))
     for t in range(6):
@@ -85,6 +90,14 @@ def test_token_models_train_and_map_over_clients(name):
     stacked = jax.vmap(model.init)(jax.random.split(jax.random.key(3), 3))
     out = jax.vmap(model.apply, in_axes=(0, None))(stacked, x)
     assert out.shape == (3, 8, 10, 17)
+
+
+def test_token_ids_past_the_vocabulary_give_finite_logits():
+    for name in ("char_lstm", "transformer"):
+        model = make_model(name, (6,), 9, **({"dim": 16, "heads": 2} if name ==
+                                               "transformer" else {"hidden": (8,)}))
+        logits = model.apply(model.init(jax.random.key(0)), jnp.full((1, 6), 50, jnp.int32))
+        assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_bad_options_are_named():

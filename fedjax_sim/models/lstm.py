@@ -11,9 +11,9 @@
 
 Both read int tokens (B, L) and predict the next token at every position: logits
 (B, L, V). Gates are in PyTorch's order (input, forget, cell, output) with one bias per
-gate (Keras' layout, whose parameter counts the papers report; PyTorch's two biases add
-up to it). The input projection of every time step is one matmul before the scan; only
-the recurrent matmul runs inside it.
+gate under ``init="flax"`` (Keras' layout, whose parameter counts the papers report) and
+PyTorch's two under ``init="torch"``. The input projection of every time step is one
+matmul before the scan; only the recurrent matmul runs inside it.
 """
 
 from __future__ import annotations
@@ -63,16 +63,17 @@ def dense_init(key: jax.Array, fan_in: int, features: int, init: str) -> Params:
 
 
 def lstm_init(key: jax.Array, fan_in: int, hidden: int, init: str) -> Params:
-    """``torch``: nn.LSTM's U(+-1/sqrt(hidden)) for both matrices, the bias the sum of its
-    two uniform biases; ``flax``: Keras' defaults (Glorot-uniform input kernel, orthogonal
-    recurrent kernel, zero bias with the forget gate at 1)."""
+    """``torch``: nn.LSTM's layout and draws, U(+-1/sqrt(hidden)) for both matrices and its
+    two biases (each trained, as PyTorch trains them); ``flax``: Keras' layout and
+    defaults (Glorot-uniform input kernel, orthogonal recurrent kernel, one zero bias with
+    the forget gate at 1), whose parameter count the papers report."""
     keys = jax.random.split(key, 4)
     if init == "torch":
         bound = 1.0 / math.sqrt(hidden)
         return {"w_in": _uniform(keys[0], (fan_in, 4 * hidden), bound),
                 "w_rec": _uniform(keys[1], (hidden, 4 * hidden), bound),
-                "bias": _uniform(keys[2], (4 * hidden,), bound)
-                + _uniform(keys[3], (4 * hidden,), bound)}
+                "bias": _uniform(keys[2], (4 * hidden,), bound),
+                "bias_rec": _uniform(keys[3], (4 * hidden,), bound)}
     w_in = jax.nn.initializers.glorot_uniform()(keys[0], (fan_in, 4 * hidden), jnp.float32)
     w_rec = jnp.concatenate([jax.nn.initializers.orthogonal()(k, (hidden, hidden), jnp.float32)
                              for k in jax.random.split(keys[1], 4)], axis=1)
@@ -87,7 +88,8 @@ def lstm_layer(params: Params, x: jax.Array) -> jax.Array:
     h_t = σ(o) tanh(c_t).
     """
     hidden = params["w_rec"].shape[0]
-    projected = jnp.einsum("bld,dg->lbg", x, params["w_in"]) + params["bias"]
+    bias = params["bias"] + params["bias_rec"] if "bias_rec" in params else params["bias"]
+    projected = jnp.einsum("bld,dg->lbg", x, params["w_in"]) + bias
 
     def step(carry, gates_in):
         h, c = carry
@@ -158,7 +160,9 @@ def lstm_model(
         return params
 
     def apply_fn(params: Params, x: jax.Array) -> jax.Array:
-        h = jnp.take(params["embedding"]["table"], jnp.asarray(x, jnp.int32), axis=0)
+        # Ids past the vocabulary clip to its last entry (a gather would fill NaN).
+        h = jnp.take(params["embedding"]["table"], jnp.asarray(x, jnp.int32), axis=0,
+                     mode="clip")
         for i in range(len(hidden)):
             h = lstm_layer(params[f"lstm{i + 1}"], h)
         if projection is not None:

@@ -100,7 +100,7 @@ def transformer(
 
     def apply_fn(params: Params, x: jax.Array) -> jax.Array:
         tokens = jnp.asarray(x, jnp.int32)
-        h = jnp.take(params["embedding"]["table"], tokens, axis=0)
+        h = jnp.take(params["embedding"]["table"], tokens, axis=0, mode="clip")
         h = h + params["position"]["table"][: tokens.shape[1]]
         for name in blocks:
             block = params[name]
