@@ -334,7 +334,7 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
     from fedjax_sim.models import INITS, MODELS
 
     natural = is_natural(spec.dataset)
-    if not natural:
+    if not natural and spec.dataset not in SOURCES:  # SOURCES holds every npz:PATH
         check_choice(label("dataset"), spec.dataset, (*SOURCES, *natural_names()))
     check_choice(label("partition"), spec.partition, PARTITIONS)
     if spec.max_examples is not None:

@@ -120,7 +120,7 @@ CLI_CASES = [
        "--classes-per-client must be a positive integer"),
     _c("run-dataset-unknown", "run --dataset imagenet", "--dataset must be one of"),
     _c("run-partition-unknown", "run --partition zipf", "--partition must be one of"),
-    _c("run-model-unknown", "run --model transformer", "--model must be one of auto, mlp"),
+    _c("run-model-unknown", "run --model vit", "--model must be one of auto, mlp"),
     _c("run-algorithm-unknown", "run --algorithm fedsgd", "--algorithm must be one of"),
     _c("run-architectures-empty-entry", "run --algorithm fedmd --architectures mlp,,cnn",
        "--architectures has an empty entry (number 2)"),
