@@ -46,6 +46,11 @@ Preprocessing follows the references:
   ``end`` if it had fewer than 20, ``begin`` in front, padded to 21: x = ids[:20],
   y = ids[1:]. Reddi et al. train on at most 1,000 sentences per client:
   ``max_examples=1000``.
+* Pixels: LEAF's FEMNIST and TFF's EMNIST store greyscale / 255 with 1.0 the white
+  background; they are kept so (as uint8), not inverted to MNIST's convention.
+* ``max_examples`` caps the test split too (to bound memory); Reddi et al. cap training
+  sentences only, and TFF draws them after a shuffle: here they are the first in file
+  order.
 * Accuracy counts every non-pad position, out-of-vocabulary and end tokens included
   (``fedjax_sim.core.evaluate.score``): TFF's ``accuracy_with_oov``. Pad labels are
   stored as -1.
