@@ -457,7 +457,7 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
                        comm_bytes: Callable) -> Callable:
     """``round_with(state, data, hp)`` of ``method`` under an asynchronous condition: one
     server step per call (see the module docstring)."""
-    from fedjax_sim.core.rounds import CohortResult, advance
+    from fedjax_sim.core.rounds import CohortResult, advance, with_examples
 
     cond = get_condition(clock.condition)
 
@@ -509,12 +509,7 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
         rows, pool = data.client_rows("train")
         n = gather(data.train_counts, sel)
         keys = jax.random.split(train_key, size)
-        unpack = data.unpacker("train")
-
-        def started(shared_and_pool, start, own, row, key):
-            shared, pool = shared_and_pool
-            return client(shared, start, own, *unpack(pool, row), key)
-
+        started = with_examples(client, data.unpacker("train"), row_at=2)
         uploads, new_rows, losses = client_map(
             started, (base, own, gather(rows, sel), keys), shared=((hp, received), pool),
             strategy=execution.strategy, chunk_size=execution.chunk_size)

@@ -153,15 +153,16 @@ def run_cohort(
     return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
 
 
-def with_examples(client_fn: Callable, unpack: Callable) -> Callable:
-    """``client_fn(shared, own, x, y, n, key)`` as a function of a client's data row:
-    ``(shared_and_pool, own, row, *rest)``, its examples read with ``unpack`` (see
-    ``FederatedData.client_rows``) inside the mapped function, where the ragged layout
-    slices them out of the pool."""
+def with_examples(client_fn: Callable, unpack: Callable, row_at: int = 1) -> Callable:
+    """``client_fn(shared, *before, x, y, n, *after)`` as a function of a client's data
+    row: ``(shared_and_pool, *before, row, *after)`` with ``row_at`` arguments before the
+    row, its examples read with ``unpack`` (see ``FederatedData.client_rows``) inside the
+    mapped function, where the ragged layout slices them out of the pool."""
 
-    def client(shared_and_pool, own, row, *rest):
+    def client(shared_and_pool, *args):
         shared, pool = shared_and_pool
-        return client_fn(shared, own, *unpack(pool, row), *rest)
+        return client_fn(shared, *args[:row_at], *unpack(pool, args[row_at]),
+                         *args[row_at + 1:])
 
     return client
 
