@@ -703,14 +703,22 @@ def build_model(spec: ExperimentSpec, input_shape: tuple[int, ...], num_classes:
     if spec.architectures is not None:
         return tuple(make_model(name, input_shape, num_classes, init=spec.init, **options)
                      for name, options in parse_architectures(spec.architectures))
-    name = spec.model
+    name, options = spec.model, {}
+    tokens = (data is not None and len(input_shape) == 1
+              and np.issubdtype(data.train_x.dtype, np.integer))
     if name == "auto" and data is not None and data.label_shape:
         name = next((model for key, model in SEQUENCE_MODELS if key in data.name),
                     "transformer")
+    elif name == "auto" and tokens:
+        name = "sent_lstm"  # one label per token sequence
     elif name == "auto":
         image = len(input_shape) == 3 and min(input_shape[:2]) >= 16
         name = "cnn" if image else "mlp"
-    return make_model(name, input_shape, num_classes, init=spec.init)
+    if name == "sent_lstm" and data is not None:
+        # Ids 0..max: every word id of the vocabulary occurs in the training split.
+        options["vocab"] = 1 + max(int(np.max(np.asarray(data.train_x))),
+                                   int(np.max(np.asarray(data.test_x))))
+    return make_model(name, input_shape, num_classes, init=spec.init, **options)
 
 
 def build_algorithm(spec: ExperimentSpec, model, public=None) -> Algorithm:

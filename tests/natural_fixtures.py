@@ -13,6 +13,9 @@ SIZES = {"f_0003": (12, 3), "f_0001": (6, 2), "f_0002": (2, 1)}
 SNIPPETS = {"ALICE": ["To be, or not.", "Ay!"], "BOB": ["What?"], "CAROL": ["No ~ way"]}
 SENTENCES = {"u1": ["the cat sat on the mat", "hello world"], "u2": ["the the zzz"],
              "u3": ["cat"]}
+# LEAF's Sent140 rows are [tweet id, date, query, user, text]; labels 0 / 1.
+TWEETS = ["I love it! so good", "so bad, so sad", "love love love", "Bad day?",
+          "it's good"]
 WORD_COUNTS = [("the", 50), ("cat", 20), ("sat", 10), ("on", 5), ("mat", 3)]
 
 
@@ -31,6 +34,11 @@ def write_leaf(root: Path, name: str = "femnist", seed: int = 0, scale: int = 1)
                 if name == "femnist":
                     x = rng.random((n, 784)).round(3).tolist()
                     y = rng.integers(0, 62, n).tolist()
+                elif name == "sent140":
+                    picks = rng.integers(0, len(TWEETS), n)
+                    x = [[str(1000 + i), "Mon Apr 06 22:19:45 PDT 2009", "NO_QUERY", user,
+                          TWEETS[p]] for i, p in enumerate(picks)]
+                    y = rng.integers(0, 2, n).tolist()
                 elif name == "shakespeare":
                     text = "".join(rng.choice(list("abc de!?\n"), n + 80))
                     x = [text[i:i + 80] for i in range(n)]

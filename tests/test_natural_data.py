@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from natural_fixtures import SENTENCES, SIZES, write_leaf, write_tff
@@ -16,9 +17,13 @@ from fedjax_sim.data.natural import (
     TFF_CHARS,
     load_natural,
     natural_size,
+    sent140_ids,
+    sent140_vocab,
+    sent140_words,
     shakespeare_windows,
     stackoverflow_ids,
 )
+from fedjax_sim.spec import ExperimentSpec, build_model
 
 
 def _bytes(data):
@@ -48,6 +53,40 @@ def test_leaf_shakespeare_scores_the_next_character_only(tmp_path):
     y = np.asarray(data.train_y[: int(data.train_counts.sum())])
     assert (y[:, :-1] == -1).all() and (y[:, -1] >= 0).all()
     assert natural_size("leaf:shakespeare", tmp_path) >= _bytes(data)
+
+
+def test_sent140_tokenizes_as_leaf_by_hand():
+    # LEAF's split_line: words with apostrophes, punctuation .,!?; on its own, case kept.
+    assert sent140_words("I can't... Wait!? #yes") == ["I", "can't", ".", ".", ".", "Wait",
+                                                       "!", "?", "yes"]
+    vocab = sent140_vocab(["b a a", "c b a"], vocab_size=2)
+    assert vocab == {"a": 1, "b": 2}  # most frequent first; "c" is unknown
+    ids = sent140_ids("a c b", vocab)
+    assert len(ids) == 25 and ids[:3] == [1, 0, 2] and ids[3:] == [0] * 22
+    assert sent140_ids(" ".join(["a"] * 40), vocab) == [1] * 25  # the first 25 words
+
+
+def test_leaf_sent140_reads_tweets_and_labels(tmp_path):
+    write_leaf(tmp_path, "sent140")
+    data, ids, _ = load_natural("leaf:sent140", tmp_path)
+    assert ids == sorted(SIZES) and data.num_classes == 2 and data.input_shape == (25,)
+    assert data.label_shape == () and data.train_x.dtype == np.int16
+    tweets, first = [], None
+    for path in sorted((tmp_path / "sent140/data/train").glob("*.json")):
+        blob = json.loads(path.read_text())
+        tweets += [row[4] for user in sorted(blob["user_data"])
+                   for row in blob["user_data"][user]["x"]]
+        first = blob["user_data"].get(ids[0], first)
+    vocab = sent140_vocab(tweets)
+    n = SIZES[ids[0]][0]
+    assert np.asarray(data.train_x[:n]).tolist() == [sent140_ids(row[4], vocab)
+                                                     for row in first["x"]]
+    assert np.asarray(data.train_y[:n]).tolist() == first["y"]
+    small = load_natural("leaf:sent140", tmp_path, vocab_size=2)[0]
+    assert int(np.max(np.asarray(small.train_x))) == 2
+    assert natural_size("leaf:sent140", tmp_path) >= _bytes(data)
+    with pytest.raises(ValueError, match="vocab_size must be an integer >= 1"):
+        load_natural("leaf:sent140", tmp_path, vocab_size=0)
 
 
 def test_tff_shakespeare_windows_by_hand():
@@ -117,6 +156,23 @@ def test_missing_files_and_bad_names_say_what_to_do(tmp_path):
         load_natural("tff:emnist", tmp_path, vocab_size=3)
     with pytest.raises(ValueError, match="max_examples must be an integer >= 1"):
         load_natural("tff:emnist", tmp_path, max_examples=0)
+
+
+@pytest.mark.parametrize("algorithm", ["fedper", "fedobp"])
+def test_sent140_runs_from_the_command_line_with_leafs_lstm(tmp_path, algorithm):
+    write_leaf(tmp_path / "data", "sent140")
+    out = tmp_path / "run"
+    main(["run", "--algorithm", algorithm, "--dataset", "leaf:sent140", "--data-dir",
+          str(tmp_path / "data"), "--partition", "natural", "--min-samples", "2",
+          "--rounds", "1", "--local-epochs", "1", "--output", str(out), "--no-progress"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and len(summary["client_accuracies"]) == 3
+    # ``auto`` on one label per token sequence is LEAF's LSTM over the words read.
+    data, _, _ = load_natural("leaf:sent140", tmp_path / "data")
+    model = build_model(ExperimentSpec(dataset="leaf:sent140"), data.input_shape, 2, data)
+    assert model.name == "sent_lstm"
+    vocab = 1 + int(np.max(np.asarray(data.train_x)))
+    assert model.init(jax.random.key(0))["embedding"]["table"].shape == (vocab, 100)
 
 
 def test_command_line_runs_and_refuses_what_does_not_apply(tmp_path, capsys):

@@ -30,6 +30,21 @@ def test_published_parameter_counts():
     assert count_params(make_model("char_lstm", (80,), v).init(jax.random.key(0))) == expected
 
 
+def test_sent140_lstm_has_leafs_layers_and_reads_the_last_position():
+    model = make_model("sent_lstm", (25,), 2, vocab=50, init="flax")
+    params = model.init(jax.random.key(0))
+    # LEAF: embedding V x 100, two LSTMs of 100 (one bias a gate), dense 128, output 2.
+    lstm = 4 * 100 * (100 + 100 + 1)
+    assert count_params(params) == 50 * 100 + 2 * lstm + 100 * 128 + 128 + 128 * 2 + 2
+    assert model.head == ("head",)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 50, (3, 25)), jnp.int32)
+    assert model.apply(params, x).shape == (3, 2)
+    # Every position feeds the last state: changing the first word changes the output.
+    assert not np.allclose(model.apply(params, x), model.apply(params, x.at[:, 0].add(1)))
+    with pytest.raises(ValueError, match="vocab"):
+        make_model("sent_lstm", (25,), 2)
+
+
 def _sigmoid(z):
     return 1 / (1 + np.exp(-z))
 

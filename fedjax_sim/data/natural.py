@@ -7,7 +7,7 @@ as uint8 and tokens as integers. Clients are ordered by sorted client id.
 
 Files, in ``DATA_DIR`` (the ``--data-dir`` of the command line):
 
-``leaf:femnist``, ``leaf:shakespeare``, ``leaf:synthetic``
+``leaf:femnist``, ``leaf:shakespeare``, ``leaf:sent140``, ``leaf:synthetic``
     LEAF's preprocessing output (``preprocess.sh`` of github.com/TalwalkarLab/leaf):
     ``DATA_DIR/<name>/data/train/*.json`` and ``DATA_DIR/<name>/data/test/*.json``, each
     ``{"users": [...], "num_samples": [...], "user_data": {user: {"x": [...], "y":
@@ -46,6 +46,13 @@ Preprocessing follows the references:
   ``end`` if it had fewer than 20, ``begin`` in front, padded to 21: x = ids[:20],
   y = ids[1:]. Reddi et al. train on at most 1,000 sentences per client:
   ``max_examples=1000``.
+* Sent140, LEAF (its ``stacked_lstm`` task): a tweet is the text field of LEAF's row
+  (``x[4]``) split by LEAF's ``split_line`` (words with their apostrophes and each of
+  ``.,!?;``; case kept), its first 25 words; labels 0 / 1. LEAF maps words through
+  GloVe's vocabulary only to index its own learned embedding; here the ``vocab_size``
+  (10,000) most frequent words of every user's training split (ties by word) get ids
+  1..V, and id 0 is both the unknown word and the padding after a short tweet, as LEAF's
+  one unknown id is both.
 * Pixels: LEAF's FEMNIST and TFF's EMNIST store greyscale / 255 with 1.0 the white
   background; they are kept so (as uint8), not inverted to MNIST's convention.
 * ``max_examples`` caps the test split too (to bound memory); Reddi et al. cap training
@@ -61,6 +68,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,12 +77,12 @@ import numpy as np
 
 from fedjax_sim.data.federated import RaggedFederatedData, ragged_from_clients
 
-NATURAL_DATASETS = ("leaf:femnist", "leaf:shakespeare", "leaf:synthetic", "tff:emnist",
-                    "tff:shakespeare", "tff:stackoverflow", "tff:cifar100")
+NATURAL_DATASETS = ("leaf:femnist", "leaf:shakespeare", "leaf:sent140", "leaf:synthetic",
+                    "tff:emnist", "tff:shakespeare", "tff:stackoverflow", "tff:cifar100")
 
 # Options of each data set's reader, beside min_samples, max_examples and max_clients.
 NATURAL_OPTIONS = {"tff:emnist": ("only_digits",), "tff:cifar100": ("label_key", "test_ratio"),
-                   "tff:stackoverflow": ("vocab_size",)}
+                   "tff:stackoverflow": ("vocab_size",), "leaf:sent140": ("vocab_size",)}
 
 # LEAF's Shakespeare alphabet (leaf/models/utils/language_utils.py, ALL_LETTERS).
 LEAF_LETTERS = ("\n !\"&'(),-.0123456789:;>?ABCDEFGHIJKLMNOPQRSTUVWXYZ[]abcdefghijklmnopqrstuv"
@@ -84,6 +93,8 @@ TFF_CHARS = ("dhlptx@DHLPTX $(,048cgkoswCGKOSW[_#'/37;?bfjnrvzBFJNRVZ\"&*.26:\na
 SHAKESPEARE_LENGTH = 80
 SO_LENGTH = 20
 SO_VOCAB_SIZE = 10_000
+SENT140_WORDS = 25
+SENT140_VOCAB_SIZE = 10_000
 PAD = 0
 PAD_LABEL = -1
 
@@ -180,8 +191,10 @@ def _read_leaf(data_dir: str, name: str, split: str) -> dict[str, dict]:
     return users
 
 
-def _leaf_arrays(name: str, record: dict) -> tuple[np.ndarray, np.ndarray]:
+def _leaf_arrays(name: str, record: dict, vocab=None) -> tuple[np.ndarray, np.ndarray]:
     x, y = record["x"], record["y"]
+    if name == "sent140":
+        return _sent140_arrays(record, vocab)
     if name == "femnist":
         pixels = np.asarray(x, np.float32).reshape(-1, 28, 28, 1)
         return np.rint(np.clip(pixels, 0, 1) * 255).astype(np.uint8), np.asarray(y, np.int32)
@@ -191,6 +204,39 @@ def _leaf_arrays(name: str, record: dict) -> tuple[np.ndarray, np.ndarray]:
         labels[:, -1] = [leaf_letters(c)[0] for c in y]
         return tokens, labels
     return np.asarray(x, np.float32).reshape(len(x), -1), np.asarray(y, np.int32)
+
+
+def sent140_words(tweet: str) -> list[str]:
+    """LEAF's ``split_line``: words, apostrophes kept, and the punctuation ``.,!?;``."""
+    return re.findall(r"[\w']+|[.,!?;]", tweet)
+
+
+def sent140_vocab(tweets, vocab_size: int = SENT140_VOCAB_SIZE) -> dict[str, int]:
+    """The ``vocab_size`` most frequent words of ``tweets`` (ties by word) -> ids 1..V."""
+    counts = Counter(w for t in tweets for w in sent140_words(t)[:SENT140_WORDS])
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:vocab_size]
+    return {word: i + 1 for i, (word, _) in enumerate(ranked)}
+
+
+def sent140_ids(tweet: str, vocab: dict[str, int]) -> list[int]:
+    """A tweet's first 25 word ids, unknown words and the padding after it 0."""
+    ids = [vocab.get(w, 0) for w in sent140_words(tweet)[:SENT140_WORDS]]
+    return ids + [0] * (SENT140_WORDS - len(ids))
+
+
+def _sent140_arrays(record: dict, vocab: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    rows = record["x"]
+    try:
+        tokens = [sent140_ids(str(row[4]), vocab) for row in rows]
+        labels = np.asarray([int(v) for v in record["y"]], np.int32)
+    except (IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"leaf:sent140: a row is not LEAF's [id, date, query, user, text] "
+                         f"with an integer label: {err}") from None
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"leaf:sent140: labels must be 0 or 1 (LEAF's preprocessing), got "
+                         f"{sorted(set(labels.tolist()) - {0, 1})[:5]}")
+    dtype = np.int16 if len(vocab) < np.iinfo(np.int16).max else np.int32
+    return np.asarray(tokens, dtype).reshape(len(rows), SENT140_WORDS), labels
 
 
 def _h5(path: str, what: str):
@@ -248,6 +294,8 @@ def _num_classes(spec: str, options: dict, labels: Sequence[np.ndarray]) -> int:
         return 20 if options.get("label_key") == "coarse_label" else 100
     if spec == "leaf:shakespeare":
         return len(LEAF_LETTERS)
+    if spec == "leaf:sent140":
+        return 2
     if spec == "tff:shakespeare":
         return len(TFF_CHARS) + 4
     if spec == "tff:stackoverflow":
@@ -270,6 +318,9 @@ def _check_options(spec: str, data_dir: Any, options: dict) -> None:
     if options.get("label_key", "label") not in ("label", "coarse_label"):
         raise ValueError(f"tff:cifar100 label_key must be 'label' or 'coarse_label', got "
                          f"{options['label_key']!r}")
+    size = options.get("vocab_size", 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{spec} vocab_size must be an integer >= 1, got {size!r}")
     ratio = options.get("test_ratio", 0.2)
     if not isinstance(ratio, float | int) or not 0 < ratio < 1:
         raise ValueError(f"tff:cifar100 test_ratio must lie in (0, 1), got {ratio!r}")
@@ -296,7 +347,7 @@ def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1
       max_clients: keep the first clients in sorted id order (after dropping).
       **options: the data set's own options (:data:`NATURAL_OPTIONS`): ``only_digits``
         (tff:emnist), ``label_key`` and ``test_ratio`` (tff:cifar100), ``vocab_size``
-        (tff:stackoverflow).
+        (tff:stackoverflow, leaf:sent140).
 
     Returns:
       ``(data, client_ids, info)``: ``info`` counts the clients read and dropped.
@@ -317,9 +368,14 @@ def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1
         name = spec.split(":", 1)[1]
         train_users, test_users = (_read_leaf(data_dir, name, s) for s in ("train", "test"))
         ids = sorted(set(train_users) & set(test_users))
+        vocab = None
+        if name == "sent140":
+            size = options.get("vocab_size", SENT140_VOCAB_SIZE)
+            vocab = sent140_vocab((str(row[4]) for user in sorted(train_users)
+                                   for row in train_users[user]["x"] if len(row) > 4), size)
         for user in ids:
             for out, users in ((train, train_users), (test, test_users)):
-                x, y = _leaf_arrays(name, users[user])
+                x, y = _leaf_arrays(name, users[user], vocab)
                 out[user] = (x[cap], y[cap])
         read = len(set(train_users) | set(test_users))
     else:
@@ -378,7 +434,8 @@ def natural_size(spec: str, data_dir: str | os.PathLike, **options: Any) -> int 
     if spec.startswith("leaf:"):
         name = spec.split(":", 1)[1]
         files = glob.glob(os.path.join(data_dir, name, "data", "*", "*.json"))
-        factor = 8 if name == "shakespeare" else 2
+        # Sent140: a row of 25 ids and a label from as few as ~17 characters of json.
+        factor = {"shakespeare": 8, "sent140": 7}.get(name, 2)
         return factor * sum(os.path.getsize(f) for f in files) if files else None
     import h5py
 

@@ -23,15 +23,17 @@ from fedjax_sim.models.layers import (
     max_pool_2x2,
     resolve_conv_impl,
 )
-from fedjax_sim.models.lstm import char_lstm, so_lstm
+from fedjax_sim.models.lstm import char_lstm, sent_lstm, so_lstm
 from fedjax_sim.models.mlp import mlp
 from fedjax_sim.models.resnet import resnet
 from fedjax_sim.models.transformer import transformer
 
-MODELS = ("mlp", "cnn", "resnet", "emnist_cnn", "char_lstm", "so_lstm", "transformer")
+MODELS = ("mlp", "cnn", "resnet", "emnist_cnn", "char_lstm", "so_lstm", "sent_lstm",
+          "transformer")
 
 _FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "emnist_cnn": emnist_cnn,
-              "char_lstm": char_lstm, "so_lstm": so_lstm, "transformer": transformer}
+              "char_lstm": char_lstm, "so_lstm": so_lstm, "sent_lstm": sent_lstm,
+              "transformer": transformer}
 _CONV_MODELS = ("cnn", "resnet", "emnist_cnn")
 # Models that read int tokens (B, L) and give logits (B, L, V) for every position.
 SEQUENCE_MODELS = ("char_lstm", "so_lstm", "transformer")
@@ -109,6 +111,7 @@ __all__ = [
     "mlp",
     "resnet",
     "resolve_conv_impl",
+    "sent_lstm",
     "so_lstm",
     "transformer",
 ]

@@ -8,12 +8,16 @@
   Optimization" (ICLR 2021): embedding 96, one LSTM layer of 670 units, a dense projection
   to 96, the output over the 10,000 words and 4 special tokens (4,050,748 parameters, the
   paper's count).
+* ``sent_lstm``: LEAF's Sent140 classifier (its ``stacked_lstm``): a learned embedding of
+  100, two LSTM layers of 100 units, the last position's state through a linear layer of
+  128 and the output over the classes.
 
-Both read int tokens (B, L) and predict the next token at every position: logits
-(B, L, V). Gates are in PyTorch's order (input, forget, cell, output) with one bias per
-gate under ``init="flax"`` (Keras' layout, whose parameter counts the papers report) and
-PyTorch's two under ``init="torch"``. The input projection of every time step is one
-matmul before the scan; only the recurrent matmul runs inside it.
+The first two read int tokens (B, L) and predict the next token at every position:
+logits (B, L, V); ``sent_lstm`` gives one prediction per sequence, (B, C). Gates are in
+PyTorch's order (input, forget, cell, output) with one bias per gate under
+``init="flax"`` (Keras' layout, whose parameter counts the papers report) and PyTorch's
+two under ``init="torch"``. The input projection of every time step is one matmul before
+the scan; only the recurrent matmul runs inside it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fedjax_sim.models.base import Model, Params
 from fedjax_sim.models.layers import DEFAULT_INIT, check_init
@@ -186,3 +191,53 @@ def so_lstm(input_shape: Sequence[int], num_classes: int, *, embedding: int = 96
     projection 96, output over the vocabulary (10,004 with the special tokens)."""
     return lstm_model(input_shape, num_classes, name="so_lstm", embedding=embedding,
                       hidden=(hidden,), projection=projection, init=init)
+
+
+def sent_lstm(input_shape: Sequence[int], num_classes: int, *, vocab: int | None = None,
+              embedding: int = 100, hidden: Sequence[int] = (100, 100), dense: int = 128,
+              init: str = DEFAULT_INIT) -> Model:
+    """LEAF's Sent140 LSTM: embedding 100 -> LSTM 100 x 2 -> the last position's state ->
+    linear 128 -> the output over ``num_classes`` (LEAF's ``stacked_lstm`` with its
+    n_hidden of 100; no activation between the two dense layers, as in LEAF).
+
+    Args:
+      input_shape: (L,), the words per tweet.
+      num_classes: labels (2 for Sent140).
+      vocab: input ids 0..vocab-1 (the embedding's rows).
+    """
+    shape = check_tokens(input_shape, num_classes, model="sent_lstm")
+    init = check_init(init)
+    if isinstance(vocab, bool) or not isinstance(vocab, int | np.integer) or vocab < 2:
+        raise ValueError(f"sent_lstm: vocab (the input ids) must be an integer >= 2, "
+                         f"got {vocab!r}")
+    for value, what in ((embedding, "embedding"), (dense, "dense"),
+                        *((h, "hidden") for h in hidden)):
+        if int(value) < 1:
+            raise ValueError(f"sent_lstm: {what} must be >= 1, got {value}")
+    hidden = tuple(int(h) for h in hidden)
+    if not hidden:
+        raise ValueError("sent_lstm: hidden must list at least one LSTM layer")
+    lstms = tuple(f"lstm{i + 1}" for i in range(len(hidden)))
+    layers = ("embedding", *lstms, "dense", "head")
+    classes, vocab = int(num_classes), int(vocab)
+
+    def init_fn(key: jax.Array) -> Params:
+        keys = iter(jax.random.split(key, len(layers)))
+        params = {"embedding": embedding_init(next(keys), vocab, embedding, init)}
+        width = embedding
+        for name, units in zip(lstms, hidden, strict=True):
+            params[name] = lstm_init(next(keys), width, units, init)
+            width = units
+        params["dense"] = dense_init(next(keys), width, dense, init)
+        params["head"] = dense_init(next(keys), dense, classes, init)
+        return params
+
+    def apply_fn(params: Params, x: jax.Array) -> jax.Array:
+        h = jnp.take(params["embedding"]["table"], jnp.asarray(x, jnp.int32), axis=0,
+                     mode="clip")
+        for name in lstms:
+            h = lstm_layer(params[name], h)
+        return _dense(params["head"], _dense(params["dense"], h[:, -1]))
+
+    return Model(name="sent_lstm", input_shape=shape, num_classes=classes, head=("head",),
+                 init_fn=jax.jit(init_fn), apply_fn=apply_fn, layers=layers)
