@@ -5,7 +5,8 @@ devices), ``metrics.jsonl`` (one record per evaluation), ``summary.json``, plots
 checkpoints. The rules:
 
 * an existing non-empty folder is refused unless the run resumes it or is told to
-  overwrite it (and only a folder that holds a fedjax-sim run is ever emptied);
+  overwrite it; --overwrite removes only what fedjax-sim writes and refuses a folder that
+  holds anything else; a folder whose run failed is reused as if empty;
 * a lock file keeps a second process out while a run uses the folder;
 * every file is written under a temporary name unique to the process, flushed to disk
   and renamed over the old one, so that a kill at any moment leaves either the old or
@@ -18,6 +19,7 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,9 +28,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Files that mark a folder as a fedjax-sim run (or comparison, or sweep) folder.
 RUN_MARKERS = ("config.json", "metrics.jsonl", "summary.json", "compare.md", "sweep.json",
                "grid.json", "results.jsonl", "checkpoints")
+# Everything a run, comparison or sweep writes at the top of a folder (its subfolders are
+# run folders themselves); --overwrite removes these and nothing else.
+RUN_FILES = frozenset({
+    "config.json", "metrics.jsonl", "summary.json", "compare.md", "compare.json",
+    "sweep.json", "grid.json", "results.jsonl", "results.md", "accuracy.png", "clients.png",
+    "accuracy_vs_time.png", "curves.png"})
+RUN_DIRS = frozenset({"checkpoints"})
 LOCK_NAME = ".lock"
 
 
@@ -49,8 +60,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity as None: the files stay strict JSON (null),
+    which every parser reads, where Python would write the non-standard ``NaN``."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """Strict JSON (non-finite numbers as null; other objects by ``str``)."""
+    return json.dumps(strict_json(value), default=str, allow_nan=False, **kwargs)
+
+
 def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=2, default=str) + "\n")
+    atomic_write_text(path, dumps(value, indent=2) + "\n")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,15 +96,20 @@ def _fsync_dir(folder: Path) -> None:
 
 def write_jsonl(path: str | os.PathLike, records: list[dict]) -> None:
     """The whole record list, atomically (records are small: one per evaluation)."""
-    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in records))
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSON-lines file; a line that does not parse is an error naming the
     file and the line."""
     path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise OutputError(f"{path}: not a text file of JSON lines (random or binary bytes); "
+                          "restore it or start a fresh run") from None
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -111,6 +144,57 @@ def _visible_entries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.name != LOCK_NAME]
 
 
+def written_by_runs(entry: Path) -> bool:
+    """Whether ``entry`` is something fedjax-sim writes in a run folder: a known file, a
+    temporary file of an atomic write, the checkpoints, or a subfolder (a comparison's
+    or sweep's run, the Local reference) that holds only such things."""
+    if entry.is_symlink():
+        return False
+    if entry.is_file():
+        return entry.name in RUN_FILES or (entry.name.startswith(".")
+                                           and entry.name.endswith(".tmp"))
+    if not entry.is_dir():
+        return False
+    return entry.name in RUN_DIRS or all(written_by_runs(e) for e in _visible_entries(entry))
+
+
+def _not_written_by_runs(folder: Path) -> list[str]:
+    return sorted(e.name for e in _visible_entries(folder) if not written_by_runs(e))
+
+
+def failed_run(folder: Path) -> bool:
+    """A run folder whose summary says the run failed, holding nothing but what runs
+    write: it is reused without --overwrite."""
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(summary, dict) and summary.get("status") == "failed"
+            and not _not_written_by_runs(folder))
+
+
+def _overwrite_refusal(folder: Path, option: str) -> str | None:
+    """Why --overwrite may not empty ``folder``, or None."""
+    if not _is_run_folder(folder):
+        return (f"{option} {folder}: --overwrite only replaces a fedjax-sim run folder, and "
+                "this one holds other files")
+    foreign = _not_written_by_runs(folder)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        return (f"{option} {folder}: --overwrite removes only what fedjax-sim writes, and "
+                f"the folder also holds {shown}; move them out or choose another folder")
+    return None
+
+
+def _clear_run_files(folder: Path) -> None:
+    for entry in _visible_entries(folder):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def preflight(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
               option: str = "--output") -> None:
     """The checks of :class:`RunDir` that need no lock, made before any data loads or
@@ -124,15 +208,15 @@ def preflight(path: str | os.PathLike, *, resume: bool = False, overwrite: bool 
         if not path.is_dir():
             raise OutputError(f"--resume: {option} {path} does not exist; nothing to resume")
         return
-    if not path.is_dir() or not _visible_entries(path):
+    if not path.is_dir() or not _visible_entries(path) or failed_run(path):
         return
     if not overwrite:
         raise OutputError(
             f"{option} {path}: the folder is not empty; give a new folder, --resume to "
             "continue the run in it, or --overwrite to replace it")
-    if not _is_run_folder(path):
-        raise OutputError(f"{option} {path}: --overwrite only replaces a fedjax-sim run "
-                          "folder, and this one holds other files")
+    refusal = _overwrite_refusal(path, option)
+    if refusal:
+        raise OutputError(refusal)
 
 
 class RunDir:
@@ -177,20 +261,19 @@ class RunDir:
         entries = _visible_entries(path)
         if not entries or self.resume:
             return
+        if failed_run(path):  # a failed run leaves nothing worth keeping but its reason
+            _clear_run_files(path)
+            return
         if not self.overwrite:
             self.release()
             raise OutputError(
                 f"{self.option} {path}: the folder is not empty; give a new folder, "
                 "--resume to continue the run in it, or --overwrite to replace it")
-        if not _is_run_folder(path):
+        refusal = _overwrite_refusal(path, self.option)
+        if refusal:
             self.release()
-            raise OutputError(f"{self.option} {path}: --overwrite only replaces a fedjax-sim "
-                              "run folder, and this one holds other files")
-        for entry in entries:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            raise OutputError(refusal)
+        _clear_run_files(path)
 
     def _lock(self) -> None:
         lock_path = self.path / LOCK_NAME

@@ -27,7 +27,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from fedjax_sim import safety
 from fedjax_sim.algorithms.base import Algorithm, check_model_fits
 from fedjax_sim.checks import check_int, check_seed
-from fedjax_sim.core.checkpoint import Checkpointer
+from fedjax_sim.core.checkpoint import Checkpointer, CheckpointError
 from fedjax_sim.core.clock import CLOCK_METRICS
 from fedjax_sim.core.cohort import CLIENT_AXIS, strategy_override
 from fedjax_sim.core.evaluate import federation_incentives, summarize
@@ -51,9 +51,17 @@ class Events:
         self._handlers: dict[str, list[Callable[..., None]]] = defaultdict(list)
 
     def on(self, event: str, handler: Callable[..., None]) -> Events:
-        """Registers ``handler(**info)`` for ``event``; returns self for chaining."""
-        if event not in EVENTS:
+        """Registers ``handler(**info)`` for ``event``; returns self for chaining.
+
+        Raises:
+          ValueError: an ``event`` not in :data:`EVENTS`.
+          TypeError: a ``handler`` that is not callable.
+        """
+        if not isinstance(event, str) or event not in EVENTS:
             raise ValueError(f"event must be one of {', '.join(EVENTS)}; got {event!r}")
+        if not callable(handler):
+            raise TypeError(f"handler for event {event!r} must be callable as "
+                            f"handler(**info), got {type(handler).__name__} {handler!r}")
         self._handlers[event].append(handler)
         return self
 
@@ -321,8 +329,13 @@ def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             found += _differences(a, b, f"{prefix}{key}.")
         elif a != b:
-            found.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now")
+            found.append(f"{prefix}{key}: {_shown(a)} in the checkpoint, {_shown(b)} now")
     return found
+
+
+def _shown(value: Any) -> str:
+    # An option left unset resolves to its default: say so, not "None".
+    return "the default" if value is None else repr(value)
 
 
 def validate_divergence_policy(on_divergence: str) -> None:
@@ -423,6 +436,29 @@ class Track:
     history: list = dataclasses.field(default_factory=list)
     diverged: dict | None = None
     summary: dict | None = None
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, for a summary's ``reason``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _record_failure(tracks: list[Track], error: BaseException) -> None:
+    """A ``failed`` summary, with the one-line reason, for every configuration that started
+    writing its folder and has no summary yet: no folder is left without a status."""
+    for track in tracks:
+        if track.out is None or track.summary is not None:
+            continue
+        if not (track.out / "config.json").exists():
+            continue
+        rounds_done = track.history[-1]["round"] if track.history else 0
+        track.summary = {"status": "failed", "reason": one_line(error), **track.labels,
+                         "rounds_done": rounds_done, "hparams": track.hparams}
+        try:
+            atomic_write_json(track.out / "summary.json", track.summary)
+        except OSError:
+            pass  # the original error matters more than a folder that cannot be written
 
 
 def _single_program(algorithm: Algorithm, data: FederatedData, *, seed: int,
@@ -622,7 +658,9 @@ def _finish(program: Program, tracks: list[Track], state: Any, *, rounds: int, d
         else:
             status, rounds_done = "complete", rounds
         summary = fields(c, track, status, rounds_done)
-        if to_the_end:
+        # A diverged run reports no accuracy, even one that kept going (``warn``): its
+        # records stay in metrics.jsonl, marked by the round it diverged at.
+        if to_the_end and track.diverged is None:
             summary.update({k: final[k] for k in (
                 "accuracy", "client_mean_accuracy", "client_std", "client_min",
                 "client_p10", "client_accuracies")})
@@ -712,13 +750,32 @@ def run(
       ValueError: a bad loop setting, seed (an integer >= 0 and < 2**32) or ``devices``,
         or a malformed ``FEDJAX_SIM_STRATEGY`` (before anything is placed or compiled), an
         unusable output folder or a refused resume, data failing ``check_federated_data``,
-        or a model that does not fit the data (``check_model_fits``).
+        a model that does not fit the data (``check_model_fits``), or ``local_accuracies``
+        that are not one value in [0, 1] (or NaN) per client.
       fedjax_sim.safety.DivergedError: on divergence with ``on_divergence="stop"``.
       fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM, once the round in flight
         finished and the state was saved.
       fedjax_sim.safety.OutOfMemoryError: when the run cannot fit in device memory.
+      TypeError: an ``algorithm``, ``data`` or ``events`` of the wrong type.
     """
+    for label, value, kind, what in (("algorithm", algorithm, Algorithm, "an Algorithm "
+                                      "(from fedjax_sim.algorithms.make)"),
+                                     ("data", data, AnyFederatedData, "a FederatedData or "
+                                      "RaggedFederatedData"),
+                                     ("events", events, Events | None, "an Events or None")):
+        if not isinstance(value, kind):
+            raise TypeError(f"{label} must be {what}, got {type(value).__name__}")
     check_federated_data(data)
+    if local_accuracies is not None:  # one per client, in [0, 1] or NaN (no test data)
+        import reprlib
+
+        local = np.array(local_accuracies, dtype=object)
+        if local.shape != (data.num_clients,) or not all(
+                isinstance(a, float | int | np.floating | np.integer) and not isinstance(
+                    a, bool | np.bool_) and (0 <= a <= 1 or a != a) for a in local):
+            raise ValueError(f"local_accuracies must be a list of {data.num_clients} "
+                             "accuracies (one per client), each in [0, 1] or NaN, got "
+                             f"{reprlib.repr(local_accuracies)}")
     check_model_fits(algorithm.models, data)
     validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
     check_int("rounds_per_call", rounds_per_call, 1)
@@ -744,6 +801,7 @@ def run(
     with folder, mesh_context(mesh), safety.StopRequest() as stop:
         out = Path(output) if output is not None else None
         checkpoints = Checkpointer(out / CHECKPOINT_DIR) if out is not None else None
+        written = False  # config.json of this run is in the folder: it ends with a summary
         try:
             start = time.perf_counter()
             program = _single_program(algorithm, data, seed=seed, mesh=mesh)
@@ -764,6 +822,7 @@ def run(
                     "environment": environment(), "resumed_from": resumed_from})
                 if not resume:
                     write_jsonl(out / "metrics.jsonl", [])
+                written = True
             state, done, compile_s = _loop(
                 program, [track], rounds=rounds, eval_every=eval_every,
                 rounds_per_call=rounds_per_call, checkpoint_every=checkpoint_every,
@@ -791,6 +850,10 @@ def run(
                 checkpoints.wait()
             _finish(program, [track], state, rounds=rounds, done=done, stopped=stopped,
                     fields=fields, writes=lead)
+        except Exception as error:
+            if lead and written:
+                _record_failure([track], error)
+            raise
         finally:
             if checkpoints is not None:
                 checkpoints.close()
@@ -826,15 +889,8 @@ def _divergence(losses: np.ndarray, flags: np.ndarray, clients: np.ndarray, firs
             "message": message}
 
 
-def _resume(out: Path, checkpoints: Checkpointer, template: SimState, shardings,
-            identity: dict, rounds: int, *, write: bool) -> tuple[SimState, list[dict]]:
-    """The checkpointed state and the evaluation records up to its round, after checking
-    that the checkpoint belongs to a run with these settings."""
-    latest = checkpoints.latest_round()
-    if latest is None:
-        raise ResumeError(f"--resume: no checkpoint in {checkpoints.directory}; run without "
-                          "--resume (use --checkpoint-every to save one)")
-    meta = checkpoints.metadata(latest)
+def _check_resumable(checkpoints: Checkpointer, meta: Any, latest: int, identity: dict,
+                     rounds: int) -> None:
     saved = meta.get("identity") if isinstance(meta, dict) else None
     if not isinstance(saved, dict):
         raise ResumeError(f"--resume: {checkpoints.directory}: the checkpoint of round "
@@ -846,9 +902,35 @@ def _resume(out: Path, checkpoints: Checkpointer, template: SimState, shardings,
     if latest > rounds:
         raise ResumeError(f"--resume: the checkpoint is at round {latest}, past --rounds "
                           f"{rounds}; give --rounds {latest} or more")
-    state, _ = checkpoints.restore(template, shardings, latest)
+
+
+def _resume(out: Path, checkpoints: Checkpointer, template: SimState, shardings,
+            identity: dict, rounds: int, *, write: bool) -> tuple[SimState, list[dict]]:
+    """The checkpointed state and the evaluation records up to its round, after checking
+    that the checkpoint belongs to a run with these settings."""
+    rounds_saved = checkpoints.rounds()
+    if not rounds_saved:
+        raise ResumeError(f"--resume: no checkpoint in {checkpoints.directory}; run without "
+                          "--resume (use --checkpoint-every to save one)")
+    for latest in reversed(rounds_saved):
+        try:
+            meta = checkpoints.metadata(latest)
+            _check_resumable(checkpoints, meta, latest, identity, rounds)
+            state, _ = checkpoints.restore(template, shardings, latest)
+            break
+        except CheckpointError as error:
+            # A torn or corrupted checkpoint: the intact one before it, with a warning.
+            if latest == rounds_saved[0]:
+                raise
+            warnings.warn(f"--resume: the checkpoint of round {latest} cannot be read "
+                          f"({one_line(error)}); resuming from the one before it",
+                          RuntimeWarning, stacklevel=3)
     metrics_path = out / "metrics.jsonl"
-    history = read_jsonl(metrics_path) if metrics_path.exists() else []
+    if not metrics_path.is_file():
+        # The records before the checkpoint live only there: refuse rather than lose them.
+        raise ResumeError(f"--resume: {metrics_path} is missing; it holds the run's records "
+                          f"up to round {latest}: restore it, or start a fresh run")
+    history = read_jsonl(metrics_path)
     history = [record for record in history if record.get("round", 0) <= latest]
     if write:
         write_jsonl(metrics_path, history)
@@ -1327,12 +1409,16 @@ def sweep(
                                **triples[c][1]}, "environment": env})
                 atomic_write_json(track.out / "config.json", record)
                 write_jsonl(track.out / "metrics.jsonl", [])
-        state, done, compile_s = _loop(
-            program, tracks, rounds=rounds, eval_every=eval_every,
-            rounds_per_call=rounds_per_call, checkpoint_every=0, checkpoints=None,
-            identity=None, first_round=0, events=events or Events(),
-            on_divergence=on_divergence, stop=stop, progress=progress, lead=True,
-            start=start, name=f"{name} x{len(triples)}")
+        try:
+            state, done, compile_s = _loop(
+                program, tracks, rounds=rounds, eval_every=eval_every,
+                rounds_per_call=rounds_per_call, checkpoint_every=0, checkpoints=None,
+                identity=None, first_round=0, events=events or Events(),
+                on_divergence=on_divergence, stop=stop, progress=progress, lead=True,
+                start=start, name=f"{name} x{len(triples)}")
+        except Exception as error:
+            _record_failure(tracks, error)
+            raise
         wall = time.perf_counter() - start
 
         def fields(c, track, status, rounds_done):

@@ -448,7 +448,9 @@ def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict
         check_input_file(label("availability_trace"),
                          _check_text(label("availability_trace"), spec.availability_trace))
     if spec.dropout is not None:
-        values["dropout"] = check_float(label("dropout"), spec.dropout, 0.0, 1.0)
+        # 1 drops every client: nothing would ever be aggregated.
+        values["dropout"] = check_float(label("dropout"), spec.dropout, 0.0, 1.0,
+                                        high_open=True)
     condition = spec.condition or "wait_all"
     check_choice(label("condition"), condition, conditions())
     if spec.deadline is not None:

@@ -32,6 +32,7 @@ import numpy as np
 from fedjax_sim import algorithms
 from fedjax_sim.checks import check_seed
 from fedjax_sim.rundir import (
+    OutputError,
     RunDir,
     atomic_write_json,
     atomic_write_text,
@@ -217,6 +218,39 @@ def make_record(spec: ExperimentSpec, name: str, keys: Sequence[str], summary: d
     record.update(rounds=summary.get("rounds", spec.rounds),
                   wall_s=summary.get("wall_s", summary.get("sweep_wall_s")), path=path)
     return record
+
+
+def _shared(specs: list[dict]) -> dict:
+    """The settings every one of ``specs`` has alike."""
+    first = specs[0] if specs else {}
+    return {k: v for k, v in first.items() if all(s.get(k) == v for s in specs)}
+
+
+def _check_extends(out: Path, configs: dict[str, dict]) -> None:
+    """Refuses a grid that does not hold every (configuration, seed) of the sweep already
+    in ``out``: adding configurations or seeds continues it, anything else would replace
+    its tables."""
+    path = out / GRID_FILE
+    try:
+        old = json.loads(path.read_text())
+        pairs = {(c["config_hash"], int(s)) for c in old["configs"] for s in c["seeds"]}
+        old_shared = _shared([c["spec"] for c in old["configs"]])
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise OutputError(f"--output {out}: {path} is not a sweep's grid (torn or edited); "
+                          "restore it, give a new folder, or --overwrite to replace the "
+                          "sweep") from None
+    new = {(h, s) for h, c in configs.items() for s in c["seeds"]}
+    if pairs <= new:
+        return
+    shared = _shared([c["spec"] for c in configs.values()])
+    changed = [f"{k} {old_shared[k]!r} there, {shared[k]!r} here"
+               for k in sorted(set(old_shared) & set(shared)) if old_shared[k] != shared[k]]
+    detail = "; ".join(changed[:4]) if changed else (
+        f"{len(pairs - new)} of its runs are not in this grid")
+    raise OutputError(
+        f"--output {out}: holds a sweep over another grid ({detail}); a sweep continues "
+        "only by adding configurations or seeds: give a new folder, or --overwrite to "
+        "replace it")
 
 
 def _finished(out: Path) -> dict[tuple[str, int], tuple[Path, dict]]:
@@ -413,7 +447,6 @@ def run_sweep(
     is_sweep = (out / GRID_FILE).is_file()
     continuing = is_sweep and not overwrite
     preflight(out, resume=continuing, overwrite=overwrite)
-    env = environment()
     configs: dict[str, dict] = {}
     for spec in specs:
         entry = configs.setdefault(spec.config_hash(), {
@@ -422,6 +455,9 @@ def run_sweep(
             "values": {k: v for k, v in spec.values().items() if k in keys},
             "seeds": [], "spec": {k: v for k, v in spec.to_dict().items() if k != "seed"}})
         entry["seeds"].append(spec.seed)
+    if continuing:
+        _check_extends(out, configs)
+    env = environment()
     with RunDir(out, resume=continuing, overwrite=overwrite):
         atomic_write_json(out / GRID_FILE, {
             "axes": {k: list(dict.fromkeys(s.values()[k] for s in specs if k in s.values()))
