@@ -282,3 +282,20 @@ def test_readme_command_runs(command, started):
 @pytest.mark.parametrize("command", PAGE_CASES)
 def test_page_command_runs(command, started):
     check_command(command, started)
+
+
+def test_readme_python_example_runs_after_the_command_line_example(tmp_path):
+    """The "From Python" block, as printed, in a folder where the command-line example
+    already filled runs/fedper (as a reader following the README has it)."""
+    text = README.read_text()
+    section = text[text.index("## From Python"):]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "output=" in block
+    (tmp_path / "runs" / "fedper").mkdir(parents=True)
+    (tmp_path / "runs" / "fedper" / "summary.json").write_text("{}")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+           "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "fedper-python" / "summary.json").exists()
