@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from fedjax_sim.models import MODELS, SEQUENCE_MODELS, count_params, make_model, winograd
+from fedjax_sim.models import MODELS, TOKEN_MODELS, count_params, make_model, winograd
 from fedjax_sim.models.layers import (
     Conv,
     conv2d,
@@ -144,7 +144,7 @@ def test_param_counts(name, shape, expected):
 
 SHAPES = [(28, 28, 1), (8, 8, 1), (32, 32, 3)]
 # Image and vector models here; the token models are tested in tests/test_token_models.py.
-CASES = [(n, s) for n in MODELS if n not in SEQUENCE_MODELS for s in SHAPES] + [
+CASES = [(n, s) for n in MODELS if n not in TOKEN_MODELS for s in SHAPES] + [
     ("mlp", (40, 1)), ("mlp", (60,))]
 
 

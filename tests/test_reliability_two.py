@@ -43,7 +43,7 @@ def test_overwrite_removes_only_what_runs_write(tmp_path):
     (out / "notes.txt").write_text("mine")
     (out / "figures").mkdir()
     (out / "figures" / "plot.svg").write_text("<svg/>")
-    with pytest.raises(OutputError, match="also holds figures, notes.txt"):
+    with pytest.raises(OutputError, match=r"also holds figures, notes\.txt"):
         with RunDir(out, overwrite=True):
             pass
     assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").exists()
@@ -80,7 +80,7 @@ def test_resume_refuses_a_missing_metrics_file_and_falls_back_over_a_torn_checkp
     full = run(algorithm, data, rounds=4, output=out, checkpoint_every=1, progress=False)
     records = read_jsonl(out / "metrics.jsonl")
     (out / "metrics.jsonl").unlink()
-    with pytest.raises(ResumeError, match="metrics.jsonl is missing"):
+    with pytest.raises(ResumeError, match=r"metrics\.jsonl is missing"):
         run(algorithm, data, rounds=4, output=out, resume=True, progress=False)
     # The latest checkpoint torn: a warning, and the run goes on from the one before.
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -97,7 +97,7 @@ def test_resume_refuses_a_missing_metrics_file_and_falls_back_over_a_torn_checkp
 def test_random_bytes_in_metrics_name_the_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(bytes(np.random.default_rng(0).integers(128, 256, 200, np.uint8)))
-    with pytest.raises(OutputError, match="metrics.jsonl: not a text file"):
+    with pytest.raises(OutputError, match=r"metrics\.jsonl: not a text file"):
         read_jsonl(path)
 
 

@@ -319,6 +319,24 @@ def resolve_cover(name: str, hparams: dict, cover) -> tuple[dict[str, float], ..
     return tuple(out)
 
 
+def _check_model(model) -> None:
+    """Refuses a ``model`` that is not a ``Model`` or a non-empty list / tuple of them."""
+    models = model if isinstance(model, list | tuple) else (model,)
+    if models and all(isinstance(m, Model) for m in models):
+        return
+    hint = (f" (a model name such as {model!r} is not accepted: build the model with "
+            "fedjax_sim.models.make_model(name, input_shape, num_classes))"
+            if isinstance(model, str) else "")
+    if not isinstance(model, list | tuple):
+        got = f"{type(model).__name__} {model!r}"
+    elif models:
+        got = f"a {type(model).__name__} of " + ", ".join(type(m).__name__ for m in models)
+    else:
+        got = f"an empty {type(model).__name__}"
+    raise TypeError(f"model must be a fedjax_sim.models.Model (FedMD and FCCL also take a "
+                    f"non-empty list of Models), got {got}{hint}")
+
+
 def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
          **hparams) -> Algorithm:
     """Builds algorithm ``name`` for ``model`` after validating ``hparams``.
@@ -330,8 +348,15 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
     the program depends on that set where a value leaves a part out (``momentum`` and
     ``weight_decay`` all 0, see ``base``; FedOBP's EMA and quantile search). The result
     records ``model`` (``Algorithm.models``), which the runner checks against the data.
+
+    Raises:
+      TypeError: for a built-in algorithm, a ``model`` that is not a ``Model`` (nor a
+        non-empty list or tuple of them).
+      ValueError: an unknown name or a bad hyperparameter.
     """
     entry = _entry(name)
+    if name in _BUILTIN:  # a registered factory checks the models it accepts itself
+        _check_model(model)
     resolved = resolve(name, **hparams)
     if resolved.get("augment", "none") != "none":
         for m in model if isinstance(model, tuple | list) else (model,):

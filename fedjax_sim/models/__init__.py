@@ -37,6 +37,8 @@ _FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "emnist_cnn": emnist_cnn
 _CONV_MODELS = ("cnn", "resnet", "emnist_cnn")
 # Models that read int tokens (B, L) and give logits (B, L, V) for every position.
 SEQUENCE_MODELS = ("char_lstm", "so_lstm", "transformer")
+# Models that read int tokens (B, L): the above, and sent_lstm (one label per sequence).
+TOKEN_MODELS = (*SEQUENCE_MODELS, "sent_lstm")
 
 
 def make_model(
@@ -68,17 +70,51 @@ def make_model(
       The model.
 
     Raises:
+      TypeError: a ``name`` that is not a string, an ``input_shape`` that is not a sequence
+        of integers (a string such as ``"64"`` is refused, not read as ``(6, 4)``), or a
+        ``num_classes`` that is not an integer.
       ValueError: on an unknown name or ``init``, ``num_classes < 2`` or an unsuitable
         shape.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a model name (str), one of {', '.join(MODELS)}; got "
+                        f"{type(name).__name__} {name!r}")
     if name not in _FACTORIES:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
-    if int(num_classes) < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    _check_shape_and_classes(input_shape, num_classes)
     resolve_conv_impl(conv_impl)  # validate the name even where it is unused
     if name in _CONV_MODELS:
         options["conv_impl"] = conv_impl
     return _FACTORIES[name](input_shape, num_classes, init=check_init(init), **options)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_)
+
+
+def _check_shape_and_classes(input_shape: Any, num_classes: Any) -> None:
+    """Refuses an ``input_shape`` that is not a sequence of positive integers and a
+    ``num_classes`` that is not an integer >= 2 (TypeError for the type, ValueError for
+    the range), before a model is built."""
+    example = "e.g. (28, 28, 1) or (64,)"
+    if (isinstance(input_shape, str | bytes)
+            or not isinstance(input_shape, Sequence | np.ndarray)
+            or (isinstance(input_shape, np.ndarray) and input_shape.ndim != 1)):
+        raise TypeError(f"input_shape must be a tuple of positive integers (one example's "
+                        f"shape, without the batch axis), {example}; got "
+                        f"{type(input_shape).__name__} {input_shape!r}")
+    if not all(_is_int(d) for d in input_shape):
+        raise TypeError(f"input_shape must be a tuple of positive integers, {example}; got "
+                        f"{tuple(input_shape)!r}")
+    if len(input_shape) == 0 or any(d < 1 for d in input_shape):
+        raise ValueError(f"input_shape must be a non-empty tuple of positive integers, "
+                         f"{example}; got {tuple(input_shape)!r}")
+    if not _is_int(num_classes):
+        raise TypeError(f"num_classes must be an integer >= 2 (the number of logits), got "
+                        f"{type(num_classes).__name__} {num_classes!r}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (the number of logits), got "
+                         f"{num_classes}")
 
 
 def count_params(params: Params) -> int:
@@ -98,6 +134,7 @@ __all__ = [
     "INITS",
     "MODELS",
     "SEQUENCE_MODELS",
+    "TOKEN_MODELS",
     "Model",
     "Params",
     "char_lstm",
