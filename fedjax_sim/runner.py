@@ -504,6 +504,72 @@ def _jitted_block(block: Callable, shardings: Any, mesh: Mesh | None) -> Callabl
     return jax.jit(block, donate_argnums=0, out_shardings=(shardings, replicated))
 
 
+class _VirtualTime:
+    """The virtual time of a clocked run (``core.clock``), kept on the host from the round
+    metrics so that the events read it without waiting on the device."""
+
+    def __init__(self, state: Any, program: Program, count: int):
+        self.single = program.size == 1
+        self.last = None
+        if getattr(state, "clock", None) is not None:
+            last = np.asarray(to_host(state.clock.time)).reshape(-1)[:count]
+            self.last = np.broadcast_to(last, (count,))
+
+    def info(self, times=None) -> dict:
+        """``virtual_time`` for an event (``times``: one round's, else the latest)."""
+        if self.last is None:
+            return {}
+        now = self.last if times is None else times
+        return {"virtual_time": float(now[0]) if self.single else now.tolist()}
+
+
+def _block_end(r: int, *, rounds: int, eval_every: int, rounds_per_call: int,
+               checkpoint_every: int) -> int:
+    """The round a call starting after round ``r`` ends at: the next evaluation,
+    checkpoint or the call-length limit."""
+    stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+    if checkpoint_every:
+        stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
+    return stop_at
+
+
+def _note_divergence(tracks: list[Track], metrics: dict, first: int,
+                     on_divergence: str) -> np.ndarray:
+    """Marks each configuration whose loss or state went non-finite in this call (its
+    first divergence only); returns the (configurations, rounds) losses."""
+    # Rows past the tracks are padding (``sweep``'s repeated configurations).
+    losses = np.asarray(metrics["train_loss"])[:len(tracks)]
+    flags = np.asarray(metrics["nonfinite_any"])[:len(tracks)]
+    new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
+           if tracks[c].diverged is None]
+    if new:
+        clients = np.asarray(to_host(metrics["nonfinite_clients"]))
+        for c in new:
+            tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], first,
+                                             tracks[c].hparams, on_divergence)
+    return losses
+
+
+def _record(program: Program, c: int, track: Track, *, done: int, loss: float,
+            correct: np.ndarray, metrics: dict, start: float) -> dict:
+    """Configuration ``c``'s evaluation record after round ``done``."""
+    up, down = program.comm[c]
+    record = {"round": done, **track.labels, "train_loss": loss,
+              **summarize(correct[c], program.test_counts[c]),
+              "bytes_up": up * done, "bytes_down": down * done,
+              "wall_s": time.perf_counter() - start}
+    for key in CLOCK_METRICS:
+        if key in metrics:
+            record[key] = np.asarray(metrics[key])[c, -1].item()
+    if track.local_accuracies is not None:
+        # Against the Local reference's final accuracies (it ran first).
+        record.update(federation_incentives(record["client_accuracies"],
+                                            track.local_accuracies))
+    if track.diverged is not None:
+        record["diverged_at"] = track.diverged["round"]
+    return record
+
+
 def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int,
           rounds_per_call: int, checkpoint_every: int, checkpoints: Checkpointer | None,
           identity: dict | None, first_round: int, events: Events, on_divergence: str,
@@ -519,8 +585,6 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     Returns:
       ``(final state, rounds done, compile seconds)``.
     """
-    algorithm = program.algorithm
-    writes = lead
     watchdog = safety.Watchdog()
     if program.host_wait:
         watchdog.wait(program.state, "initializing the state")
@@ -528,6 +592,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     blocks: dict[int, Callable] = {}
     compile_s = None
     bar = _progress(rounds - first_round, progress and lead, name)
+    clock = _VirtualTime(state, program, len(tracks))
 
     def live() -> list[int]:
         return [c for c, t in enumerate(tracks)
@@ -537,91 +602,56 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
         checkpoints.save(done, state, {"identity": identity, "round": done})
         events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
 
-    # The virtual time of a clocked run (``core.clock``), kept on the host from the round
-    # metrics so that the events read it without waiting on the device.
-    last_time = None
-    if getattr(state, "clock", None) is not None:
-        last_time = np.asarray(to_host(state.clock.time)).reshape(-1)[:len(tracks)]
-        last_time = np.broadcast_to(last_time, (len(tracks),))
-
-    def clock_info(times) -> dict:
-        if last_time is None:
-            return {}
-        now = last_time if times is None else times
-        return {"virtual_time": float(now[0]) if program.size == 1 else now.tolist()}
+    def evaluate(done: int, losses: np.ndarray, metrics: dict) -> None:
+        correct = np.asarray(to_host(program.evaluate(state, data, hp)))
+        for c in live():
+            track = tracks[c]
+            track.history.append(_record(program, c, track, done=done,
+                                         loss=float(losses[c, -1]), correct=correct,
+                                         metrics=metrics, start=start))
+            if lead and track.out is not None:
+                write_jsonl(track.out / "metrics.jsonl", track.history)
+        if bar is not None and live():
+            bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
+        record = (tracks[0].history[-1] if program.size == 1 and tracks[0].history
+                  else [t.history[-1] for t in tracks if t.history])
+        events.emit("evaluate", round=done, state=state, **clock.info(), record=record)
 
     r = first_round
     try:
         while r < rounds and live():
-            stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
-            if checkpoint_every:
-                stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
+            stop_at = _block_end(r, rounds=rounds, eval_every=eval_every,
+                                 rounds_per_call=rounds_per_call,
+                                 checkpoint_every=checkpoint_every)
             length = stop_at - r
             tic = time.perf_counter()
             if length not in blocks:
                 blocks[length] = _compile_block(program.make_block(length), state, data, hp,
                                                 program.devices)
             for i in range(length):
-                events.emit("round_start", round=r + i, state=state, **clock_info(None))
+                events.emit("round_start", round=r + i, state=state, **clock.info())
             state, metrics = blocks[length](state, data, hp)
             if program.host_wait or compile_s is None:
                 watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
             if compile_s is None:
                 compile_s = time.perf_counter() - tic
-            # Rows past the tracks are padding (``sweep``'s repeated configurations).
-            losses = np.asarray(metrics["train_loss"])[:len(tracks)]
-            flags = np.asarray(metrics["nonfinite_any"])[:len(tracks)]
-            new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
-                   if tracks[c].diverged is None]
-            if new:
-                clients = np.asarray(to_host(metrics["nonfinite_clients"]))
-                for c in new:
-                    tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], r,
-                                                     tracks[c].hparams, on_divergence)
+            losses = _note_divergence(tracks, metrics, r, on_divergence)
             times = (np.asarray(metrics["virtual_time"])[:len(tracks)]
                      if "virtual_time" in metrics else None)
             for i in range(length):
                 events.emit("round_end", round=r + i + 1, state=state,
                             metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
                                                  else m[0, i], metrics),
-                            **clock_info(None if times is None else times[:, i]))
+                            **clock.info(None if times is None else times[:, i]))
             if times is not None:
-                last_time = times[:, -1]
+                clock.last = times[:, -1]
             if bar is not None:
                 bar.update(length)
             r = done = stop_at
             if not live():
                 break
             if done % eval_every == 0 or done == rounds:
-                correct = np.asarray(to_host(program.evaluate(state, data, hp)))
-                for c in live():
-                    track = tracks[c]
-                    up, down = program.comm[c]
-                    record = {
-                        "round": done, **track.labels,
-                        "train_loss": float(losses[c, -1]),
-                        **summarize(correct[c], program.test_counts[c]),
-                        "bytes_up": up * done, "bytes_down": down * done,
-                        "wall_s": time.perf_counter() - start,
-                    }
-                    for key in CLOCK_METRICS:
-                        if key in metrics:
-                            record[key] = np.asarray(metrics[key])[c, -1].item()
-                    if track.local_accuracies is not None:
-                        # Against the Local reference's final accuracies (it ran first).
-                        record.update(federation_incentives(record["client_accuracies"],
-                                                            track.local_accuracies))
-                    if track.diverged is not None:
-                        record["diverged_at"] = track.diverged["round"]
-                    track.history.append(record)
-                    if writes and track.out is not None:
-                        write_jsonl(track.out / "metrics.jsonl", track.history)
-                if bar is not None and live():
-                    bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
-                events.emit("evaluate", round=done, state=state, **clock_info(None),
-                            record=tracks[0].history[-1] if program.size == 1 and
-                            tracks[0].history else [t.history[-1] for t in tracks
-                                                    if t.history])
+                evaluate(done, losses, metrics)
             if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
                 save(done)
             if stop.requested:
@@ -629,7 +659,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     except jax.errors.JaxRuntimeError as error:
         if safety.is_out_of_memory(error):
             raise safety.OutOfMemoryError(
-                f"{algorithm.name} ran out of device memory at round {r + 1}: "
+                f"{program.algorithm.name} ran out of device memory at round {r + 1}: "
                 f"{str(error).splitlines()[0][:200]}; lower --num-clients, --batch-size or "
                 "the model size, or use --client-strategy sequential") from None
         raise
