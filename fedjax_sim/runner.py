@@ -788,34 +788,10 @@ def run(
       fedjax_sim.safety.OutOfMemoryError: when the run cannot fit in device memory.
       TypeError: an ``algorithm``, ``data`` or ``events`` of the wrong type.
     """
-    for label, value, kind, what in (("algorithm", algorithm, Algorithm, "an Algorithm "
-                                      "(from fedjax_sim.algorithms.make)"),
-                                     ("data", data, AnyFederatedData, "a FederatedData or "
-                                      "RaggedFederatedData"),
-                                     ("events", events, Events | None, "an Events or None")):
-        if not isinstance(value, kind):
-            raise TypeError(f"{label} must be {what}, got {type(value).__name__}")
-    check_federated_data(data)
-    if local_accuracies is not None:  # one per client, in [0, 1] or NaN (no test data)
-        import reprlib
-
-        local = np.array(local_accuracies, dtype=object)
-        if local.shape != (data.num_clients,) or not all(
-                isinstance(a, float | int | np.floating | np.integer) and not isinstance(
-                    a, bool | np.bool_) and (0 <= a <= 1 or a != a) for a in local):
-            raise ValueError(f"local_accuracies must be a list of {data.num_clients} "
-                             "accuracies (one per client), each in [0, 1] or NaN, got "
-                             f"{reprlib.repr(local_accuracies)}")
-    check_model_fits(algorithm.models, data)
-    validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
-    check_int("rounds_per_call", rounds_per_call, 1)
-    check_seed("seed", seed)
-    if devices is not None:
-        check_int("devices", devices, 1)
-    strategy_override()  # a malformed FEDJAX_SIM_STRATEGY fails here, not while tracing
-    validate_divergence_policy(on_divergence)
-    if resume and output is None:
-        raise ValueError("resume needs an output folder to resume from")
+    _check_run(algorithm, data, events=events, local_accuracies=local_accuracies,
+               rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every,
+               rounds_per_call=rounds_per_call, seed=seed, devices=devices,
+               on_divergence=on_divergence, resume=resume, output=output)
     events = events or Events()
     lead = jax.process_index() == 0
     identity = run_identity(algorithm, data, seed, config)
@@ -887,20 +863,62 @@ def run(
         finally:
             if checkpoints is not None:
                 checkpoints.close()
-    summary = track.summary
     if track.diverged is not None and on_divergence == "stop":
         diverged = track.diverged
         raise safety.DivergedError(diverged["message"], round=diverged["round"],
                                    clients=diverged["clients"])
     if stopped:
-        saved = checkpoints is not None
-        how = (f"; resume with: {resume_hint}" if saved and resume_hint else
-               f"; its checkpoint is in {checkpoints.directory}" if saved else
-               " (no output folder: nothing was saved)")
-        raise safety.StoppedError(f"stopped at round {done}{how}", round=done,
-                                  signum=stop.signum, checkpoint=saved)
-    events.emit("finish", summary=summary, state=state, history=track.history)
-    return RunResult(summary, track.history, state)
+        raise _stopped_error(done, stop.signum, checkpoints, resume_hint)
+    events.emit("finish", summary=track.summary, state=state, history=track.history)
+    return RunResult(track.summary, track.history, state)
+
+
+def _stopped_error(done: int, signum: int | None, checkpoints: Checkpointer | None,
+                   resume_hint: str | None) -> safety.StoppedError:
+    saved = checkpoints is not None
+    how = (f"; resume with: {resume_hint}" if saved and resume_hint else
+           f"; its checkpoint is in {checkpoints.directory}" if saved else
+           " (no output folder: nothing was saved)")
+    return safety.StoppedError(f"stopped at round {done}{how}", round=done, signum=signum,
+                               checkpoint=saved)
+
+
+def _check_local_accuracies(label: str, local_accuracies: Any, num_clients: int) -> None:
+    """One accuracy per client, each in [0, 1] or NaN (a client without test data)."""
+    import reprlib
+
+    local = np.array(local_accuracies, dtype=object)
+    if local.shape != (num_clients,) or not all(
+            isinstance(a, float | int | np.floating | np.integer) and not isinstance(
+                a, bool | np.bool_) and (0 <= a <= 1 or a != a) for a in local):
+        raise ValueError(f"{label} must be a list of {num_clients} accuracies (one per "
+                         f"client), each in [0, 1] or NaN, got {reprlib.repr(local_accuracies)}")
+
+
+def _check_run(algorithm: Any, data: Any, *, events: Any, local_accuracies: Any, rounds: Any,
+               eval_every: Any, checkpoint_every: Any, rounds_per_call: Any, seed: Any,
+               devices: Any, on_divergence: Any, resume: bool, output: Any) -> None:
+    """:func:`run`'s arguments, checked before anything is placed or compiled."""
+    for label, value, kind, what in (("algorithm", algorithm, Algorithm, "an Algorithm "
+                                      "(from fedjax_sim.algorithms.make)"),
+                                     ("data", data, AnyFederatedData, "a FederatedData or "
+                                      "RaggedFederatedData"),
+                                     ("events", events, Events | None, "an Events or None")):
+        if not isinstance(value, kind):
+            raise TypeError(f"{label} must be {what}, got {type(value).__name__}")
+    check_federated_data(data)
+    if local_accuracies is not None:
+        _check_local_accuracies("local_accuracies", local_accuracies, data.num_clients)
+    check_model_fits(algorithm.models, data)
+    validate_run_options(rounds=rounds, eval_every=eval_every, checkpoint_every=checkpoint_every)
+    check_int("rounds_per_call", rounds_per_call, 1)
+    check_seed("seed", seed)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    strategy_override()  # a malformed FEDJAX_SIM_STRATEGY fails here, not while tracing
+    validate_divergence_policy(on_divergence)
+    if resume and output is None:
+        raise ValueError("resume needs an output folder to resume from")
 
 
 def _divergence(losses: np.ndarray, flags: np.ndarray, clients: np.ndarray, first: int,
@@ -1253,6 +1271,73 @@ def _batched_program(algorithm: Algorithm, splits: list[FederatedData],
         view=lambda s, c: jax.tree.map(lambda a: a[c], s))
 
 
+def _check_sweep(name: str, model: Any, splits: list, *, hparams: dict, seeds: Any, lrs: Any,
+                 configs: Any, rounds: Any, eval_every: Any, rounds_per_call: Any,
+                 devices: Any, on_divergence: Any, output: Any, config_strategy: Any,
+                 per_config: dict) -> list[tuple[int, dict, int]]:
+    """:func:`sweep`'s arguments, checked before anything compiles; its configurations."""
+    from fedjax_sim import algorithms
+
+    if not splits:
+        raise ValueError("data must be FederatedData or a non-empty list of splits")
+    for split in splits:
+        check_federated_data(split)
+        check_model_fits(model, split)
+    validate_run_options(rounds=rounds, eval_every=eval_every)
+    check_int("rounds_per_call", rounds_per_call, 1)
+    if devices is not None:
+        check_int("devices", devices, 1)
+    validate_divergence_policy(on_divergence)
+    if output is not None and per_config["outputs"] is not None:
+        raise ValueError("give output (one sweep folder) or outputs (one per "
+                         "configuration), not both")
+    if config_strategy not in ("auto", "vmap", "map"):
+        raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
+    if algorithms.uses_public(name):
+        raise ValueError(f"sweep does not support {name}: it needs public data")
+    triples = sweep_configs(name, hparams, seeds=seeds, lrs=lrs, configs=configs,
+                            num_splits=len(splits))
+    for label, values in per_config.items():
+        if values is not None and len(values) != len(triples):
+            raise ValueError(f"{label} must have one entry per configuration "
+                             f"({len(triples)}), got {len(values)}")
+    for c, local in enumerate(per_config["local_accuracies"] or ()):
+        split = triples[c][2]
+        _check_local_accuracies(f"local_accuracies[{c}]", local, splits[split].num_clients)
+    return triples
+
+
+def _sweep_folders(alg: Algorithm, triples: list, num_splits: int, *, output: Any,
+                   outputs: Any, overwrite: bool) -> list[Path | None]:
+    """Each configuration's run folder (under ``output``, or ``outputs``), checked."""
+    from fedjax_sim.rundir import preflight
+
+    if output is not None:
+        folders = [Path(output) / _config_dir(seed, overrides.get("lr", alg.numeric["lr"]),
+                                              overrides, split, num_splits)
+                   for seed, overrides, split in triples]
+    else:
+        folders = [None if o is None else Path(o) for o in (outputs or [None] * len(triples))]
+    for folder in ([Path(output)] if output is not None else folders):
+        if folder is not None:
+            preflight(folder, overwrite=overwrite)
+    return folders
+
+
+def _sweep_track(name: str, c: int, triple: tuple, splits: list, alg: Algorithm,
+                 hparams: dict, folder: Path | None, *, local: Any, extra: dict) -> Track:
+    """Configuration ``c``'s labels, hyperparameters and folder."""
+    from fedjax_sim import algorithms
+
+    seed, overrides, split = triple
+    labels = {"algorithm": name, "dataset": splits[split].name, "seed": seed,
+              "lr": overrides.get("lr", alg.numeric["lr"]), **overrides, "config": overrides}
+    if len(splits) > 1:
+        labels["split"] = split
+    return Track(labels=labels, hparams=algorithms.resolve(name, **{**hparams, **overrides}),
+                 out=folder, local_accuracies=local, extra_summary=dict(extra))
+
+
 def sweep(
     name: str,
     model: Any,
@@ -1348,32 +1433,16 @@ def sweep(
     from fedjax_sim import algorithms
 
     splits = list(data) if isinstance(data, list | tuple) else [data]
-    if not splits:
-        raise ValueError("data must be FederatedData or a non-empty list of splits")
-    for split in splits:
-        check_federated_data(split)
-        check_model_fits(model, split)
-    validate_run_options(rounds=rounds, eval_every=eval_every)
-    check_int("rounds_per_call", rounds_per_call, 1)
-    if devices is not None:
-        check_int("devices", devices, 1)
-    validate_divergence_policy(on_divergence)
-    if output is not None and outputs is not None:
-        raise ValueError("give output (one sweep folder) or outputs (one per "
-                         "configuration), not both")
-    if config_strategy not in ("auto", "vmap", "map"):
-        raise ValueError(f"config_strategy must be auto, vmap or map, got {config_strategy!r}")
+    triples = _check_sweep(name, model, splits, hparams=dict(hparams or {}), seeds=seeds,
+                           lrs=lrs, configs=configs, rounds=rounds, eval_every=eval_every,
+                           rounds_per_call=rounds_per_call, devices=devices,
+                           on_divergence=on_divergence, output=output,
+                           config_strategy=config_strategy,
+                           per_config={"outputs": outputs,
+                                       "local_accuracies": local_accuracies,
+                                       "extra_summaries": extra_summaries,
+                                       "config_records": config_records})
     hparams = dict(hparams or {})
-    if algorithms.uses_public(name):
-        raise ValueError(f"sweep does not support {name}: it needs public data")
-    triples = sweep_configs(name, hparams, seeds=seeds, lrs=lrs, configs=configs,
-                            num_splits=len(splits))
-    for label, per_config in (("outputs", outputs), ("local_accuracies", local_accuracies),
-                              ("extra_summaries", extra_summaries),
-                              ("config_records", config_records)):
-        if per_config is not None and len(per_config) != len(triples):
-            raise ValueError(f"{label} must have one entry per configuration "
-                             f"({len(triples)}), got {len(per_config)}")
     strategy_override()
     alg = algorithms.make(name, model, cover=[overrides for _, overrides, _ in triples],
                           **hparams)
@@ -1394,30 +1463,12 @@ def sweep(
          "server state": per_config["server state"] * padded // len(run_devices),
          "data": sum(safety.tree_bytes(split) for split in splits)},
         devices=run_devices, what=f"a sweep of {len(triples)} {name} configurations")
-    if output is not None:
-        folders = [Path(output) / _config_dir(seed, overrides.get("lr", alg.numeric["lr"]),
-                                              overrides, split, len(splits))
-                   for seed, overrides, split in triples]
-    else:
-        folders = [None if o is None else Path(o) for o in (outputs or [None] * len(triples))]
-    for folder in ([Path(output)] if output is not None else folders):
-        if folder is not None:
-            from fedjax_sim.rundir import preflight
-
-            preflight(folder, overwrite=overwrite)
-
-    tracks = []
-    for c, (seed, overrides, split) in enumerate(triples):
-        labels = {"algorithm": name, "dataset": splits[split].name, "seed": seed,
-                  "lr": overrides.get("lr", alg.numeric["lr"]), **overrides,
-                  "config": overrides}
-        if len(splits) > 1:
-            labels["split"] = split
-        tracks.append(Track(
-            labels=labels, hparams=algorithms.resolve(name, **{**hparams, **overrides}),
-            out=folders[c],
-            local_accuracies=None if local_accuracies is None else local_accuracies[c],
-            extra_summary=dict((extra_summaries or [{}] * len(triples))[c])))
+    folders = _sweep_folders(alg, triples, len(splits), output=output, outputs=outputs,
+                             overwrite=overwrite)
+    tracks = [_sweep_track(name, c, triple, splits, alg, hparams, folders[c],
+                           local=None if local_accuracies is None else local_accuracies[c],
+                           extra=(extra_summaries or [{}] * len(triples))[c])
+              for c, triple in enumerate(triples)]
     with contextlib.ExitStack() as stack:
         if output is not None:
             stack.enter_context(RunDir(output, overwrite=overwrite))
