@@ -295,6 +295,18 @@ def _tags(spec: ExperimentSpec, name: str, keys: Sequence[str]) -> dict:
             "values": {k: values[k] for k in keys if k in values}}
 
 
+def _shared_local(spec: ExperimentSpec, built, locals_: dict) -> list[float] | None:
+    """The Local reference's accuracies, run once per split and Local setting."""
+    if built.local is None:
+        return None
+    key = json.dumps([data_key(spec), spec.seed, spec.rounds, spec.eval_every, spec.model,
+                      spec.init, spec.architectures,
+                      sorted(built.local.algorithms[0].hparams.items())], default=str)
+    if key not in locals_:
+        locals_[key] = local_accuracies(built)
+    return locals_[key]
+
+
 def _run_single(spec, built, folder: Path, tags: dict, local, resume_hint) -> dict:
     """One (configuration, seed) with ``runner.run`` into ``folder``; a stopped run with a
     checkpoint resumes from it."""
@@ -391,6 +403,45 @@ def _local_references(specs: Sequence[ExperimentSpec], split_of: list[int], spli
     return [summaries[i].get("client_accuracies") for i in index]
 
 
+def _checked_grid(specs: Sequence[ExperimentSpec]
+                  ) -> tuple[list[ExperimentSpec], list[str], dict[str, str]]:
+    """The specs checked (once per configuration), the varying keys and each
+    configuration's name; refuses an empty grid and a (configuration, seed) twice."""
+    if not specs:
+        raise ValueError("a sweep needs at least one configuration")
+    memo: dict[str, ExperimentSpec] = {}
+    checked = []
+    for spec in specs:
+        template = spec.replace(seed=0)  # settings are checked once per configuration
+        key = json.dumps(template.to_dict(), sort_keys=True, default=repr)
+        if key not in memo:
+            memo[key] = check_spec(template)
+        checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
+    keys = varying(checked)
+    names = {spec.config_hash(): config_name(spec, keys) for spec in checked}
+    seen: set[tuple[str, int]] = set()
+    for spec in checked:
+        pair = (spec.config_hash(), spec.seed)
+        if pair in seen:
+            raise ValueError(f"{names[pair[0]]} seed {spec.seed} is in the grid twice")
+        seen.add(pair)
+    return checked, keys, names
+
+
+def _grid_configs(specs: list[ExperimentSpec], keys: list[str], names: dict[str, str]
+                  ) -> dict[str, dict]:
+    """grid.json's configurations: name, hash, varying values, seeds and settings."""
+    configs: dict[str, dict] = {}
+    for spec in specs:
+        entry = configs.setdefault(spec.config_hash(), {
+            "config": names[spec.config_hash()], "config_hash": spec.config_hash(),
+            "algorithm": spec.algorithm,
+            "values": {k: v for k, v in spec.values().items() if k in keys},
+            "seeds": [], "spec": {k: v for k, v in spec.to_dict().items() if k != "seed"}})
+        entry["seeds"].append(spec.seed)
+    return configs
+
+
 def run_sweep(
     specs: Sequence[ExperimentSpec],
     *,
@@ -423,38 +474,13 @@ def run_sweep(
       fedjax_sim.safety.StoppedError: SIGINT or SIGTERM during a run (rerun to resume).
     """
     log = log or (lambda _line: None)
-    if not specs:
-        raise ValueError("a sweep needs at least one configuration")
-    memo: dict[str, ExperimentSpec] = {}
-    checked = []
-    for spec in specs:
-        template = spec.replace(seed=0)  # settings are checked once per configuration
-        key = json.dumps(template.to_dict(), sort_keys=True, default=repr)
-        if key not in memo:
-            memo[key] = check_spec(template)
-        checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
-    specs = checked
-    keys = varying(specs)
-    names = {spec.config_hash(): config_name(spec, keys) for spec in specs}
-    seen: set[tuple[str, int]] = set()
-    for spec in specs:
-        pair = (spec.config_hash(), spec.seed)
-        if pair in seen:
-            raise ValueError(f"{names[pair[0]]} seed {spec.seed} is in the grid twice")
-        seen.add(pair)
+    specs, keys, names = _checked_grid(specs)
 
     out = Path(output) if output is not None else default_output("sweep", specs[0].dataset)
     is_sweep = (out / GRID_FILE).is_file()
     continuing = is_sweep and not overwrite
     preflight(out, resume=continuing, overwrite=overwrite)
-    configs: dict[str, dict] = {}
-    for spec in specs:
-        entry = configs.setdefault(spec.config_hash(), {
-            "config": names[spec.config_hash()], "config_hash": spec.config_hash(),
-            "algorithm": spec.algorithm,
-            "values": {k: v for k, v in spec.values().items() if k in keys},
-            "seeds": [], "spec": {k: v for k, v in spec.to_dict().items() if k != "seed"}})
-        entry["seeds"].append(spec.seed)
+    configs = _grid_configs(specs, keys, names)
     if continuing:
         _check_extends(out, configs)
     env = environment()
@@ -511,16 +537,7 @@ def run_sweep(
                 continue
             data, public = cache.data(first)
             built = build(first, data=data, public=public)
-            local = None
-            if built.local is not None:
-                local_key = json.dumps([data_key(first), first.seed, first.rounds,
-                                        first.eval_every, first.model, first.init,
-                                        first.architectures,
-                                        sorted(built.local.algorithms[0].hparams.items())],
-                                       default=str)
-                if local_key not in locals_:
-                    locals_[local_key] = local_accuracies(built)
-                local = locals_[local_key]
+            local = _shared_local(first, built, locals_)
             summary = _run_single(first, built, folders[0], tags[0], local, resume_hint)
             finish(first, summary, folders[0])
 
