@@ -46,8 +46,9 @@ from fedjax_sim.models.layers import DEFAULT_INIT
 # Federated distillation: public data held out of the pool unless public_dataset is given.
 DEFAULT_PUBLIC_FRACTION = 0.2
 DEFAULT_VAL_FRACTION = 0.05
-# Algorithms that take several architectures (client k runs architecture k mod A).
-HETEROGENEOUS = ("fedmd", "fccl")
+# The built-in algorithms that take several architectures (client k runs architecture
+# k mod A), for help texts; the checks read each algorithm's declared abilities.
+HETEROGENEOUS = tuple(n for n in algorithms.names() if algorithms.abilities(n).heterogeneous)
 SWEEP_STRATEGIES = ("auto", "vmap", "map")
 DIVERGENCE_POLICIES = ("stop", "warn")
 
@@ -395,8 +396,9 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
     if spec.architectures is not None:
         parse_architectures(_check_text(label("architectures"), spec.architectures),
                             label("architectures"))
-        if spec.algorithm not in HETEROGENEOUS:
-            raise ValueError(f"{label('architectures')} applies to {' and '.join(HETEROGENEOUS)}"
+        if not algorithms.abilities(spec.algorithm).heterogeneous:
+            able = [n for n in algorithms.names() if algorithms.abilities(n).heterogeneous]
+            raise ValueError(f"{label('architectures')} applies to {' and '.join(able)}"
                              f", not {spec.algorithm}")
 
 
@@ -481,10 +483,12 @@ def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict
             if value is not None and value > cohort:
                 raise ValueError(f"{label(name)} must be at most the cohort size N = "
                                  f"{cohort} (num_clients x join_ratio), got {value}")
-    if spec.algorithm in HETEROGENEOUS or algorithms.uses_public(spec.algorithm):
+    abilities = algorithms.abilities(spec.algorithm)
+    if abilities.heterogeneous or algorithms.uses_public(spec.algorithm):
         raise ValueError(f"algorithm {spec.algorithm} cannot run under condition {condition}: "
                          "it does not aggregate client updates through the standard round")
-    check_clock_support(spec.algorithm, condition, get_condition(condition).asynchronous)
+    check_clock_support(spec.algorithm, abilities, condition,
+                        get_condition(condition).asynchronous)
 
 
 def build_clock(spec: ExperimentSpec, num_clients: int):

@@ -257,3 +257,37 @@ def test_a_plugin_runs_through_compare_sweep_and_compare_local(plugin, tmp_path,
     assert last["ipr"] == summary["ipr"] and last["tie_fraction"] == summary["tie_fraction"]
     fedavg = {r["seed"]: r["accuracy"] for r in rows["fedavg"]}
     assert {r["seed"]: r["accuracy"] for r in records if r["values"]["mix"] == 1.0} == fedavg
+
+
+def test_a_plugin_declares_what_it_can_do(small_data):
+    """The clock's checks read the algorithm's declared abilities, not a list of names: a
+    plug-in that declares asynchronous uploads runs under FedBuff; without, it is refused
+    with the reason; a clock refusal names the plug-in's own reason."""
+    from fedjax_sim.algorithms.base import Abilities, clocked
+    from fedjax_sim.core import system
+    from fedjax_sim.core.clock import Clock
+    from fedjax_sim.models import make_model
+
+    model = make_model("mlp", small_data.input_shape, small_data.num_classes)
+    clock = Clock(system.homogeneous(small_data.num_clients), condition="fedbuff",
+                  buffer_size=1)
+    try:
+        algorithms.register("fedavg_mix", fedavg_mix, MIX)
+        plain = algorithms.make("fedavg_mix", model, local_epochs=1)
+        assert algorithms.abilities("fedavg_mix") == Abilities()
+        with pytest.raises(ValueError, match="fedavg_mix cannot run under the asynchronous"):
+            clocked(plain, clock, small_data.num_clients)
+        algorithms.register("fedavg_mix", fedavg_mix, MIX,
+                            abilities=Abilities(asynchronous=True), replace=True)
+        able = algorithms.make("fedavg_mix", model, local_epochs=1)
+        timed = clocked(able, clock, small_data.num_clients)
+        assert timed.clock is not None and timed.abilities.asynchronous
+        assert timed.models == able.models
+        algorithms.register("fedavg_mix", fedavg_mix, MIX, replace=True,
+                            abilities=Abilities(clock=False, clock_refusal="its own reason"))
+        with pytest.raises(ValueError, match="cannot run under condition fedbuff: its own"):
+            clocked(algorithms.make("fedavg_mix", model), clock, small_data.num_clients)
+    finally:
+        algorithms.unregister("fedavg_mix")
+    with pytest.raises(TypeError, match="Abilities.asynchronous must be True or False"):
+        Abilities(asynchronous="yes")

@@ -48,6 +48,7 @@ from fedjax_sim.algorithms import (
 )
 from fedjax_sim.algorithms.base import (
     COMMON,
+    Abilities,
     Algorithm,
     HParam,
     check_hparam,
@@ -70,6 +71,7 @@ class _Entry:
     hparams: tuple[HParam, ...]
     uses_public: bool = False
     takes_batch_order: bool = False
+    abilities: Abilities = dataclasses.field(default_factory=Abilities)
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -78,7 +80,8 @@ _REGISTRY: dict[str, _Entry] = {}
 def _builtin(module: types.ModuleType, *, uses_public: bool = False) -> None:
     name = module.__name__.rsplit(".", 1)[1]
     _REGISTRY[name] = _Entry(name, getattr(module, name), tuple(module.HPARAMS), uses_public,
-                             getattr(module, "TAKES_BATCH_ORDER", False))
+                             getattr(module, "TAKES_BATCH_ORDER", False),
+                             getattr(module, "ABILITIES", Abilities()))
 
 
 for _module in (fedavg, local, fedavg_ft, fedper, fedrep, fedbabu, lg_fedavg, ditto, apfl,
@@ -101,6 +104,7 @@ def register(
     hparams: Sequence[HParam] = (),
     *,
     uses_public: bool = False,
+    abilities: Abilities | None = None,
     replace: bool = False,
 ) -> None:
     """Adds an algorithm to the registry, where it works as the built-in ones do: ``make``,
@@ -122,6 +126,9 @@ def register(
         config key or command-line flag means one thing.
       uses_public: the algorithm needs public data (``make(..., public=...)``; listed in
         ``DISTILLATION``).
+      abilities: what it can do beyond the synchronous round (``base.Abilities``: the
+        virtual clock, the asynchronous conditions, heterogeneous models); the default
+        runs on the clock's synchronous conditions only.
       replace: replace an algorithm registered earlier under ``name`` (never a built-in).
         Registering the same factory, hyperparameters and ``uses_public`` again is a no-op.
 
@@ -137,9 +144,14 @@ def register(
     if name in _BUILTIN:
         raise ValueError(f"{name!r} is a built-in algorithm and cannot be registered again; "
                          "choose another name")
+    abilities = Abilities() if abilities is None else abilities
+    if not isinstance(abilities, Abilities):
+        raise ValueError(f"abilities of algorithm {name!r} must be a base.Abilities, got "
+                         f"{type(abilities).__name__}")
     existing = _REGISTRY.get(name)
-    if existing is not None and (existing.factory, existing.hparams, existing.uses_public) == (
-            factory, tuple(hparams), uses_public):
+    if existing is not None and (existing.factory, existing.hparams, existing.uses_public,
+                                 existing.abilities) == (factory, tuple(hparams), uses_public,
+                                                         abilities):
         return  # the same registration again (a plug-in loaded twice in one process)
     if name in _REGISTRY and not replace:
         raise ValueError(f"algorithm {name!r} is registered already; pass replace=True to "
@@ -155,7 +167,7 @@ def register(
     _check_specs(name, specs)
     if not isinstance(uses_public, bool):
         raise ValueError(f"uses_public must be True or False, got {uses_public!r}")
-    _REGISTRY[name] = _Entry(name, factory, specs, uses_public)
+    _REGISTRY[name] = _Entry(name, factory, specs, uses_public, abilities=abilities)
 
 
 def _check_specs(name: str, specs: tuple) -> None:
@@ -387,11 +399,21 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
             algorithm.hp(**overrides)
         except ValueError as error:
             raise ValueError(f"cover[{i}]: {error}") from None
+    algorithm = algorithm._replace(abilities=entry.abilities)
     if isinstance(model, Model):
         return algorithm._replace(models=(model,))
     if isinstance(model, list | tuple):
         return algorithm._replace(models=tuple(model))
     return algorithm
+
+
+def abilities(name: str) -> Abilities:
+    """What algorithm ``name`` declares it can do (``base.Abilities``).
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    return _entry(name).abilities
 
 
 # The standard baselines and IncFL, written as plug-ins through ``register`` (as a user
@@ -400,7 +422,8 @@ from fedjax_sim.algorithms import fedopt, fedprox, incfl, scaffold  # noqa: E402
 
 _BUILTIN = frozenset(_REGISTRY)
 
-__all__ = ["ALGORITHMS", "DISTILLATION", "ENTRY_POINT_GROUP", "Algorithm", "HParam",
+__all__ = ["ALGORITHMS", "DISTILLATION", "ENTRY_POINT_GROUP", "Abilities", "Algorithm",
+           "HParam", "abilities",
            "check_hparam", "check_model_fits", "hparam_specs", "load_entry_points", "make",
            "names", "register", "resolve", "resolve_cover", "takes_batch_order",
            "traced_names", "unregister", "uses_public"]

@@ -57,6 +57,42 @@ from fedjax_sim.models.base import Model
 Traced = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Abilities:
+    """What an algorithm can do beyond the synchronous round, declared by the algorithm
+    (a module's ``ABILITIES``, or ``algorithms.register(..., abilities=...)``) and read by
+    the checks instead of lists of names.
+
+    Attributes:
+      clock: it runs on the virtual clock (``--system``, ``--condition``); False where the
+        server state a clock's partial cohorts would break.
+      clock_refusal: why not, when ``clock`` is False (shown in the refusal).
+      asynchronous: it also runs under the asynchronous conditions (FedAsync, FedBuff):
+        its uploads live in the space of the model the server sends, so a stale one can
+        be mixed in.
+      heterogeneous: it takes a tuple of models, one architecture per client group
+        (``--architectures``).
+    """
+
+    clock: bool = True
+    clock_refusal: str = ""
+    asynchronous: bool = False
+    heterogeneous: bool = False
+
+    def __post_init__(self):
+        for name in ("clock", "asynchronous", "heterogeneous"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Abilities.{name} must be True or False, got "
+                                f"{getattr(self, name)!r}")
+        if not isinstance(self.clock_refusal, str):
+            raise TypeError(f"Abilities.clock_refusal must be a str, got "
+                            f"{self.clock_refusal!r}")
+
+
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
+ASYNCHRONOUS = Abilities(asynchronous=True)
+
+
 class Algorithm(NamedTuple):
     """A federated algorithm bound to a model and its hyperparameters.
 
@@ -86,6 +122,8 @@ class Algorithm(NamedTuple):
         ``core.clock.Clock`` (see :func:`clocked`); ``None`` for an algorithm outside the
         standard round skeleton.
       clock: the ``core.clock.Clock`` it runs on, or ``None``.
+      abilities: what it can do beyond the synchronous round (:class:`Abilities`), set
+        by ``algorithms.make`` from the registry.
     """
 
     name: str
@@ -103,6 +141,7 @@ class Algorithm(NamedTuple):
     evaluate_with: Callable[[SimState, FederatedData, Traced], tuple] | None = None
     with_clock: Callable[[Any], Algorithm] | None = None
     clock: Any = None
+    abilities: Abilities = Abilities()
 
     def hp(self, **overrides: float) -> Traced:
         """The traced hyperparameters ``round_with`` takes: these defaults with
@@ -560,32 +599,21 @@ def _with_participation(report: Callable | None) -> Callable:
     return combined
 
 
-# Algorithms whose rounds fit the skeleton but whose server state a clock would break:
-# SCAFFOLD's control variates (|S| / N steps), the distillation methods' public-set
-# exchange.
-CLOCK_REFUSED = {
-    "scaffold": "its server control variate steps by |S| / N of the clients that report",
-    "dsfl": "it aggregates soft labels on a public set, not client updates",
-    "feddf": "it distills the cohort's models on a public set, not a mean of updates",
-}
-# Asynchronous conditions also need uploads in the space of the model the server sends.
-ASYNC_ALGORITHMS = ("fedavg", "fedprox", "fedopt", "fedavg_ft", "fedper",
-                    "fedrep", "lg_fedavg", "fedobp")
-
-
-def check_clock_support(name: str, condition: str, asynchronous: bool) -> None:
-    """Refuses an algorithm the virtual clock cannot serve under ``condition``.
+def check_clock_support(name: str, abilities: Abilities, condition: str,
+                        asynchronous: bool) -> None:
+    """Refuses an algorithm the virtual clock cannot serve under ``condition``, from its
+    declared :class:`Abilities`.
 
     Raises:
       ValueError: naming the algorithm, the condition and why.
     """
-    if name in CLOCK_REFUSED:
+    if not abilities.clock:
         raise ValueError(f"algorithm {name} cannot run under condition {condition}: "
-                         f"{CLOCK_REFUSED[name]}")
-    if asynchronous and name not in ASYNC_ALGORITHMS:
+                         f"{abilities.clock_refusal or 'it does not run on the clock'}")
+    if asynchronous and not abilities.asynchronous:
         raise ValueError(f"algorithm {name} cannot run under the asynchronous condition "
-                         f"{condition}: it needs uploads in the space of the global model; "
-                         f"these can: {', '.join(ASYNC_ALGORITHMS)}")
+                         f"{condition}: it needs uploads in the space of the global model "
+                         "(an algorithm declares it with Abilities(asynchronous=True))")
 
 
 def clocked(algorithm: Algorithm, clock: Any, num_clients: int) -> Algorithm:
@@ -594,9 +622,8 @@ def clocked(algorithm: Algorithm, clock: Any, num_clients: int) -> Algorithm:
 
     Raises:
       ValueError: an algorithm outside the standard round skeleton (grouped
-        architectures, distillation), one of :data:`CLOCK_REFUSED`, an asynchronous
-        condition with an algorithm not in :data:`ASYNC_ALGORITHMS`, or a bad clock
-        setting (``core.clock.check_clock``).
+        architectures, distillation), one whose :class:`Abilities` refuse the clock or
+        the condition, or a bad clock setting (``core.clock.check_clock``).
     """
     from fedjax_sim.core.clock import check_clock, get_condition
     from fedjax_sim.core.cohort import cohort_size
@@ -606,9 +633,11 @@ def clocked(algorithm: Algorithm, clock: Any, num_clients: int) -> Algorithm:
         raise ValueError(f"algorithm {algorithm.name} cannot run under condition "
                          f"{clock.condition}: it does not aggregate client updates through "
                          "the standard round")
-    check_clock_support(algorithm.name, clock.condition, condition.asynchronous)
+    check_clock_support(algorithm.name, algorithm.abilities, clock.condition,
+                        condition.asynchronous)
     check_clock(clock, num_clients, cohort_size(num_clients, algorithm.hparams["join_ratio"]))
-    return algorithm.with_clock(clock)
+    return algorithm.with_clock(clock)._replace(models=algorithm.models,
+                                                abilities=algorithm.abilities)
 
 
 def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     HParam,
     client_optimizer,
@@ -78,6 +79,10 @@ AGGREGATIONS = ("era", "sa")
 LOSSES = ("kl", "ce")
 EVALS = ("client", "global")
 
+# The virtual clock's partial cohorts would break it.
+ABILITIES = Abilities(
+    clock=False,
+    clock_refusal="it aggregates soft labels on a public set, not client updates")
 HPARAMS = (
     *SHARED,
     HParam("dsfl_aggregation", "era", str, lambda v: v in AGGREGATIONS, "era or sa",

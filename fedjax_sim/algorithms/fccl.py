@@ -31,7 +31,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_sim.algorithms.base import Algorithm, HParam, client_optimizer, execution, schedule
+from fedjax_sim.algorithms.base import (
+    Abilities,
+    Algorithm,
+    HParam,
+    client_optimizer,
+    execution,
+    schedule,
+)
 from fedjax_sim.algorithms.dsfl import SHARED, sample_public
 from fedjax_sim.algorithms.fedmd import as_models, grouped_algorithm, prepare_groups
 from fedjax_sim.core import local
@@ -43,6 +50,8 @@ from fedjax_sim.models.base import Model
 
 USES_PUBLIC = True
 
+# One architecture per client group (--architectures).
+ABILITIES = Abilities(heterogeneous=True)
 HPARAMS = (
     *SHARED,
     HParam("fccl_lambda", 0.0051, float, lambda v: v >= 0, ">= 0",

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     HParam,
     federated_algorithm,
@@ -43,6 +44,10 @@ from fedjax_sim.models.base import Model
 
 USES_PUBLIC = True
 
+# The virtual clock's partial cohorts would break it.
+ABILITIES = Abilities(
+    clock=False,
+    clock_refusal="it distills the cohort's models on a public set, not a mean of updates")
 HPARAMS = (
     HParam("feddf_steps", 200, int, lambda v: v >= 0, "an integer >= 0",
            "FedDF: most server distillation steps per round (0: plain FedAvg)"),

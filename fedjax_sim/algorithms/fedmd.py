@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     HParam,
     assemble,
@@ -58,6 +59,8 @@ from fedjax_sim.models.base import Model
 
 USES_PUBLIC = True
 
+# One architecture per client group (--architectures).
+ABILITIES = Abilities(heterogeneous=True)
 HPARAMS = (
     *SHARED,
     HParam("fedmd_transfer_epochs", 5, int, lambda v: v >= 0, "an integer >= 0",

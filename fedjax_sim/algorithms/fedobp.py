@@ -85,6 +85,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.algorithms.base import (
+    ASYNCHRONOUS,
     Algorithm,
     HParam,
     as_traced,
@@ -112,6 +113,8 @@ _RANDOM_STREAM = 0x0B9
 # Examples per chunk of the per-example gradients of the Fisher variant (memory bound).
 _FISHER_CHUNK = 32
 
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
+ABILITIES = ASYNCHRONOUS
 HPARAMS = (
     HParam("ig_ratio", 0.9999, float, lambda v: 0 <= v <= 1, "in [0, 1]",
            "FedOBP: quantile q of each client's element scores; elements above it stay "
@@ -403,6 +406,10 @@ def fedobp(model: Model, *, cover: Sequence[Mapping[str, float]] = (), **hp) -> 
         return SimState.create(state_key, {"params": params}, clients, k)
 
     def send(traced, state, round_key):
+        # The global model and the mask key: the client builds the mask it trains from
+        # with both. Under an asynchronous condition the clock keeps this pair per client
+        # from its dispatch, so a client whose update arrives steps later still trains on
+        # the mask of the model it was sent (core.clock, ClockState.start).
         del traced
         return round_key, (state.server["params"], random_key(state)), None
 

@@ -36,6 +36,7 @@ import jax
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
+    ASYNCHRONOUS,
     Algorithm,
     federated_algorithm,
     num_params_bytes,
@@ -52,6 +53,8 @@ from fedjax_sim.algorithms.server_opt import (  # noqa: F401  (re-exported)
 from fedjax_sim.core.state import SimState
 from fedjax_sim.models.base import Model
 
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
+ABILITIES = ASYNCHRONOUS
 HPARAMS = SERVER_HPARAMS
 
 
@@ -79,4 +82,4 @@ def fedopt(model: Model, *, cover=(), **hp) -> Algorithm:
                                comm_bytes=per_round_bytes(hp, size, size), cover=cover)
 
 
-register("fedopt", fedopt, HPARAMS)
+register("fedopt", fedopt, HPARAMS, abilities=ABILITIES)

@@ -22,6 +22,7 @@ import optax
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
+    ASYNCHRONOUS,
     Algorithm,
     HParam,
     client_optimizer,
@@ -35,6 +36,8 @@ from fedjax_sim.algorithms.fedavg import global_init
 from fedjax_sim.core.rounds import Method
 from fedjax_sim.models.base import Model
 
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
+ABILITIES = ASYNCHRONOUS
 HPARAMS = (
     HParam("mu", 0.01, float, lambda v: v >= 0, ">= 0",
            "FedProx: strength μ of the proximal term μ/2 ||w - w_global||^2 (0: FedAvg)",
@@ -81,4 +84,4 @@ def fedprox(model: Model, *, cover=(), **hp) -> Algorithm:
         cover=cover)
 
 
-register("fedprox", fedprox, HPARAMS)
+register("fedprox", fedprox, HPARAMS, abilities=ABILITIES)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 
 from fedjax_sim.algorithms.base import (
+    ASYNCHRONOUS,
     Algorithm,
     HParam,
     client_optimizer,
@@ -29,6 +30,8 @@ from fedjax_sim.algorithms.server_opt import SERVER_HPARAMS
 from fedjax_sim.core import local
 from fedjax_sim.models.base import Model
 
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
+ABILITIES = ASYNCHRONOUS
 HPARAMS = (
     HParam("body_epochs", 1, int, lambda v: v >= 1, "a positive integer",
            "FedRep: epochs that train the base after the head (must be <= local_epochs)"),

@@ -39,6 +39,7 @@ import optax
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     client_optimizer,
     federated_algorithm,
@@ -53,6 +54,10 @@ from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
+# The virtual clock's partial cohorts would break it.
+ABILITIES = Abilities(
+    clock=False,
+    clock_refusal="its server control variate steps by |S| / N of the clients that report")
 HPARAMS = (SERVER_LR,)
 
 
@@ -131,4 +136,4 @@ def scaffold(model: Model, *, cover=(), **hp) -> Algorithm:
                                comm_bytes=per_round_bytes(hp, size, size), cover=cover)
 
 
-register("scaffold", scaffold, HPARAMS)
+register("scaffold", scaffold, HPARAMS, abilities=ABILITIES)
