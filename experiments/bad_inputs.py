@@ -1,4 +1,5 @@
-"""Every bad command line of tests/test_bad_input.py as a real process, timed.
+"""Every bad command line of tests/test_bad_input.py, and those of ``EXTRA_CASES`` below,
+as a real process, timed.
 
 Each case runs ``python -m fedjax_sim.cli ...`` on the CPU and counts as rejected with one
 line when the process exits with status 2, writes exactly one stderr line
@@ -24,6 +25,70 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# More bad command lines, in the battery's form ``(id, argv, expected fragment)``: options
+# that would have no effect, unknown options with a hint, plug-in and config-file keys.
+# ``{tmp}`` holds the files of ``prepare_extra_files``. tests/test_cli_options.py runs them
+# in-process too.
+EXTRA_CASES = [
+    ("run-alpha-not-dirichlet", "run --partition iid --alpha 0.3",
+     "--alpha has no effect with --partition iid: only the dirichlet partition uses it"),
+    ("run-shards-not-shards", "run --shards-per-client 3",
+     "--shards-per-client has no effect with --partition dirichlet"),
+    ("run-classes-not-classes", "run --partition shards --classes-per-client 3",
+     "--classes-per-client has no effect with --partition shards"),
+    ("run-epochs-with-steps", "run --local-epochs 5 --local-steps 10",
+     "--local-epochs has no effect with --local-steps"),
+    ("run-finetune-with-steps", "run --algorithm fedbabu --finetune-epochs 2 --local-steps 5",
+     "--finetune-epochs has no effect with --local-steps"),
+    ("run-chunk-size-not-chunked", "run --chunk-size 4",
+     "--chunk-size has no effect with --client-strategy auto"),
+    ("run-server-momentum-sgd", "run --algorithm fedopt --server-momentum 0.5",
+     "--server-momentum has no effect with --server-opt sgd"),
+    ("run-compare-local-local", "run --algorithm local --compare-local",
+     "--compare-local has no effect with --algorithm local"),
+    ("run-public-val-no-public", "run --public-val-fraction 0.1",
+     "--public-val-fraction has no effect"),
+    ("run-sweep-strategy-single", "run --sweep-strategy vmap",
+     "--sweep-strategy has no effect on a single run"),
+    ("run-set-alpha-iid", "run --partition iid --set alpha=0.3",
+     "--set alpha has no effect with --partition iid"),
+    ("run-config-alpha-iid", "run --config {tmp}/iid_alpha.toml",
+     "{tmp}/iid_alpha.toml: alpha has no effect with {tmp}/iid_alpha.toml: partition iid"),
+    ("run-config-table-typo", "run --config {tmp}/table_typo.toml",
+     "fedobp has no hyperparameter ig_ratoi (did you mean ig_ratio?)"),
+    ("run-set-table-typo", "run --algorithm fedobp --set fedobp.ig_ratoi=0.5",
+     "fedobp has no hyperparameter ig_ratoi (did you mean ig_ratio?)"),
+    ("run-algorithms-plural", "run --algorithms fedavg,fedper",
+     "--algorithms is an option of compare and sweep, not of run; run takes --algorithm"),
+    ("run-plugin-option-alone", "run --mix 0.7",
+     "unrecognized arguments: --mix 0.7 (if a plug-in defines it, pass --plugin MODULE first"),
+    ("run-plugin-algorithm-alone", "run --algorithm fedavg_mix",
+     "an algorithm of a plug-in needs --plugin MODULE"),
+    ("run-set-plugin", "run --set plugin=my_algo",
+     "--set plugin: plug-ins are imported before the options are read"),
+    ("run-config-plugin-missing", "run --config {tmp}/plugin_missing.toml",
+     "{tmp}/plugin_missing.toml: plugin no_such_plugin_xyz: no module named"),
+    ("bench-chunk-size-not-chunked", "bench --chunk-size 4",
+     "--chunk-size has no effect with --client-strategy auto"),
+    ("bench-conv-impl-mlp", "bench --conv-impl xla",
+     "--conv-impl has no effect with --model mlp"),
+    ("bench-config", "bench --config {tmp}/iid_alpha.toml",
+     "--config is an option of run and compare and sweep, not of bench"),
+]
+
+
+def prepare_extra_files(tmp: Path) -> None:
+    """The files the ``EXTRA_CASES`` point at."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "iid_alpha.toml").write_text('partition = "iid"\nalpha = 0.3\n')
+    (tmp / "table_typo.toml").write_text('algorithm = "fedobp"\n[fedobp]\nig_ratoi = 0.5\n')
+    (tmp / "plugin_missing.toml").write_text('plugin = "no_such_plugin_xyz"\n')
+
+
+def extra_cases(battery) -> list:
+    """``EXTRA_CASES`` as the battery's cases."""
+    return [battery._c(*case) for case in EXTRA_CASES]
+
 
 def load_battery():
     """The ``tests/test_bad_input.py`` module (its ``CLI_CASES``, ``prepare_files``, ...)."""
@@ -37,6 +102,7 @@ def load_battery():
 def run_case(battery, case, tmp: Path) -> dict:
     """Runs one case in a fresh process; returns what it did and whether that passes."""
     battery.prepare_files(tmp)
+    prepare_extra_files(tmp)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     for key in ("XLA_FLAGS", "FEDJAX_SIM_STRATEGY"):
         env.pop(key, None)
@@ -61,7 +127,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", default=None, help="also write every result to this file")
     args = parser.parse_args(argv)
     battery = load_battery()
-    cases = battery.CLI_CASES
+    cases = battery.CLI_CASES + extra_cases(battery)
     if args.ids is not None:
         wanted = [i.strip() for i in args.ids.split(",") if i.strip()]
         unknown = sorted(set(wanted) - {c.id for c in cases})

@@ -13,6 +13,7 @@ data, models and algorithms and ``fedjax_sim.sweep`` runs grids.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import shlex
@@ -46,7 +47,6 @@ from fedjax_sim.spec import (
     ExperimentSpec,
     build,
     build_data,
-    local_accuracies,
     run_built,
     share_public_split,
 )
@@ -70,16 +70,55 @@ config files: --config FILE.toml takes the options above as keys with underscore
 (num_clients = 10). A list is a grid axis (lr = [0.01, 0.05]); a table named after an
 algorithm ([fedobp]) holds that algorithm's own grid. --set key=value[,value...]
 overrides the file (a comma list is an axis; --set fedobp.ig_ratio=0.5,0.9 for a table).
-Flags given on the command line win over the file. Every key and value is checked before
-anything loads or compiles."""
+Flags given on the command line win over the file. plugin = "MODULE" (or a list) imports
+plug-ins as --plugin does. Every key and value is checked before anything loads or
+compiles; an option given that would have no effect in the chosen setting (alpha without
+the dirichlet partition, local_epochs with local_steps, ...) is refused, never ignored."""
+
+
+COMMANDS = ("run", "compare", "sweep", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
     """Argument parser whose errors are one line, ``fedjax-sim <command>: error: ...``,
-    without the usage block (sub-commands get this class too)."""
+    without the usage block (sub-commands get this class too); an unknown option says what
+    to do about it."""
+
+    commands: dict[str, argparse.ArgumentParser] | None = None
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required: command"):
+            message += (f" (one of {', '.join(COMMANDS)}; `{self.prog} --help` describes "
+                        "them, `--version` prints the version)")
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(namespace, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"{prog}: error: {self._unrecognized(command, extras)}\n")
+        return namespace
+
+    def _unrecognized(self, command: str | None, extras: list[str]) -> str:
+        """``unrecognized arguments: ...`` and a hint about the first unknown option."""
+        text = f"unrecognized arguments: {' '.join(extras)}"
+        option = next((w.split("=", 1)[0] for w in extras if w.startswith("--")), None)
+        if option is None or not self.commands or command not in self.commands:
+            return text
+        strings = {name: [s for a in sub._actions for s in a.option_strings]
+                   for name, sub in self.commands.items()}
+        owners = [name for name in COMMANDS if name != command and option in strings[name]]
+        if owners:
+            hint = (f"{option} is an option of {' and '.join(owners)}, not of {command}")
+            if option == "--algorithms" and "--algorithm" in strings[command]:
+                hint += f"; {command} takes --algorithm (one name)"
+            return f"{text} ({hint})"
+        close = difflib.get_close_matches(option, strings[command], n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}? " if close else ""
+        if "--plugin" in strings[command]:
+            hint += "if a plug-in defines it, pass --plugin MODULE first; "
+        return f"{text} ({hint}`fedjax-sim {command} --help` lists the options)"
 
 
 def _flag(name: str) -> str:
@@ -112,14 +151,19 @@ def _add_hparam(group, spec: HParam, seen: set[str], owner: str | None = None) -
                          ) from None
 
 
-def load_plugin(entry: str) -> None:
+def load_plugin(entry: str, *, label: str = "--plugin") -> None:
     """Imports a plug-in for ``--plugin``: ``MODULE`` (on ``sys.path`` or in the current
     directory), or a ``FILE.py``, which registers its algorithms or data sources when
     imported; with ``:FUNCTION`` appended, that function of it is then called to register
     them.
 
+    Args:
+      entry: ``MODULE``, ``FILE.py``, or either with ``:FUNCTION``.
+      label: how messages name where the entry came from (``--plugin``, or the config
+        file's ``plugin`` key).
+
     Raises:
-      ValueError: naming ``--plugin`` and the entry when the module cannot be found or
+      ValueError: naming ``label`` and the entry when the module cannot be found or
         imported, has no such function, or its registration fails.
     """
     import importlib
@@ -127,13 +171,13 @@ def load_plugin(entry: str) -> None:
 
     target, _, function = entry.rpartition(":") if _has_function(entry) else (entry, "", "")
     if not target:
-        raise ValueError(f"--plugin takes MODULE, FILE.py or either with :FUNCTION, got "
+        raise ValueError(f"{label} takes MODULE, FILE.py or either with :FUNCTION, got "
                          f"{entry!r}")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise ValueError(f"--plugin {entry}: no file {target}")
+                raise ValueError(f"{label} {entry}: no file {target}")
             spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(spec)
             sys.modules[path.stem] = module
@@ -146,21 +190,21 @@ def load_plugin(entry: str) -> None:
             module = importlib.import_module(target)
     except ModuleNotFoundError as error:
         if error.name and target.startswith(error.name):
-            raise ValueError(f"--plugin {entry}: no module named {error.name!r} (is it "
+            raise ValueError(f"{label} {entry}: no module named {error.name!r} (is it "
                              "installed, on PYTHONPATH, or in this directory?)") from None
-        raise ValueError(f"--plugin {entry}: importing {target} failed: {error}") from None
+        raise ValueError(f"{label} {entry}: importing {target} failed: {error}") from None
     except ValueError as error:
         text = str(error)
-        raise ValueError(text if text.startswith("--plugin") else
-                         f"--plugin {entry}: {text}") from None
+        raise ValueError(text if text.startswith(label) else
+                         f"{label} {entry}: {text}") from None
     if function:
         register = getattr(module, function, None)
         if not callable(register):
-            raise ValueError(f"--plugin {entry}: {target} has no function {function!r}")
+            raise ValueError(f"{label} {entry}: {target} has no function {function!r}")
         try:
             register()
         except ValueError as error:
-            raise ValueError(f"--plugin {entry}: {error}") from None
+            raise ValueError(f"{label} {entry}: {error}") from None
 
 
 def _has_function(entry: str) -> bool:
@@ -169,17 +213,44 @@ def _has_function(entry: str) -> bool:
     return bool(sep) and tail.isidentifier() and len(head) > 1
 
 
-def _load_plugins(argv: list[str]) -> None:
-    """The first pass over the command line: imports every ``--plugin`` before the parser
-    is built, so that the algorithms (and their hyperparameter flags) and data sources they
-    register are known to it."""
-    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+class _FirstPassError(Exception):
+    """The first pass could not read the line: the full parser reports it."""
+
+
+class _FirstPass(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _FirstPassError(message)
+
+
+def _load_plugins(argv: list[str]) -> list[str]:
+    """The first pass over the command line: imports every ``--plugin``, and every entry
+    of the ``plugin`` key of a ``--config`` file, before the parser is built, so that the
+    algorithms (and their hyperparameter flags) and data sources they register are known
+    to it.
+
+    Returns:
+      The entries imported, in order.
+    """
+    first = _FirstPass(add_help=False, allow_abbrev=False)
     first.add_argument("--plugin", action="append", default=[])
+    first.add_argument("--config", default=None)
     # Only `--plugin X` and `--plugin=X` count (no abbreviation: the full parser refuses
     # those); the rest of the line is parsed after.
-    known, _ = first.parse_known_args(argv)
-    for entry in known.plugin:
-        load_plugin(entry)
+    try:
+        known, _ = first.parse_known_args(argv)
+    except _FirstPassError:
+        return []
+    entries = [(entry, "--plugin") for entry in known.plugin]
+    if known.config is not None and argv and argv[0] in ("run", "compare", "sweep"):
+        source = str(known.config)
+        entries += [(entry, f"{source}: {config.PLUGIN_KEY}") for entry in
+                    config.plugin_entries(config.read_toml(source), source=source)]
+    loaded: list[str] = []
+    for entry, label in entries:
+        if entry not in loaded:
+            load_plugin(entry, label=label)
+            loaded.append(entry)
+    return loaded
 
 
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
@@ -239,14 +310,16 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partition", default=d.partition,
                        help=f"one of {', '.join(PARTITIONS)}")
     group.add_argument("--alpha", type=float, default=d.alpha,
-                       help="Dirichlet concentration (> 0)")
+                       help="Dirichlet concentration (> 0; --partition dirichlet)")
     group.add_argument("--num-clients", type=int, default=None,
                        help="number of clients K (default 20; with --partition-file, the "
                        "file's count, which a given value must equal)")
     group.add_argument("--min-samples", type=int, default=d.min_samples,
                        help="minimum samples per client (dirichlet)")
-    group.add_argument("--shards-per-client", type=int, default=d.shards_per_client)
-    group.add_argument("--classes-per-client", type=int, default=d.classes_per_client)
+    group.add_argument("--shards-per-client", type=int, default=d.shards_per_client,
+                       help="shards of sorted labels per client (--partition shards)")
+    group.add_argument("--classes-per-client", type=int, default=d.classes_per_client,
+                       help="labels per client (--partition classes)")
     group.add_argument("--test-ratio", type=float, default=d.test_ratio,
                        help="share of each client's data held out for its test set")
     group.add_argument("--partition-seed", type=int, default=None,
@@ -324,7 +397,8 @@ def _add_loop_args(parser: argparse.ArgumentParser) -> None:
                         "configurations) over (default: all visible)")
     parser.add_argument("--compare-local", action="store_true",
                         help="also run Local on the same split and report the hurt fraction "
-                        "and the incentivized participation rate")
+                        "and the incentivized participation rate (`run`: after the run, as a "
+                        "run folder of its own in OUTPUT/local)")
 
 
 def _add_clock_args(parser: argparse.ArgumentParser) -> None:
@@ -366,9 +440,12 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
       suppress_defaults: leave every option that is not given off the namespace (how the
         command line tells the flags given explicitly, which win over a config file).
     """
+    from fedjax_sim import __version__
+
     parser = _Parser(
         prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = _subparser(commands, "run", "run one algorithm",
@@ -442,7 +519,12 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_data_args(sweep)
     _add_training_args(sweep)
 
-    bench = commands.add_parser("bench", help="time rounds on random 28x28x1 data")
+    bench = commands.add_parser(
+        "bench", help="time rounds on random 28x28x1 data",
+        description="Time rounds of one algorithm on random 28x28x1 data: says what it "
+        "measures first (stderr), then prints one JSON line per client strategy as each "
+        "finishes (stdout; --client-strategy all times vmap, sequential and chunked in "
+        "turn).")
     bench.add_argument("--algorithm", default="fedavg")
     bench.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     bench.add_argument("--num-clients", type=int, default=50)
@@ -466,7 +548,9 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--devices", type=int, default=None,
                        help="devices to shard the client axis over (default: all visible)")
+    _add_plugin_args(bench)
     _add_platform_args(bench)
+    parser.commands = {"run": run, "compare": compare, "sweep": sweep, "bench": bench}
     if suppress_defaults:
         for sub in (run, compare, sweep, bench):
             for action in sub._actions:
@@ -633,6 +717,13 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
     specs = config.expand(grid, default_label=_flag)
     if command in ("compare", "sweep"):
         specs = share_public_split(specs)
+    # An option given explicitly that acts in no configuration: refused, not ignored.
+    config.refuse_without_effect(grid, specs, default_label=_flag)
+    strategy = grid.settings.get("sweep_strategy")
+    if command == "run" and not args._sweep and strategy and strategy.origin != "default":
+        raise ValueError(f"{strategy.label} has no effect on a single run: it sets how the "
+                         "configurations of a sweep (--seeds, --sweep-lr) run together; drop "
+                         f"{strategy.label}")
     if command == "compare":
         args._names = list(names)
     if command == "run" and args._sweep:
@@ -671,7 +762,12 @@ def check_args(args: argparse.Namespace) -> None:
 def _check_bench_args(args: argparse.Namespace) -> None:
     from fedjax_sim.core.cohort import STRATEGIES
 
-    check_choice("--algorithm", args.algorithm, algorithms.ALGORITHMS)
+    if args.algorithm not in algorithms.ALGORITHMS:
+        hint = (config.plugin_hint(args.algorithm)
+                if args.algorithm not in algorithms.DISTILLATION else
+                ": bench times algorithms without public data")
+        raise ValueError(f"--algorithm must be one of {', '.join(algorithms.ALGORITHMS)}; "
+                         f"got {args.algorithm!r}{hint}")
     for name in ("num_clients", "local_steps", "batch_size", "rounds", "samples_per_client",
                  "rounds_per_call"):
         check_int(_flag(name), getattr(args, name), 1)
@@ -685,6 +781,14 @@ def _check_bench_args(args: argparse.Namespace) -> None:
     specs = {spec.name: spec for spec in COMMON}
     for name in ("local_steps", "batch_size"):
         check_hparam(specs[name], getattr(args, name), _flag(name))
+    explicit = _explicit(args)
+    if "chunk_size" in explicit and args.client_strategy not in ("chunked", "all"):
+        raise ValueError(f"--chunk-size has no effect with --client-strategy "
+                         f"{args.client_strategy}: only chunked runs the clients in chunks; "
+                         "drop --chunk-size or use --client-strategy chunked (or all)")
+    if "conv_impl" in explicit and args.model != "cnn":
+        raise ValueError(f"--conv-impl has no effect with --model {args.model}: only the cnn "
+                         "has convolutions; drop --conv-impl or use --model cnn")
 
 
 def _check_devices(devices: int | None, *, local: bool = False) -> None:
@@ -704,7 +808,7 @@ def _check_devices(devices: int | None, *, local: bool = False) -> None:
 def _options(args: argparse.Namespace, spec: ExperimentSpec) -> dict:
     """Every resolved option (for config.json), and how they were given."""
     return {**spec.values(), "command": args.command, "config": getattr(args, "config", None),
-            "set": getattr(args, "set", None)}
+            "set": getattr(args, "set", None), "plugin": getattr(args, "_plugins", None) or None}
 
 
 def _resume_command(args: argparse.Namespace, output: str, *, flag: str = "--resume") -> str:
@@ -801,14 +905,157 @@ def cmd_run(args: argparse.Namespace) -> dict | list[dict]:
     output = _output(spec, spec.algorithm)
     spec = spec.replace(output=output)
     built = build(spec)
-    local = local_accuracies(built) if built.local is not None else None
-    result = run_built(built, local=local, options=_options(args, spec),
-                       resume_hint=_resume_command(args, output))
-    summary = result.summary
+    hint = _resume_command(args, output)
+    if built.local is None:
+        summary = run_built(built, options=_options(args, spec), resume_hint=hint).summary
+    else:
+        summary = _run_with_reference(args, built, hint)
     keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
             "client_p10", "hurt_fraction", "ipr", "tie_fraction", "bytes_up", "wall_s")
     print(json.dumps({k: summary[k] for k in keys if k in summary}))
     print(f"results in {output}", file=sys.stderr)
+    return summary
+
+
+# The subfolder of a run's output folder that holds its Local reference (--compare-local).
+LOCAL_DIR = "local"
+
+
+def _run_with_reference(args: argparse.Namespace, built, hint: str) -> dict:
+    """``run --compare-local``: the run in ``--output``, then its Local reference in
+    ``--output``/local (a run folder of its own: config, metrics, summary, checkpoints),
+    then the incentive fields against Local's final accuracies added to the run's records
+    and summary. Each part stops, diverges and resumes as a run does; ``--resume`` skips
+    a part that is finished.
+
+    Returns:
+      The run's summary, with the incentive fields.
+
+    Raises:
+      fedjax_sim.safety.DivergedError, StoppedError: of the run, or of the Local reference
+        (the message then says so).
+    """
+    spec = built.spec
+    out = Path(spec.output)
+    options = _options(args, spec)
+    run = built._replace(local=None)
+    summary = _finished(out, run.algorithm, run) if spec.resume else None
+    if summary is None:
+        summary = run_built(run, options=options, resume_hint=hint).summary
+    local = _local_reference(built, out, options, hint, summary)
+    return _add_incentives(out, summary, local)
+
+
+def _finished(folder: Path, algorithm, built) -> dict | None:
+    """The summary of the finished run of ``algorithm`` in ``folder`` (this spec's rounds
+    and identity), or None: it is then run, or resumed from its checkpoint."""
+    from fedjax_sim import runner
+
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        saved = json.loads((folder / "config.json").read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    spec = built.spec
+    done = (isinstance(summary, dict) and summary.get("status") in ("complete", "diverged")
+            and summary.get("rounds_done", summary.get("rounds")) == spec.rounds)
+    if not done or saved != runner.run_identity(algorithm, built.data, spec.seed,
+                                                built.config):
+        return None
+    if "client_accuracies" not in summary:
+        records = _records(folder)
+        if records and "client_accuracies" in records[-1]:
+            summary["final_client_accuracies"] = records[-1]["client_accuracies"]
+    return summary
+
+
+def _records(folder: Path) -> list[dict]:
+    from fedjax_sim.rundir import read_jsonl
+
+    path = folder / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _local_reference(built, out: Path, options: dict, hint: str, summary: dict) -> list:
+    """Runs (or resumes, or reads back) the Local reference of ``built`` in
+    ``out``/local (``local/arch<g>`` per architecture when there are several); returns
+    its final per-client accuracies."""
+    from fedjax_sim import runner
+    from fedjax_sim.safety import DivergedError, StoppedError
+
+    spec = built.spec
+    reference = built.local
+    several = len(reference.algorithms) > 1
+    accuracies = np.full(built.data.num_clients, np.nan)
+    for g, (algorithm, members) in enumerate(zip(reference.algorithms, reference.members,
+                                                 strict=True)):
+        folder = out / LOCAL_DIR / (f"arch{g}" if several else "")
+        done = _finished(folder, algorithm, built) if spec.resume else None
+        if done is None:
+            resume = spec.resume and (folder / runner.CHECKPOINT_DIR).is_dir()
+            extra = {**built.extra_summary, "reference_for": spec.algorithm}
+            if several:
+                extra.update(model=algorithm.models[0].name, architecture=g)
+            try:
+                result = runner.run(
+                    algorithm, built.data, rounds=spec.rounds, eval_every=spec.eval_every,
+                    seed=spec.seed, output=folder, checkpoint_every=spec.checkpoint_every,
+                    resume=resume, overwrite=folder.exists() and not resume,
+                    progress=spec.progress, extra_summary=extra,
+                    rounds_per_call=spec.rounds_per_call, devices=spec.devices,
+                    config=built.config, options={**options, "reference_for": spec.algorithm},
+                    on_divergence=spec.on_divergence, resume_hint=hint)
+            except DivergedError as error:
+                _mark_reference(out, summary, "diverged")
+                raise DivergedError(
+                    f"the Local reference diverged: {error} (Local's records: {folder}; the "
+                    f"{spec.algorithm} run itself finished in {out}, without the incentive "
+                    "fields)", round=error.round, clients=error.clients) from None
+            except StoppedError as error:
+                _mark_reference(out, summary, "stopped")
+                saved = f"; resume with: {hint}" if error.checkpoint else ""
+                raise StoppedError(
+                    f"stopped in the Local reference at round {error.round} of {spec.rounds} "
+                    f"(its checkpoint is in {folder}; the {spec.algorithm} run itself "
+                    f"finished in {out}){saved}", round=error.round, signum=error.signum,
+                    checkpoint=error.checkpoint) from None
+            done = dict(result.summary)
+            if "client_accuracies" not in done and result.history:  # diverged, warn
+                done["final_client_accuracies"] = result.history[-1]["client_accuracies"]
+        final = done.get("client_accuracies", done.get("final_client_accuracies"))
+        if final is not None:
+            accuracies[members] = np.asarray(final, np.float64)[members]
+    return accuracies.tolist()
+
+
+def _mark_reference(out: Path, summary: dict, status: str) -> None:
+    """Records in the run's summary.json where its Local reference is and how it ended."""
+    import jax
+
+    from fedjax_sim.rundir import atomic_write_json
+
+    summary["local_reference"] = {"folder": LOCAL_DIR, "status": status}
+    if jax.process_index() == 0 and (out / "summary.json").is_file():
+        atomic_write_json(out / "summary.json", summary)
+
+
+def _add_incentives(out: Path, summary: dict, local: list) -> dict:
+    """The run's records and summary with the incentive fields against ``local``."""
+    import jax
+
+    from fedjax_sim.core.evaluate import federation_incentives
+    from fedjax_sim.rundir import write_jsonl
+
+    if jax.process_index() == 0:
+        records = _records(out)
+        for record in records:
+            if "client_accuracies" in record:
+                record.update(federation_incentives(record["client_accuracies"], local))
+        write_jsonl(out / "metrics.jsonl", records)
+    if "client_accuracies" in summary:
+        summary.update(federation_incentives(summary["client_accuracies"], local))
+    summary.pop("final_client_accuracies", None)
+    _mark_reference(out, summary, "complete")
     return summary
 
 
@@ -962,6 +1209,7 @@ def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
         plan += [("chunked", c) for c in chunks]
     else:
         plan = [(args.client_strategy, chunks[0])]
+    print(_bench_header(args, plan), file=sys.stderr, flush=True)
     # The machine's peak: the better of one matmul on one device and one per device at once.
     peak = max(matmul_peak(), matmul_peak(all_devices=True)) if args.peak else None
     results = []
@@ -979,6 +1227,27 @@ def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
         print(json.dumps(result), flush=True)
         results.append(result)
     return results[0] if len(results) == 1 else results
+
+
+def _bench_header(args: argparse.Namespace, plan: list[tuple[str, int]]) -> str:
+    """The first line of ``bench``: what it times, and what it prints as it goes."""
+    import jax
+
+    from fedjax_sim.core.cohort import resolve
+
+    def name(strategy: str, chunk: int) -> str:
+        if strategy == "auto":
+            concrete, size = resolve(strategy, chunk)
+            return f"auto ({name(concrete, size)} here)"
+        return f"chunked:{chunk}" if strategy == "chunked" else strategy
+
+    strategies = [name(strategy, chunk) for strategy, chunk in plan]
+    peak = ("; first the matmul peak (--peak)" if args.peak else "")
+    return (f"fedjax-sim bench: timing {args.algorithm} rounds of {args.num_clients} clients "
+            f"x {args.local_steps} local steps x batch {args.batch_size} ({args.model} on "
+            f"random 28x28x1 data, {jax.default_backend()}), {len(strategies)} client "
+            f"strateg{'y' if len(strategies) == 1 else 'ies'}: {', '.join(strategies)}; "
+            f"each compiles, then times {args.rounds} rounds and prints one JSON line{peak}")
 
 
 def _within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
@@ -1017,7 +1286,7 @@ def main(argv: list[str] | None = None) -> int:
     status 130; only an unexpected error type, a bug, shows a traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv[0] if argv and argv[0] in ("run", "compare", "sweep", "bench") else None
+    command = argv[0] if argv and argv[0] in COMMANDS else None
     parser = _Parser(prog="fedjax-sim")  # until the full parser is built
     prog, args = parser.prog + (f" {command}" if command else ""), None
     handlers = {"run": cmd_run, "compare": cmd_compare, "sweep": cmd_sweep,
@@ -1026,10 +1295,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedjax_sim.safety import RunError, StoppedError
 
     try:
-        _load_plugins(argv)
+        plugins = _load_plugins(argv)
         parser = build_parser()
         args = parser.parse_args(argv)
         args._argv = argv
+        args._plugins = plugins
         prog = f"{parser.prog} {args.command}"
         check_environment()
         check_args(args)  # everything, before any data loads or anything compiles

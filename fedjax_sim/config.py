@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from fedjax_sim import algorithms
-from fedjax_sim.checks import check_choice, check_input_file, check_seed
+from fedjax_sim.checks import check_input_file, check_seed
 from fedjax_sim.spec import (
     EXECUTION,
     FIELDS,
@@ -46,6 +46,7 @@ from fedjax_sim.spec import (
     ExperimentSpec,
     check_spec,
     hparam_names,
+    no_effect,
     takes,
 )
 
@@ -55,6 +56,8 @@ ALIASES = {"seeds": "seed", "sweep_lr": "lr", "algorithms": "algorithm"}
 INVERTED = {"no_progress": "progress"}
 # Text values that mean "unset" in ``--set`` for an option whose default is unset.
 _UNSET = ("none", "null")
+# The config-file key of ``--plugin``: modules imported before the options are parsed.
+PLUGIN_KEY = "plugin"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,15 +133,58 @@ def key_kind(key: str) -> tuple[type, bool]:
 
 
 def known_keys() -> list[str]:
-    """Every key a config file may hold at its top level."""
+    """Every key a config file may hold at its top level (``plugin`` aside: it is read
+    before the others, see :func:`plugin_entries`)."""
     return [*FIELDS, *hparam_names(), *ALIASES, *INVERTED]
 
 
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the choice closest to ``name`` (case and ``-``/``_``
+    aside), or an empty string."""
+    if not isinstance(name, str):
+        return ""
+    choices = list(choices)
+    folded = {c.lower().replace("-", "_"): c for c in choices}
+    key = name.strip().lower().replace("-", "_")
+    if key in folded and folded[key] != name:
+        return f" (did you mean {folded[key]}?)"
+    close = difflib.get_close_matches(key, list(folded), n=3)
+    if not close:
+        return ""
+
+    def score(choice: str) -> float:
+        return difflib.SequenceMatcher(None, key, choice).ratio()
+
+    best = [folded[c] for c in close if score(c) == score(close[0])]  # ties: all of them
+    return f" (did you mean {' or '.join(best)}?)"
+
+
+def plugin_hint(name: Any) -> str:
+    """What to do about an unknown algorithm name that a plug-in may register."""
+    if not isinstance(name, str):
+        return ""
+    return (f"{did_you_mean(name, _all_algorithms())}; an algorithm of a plug-in needs "
+            "--plugin MODULE (or plugin = \"MODULE\" in the config file)")
+
+
 def _unknown(key: str, label: str) -> ValueError:
-    close = difflib.get_close_matches(key, known_keys(), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
+    hint = did_you_mean(key, [*known_keys(), PLUGIN_KEY])
     return ValueError(f"{label}: unknown key{hint}; the keys are the options of "
                       "`fedjax-sim run --help` with underscores, and a table per algorithm")
+
+
+def _not_an_algorithm(name: str, label: str) -> ValueError:
+    return ValueError(f"{label} is not an algorithm{plugin_hint(name)}; a table "
+                      f"holds one algorithm's own grid ({', '.join(_all_algorithms())})")
+
+
+def _no_hyperparameter(algorithm: str, key: str, label: str) -> ValueError:
+    own = [s.name for s in algorithms.hparam_specs(algorithm)]
+    where = (f"; {key} is an option for every algorithm: give it outside the table"
+             if key in FIELDS else "")
+    return ValueError(f"{label}: {algorithm} has no hyperparameter {key}"
+                      f"{did_you_mean(key, own) if not where else ''}{where}; valid: "
+                      f"{', '.join(own)}")
 
 
 def _scalar(label: str, value: Any) -> Any:
@@ -224,8 +270,7 @@ def _table(algorithm: str, mapping: Mapping, label: str, origin: str) -> dict[st
     for key, value in mapping.items():
         entry_label = f"{label} {key}"
         if key not in own:
-            raise ValueError(f"{entry_label}: {algorithm} has no hyperparameter {key}; "
-                             f"valid: {', '.join(own)}")
+            raise _no_hyperparameter(algorithm, key, entry_label)
         name, entry = setting(key, value, entry_label, origin)
         table[name] = entry
     return table
@@ -250,10 +295,15 @@ def grid_from_mapping(mapping: Mapping[str, Any], *, source: str,
     known = set(known_keys())
     for key, value in mapping.items():
         label = f"{source}: {key}"
+        if key == PLUGIN_KEY:
+            plugin_entries(mapping, source=source)  # checked; imported before parsing
+            continue
         if isinstance(value, dict):
             if key not in _all_algorithms():
-                raise ValueError(f"{source}: [{key}] is not an algorithm; a table holds one "
-                                 f"algorithm's own grid ({', '.join(_all_algorithms())})")
+                if key in known:
+                    raise ValueError(f"{label} must be a single value or a list, not a "
+                                     "table")
+                raise _not_an_algorithm(key, f"{source}: [{key}]")
             table_labels[key] = f"{source}: [{key}]"
             tables[key] = _table(key, value, table_labels[key], origin)
             continue
@@ -265,6 +315,24 @@ def grid_from_mapping(mapping: Mapping[str, Any], *, source: str,
                              "give one")
         settings[name] = entry
     return Grid(settings, tables, table_labels)
+
+
+def plugin_entries(mapping: Mapping[str, Any], *, source: str) -> list[str]:
+    """The plug-ins a config file names (``plugin = "MODULE"`` or a list of them; each
+    entry as ``--plugin`` takes it), imported before the command line is parsed.
+
+    Raises:
+      ValueError: naming ``source``: a value that is not text or a list of texts.
+    """
+    value = mapping.get(PLUGIN_KEY)
+    if value is None:
+        return []
+    entries = [value] if isinstance(value, str) else value
+    if (not isinstance(entries, list) or not entries
+            or not all(isinstance(e, str) and e.strip() for e in entries)):
+        raise ValueError(f"{source}: {PLUGIN_KEY} must be \"MODULE[:FUNCTION]\" (or FILE.py) "
+                         f"or a list of them, got {value!r}")
+    return [e.strip() for e in entries]
 
 
 def read_toml(path: str | os.PathLike, label: str = "--config") -> dict:
@@ -316,14 +384,17 @@ def parse_set(items: Iterable[str], label: str = "--set") -> Grid:
             raise ValueError(f"{label} takes key=value[,value...], got {item!r}")
         algorithm, dot, name = key.rpartition(".")
         entry_label = f"{label} {key}"
+        if key == PLUGIN_KEY:
+            raise ValueError(f"{entry_label}: plug-ins are imported before the options are "
+                             "read: give --plugin MODULE, or plugin = \"MODULE\" in the "
+                             "config file")
         if dot:
             if algorithm not in _all_algorithms():
-                raise ValueError(f"{entry_label}: {algorithm} is not an algorithm; valid: "
+                raise ValueError(f"{entry_label}: {algorithm} is not an algorithm"
+                                 f"{plugin_hint(algorithm)}; valid: "
                                  f"{', '.join(_all_algorithms())}")
             if not takes(algorithm, name):
-                own = [s.name for s in algorithms.hparam_specs(algorithm)]
-                raise ValueError(f"{entry_label}: {algorithm} has no hyperparameter {name}; "
-                                 f"valid: {', '.join(own)}")
+                raise _no_hyperparameter(algorithm, name, entry_label)
             values = _split(text, entry_label, name)
             table_labels.setdefault(algorithm, f"{label} {algorithm}.*")
             tables.setdefault(algorithm, {})[name] = Setting(
@@ -388,6 +459,39 @@ def refuse_keys(grid: Grid, refused: Mapping[str, str]) -> None:
             raise ValueError(f"{entry.label} {refused[key]}")
 
 
+def refuse_without_effect(grid: Grid, specs: Sequence[ExperimentSpec], *,
+                          default_label: Callable[[str], str] | None = None) -> None:
+    """Refuses a key given explicitly (a file, ``--set`` or a flag; never a default) that
+    acts in none of the configurations ``specs`` of ``grid`` (``spec.no_effect``), so that
+    no run records a value it silently ignored.
+
+    Raises:
+      ValueError: one line naming the key as given, why it has no effect, what to do.
+    """
+    labels: dict[str, Callable[[str], str]] = {}
+    given = [(key, None) for key, entry in grid.settings.items() if entry.origin != "default"]
+    given += [(key, algorithm) for algorithm, table in grid.tables.items()
+              for key, entry in table.items() if entry.origin != "default"]
+    for key, table in given:
+        if key == "algorithm":
+            continue
+        reason = None
+        for spec in specs:
+            if table is not None and spec.algorithm != table:
+                continue
+            if table is None and key in grid.tables.get(spec.algorithm, {}):
+                continue  # the algorithm's own value replaces this one
+            if key not in FIELDS and not takes(spec.algorithm, key):
+                continue
+            if spec.algorithm not in labels:
+                labels[spec.algorithm] = grid.label_for(spec.algorithm, default_label)
+            reason = no_effect(spec, key, labels[spec.algorithm])
+            if reason is None:
+                break
+        if reason is not None:
+            raise ValueError(reason)
+
+
 def expand(grid: Grid, *, check: bool = True,
            default_label: Callable[[str], str] | None = None) -> list[ExperimentSpec]:
     """The specs of ``grid``: per algorithm, the product of its axes (seeds fastest).
@@ -414,7 +518,9 @@ def expand(grid: Grid, *, check: bool = True,
     algorithm_label = names.label if names else (default_label or str)("algorithm")
     names_values = names.values if names else (ExperimentSpec.algorithm,)
     for name in names_values:
-        check_choice(algorithm_label, name, _all_algorithms())
+        if name not in _all_algorithms():
+            raise ValueError(f"{algorithm_label} must be one of "
+                             f"{', '.join(_all_algorithms())}; got {name!r}{plugin_hint(name)}")
     for name in grid.tables:
         if name in names_values:
             continue
@@ -490,7 +596,9 @@ __all__ = [
     "merge",
     "parse_set",
     "parse_text",
+    "plugin_entries",
     "read_toml",
     "refuse_keys",
+    "refuse_without_effect",
     "setting",
 ]

@@ -491,6 +491,107 @@ def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict
                         get_condition(condition).asynchronous)
 
 
+# ---- options that act only under a condition ---------------------------------------------
+
+# The partition each partition option belongs to.
+PARTITION_OPTIONS = {"alpha": "dirichlet", "shards_per_client": "shards",
+                     "classes_per_client": "classes"}
+# Options of drawing the split, which a partition file fixes instead.
+DRAWN_SPLIT_OPTIONS = ("partition", "alpha", "min_samples", "shards_per_client",
+                       "classes_per_client", "test_ratio", "partition_seed")
+# Algorithms that read local_epochs even with local_steps set (FedRep: the base's share).
+EPOCHS_WITH_STEPS = frozenset({"fedrep"})
+# Epoch counts of a second training phase, which local_steps replaces as well.
+PHASE_EPOCHS = {"finetune_epochs": "fine-tunes", "personal_epochs": "trains its personal "
+                "model"}
+# The server optimizers (server_opt) each server option acts in.
+SERVER_OPTIONS = {"server_momentum": ("momentum",), "beta1": ("adam", "yogi"),
+                  "beta2": ("adam", "yogi"), "tau": ("adam", "yogi", "adagrad")}
+# The built-in server condition each clock option acts in (registered conditions may read
+# any of them).
+CONDITION_OPTIONS = {"deadline": ("deadline",), "first_m": ("first_m",),
+                     "buffer_size": ("fedbuff",), "async_alpha": ("fedasync",),
+                     "staleness_exponent": ("fedasync",)}
+BUILTIN_CONDITIONS = ("wait_all", "deadline", "first_m", "fedasync", "fedbuff")
+
+
+def no_effect(spec: ExperimentSpec, key: str,
+              label: Callable[[str], str] | None = None) -> str | None:
+    """Why the option ``key``, given explicitly, would change nothing in ``spec`` (one
+    line: the option, why, what to do), or None when it acts.
+
+    The command line refuses an option given explicitly (flag, config-file key or
+    ``--set``) that acts in none of its configurations, rather than record a value that
+    was silently ignored; defaults are never refused.
+
+    Args:
+      spec: a checked experiment.
+      key: a field or hyperparameter name.
+      label: how messages name a key (default: its name).
+    """
+    label = label or (lambda name: name)
+    flag = label(key)
+    if spec.partition_file is not None and key in DRAWN_SPLIT_OPTIONS:
+        return (f"{flag} has no effect with {label('partition_file')}: the file fixes the "
+                f"clients and their train/test split; drop {flag}")
+    if key in PARTITION_OPTIONS and not is_natural(spec.dataset):
+        needed = PARTITION_OPTIONS[key]
+        if spec.partition != needed:
+            return (f"{flag} has no effect with {label('partition')} {spec.partition}: only "
+                    f"the {needed} partition uses it; drop {flag} or use "
+                    f"{label('partition')} {needed}")
+    if (key in PARTITION_OPTIONS or key == "test_ratio") and is_natural(spec.dataset):
+        return (f"{flag} has no effect on {spec.dataset}: a natural data set comes with its "
+                f"own clients and train/test split; drop {flag}")
+    if key == "public_val_fraction" and not wants_public(spec):
+        return (f"{flag} has no effect: {spec.algorithm} holds out no public data (federated "
+                f"distillation does, or {label('public_fraction')} / "
+                f"{label('public_dataset')}); drop {flag}")
+    if key == "compare_local" and spec.compare_local and spec.algorithm == "local":
+        return (f"{flag} has no effect with {label('algorithm')} local: Local is its own "
+                f"reference; drop {flag}")
+    if key in CONDITION_OPTIONS:
+        condition = spec.condition or "wait_all"
+        acts = CONDITION_OPTIONS[key]
+        if condition in BUILTIN_CONDITIONS and condition not in acts:
+            return (f"{flag} has no effect with {label('condition')} {condition}: only "
+                    f"{acts[0]} uses it; drop {flag} or use {label('condition')} {acts[0]}")
+    if key not in FIELDS and takes(spec.algorithm, key):
+        return _hparam_no_effect(spec, key, label)
+    return None
+
+
+def _hparam_no_effect(spec: ExperimentSpec, key: str,
+                      label: Callable[[str], str]) -> str | None:
+    flag = label(key)
+    hp = spec.resolved_hparams()
+    steps = hp.get("local_steps") is not None
+    if key == "local_epochs" and steps and spec.algorithm not in EPOCHS_WITH_STEPS:
+        return (f"{flag} has no effect with {label('local_steps')}: each round trains "
+                f"{label('local_steps')} steps instead of epochs; give one of them")
+    if key in PHASE_EPOCHS and steps:
+        return (f"{flag} has no effect with {label('local_steps')}: {spec.algorithm} then "
+                f"{PHASE_EPOCHS[key]} for {label('local_steps')} steps too; drop one of them")
+    if key == "chunk_size" and hp["client_strategy"] != "chunked":
+        return (f"{flag} has no effect with {label('client_strategy')} "
+                f"{hp['client_strategy']}: only chunked runs the clients in chunks; drop "
+                f"{flag} or use {label('client_strategy')} chunked")
+    if key in SERVER_OPTIONS and "server_opt" in hp:
+        acts = SERVER_OPTIONS[key]
+        if hp["server_opt"] not in acts:
+            return (f"{flag} has no effect with {label('server_opt')} {hp['server_opt']}: "
+                    f"only {' and '.join(acts)} {'use' if len(acts) > 1 else 'uses'} it; "
+                    f"drop {flag} or use {label('server_opt')} {acts[0]}")
+    if key == "apfl_alpha_lr" and hp.get("apfl_adaptive") is False:
+        return (f"{flag} has no effect with {label('apfl_adaptive')} false: α is learned only "
+                f"when adaptive; drop {flag}")
+    if key == "dsfl_temperature" and hp.get("dsfl_aggregation") not in (None, "era"):
+        return (f"{flag} has no effect with {label('dsfl_aggregation')} "
+                f"{hp['dsfl_aggregation']}: only era sharpens with a temperature; drop "
+                f"{flag}")
+    return None
+
+
 def build_clock(spec: ExperimentSpec, num_clients: int):
     """The ``core.clock.Clock`` of ``spec`` for ``num_clients`` clients, or ``None`` when
     no system model is set. Files are read here.
@@ -877,6 +978,7 @@ __all__ = [
     "hparam_names",
     "local_accuracies",
     "mean_std",
+    "no_effect",
     "parse_architectures",
     "run_built",
     "run_spec",

@@ -289,5 +289,5 @@ def test_a_plugin_declares_what_it_can_do(small_data):
             clocked(algorithms.make("fedavg_mix", model), clock, small_data.num_clients)
     finally:
         algorithms.unregister("fedavg_mix")
-    with pytest.raises(TypeError, match="Abilities.asynchronous must be True or False"):
+    with pytest.raises(TypeError, match=r"Abilities\.asynchronous must be True or False"):
         Abilities(asynchronous="yes")
