@@ -40,12 +40,12 @@ from fedjax_sim.platform import (
     parse_cpu_devices,
 )
 from fedjax_sim.spec import (
-    CLOCK_FIELDS,
     DEFAULT_PUBLIC_FRACTION,
     DEFAULT_VAL_FRACTION,
     HETEROGENEOUS,
     ExperimentSpec,
     build,
+    build_clock,
     build_data,
     run_built,
     share_public_split,
@@ -491,6 +491,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_platform_args(compare)
     _add_data_args(compare)
     _add_training_args(compare)
+    _add_clock_args(compare)
 
     sweep = _subparser(
         commands, "sweep", "run a grid of configurations x seeds; resumable",
@@ -518,6 +519,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     _add_platform_args(sweep)
     _add_data_args(sweep)
     _add_training_args(sweep)
+    _add_clock_args(sweep)
 
     bench = commands.add_parser(
         "bench", help="time rounds on random 28x28x1 data",
@@ -574,7 +576,6 @@ _REFUSED = {
         "architectures": "works with `fedjax-sim run`; compare uses one --model",
         "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
         "process_id": _RUN_ONLY,
-        **{name: _RUN_ONLY for name in CLOCK_FIELDS},
     },
     "sweep": {
         "resume": "is not taken by `fedjax-sim sweep`: a sweep resumes by itself (rerun it "
@@ -583,7 +584,6 @@ _REFUSED = {
         "save_partition": _RUN_ONLY,
         "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
         "process_id": _RUN_ONLY,
-        **{name: _RUN_ONLY for name in CLOCK_FIELDS},
     },
 }
 
@@ -714,7 +714,8 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
         algorithm = grid.settings["algorithm"]
         grid = config.merge(grid, config.Grid({"algorithm": config.Setting(
             ("local", *names), True, algorithm.label, algorithm.origin)}))
-    specs = config.expand(grid, default_label=_flag)
+    specs = config.expand(grid, default_label=_flag,
+                          unclocked=("local",) if command == "compare" else ())
     if command in ("compare", "sweep"):
         specs = share_public_split(specs)
     # An option given explicitly that acts in no configuration: refused, not ignored.
@@ -731,10 +732,6 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
         if algorithms.uses_public(spec.algorithm) or spec.resume:
             raise ValueError("--seeds/--sweep-lr take no public-data algorithm or --resume "
                              "(use `fedjax-sim sweep`)")
-        clock = [name for name in CLOCK_FIELDS if getattr(spec, name) is not None]
-        if clock:
-            raise ValueError(f"--seeds/--sweep-lr take no {_flag(clock[0])}: a run on the "
-                             "virtual clock is one seed and one learning rate")
     return specs
 
 
@@ -1108,7 +1105,8 @@ def _compare_batched(group: list[ExperimentSpec], splits: dict, folders: dict,
         extra_summaries=[{**built.extra_summary, "data_seed": spec.data_seed}
                          for spec in group],
         config_records=[{"identity": spec.identity(), "options": spec.values(),
-                         "environment": env} for spec in group])
+                         "environment": env} for spec in group],
+        clock=build_clock(first, splits[first.seed][0].num_clients))
     rows = []
     for summary in summaries:
         summary.pop("history")
@@ -1187,9 +1185,12 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
         table = "\n".join(lines)
         split = ("" if first.partition_seed is None
                  else f", split of partition seed {first.partition_seed}")
+        timed = next((spec for spec in specs if spec.system is not None), None)
+        clock = ("" if timed is None else f"; virtual clock: system {timed.system}, condition "
+                 f"{timed.condition or 'wait_all'} (Local without it)")
         setting = (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
                    f"K={data.num_clients}, {first.rounds} rounds, "
-                   f"seeds {','.join(map(str, seeds))}{split}")
+                   f"seeds {','.join(map(str, seeds))}{split}{clock}")
         atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
         atomic_write_json(out / "compare.json", {
             name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]

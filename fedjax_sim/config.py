@@ -39,6 +39,7 @@ from typing import Any
 from fedjax_sim import algorithms
 from fedjax_sim.checks import check_input_file, check_seed
 from fedjax_sim.spec import (
+    CLOCK_FIELDS,
     EXECUTION,
     FIELDS,
     KINDS,
@@ -493,7 +494,8 @@ def refuse_without_effect(grid: Grid, specs: Sequence[ExperimentSpec], *,
 
 
 def expand(grid: Grid, *, check: bool = True,
-           default_label: Callable[[str], str] | None = None) -> list[ExperimentSpec]:
+           default_label: Callable[[str], str] | None = None,
+           unclocked: Sequence[str] = ()) -> list[ExperimentSpec]:
     """The specs of ``grid``: per algorithm, the product of its axes (seeds fastest).
 
     A top-level hyperparameter applies to the algorithms that take it; a table's keys
@@ -503,6 +505,8 @@ def expand(grid: Grid, *, check: bool = True,
       grid: the grid.
       check: check every spec (``spec.check_spec``), naming each key as the grid names it.
       default_label: how messages name keys the grid does not set (default: the name).
+      unclocked: algorithms that run without the virtual clock's options (a comparison's
+        Local reference: training alone, it waits for no server).
 
     Returns:
       The specs in order: algorithm, then the axes in the order given, seed last; checked
@@ -549,7 +553,8 @@ def expand(grid: Grid, *, check: bool = True,
         label = grid.label_for(name, default_label)
         for combo in itertools.product(*(own[k].values for k in keys)):
             values = dict(zip(keys, combo, strict=True))
-            fields = {k: v for k, v in values.items() if k in FIELDS}
+            fields = {k: v for k, v in values.items() if k in FIELDS
+                      and not (name in unclocked and k in CLOCK_FIELDS)}
             hparams = {k: v for k, v in values.items() if k not in FIELDS}
             spec = ExperimentSpec(algorithm=name, hparams=hparams, **fields)
             if check:

@@ -1363,6 +1363,7 @@ def sweep(
     config_records: list[dict] | None = None,
     on_divergence: str = "stop",
     events: Events | None = None,
+    clock: Any = None,
 ) -> list[dict]:
     """Runs every configuration (a seed, a data split and values of the traced
     hyperparameters) as one batched simulation, in the loop :func:`run` uses.
@@ -1395,6 +1396,8 @@ def sweep(
         configuration that diverges under ``stop`` keeps its records up to the
         divergence and the others go on.
       hparams: the algorithm's other hyperparameters (and defaults of the traced ones).
+      clock: a ``core.clock.Clock``: every configuration runs on this virtual clock
+        (system model, condition), each with its own clock state, as its own run would.
       output: directory for ``sweep.json`` and one ``seed{s}_lr{lr}[_key{value}...]/``
         run folder per configuration.
       outputs: instead of ``output``, each configuration's run folder (``config.json``,
@@ -1446,6 +1449,10 @@ def sweep(
     strategy_override()
     alg = algorithms.make(name, model, cover=[overrides for _, overrides, _ in triples],
                           **hparams)
+    if clock is not None:  # every configuration on the same virtual clock, its own state
+        from fedjax_sim.algorithms.base import clocked
+
+        alg = clocked(alg, clock, splits[0].num_clients)
     hps = []
     for i, (_, overrides, _) in enumerate(triples):
         try:

@@ -45,6 +45,7 @@ from fedjax_sim.rundir import (
 from fedjax_sim.spec import (
     ExperimentSpec,
     build,
+    build_clock,
     build_data,
     check_spec,
     local_accuracies,
@@ -117,14 +118,19 @@ def program_key(spec: ExperimentSpec) -> str | None:
     their split of the data (partition settings and seed) and their traced
     hyperparameters (``algorithms.traced_names``: learning rates, momentum, FedOBP's
     ig_ratio, Ditto's λ, ...). The structure must be the same: algorithm, model, data
-    set and client count, the other hyperparameters and the loop settings. Algorithms
-    with public data, several architectures or checkpoints run alone.
+    set and client count, the other hyperparameters, the loop settings and the virtual
+    clock (system model, condition and its settings; a lognormal system is drawn from the
+    seed, so its seeds do not share one). Algorithms with public data, several
+    architectures or checkpoints run alone.
     """
     if (algorithms.uses_public(spec.algorithm) or spec.architectures is not None
             or spec.checkpoint_every):
         return None
     identity = spec.identity()
-    identity.pop("seed")
+    if spec.system != "lognormal":
+        # A drawn system model (lognormal) is drawn from the seed: each seed its own clock,
+        # its own program; the other clock settings are static and shared.
+        identity.pop("seed")
     for field in SPLIT_FIELDS:
         identity.pop(field, None)
     traced = set(algorithms.traced_names(spec.algorithm))
@@ -371,7 +377,8 @@ def _run_batched(group: Group, folders: list[Path], tags: list[dict], env: dict)
         eval_every=first.eval_every, hparams=hparams, outputs=folders, overwrite=True,
         rounds_per_call=first.rounds_per_call, config_strategy=first.sweep_strategy,
         progress=first.progress, devices=first.devices, local_accuracies=local,
-        extra_summaries=extras, config_records=records, on_divergence=first.on_divergence)
+        extra_summaries=extras, config_records=records, on_divergence=first.on_divergence,
+        clock=build_clock(first, splits[0].num_clients))
     for summary in summaries:
         summary.pop("history")
     return summaries
