@@ -39,6 +39,7 @@ from fedjax_sim.platform import (
     enable_compile_cache,
     parse_cpu_devices,
 )
+from fedjax_sim.rundir import dumps
 from fedjax_sim.spec import (
     DEFAULT_PUBLIC_FRACTION,
     DEFAULT_VAL_FRACTION,
@@ -886,7 +887,7 @@ def _run_seeds(args: argparse.Namespace) -> list[dict]:
     keys = ("status", "algorithm", "config", "seed", "lr", "accuracy", "client_p10",
             "diverged_at", "wall_s")
     result = _run_grid(args, f"{args._specs[0].algorithm}-sweep",
-                       lambda record: print(json.dumps({k: record.get(k) for k in keys}),
+                       lambda record: print(dumps({k: record.get(k) for k in keys}),
                                             flush=True))
     print(f"results in {result.output} ({result.ran} run, {result.skipped} skipped)",
           file=sys.stderr)
@@ -909,7 +910,7 @@ def cmd_run(args: argparse.Namespace) -> dict | list[dict]:
         summary = _run_with_reference(args, built, hint)
     keys = ("status", "algorithm", "dataset", "accuracy", "client_mean_accuracy",
             "client_p10", "hurt_fraction", "ipr", "tie_fraction", "bytes_up", "wall_s")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    print(dumps({k: summary[k] for k in keys if k in summary}))
     print(f"results in {output}", file=sys.stderr)
     return summary
 
@@ -1225,7 +1226,7 @@ def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:
         if peak is not None:
             result["matmul_peak_gflops"] = peak
             result["peak_fraction"] = result["gflops"] / peak
-        print(json.dumps(result), flush=True)
+        print(dumps(result), flush=True)
         results.append(result)
     return results[0] if len(results) == 1 else results
 
