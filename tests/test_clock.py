@@ -123,7 +123,10 @@ def test_fedbuff_clock_matches_an_event_simulation():
     duration = (per_client / 4e6 + data.train_counts * HP["local_epochs"] / speeds
                 + per_client / 2e6)
 
-    # Host reference: every client always in flight (C = K), a heap of arrivals.
+    # Host reference: every client always in flight (C = K), a heap of arrivals. With C = K
+    # a client that reports before the flush has nobody free to hand its slot to (its
+    # update waits in the buffer), so every job starts at a flush; the refill at each
+    # arrival (C < K) is checked in test_fedbuff_concurrency.py.
     heap = [(duration[c], c, 0) for c in range(k)]
     heapq.heapify(heap)
     version, expected = 0, []
@@ -165,6 +168,65 @@ def test_fedasync_and_personal_rows():
         changed = np.any(np.asarray(a) != np.asarray(b), axis=tuple(range(1, a.ndim)))
         assert changed.tolist() == [c == who for c in range(6)]
     assert not _leaves_equal(state.server, start.server)
+
+
+@pytest.mark.parametrize("condition", ["fedasync", "fedbuff"])
+def test_fedobp_async_trains_from_the_mask_it_was_sent(condition):
+    """A client of an asynchronous run trains on the mixed model the server sent it: its
+    mask from the model of its dispatch and that step's mask key (FedOBP's random control
+    draws a fresh mask per step), not the key of the step its update arrives in."""
+    from fedjax_sim.algorithms import fedobp
+    from fedjax_sim.algorithms.base import local_sgd
+
+    k = 8
+    data = random_federated(num_clients=k)
+    n_max = data.train_x.shape[1]
+    model = make_model("mlp", data.input_shape, data.num_classes)
+    # One full batch: the update does not depend on the training key (but for the order
+    # of a sum), so it can be recomputed here.
+    alg = algorithms.make("fedobp", model, local_epochs=1, batch_size=n_max, lr=0.1,
+                          join_ratio=0.5, obp_variant="random", ig_ratio=0.5)
+    timed = clocked(alg, Clock(system.lognormal(k, seed=1), condition=condition,
+                               buffer_size=2 if condition == "fedbuff" else None), k)
+    device_data = to_device(data)
+    state = timed.init(jax.random.key(0), device_data)
+    # Personal models away from the global one, so that the mask decides what is sent.
+    noise = jax.tree.map(lambda a: 0.1 * jax.random.normal(jax.random.key(1), a.shape),
+                         state.clients["params"])
+    state = state.replace(clients={**state.clients, "params": jax.tree.map(
+        lambda a, b: a + b, state.clients["params"], noise)})
+    mix = jax.jit(fedobp.personalizer(model, alg.hparams).apply)
+    fit = jax.jit(local_sgd(model, alg.hparams))
+
+    def trained(rows, c, global_params, mask_key):
+        own = jax.tree.map(lambda a: a[c][None], rows)
+        mixed, _, _ = mix(own, global_params, mask_key)
+        params, _ = fit(jax.tree.map(lambda a: a[0], mixed), data.train_x[c],
+                        data.train_y[c], data.train_counts[c], jax.random.key(0))
+        return params
+
+    def close(a, b):
+        return all(np.allclose(x, y, rtol=1e-5, atol=1e-6)
+                   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+    step = jax.jit(timed.round)
+    sent = {}  # server version -> what a client dispatched at that version was sent
+    stale = 0
+    for _ in range(8):
+        version = int(state.clock.server_version)
+        sent[version] = (state.server["params"], fedobp.random_key(state))
+        before = state
+        state, _ = step(state, device_data)
+        new = np.asarray(state.clock.participation) - np.asarray(before.clock.participation)
+        for c in np.flatnonzero(new):
+            row = jax.tree.map(lambda a, c=c: a[c], state.clients["params"])
+            dispatched = int(state.clock.version[c])
+            assert close(row, trained(before.clients, c, *sent[dispatched]))
+            if dispatched < version:  # sent before this step: another step's mask key
+                stale += 1
+                assert not close(row, trained(before.clients, c, sent[dispatched][0],
+                                              fedobp.random_key(before)))
+    assert stale > 0
 
 
 def test_availability_and_dropout_statistics():

@@ -39,19 +39,32 @@ previous personal rows; a round where nothing arrived leaves the server unchange
 cohort is drawn among online clients (uniformly, as without a system model when every
 client is online: then the cohort and every float equal today's round).
 
-In the asynchronous modes C = the usual cohort size clients are in flight. Each server
-step (one ``round`` of the state) first refills the free slots with clients drawn among
-the online, free ones, who receive the current global model (stored per client: a
-(K, ...) copy of the model in upload space, ``ClockState.start``) and a finish time from
-now; then it takes the next arrivals (``lax.top_k`` on ``−finish`` over the in-flight
-clients: B for FedBuff, 1 for FedAsync), trains them from the model they received,
-merges, advances the virtual clock to the last of those arrivals and frees them. A client
-thus starts its next job from the model of the time it became free. Its server version
-at dispatch and the staleness of its last update live in ``ClockState``; personal rows
-(FedPer's heads, FedOBP's personal parts) are written back when its update is merged. A
-dropped client holds its slot until its would-be finish time and its update is then
-discarded (wasted). A step with nothing in flight and no client online waits: with a
-trace the clock jumps to the next interval start.
+In the asynchronous modes C = the usual cohort size clients are in flight, as FedBuff's
+server keeps them (Nguyen et al. 2022, Algorithm 1): a client reports when its job ends,
+and the server at once sends a job to another one. Each server step (one ``round`` of the
+state) is one flush of the buffer: first the free slots are filled with clients drawn
+among the online, free ones (event 0), then the B next arrivals are taken one event at a
+time in time order (on (K,) finish times; a ``lax.scan`` over the first B − 1, which send
+jobs: none for FedAsync, B = 1). Every arrival but the B-th frees its slot, which is
+filled at once, at the arrival's time, with the model current then: the one of this step,
+not yet updated (event j for the j-th arrival); the B-th arrival's update completes the
+buffer, the server merges the B updates, advances the virtual clock to that arrival, and
+its slot is filled with the new model at the next step's event 0. A dispatched client
+receives what the server sends at that moment (kept per client: a (K, ...) copy,
+``ClockState.start``, typed keys as raw key data), is stamped with the server version (so
+its staleness counts from the model it received) and gets a finish time from its dispatch.
+A client whose update waits in the buffer is not drawn again before the flush (a buffer
+holds one update per client; its personal rows are written at the flush): with populations
+much larger than C, as in the paper, this rarely binds, and with C = K a freed slot waits
+for the flush. The arrivals of a step are trained together, each from what it received.
+Event j >= 1 draws its clients and their dropouts with the step's keys folded with j
+(:func:`dispatch_scores`), among the clients online then (the step's Markov state, or the
+trace at the arrival's time); event 0 uses the step's keys unfolded, so FedAsync (B = 1,
+no event inside a step sends a job) is unchanged. Personal rows (FedPer's heads, FedOBP's
+personal parts) are written back when a client's update is merged. A dropped client holds
+its slot until its would-be finish time and its update is then discarded (wasted), still
+counting as one of the step's B arrivals. A step with nothing in flight and no client
+online waits: with a trace the clock jumps to the next interval start.
 
 Availability decides who can be sampled (dispatched); a client that goes offline during a
 job is modeled by its dropout probability, not by the availability chain or trace.
@@ -291,8 +304,10 @@ class ClockState:
       finish, version, dropped, staleness, server_version, start: asynchronous modes only
         (``None`` otherwise): (K,) finish time of each client's job in flight (inf: free),
         server version it started from, whether it dropped out, staleness of its last
-        merged update; the server version (merging steps so far); and (K, ...) the global
-        model (in upload space) each in-flight client received.
+        merged update; the server version (merging steps so far); and, with a (K, ...)
+        leading axis, what the server sent each in-flight client (the method's
+        ``broadcast`` output: the global model in upload space, and any other part, e.g.
+        FedOBP's mask key, typed keys as their raw key data).
     """
 
     time: jax.Array
@@ -453,6 +468,70 @@ def synchronous_round(method, *, join_ratio: float, execution, clock: Clock, bud
     return round_with
 
 
+class StepKeys(NamedTuple):
+    """The keys of one asynchronous server step, drawn from the state's key.
+
+    Attributes:
+      next: the state's key after the step.
+      round: the key the method's ``broadcast`` gets (as in a synchronous round).
+      avail, drop, pick, train: the availability step, the dropout draws, the client draws
+        and the training keys of the step (salted, so that ``round`` stays a plain round's).
+    """
+
+    next: jax.Array
+    round: jax.Array
+    avail: jax.Array
+    drop: jax.Array
+    pick: jax.Array
+    train: jax.Array
+
+
+def step_keys(state_key: jax.Array) -> StepKeys:
+    """The keys of the asynchronous server step taken from a state with key ``state_key``."""
+    next_key, round_key = jax.random.split(state_key)
+    return StepKeys(next_key, round_key,
+                    *jax.random.split(jax.random.fold_in(round_key, _SALT), 4))
+
+
+def dispatch_scores(pick_key: jax.Array, event: Any, num_clients: int) -> jax.Array:
+    """(K,) uniform scores by which dispatch event ``event`` of an asynchronous server step
+    ranks the clients it may send a job to (the highest first): event 0 fills the free
+    slots at the step's start, event j >= 1 the slot of the step's j-th arrival.
+    ``pick_key``: ``step_keys(state.key).pick``."""
+    return jax.random.uniform(_event_key(pick_key, event), (num_clients,))
+
+
+def _event_key(key: jax.Array, event: Any) -> jax.Array:
+    return key if isinstance(event, int) and event == 0 else jax.random.fold_in(key, event)
+
+
+def _is_key(leaf: Any) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _raw_keys(tree: Any) -> Any:
+    """``tree`` with typed PRNG keys replaced by their raw integer data (so that the
+    clock's copy of what the server sent is a plain array tree, checkpointed as one)."""
+    return jax.tree.map(lambda a: jax.random.key_data(a) if _is_key(a) else a, tree)
+
+
+def _typed_keys(raw: Any, like: Any) -> Any:
+    """``raw`` with the leaves that are typed keys in ``like`` wrapped back into keys."""
+    return jax.tree.map(
+        lambda r, a: jax.random.wrap_key_data(r, impl=jax.random.key_impl(a))
+        if _is_key(a) else r, raw, like)
+
+
+def _dispatch(scores: jax.Array, available: jax.Array, need: jax.Array, flight: int,
+              num_clients: int) -> jax.Array:
+    """(K,) bool: the (at most ``need``) available clients with the highest scores."""
+    ranked = jnp.where(available, scores, -1.0)
+    top, picks = jax.lax.top_k(ranked, flight)
+    take = (jnp.arange(flight) < need) & (top >= 0)
+    target = jnp.where(take, picks, num_clients)  # num_clients: written nowhere
+    return jnp.zeros((num_clients,), bool).at[target].set(True, mode="drop")
+
+
 def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, budget: tuple,
                        comm_bytes: Callable) -> Callable:
     """``round_with(state, data, hp)`` of ``method`` under an asynchronous condition: one
@@ -461,9 +540,8 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
 
     cond = get_condition(clock.condition)
 
-    def client(shared, base, own, x, y, n, key):
-        hp, received = shared
-        return method.client_update(hp, _with_view(received, base), own, x, y, n, key)
+    def client(hp, received, own, x, y, n, key):
+        return method.client_update(hp, received, own, x, y, n, key)
 
     def round_with(state, data, hp):
         num_clients = data.num_clients
@@ -471,52 +549,86 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
         size = clock.buffer(flight)
         system = _system(clock)
         c = state.clock
-        next_key, round_key = jax.random.split(state.key)
-        _, received, context = method.broadcast(hp, state, round_key)
+        keys = step_keys(state.key)
+        _, received, context = method.broadcast(hp, state, keys.round)
         current = upload_view(received)
-        avail_key, drop_key, pick_key, train_key = jax.random.split(
-            jax.random.fold_in(round_key, _SALT), 4)
-        online = system_lib.availability(avail_key, system, c.online, c.time)
+        sent = _raw_keys(received)  # what every client dispatched in this step receives
+        online = system_lib.availability(keys.avail, system, c.online, c.time)
         down_b, up_b = _bytes_per_client(comm_bytes, data, flight)
         samples = job_samples(data.train_counts, budget)
         durations = system_lib.job_durations(system, samples, down_b, up_b)
 
-        # Refill the free slots with online, free clients, who receive the current model.
-        free = ~jnp.isfinite(c.finish)
-        need = flight - jnp.sum(~free)
-        score = jnp.where(free & online, jax.random.uniform(pick_key, (num_clients,)), -1.0)
-        top, picks = jax.lax.top_k(score, flight)
-        take = (jnp.arange(flight) < need) & (top >= 0)
-        target = jnp.where(take, picks, num_clients)  # num_clients: written nowhere
-        new = jnp.zeros((num_clients,), bool).at[target].set(True, mode="drop")
-        finish = jnp.where(new, c.time + durations, c.finish)
-        version = jnp.where(new, c.server_version, c.version)
-        dropped = jnp.where(new, system_lib.draw_dropout(drop_key, system), c.dropped)
-        start = jax.tree.map(
-            lambda s, g: s.at[target].set(jnp.broadcast_to(g, (flight, *g.shape)),
-                                          mode="drop"), c.start, current)
+        def dispatch(event, time, finish, version, dropped, available, need):
+            new = _dispatch(dispatch_scores(keys.pick, event, num_clients), available, need,
+                            flight, num_clients)
+            drop = system_lib.draw_dropout(_event_key(keys.drop, event), system)
+            return (new, jnp.where(new, time + durations, finish),
+                    jnp.where(new, c.server_version, version), jnp.where(new, drop, dropped))
 
-        # The next arrivals.
-        neg, sel = jax.lax.top_k(jnp.where(jnp.isfinite(finish), -finish, -jnp.inf), size)
-        arrived = jnp.isfinite(neg)
+        # Event 0: fill the free slots with online, free clients, who receive the current
+        # model (after the previous step's flush).
+        free = ~jnp.isfinite(c.finish)
+        fresh, finish, version, dropped = dispatch(
+            0, c.time, c.finish, c.version, c.dropped, free & online,
+            flight - jnp.sum(~free))
+
+        # The B arrivals of the step, one event each, in time order. Every arrival but the
+        # last (whose flush steps the model) frees a slot that is filled at once, at its
+        # arrival time, with the model current then: the one of this step. A client whose
+        # update waits in the buffer is not drawn again before the flush.
+        def arrive(finish, taken):
+            # Nobody in flight: a placeholder not taken yet (unique rows to scatter).
+            who = jnp.where(jnp.any(jnp.isfinite(finish)), jnp.argmin(finish),
+                            jnp.argmin(taken))
+            time = finish[who]
+            gone = jnp.arange(num_clients) == who
+            return who, time, jnp.where(gone, jnp.inf, finish), taken | gone
+
+        def arrival(carry, j):
+            finish, version, dropped, fresh, taken = carry
+            who, time, finish, taken = arrive(finish, taken)
+            arrived = jnp.isfinite(time)
+            online_now = (online if system.trace is None
+                          else system_lib.online_at(system, time))
+            need = jnp.where(arrived, flight - jnp.sum(jnp.isfinite(finish)), 0)
+            new, finish, version, dropped = dispatch(
+                j, time, finish, version, dropped,
+                online_now & ~jnp.isfinite(finish) & ~taken, need)
+            return (finish, version, dropped, fresh | new, taken), (who, time)
+
+        (finish, version, dropped, fresh, taken), (sel, sel_time) = jax.lax.scan(
+            arrival, (finish, version, dropped, fresh, jnp.zeros((num_clients,), bool)),
+            jnp.arange(1, size))
+        who, time, finish, _ = arrive(finish, taken)  # the B-th: the flush
+        sel = jnp.append(sel, who)
+        sel_time = jnp.append(sel_time, time)
+        arrived = jnp.isfinite(sel_time)
         use = arrived & ~dropped[sel]
-        sel_finish = jnp.where(arrived, finish[sel], c.time)
-        now = jnp.maximum(c.time, jnp.max(sel_finish))
+        now = jnp.maximum(c.time, jnp.max(jnp.where(arrived, sel_time, c.time)))
         staleness = c.server_version - version[sel]
 
-        base = gather(start, sel)
+        # Keep a copy of what the server sent for every client dispatched in this step (at
+        # most C + B of them); each arrival reads what it received from it: this step's
+        # model if it was dispatched in this step, else the copy kept at its dispatch.
+        written, = jnp.nonzero(fresh, size=min(num_clients, flight + size),
+                               fill_value=num_clients)
+        start = jax.tree.map(
+            lambda s, g: s.at[written].set(jnp.broadcast_to(g, (written.shape[0], *g.shape)),
+                                           mode="drop"), c.start, sent)
+        base = _typed_keys(gather(start, sel), received)
+
         own = gather(state.clients, sel)
         rows, pool = data.client_rows("train")
         n = gather(data.train_counts, sel)
-        keys = jax.random.split(train_key, size)
+        train_keys = jax.random.split(keys.train, size)
         started = with_examples(client, data.unpacker("train"), row_at=2)
         uploads, new_rows, losses = client_map(
-            started, (base, own, gather(rows, sel), keys), shared=((hp, received), pool),
+            started, (base, own, gather(rows, sel), train_keys), shared=(hp, pool),
             strategy=execution.strategy, chunk_size=execution.chunk_size)
         if not _same_space(current, uploads):
             raise ValueError("asynchronous conditions need uploads in the space of the model "
                              "the server sends (the client's new model or its shared part)")
-        merged = cond.fn(current, uploads, base, staleness, use, clock)
+        merged = cond.fn(current, uploads, upload_view(base), staleness, use, clock)
         counts = n * use.astype(n.dtype)
         weights = counts.astype(jnp.float32)
         loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -532,9 +644,6 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
         nothing = ~jnp.any(arrived)
         now = jnp.where(nothing, _idle_until(system, c.time), now)
 
-        # Free the arrived clients.
-        target = jnp.where(arrived, sel, num_clients)
-        gone = jnp.zeros((num_clients,), bool).at[target].set(True, mode="drop")
         used = jnp.zeros((num_clients,), bool).at[jnp.where(use, sel, num_clients)].set(
             True, mode="drop")
         work = jnp.where(arrived, samples[sel], 0.0)
@@ -543,13 +652,13 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
             participation=c.participation + used.astype(jnp.int32),
             trained=c.trained + jnp.sum(work),
             wasted=c.wasted + jnp.sum(jnp.where(use, 0.0, work)),
-            finish=jnp.where(gone, jnp.inf, finish), version=version, dropped=dropped,
+            finish=finish, version=version, dropped=dropped,
             staleness=c.staleness.at[jnp.where(use, sel, num_clients)].set(
                 staleness, mode="drop"),
             server_version=c.server_version + any_used.astype(jnp.int32),
             start=start,
         )
-        state = advance(state, next_key, server=server, clients=clients)
+        state = advance(state, keys.next, server=server, clients=clients)
         state = state.replace(clock=new_clock)
         return state, {"train_loss": loss, **metrics,
                        **_metrics(new_clock, now - c.time, jnp.sum(use))}
@@ -566,7 +675,7 @@ def clocked_init(method, init_with: Callable, clock: Clock) -> Callable:
         start = None
         if clock.asynchronous:
             _, received, _ = method.broadcast(hp, state, state.key)
-            start = upload_view(received)
+            start = _raw_keys(received)
         return state.replace(clock=init_clock(data.num_clients, start))
 
     return init
