@@ -84,6 +84,14 @@ from flax import struct
 
 from fedjax_sim.core import system as system_lib
 from fedjax_sim.core.cohort import client_map, cohort_size
+from fedjax_sim.core.rounds import (
+    CohortResult,
+    advance,
+    draw_cohort,
+    round_orders,
+    run_cohort,
+    with_examples,
+)
 from fedjax_sim.core.system import SystemModel
 from fedjax_sim.kernels.aggregation import gather, scatter
 
@@ -171,6 +179,19 @@ class Clock:
         if self.condition == "fedasync":
             return 1
         return cohort if self.buffer_size is None else self.buffer_size
+
+    def round(self, method, *, join_ratio: float, execution, budget: tuple,
+              comm_bytes: Callable, batch_order: Any = None) -> Callable:
+        """``round_with(state, data, hp)`` of ``method`` on this clock: the round skeleton
+        (``core.rounds.federated``) hands the round to its clock, which knows its
+        condition; the skeleton never imports this module."""
+        common = dict(join_ratio=join_ratio, execution=execution, clock=self, budget=budget,
+                      comm_bytes=comm_bytes)
+        if self.asynchronous:
+            if batch_order is not None:
+                raise ValueError(f"condition {self.condition} takes no fixed batch order")
+            return asynchronous_round(method, **common)
+        return synchronous_round(method, batch_order=batch_order, **common)
 
     def describe(self) -> dict:
         """The settings as JSON-able values (the system model by its size)."""
@@ -403,8 +424,6 @@ def _metrics(clock: ClockState, round_time, aggregated) -> dict:
 def synchronous_round(method, *, join_ratio: float, execution, clock: Clock, budget: tuple,
                       comm_bytes: Callable, batch_order: Any = None) -> Callable:
     """``round_with(state, data, hp)`` of ``method`` under a synchronous condition."""
-    from fedjax_sim.core.rounds import advance, draw_cohort, round_orders, run_cohort
-
     cond = get_condition(clock.condition)
 
     def client(shared, own, x, y, n, key):
@@ -536,8 +555,6 @@ def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, bu
                        comm_bytes: Callable) -> Callable:
     """``round_with(state, data, hp)`` of ``method`` under an asynchronous condition: one
     server step per call (see the module docstring)."""
-    from fedjax_sim.core.rounds import CohortResult, advance, with_examples
-
     cond = get_condition(clock.condition)
 
     def client(hp, received, own, x, y, n, key):

@@ -337,15 +337,9 @@ def federated(
         return count_correct(method.logits, own, shared, data,
                              strategy=execution.strategy, chunk_size=execution.chunk_size)
 
-    if clock is not None:
-        from fedjax_sim.core import clock as clock_lib
-
-        common = dict(join_ratio=join_ratio, execution=execution, clock=clock, budget=budget,
-                      comm_bytes=comm_bytes)
-        if clock.asynchronous:
-            return clock_lib.asynchronous_round(method, **common), evaluate_with
-        return (clock_lib.synchronous_round(method, batch_order=batch_order, **common),
-                evaluate_with)
+    if clock is not None:  # the clock runs the round under its condition
+        return clock.round(method, join_ratio=join_ratio, execution=execution, budget=budget,
+                           comm_bytes=comm_bytes, batch_order=batch_order), evaluate_with
     return round_with, evaluate_with
 
 
