@@ -323,6 +323,14 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="labels per client (--partition classes)")
     group.add_argument("--test-ratio", type=float, default=d.test_ratio,
                        help="share of each client's data held out for its test set")
+    group.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                       help="share of each client's training rows held out as its "
+                       "validation rows, in [0, 1) (never trained on; drawn once per "
+                       "partition seed; default 0: none)")
+    group.add_argument("--eval-split", default=d.eval_split,
+                       help="test or val: evaluate on the clients' test rows, or on their "
+                       "validation rows (to choose hyperparameters without the test rows; "
+                       "needs --val-fraction > 0)")
     group.add_argument("--partition-seed", type=int, default=None,
                        help="draw the partition and train/test split from this seed for "
                        "every seed (default: each seed draws its own)")

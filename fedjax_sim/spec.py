@@ -77,6 +77,8 @@ class ExperimentSpec:
     shards_per_client: int = 2
     classes_per_client: int = 2
     test_ratio: float = 0.25
+    val_fraction: float = 0.0
+    eval_split: str = "test"
     partition_file: str | None = None
     save_partition: str | None = None
     partition_seed: int | None = None
@@ -172,9 +174,13 @@ class ExperimentSpec:
     def identity(self) -> dict[str, Any]:
         """The settings that decide the numbers a run produces: every field but those of
         :data:`EXECUTION`, and every hyperparameter resolved (so that a default given
-        explicitly is the same experiment)."""
+        explicitly is the same experiment). The validation options are left out at their
+        defaults (no validation rows, evaluated on the test rows): such a run is the run it
+        always was."""
         record = {f: getattr(self, f) for f in FIELDS if f not in EXECUTION
-                  and not (f in CLOCK_FIELDS and getattr(self, f) is None)}
+                  and not (f in CLOCK_FIELDS and getattr(self, f) is None)
+                  and not (f in VALIDATION_DEFAULTS
+                           and getattr(self, f) == VALIDATION_DEFAULTS[f])}
         record["hparams"] = self.resolved_hparams()
         return _jsonable(record)
 
@@ -204,6 +210,10 @@ DATA_OPTIONS = ("dataset", "max_examples", "partition", "alpha", "num_clients", 
                 "init", "architectures", "public_fraction", "public_dataset", "public_size",
                 "public_val_fraction")
 
+# The per-client validation rows and the rows a run evaluates on, at their defaults (no
+# validation rows, the test rows): left out of a run's identity and config.json there.
+VALIDATION_DEFAULTS = {"val_fraction": 0.0, "eval_split": "test"}
+
 # The options of the virtual clock; unset ones are left out of a run's identity (a run
 # without a system model is the run it always was).
 CLOCK_FIELDS = ("system", "availability_trace", "dropout", "condition", "deadline",
@@ -214,7 +224,8 @@ SYSTEM_PRESETS = ("homogeneous", "lognormal")
 KINDS: dict[str, type] = {
     "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
     "num_clients": int, "min_samples": int, "shards_per_client": int,
-    "classes_per_client": int, "test_ratio": float, "partition_file": str,
+    "classes_per_client": int, "test_ratio": float, "val_fraction": float,
+    "eval_split": str, "partition_file": str,
     "save_partition": str, "partition_seed": int, "data_layout": str, "max_examples": int,
     "model": str,
     "init": str,
@@ -330,7 +341,14 @@ def _check_hparams(spec: ExperimentSpec, label: Callable[[str], str]) -> dict:
 
 
 def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict) -> None:
-    from fedjax_sim.data import LAYOUTS, PARTITIONS, SOURCES, check_partition_file
+    from fedjax_sim.data import (
+        LAYOUTS,
+        PARTITIONS,
+        SOURCES,
+        check_partition_file,
+        check_partition_val,
+        check_val_fraction,
+    )
     from fedjax_sim.data.sources import check_prepared
     from fedjax_sim.models import INITS, MODELS
 
@@ -354,6 +372,12 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
     check_int(label("classes_per_client"), spec.classes_per_client, 1)
     values["test_ratio"] = check_float(label("test_ratio"), spec.test_ratio, 0.0, 1.0,
                                        low_open=True, high_open=True)
+    values["val_fraction"] = check_val_fraction(spec.val_fraction, spec.eval_split,
+                                                label=label)
+    if natural and values["val_fraction"] > 0:
+        raise ValueError(f"{label('val_fraction')} does not apply to the natural data set "
+                         f"{spec.dataset} yet (its clients come with their own train / test "
+                         f"files); use a partitioned source")
     if spec.partition_seed is not None:
         check_seed(label("partition_seed"), spec.partition_seed)
     check_choice(label("data_layout"), spec.data_layout, LAYOUTS)
@@ -390,6 +414,7 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
     if spec.partition_file is not None:
         check_partition_file(_check_text(label("partition_file"), spec.partition_file),
                              label("partition_file"))
+        check_partition_val(spec.partition_file, values["val_fraction"], label=label)
     if spec.save_partition is not None:
         check_output_file(label("save_partition"),
                           _check_text(label("save_partition"), spec.save_partition))
@@ -703,6 +728,9 @@ class Built(NamedTuple):
         record = {name: getattr(self.spec, name) for name in DATA_OPTIONS}
         if self.spec.partition_seed is not None:
             record["partition_seed"] = self.spec.partition_seed
+        for name, default in VALIDATION_DEFAULTS.items():
+            if getattr(self.spec, name) != default:
+                record[name] = getattr(self.spec, name)
         for name in CLOCK_FIELDS:
             if getattr(self.spec, name) is not None:
                 record[name] = getattr(self.spec, name)
@@ -778,10 +806,10 @@ def build_data(spec: ExperimentSpec):
         min_samples=spec.min_samples, shards_per_client=spec.shards_per_client,
         classes_per_client=spec.classes_per_client, test_ratio=spec.test_ratio,
         seed=spec.data_seed, data_dir=spec.data_dir, partition_file=spec.partition_file,
-        layout=spec.data_layout)
+        layout=spec.data_layout, eval_split=spec.eval_split)
     if not wants_public(spec):
         data, _, _ = make_federated_data(spec.dataset, save_partition=spec.save_partition,
-                                         **common)
+                                         val_fraction=spec.val_fraction, **common)
         return data, None
     from fedjax_sim.data.public import make_federated_data_with_public
 
@@ -791,7 +819,8 @@ def build_data(spec: ExperimentSpec):
     data, public, _, _ = make_federated_data_with_public(
         spec.dataset, public_fraction=fraction, public_dataset=spec.public_dataset,
         public_size=spec.public_size, val_fraction=spec.public_val_fraction,
-        save_partition_to=spec.save_partition, **common)
+        client_val_fraction=spec.val_fraction, save_partition_to=spec.save_partition,
+        **common)
     return data, public
 
 

@@ -97,7 +97,7 @@ def data_key(spec: ExperimentSpec) -> str:
     fields = ("dataset", "data_dir", "partition", "alpha", "num_clients", "min_samples",
               "shards_per_client", "classes_per_client", "test_ratio", "partition_file",
               "public_fraction", "public_dataset", "public_size", "public_val_fraction",
-              "data_layout", "max_examples")
+              "data_layout", "max_examples", "val_fraction", "eval_split")
     record = {f: getattr(spec, f) for f in fields}
     record.update(data_seed=None if spec.partition_file else spec.data_seed,
                   public=wants_public(spec))
@@ -108,7 +108,7 @@ def data_key(spec: ExperimentSpec) -> str:
 # configuration reads its own split, ``runner.stack_splits``).
 SPLIT_FIELDS = ("partition", "alpha", "min_samples", "shards_per_client",
                 "classes_per_client", "test_ratio", "partition_seed", "partition_file",
-                "save_partition")
+                "save_partition", "val_fraction", "eval_split")
 
 
 def program_key(spec: ExperimentSpec) -> str | None:

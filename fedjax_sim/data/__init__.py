@@ -1,4 +1,5 @@
-"""Data: sources → partition → per-client train/test split → padded ``FederatedData``.
+"""Data: sources → partition → per-client train/test split (→ validation rows carved
+from the training rows) → padded or ragged ``FederatedData``.
 
 ``make_federated_data`` runs the whole pipeline; the pieces are exported for custom use.
 """
@@ -25,17 +26,25 @@ from fedjax_sim.data.federated import (
     ragged_from_clients,
 )
 from fedjax_sim.data.partition import (
+    EVAL_SPLITS,
     MAX_DIRICHLET_DRAWS,
     PARTITIONS,
+    VAL_META,
     _check_int,
     _check_positive,
     _check_scheme,
     check_partition_file,
+    check_partition_val,
     check_splits,
+    check_val_fraction,
+    check_val_rows,
+    eval_splits,
+    file_validation,
     load_partition,
     load_partition_meta,
     partition_indices,
     save_partition,
+    split_validation,
     train_test_split,
 )
 from fedjax_sim.data.sources import (
@@ -57,12 +66,14 @@ from fedjax_sim.data.sources import (
 
 __all__ = [
     "DEFAULT_NUM_CLIENTS",
+    "EVAL_SPLITS",
     "LAYOUTS",
     "MAX_DIRICHLET_DRAWS",
     "NPZ_PREFIX",
     "PARTITIONS",
     "SOURCES",
     "SOURCE_OPTIONS",
+    "VAL_META",
     "FederatedData",
     "Pooled",
     "RaggedFederatedData",
@@ -72,7 +83,12 @@ __all__ = [
     "check_federated_data",
     "check_layout",
     "check_partition_file",
+    "check_partition_val",
     "check_splits",
+    "check_val_fraction",
+    "check_val_rows",
+    "eval_splits",
+    "file_validation",
     "is_source",
     "load_npz",
     "load_partition",
@@ -86,6 +102,7 @@ __all__ = [
     "register_source",
     "save_partition",
     "split_hints",
+    "split_validation",
     "train_test_split",
     "unregister_source",
 ]
@@ -196,13 +213,18 @@ def make_federated_data(
     save_partition: str | os.PathLike | None = None,
     source_options: Mapping[str, Any] | None = None,
     layout: str = "auto",
+    val_fraction: float = 0.0,
+    eval_split: str = "test",
 ) -> tuple[FederatedData | RaggedFederatedData, list[tuple[np.ndarray, np.ndarray]], Pooled]:
     """Loads a data set, partitions it over clients and pads it into ``FederatedData``.
 
     Every argument is checked before any data is read. The pooled data set does not depend
     on ``seed`` (generated sources take theirs from ``source_options``); the partition and
     the train/test split are drawn from ``np.random.default_rng(seed)``, so equal arguments
-    give equal results.
+    give equal results. With ``val_fraction > 0`` every client's validation rows are then
+    carved from its training rows (``split_validation``, a stream of ``seed`` of its own,
+    so the partition and the train/test split stay as they are) and left out of training,
+    whichever rows the run evaluates on.
 
     Args:
       dataset: one of ``SOURCES``: a built-in or registered source, or ``npz:PATH``.
@@ -231,10 +253,20 @@ def make_federated_data(
       layout: ``padded`` (K, N_max, ...) arrays, ``ragged`` pooled arrays with per-client
         offsets (memory of the examples alone), or ``auto`` (``federated.choose_layout``:
         padded while it costs little beyond the examples). Both give the same floats.
+      val_fraction: share of each client's training rows held out as its validation rows,
+        in [0, 1) (``split_validation``: ``floor(n_train * val_fraction)``, at least one
+        when n_train >= 2, never the last training row); 0 gives the data of old, bit for
+        bit. With ``partition_file``, ``file_validation`` says how it meets the file's
+        rows; ``save_partition`` stores the rows as ``"val"`` lists.
+      eval_split: the rows in the data's test slot: ``test`` (the clients' test rows) or
+        ``val`` (their validation rows, for choosing hyperparameters without the test
+        rows; needs ``val_fraction > 0``). Training leaves the validation rows out either
+        way.
 
     Returns:
       ``(data, splits, pooled)``: the padded per-client arrays, per client the
-      ``(train, test)`` indices into ``pooled``, and the pooled data set.
+      ``(train, test)`` indices into ``pooled`` that the data holds (with
+      ``eval_split="val"``, ``test`` holds the validation rows), and the pooled data set.
 
     Raises:
       ValueError: a bad argument (the message names it and its allowed range; floats
@@ -259,8 +291,10 @@ def make_federated_data(
     check_float("test_ratio", test_ratio, 0.0, 1.0, low_open=True, high_open=True)
     check_seed("seed", seed)
     check_layout(layout)
+    val_fraction = check_val_fraction(val_fraction, eval_split)
     if partition_file is not None:
         check_partition_file(partition_file)
+        check_partition_val(partition_file, val_fraction)
 
     feasibility = dict(
         partition=partition,
@@ -298,7 +332,9 @@ def make_federated_data(
                     f"partition file {os.fspath(partition_file)} was made for {key}="
                     f"{meta[key]!r}, not {expected!r}"
                 )
-        splits = load_partition(partition_file, pooled.num_samples, num_clients=num_clients)
+        triples = file_validation(partition_file, load_partition(
+            partition_file, pooled.num_samples, num_clients=num_clients, with_val=True),
+            val_fraction)
     else:
         _check_feasible(dataset, pooled.num_samples, pooled.num_classes, **feasibility)
         rng = np.random.default_rng(seed)
@@ -316,6 +352,12 @@ def make_federated_data(
         splits = train_test_split(clients, test_ratio, rng)
         check_splits(splits, source=f"the {partition!r} partition", hints=split_hints(
             num_clients=drawn_clients, min_samples=min_samples, test_ratio=test_ratio))
+        triples = split_validation(splits, val_fraction, seed)
+    source = (f"partition file {os.fspath(partition_file)}" if partition_file is not None
+              else f"the {partition!r} partition")
+    if eval_split == "val":
+        check_val_rows(triples, source=source, val_fraction=val_fraction)
+    splits = eval_splits(triples, eval_split)
 
     if save_partition is not None:
         meta = dict(
@@ -337,6 +379,8 @@ def make_federated_data(
             )
         else:
             meta["copied_from"] = os.fspath(partition_file)
-        _partition.save_partition(save_partition, splits, **meta)
+        if val_fraction > 0:
+            meta[VAL_META] = val_fraction
+        _partition.save_partition(save_partition, triples, **meta)
 
     return check_federated_data(build_layout(pooled, splits, layout)), splits, pooled

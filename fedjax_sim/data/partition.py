@@ -1,9 +1,11 @@
 """Partitioners (iid, Dirichlet label skew, shards, classes, natural ids), per-client
-train/test split, and partition files.
+train/test split, per-client validation rows, and partition files.
 
 The rules follow FL-bench / PFLlib: the data set's train and test splits are pooled,
 partitioned over clients, then every client's share is split into its own train and test
-sets, so each client is tested on its own distribution.
+sets, so each client is tested on its own distribution. Validation rows (for choosing
+hyperparameters without looking at the test rows) are carved from each client's training
+rows afterwards (``split_validation``), so the train/test split does not move.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedjax_sim.checks import check_float, check_input_file, check_int
+from fedjax_sim.checks import check_choice, check_float, check_input_file, check_int
 
 PARTITIONS = ("iid", "dirichlet", "shards", "classes", "natural")
 
@@ -24,6 +26,18 @@ PARTITIONS = ("iid", "dirichlet", "shards", "classes", "natural")
 MAX_DIRICHLET_DRAWS = 1000
 
 Splits = list[tuple[np.ndarray, np.ndarray]]
+# Per client (train, val, test): ``split_validation`` and ``load_partition(with_val=True)``.
+Triples = list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+# The rows a run evaluates on: each client's test rows, or its validation rows.
+EVAL_SPLITS = ("test", "val")
+# The extra stream value of the validation draw: client k's rows come from
+# ``np.random.default_rng([seed, VAL_STREAM, k])``, apart from the partition's and the
+# train/test split's draws (``np.random.default_rng(seed)``), which stay as they were.
+VAL_STREAM = 0x7A11D
+# The key under which a partition file records the val_fraction its "val" rows were
+# carved with ("val_fraction" in files of the public-data path is the server's split).
+VAL_META = "client_val_fraction"
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -248,6 +262,94 @@ def train_test_split(
     return splits
 
 
+def _held_out(n: int, ratio: float) -> int:
+    """``floor(n * ratio)``, clipped so that n >= 2 rows keep at least one on each side;
+    a single row stays on the first side."""
+    return min(max(int(n * ratio), 1), n - 1) if n >= 2 else 0
+
+
+def check_val_fraction(val_fraction: Any, eval_split: Any = "test", *,
+                       label: Any = None) -> float:
+    """Checks ``val_fraction`` (in [0, 1)) and ``eval_split`` (one of ``EVAL_SPLITS``;
+    ``val`` needs ``val_fraction > 0``).
+
+    Args:
+      val_fraction: share of each client's training rows held out as validation rows.
+      eval_split: which rows a run evaluates on.
+      label: how messages name an option (default: its name).
+
+    Returns:
+      ``val_fraction`` as a float.
+
+    Raises:
+      ValueError: one line naming the option and its allowed values.
+    """
+    label = label or (lambda name: name)
+    val_fraction = check_float(label("val_fraction"), val_fraction, 0.0, 1.0, high_open=True)
+    check_choice(label("eval_split"), eval_split, EVAL_SPLITS)
+    if eval_split == "val" and val_fraction == 0:
+        raise ValueError(f"{label('eval_split')} val evaluates on the clients' validation "
+                         f"rows, which need {label('val_fraction')} > 0 (in (0, 1)), got 0")
+    return val_fraction
+
+
+def split_validation(splits: Sequence[tuple[Any, ...]], val_fraction: float,
+                     seed: int) -> Triples:
+    """Carves every client's validation rows out of its training rows.
+
+    Client k's training rows are shuffled by ``np.random.default_rng([seed, VAL_STREAM,
+    k])`` and the first ``floor(n_train * val_fraction)`` become its validation rows,
+    clipped so that a client with n_train >= 2 keeps at least one training row and gets
+    at least one validation row (a client with one training row keeps it for training).
+    The rows depend only on the client's training rows, its position and ``seed``: not on
+    the other clients, the method or the run's seed, and the test rows never move. With
+    ``val_fraction == 0`` every validation set is empty and the training rows are
+    unchanged.
+
+    Args:
+      splits: per client, ``(train, test)`` index arrays.
+      val_fraction: share of each client's training rows held out, in [0, 1).
+      seed: the partition's seed (an integer in [0, 2**32)).
+
+    Returns:
+      Per client, ``(train, val, test)`` sorted int64 index arrays, pairwise disjoint.
+    """
+    val_fraction = check_float("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
+    triples = []
+    for k, (train, test) in enumerate(splits):
+        train = np.sort(np.asarray(train, dtype=np.int64))
+        test = np.asarray(test, dtype=np.int64)
+        n_val = _held_out(len(train), val_fraction) if val_fraction > 0 else 0
+        if n_val == 0:
+            triples.append((train, np.zeros(0, np.int64), test))
+            continue
+        perm = np.random.default_rng([int(seed), VAL_STREAM, k]).permutation(train)
+        triples.append((np.sort(perm[n_val:]), np.sort(perm[:n_val]), test))
+    return triples
+
+
+def eval_splits(triples: Sequence[tuple[Any, Any, Any]], eval_split: str = "test") -> Splits:
+    """The ``(train, evaluated)`` pairs a run is built from: the training rows (validation
+    rows left out) and the test rows (``eval_split="test"``) or the validation rows
+    (``"val"``)."""
+    check_choice("eval_split", eval_split, EVAL_SPLITS)
+    return [(train, val if eval_split == "val" else test) for train, val, test in triples]
+
+
+def check_val_rows(triples: Sequence[tuple[Any, Any, Any]], *, source: str,
+                   val_fraction: float) -> None:
+    """Refuses ``eval_split="val"`` when a client has no validation row (a client with a
+    single training row keeps it for training)."""
+    empty = [k for k, (_, val, _) in enumerate(triples) if len(val) == 0]
+    if empty:
+        verb = "has" if len(empty) == 1 else "have"
+        raise ValueError(
+            f"eval_split='val' evaluates on every client's validation rows, but with "
+            f"{source} and val_fraction={val_fraction} {_client_list(empty)} {verb} none "
+            "(a client needs 2 training rows for one); raise min_samples or lower "
+            "test_ratio, or use eval_split='test'")
+
+
 def _client_list(ks: Sequence[int], limit: int = 10) -> str:
     listed = ", ".join(str(k) for k in ks[:limit])
     more = f" and {len(ks) - limit} more" if len(ks) > limit else ""
@@ -311,15 +413,16 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a partition file")
 
 
-def save_partition(path: str | os.PathLike, splits: Sequence[tuple[Any, Any]], **meta: Any) -> None:
+def save_partition(path: str | os.PathLike, splits: Sequence[tuple[Any, ...]], **meta: Any) -> None:
     """Writes a partition file.
 
     The file is JSON: ``{**meta, "clients": [{"train": [...], "test": [...]}, ...]}`` with
-    indices into the source's canonical pooled order, one client per line.
+    indices into the source's canonical pooled order, one client per line. A client with
+    validation rows also gets ``"val": [...]`` (its ``"train"`` leaves them out).
 
     Args:
       path: file to write; missing parent directories are created.
-      splits: per client, ``(train, test)`` index arrays.
+      splits: per client, ``(train, test)`` or ``(train, val, test)`` index arrays.
       **meta: JSON-serializable facts to keep alongside (data set, scheme, seed, ...).
     """
     if "clients" in meta:
@@ -327,15 +430,17 @@ def save_partition(path: str | os.PathLike, splits: Sequence[tuple[Any, Any]], *
     lines = ["{"]
     for key, value in meta.items():
         lines.append(f"  {json.dumps(key)}: {json.dumps(value, default=_json_default)},")
-    clients = [
-        json.dumps(
-            {
-                "train": np.asarray(train, dtype=np.int64).tolist(),
-                "test": np.asarray(test, dtype=np.int64).tolist(),
-            }
-        )
-        for train, test in splits
-    ]
+    clients = []
+    for split in splits:
+        if len(split) == 3:
+            train, val, test = split
+        else:
+            (train, test), val = split, ()
+        client = {"train": np.asarray(train, dtype=np.int64).tolist()}
+        if len(val):
+            client["val"] = np.asarray(val, dtype=np.int64).tolist()
+        client["test"] = np.asarray(test, dtype=np.int64).tolist()
+        clients.append(json.dumps(client))
     lines.append('  "clients": [')
     lines.append(",\n".join(f"    {c}" for c in clients))
     lines.append("  ]")
@@ -395,35 +500,40 @@ def load_partition_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_partition(
-    path: str | os.PathLike, num_samples: int, *, num_clients: int | None = None
-) -> Splits:
+    path: str | os.PathLike, num_samples: int, *, num_clients: int | None = None,
+    with_val: bool = False,
+) -> Splits | Triples:
     """Reads and checks a partition file written by ``save_partition``.
 
     Args:
       path: partition file.
       num_samples: size of the pooled data set the indices point into.
       num_clients: the number of clients the file must hold (None: any number).
+      with_val: return ``(train, val, test)`` triples (``val`` empty for a client without
+        a ``"val"`` list) instead of ``(train, test)`` pairs. Either way the training rows
+        are the file's ``"train"`` list, which leaves the validation rows out.
 
     Returns:
-      Per client, ``(train, test)`` int64 index arrays.
+      Per client, ``(train, test)`` (or ``(train, val, test)``) int64 index arrays.
 
     Raises:
       ValueError: malformed file, an index that is not an integer or is out of
-        ``[0, num_samples)``, an index used twice (within or across clients), a client
-        with an empty train or test set, or a client count other than ``num_clients``.
+        ``[0, num_samples)``, an index used twice (within a client's train, val and test
+        lists, or across clients), a client with an empty train or test set, or a client
+        count other than ``num_clients``.
     """
     doc = _read_partition_json(path)
     clients = doc["clients"]
     if not clients:
         raise ValueError(f"partition file {path} lists no clients")
     owner = np.full(num_samples, -1, dtype=np.int64)
-    splits = []
+    triples = []
     for k, client in enumerate(clients):
         if not isinstance(client, dict) or not {"train", "test"} <= client.keys():
             raise ValueError(f"partition file {path}: client {k} needs 'train' and 'test' lists")
         arrays = []
-        for part in ("train", "test"):
-            values = client[part]
+        for part in ("train", "val", "test"):
+            values = client.get(part, [])
             if not isinstance(values, list) or not all(
                 isinstance(v, int) and not isinstance(v, bool) for v in values
             ):
@@ -443,6 +553,7 @@ def load_partition(
         if (counts > 1).any():
             raise ValueError(
                 f"partition file {path}: client {k} lists index {uniq[counts > 1][0]} twice"
+                " (its train, val and test lists must be disjoint)"
             )
         taken = owner[both] >= 0
         if taken.any():
@@ -451,6 +562,74 @@ def load_partition(
                 f"partition file {path}: index {i} belongs to both client {owner[i]} and client {k}"
             )
         owner[both] = k
-        splits.append((arrays[0], arrays[1]))
+        triples.append((arrays[0], arrays[1], arrays[2]))
+    splits = [(train, test) for train, _, test in triples]
     check_splits(splits, source=f"partition file {path}", num_clients=num_clients)
-    return splits
+    return triples if with_val else splits
+
+
+def _check_file_val(path: str | os.PathLike, has_val: bool, meta: dict[str, Any],
+                    val_fraction: float, label: Any) -> None:
+    if not has_val:
+        return
+    recorded = meta.get(VAL_META)
+    given = (f"give {label('val_fraction')} {recorded}" if recorded is not None
+             else f"give {label('val_fraction')} > 0")
+    if val_fraction == 0:
+        raise ValueError(f"partition file {os.fspath(path)} holds validation rows (never "
+                         f"trained on): {given} to run on it")
+    if recorded is not None and float(recorded) != val_fraction:
+        raise ValueError(f"partition file {os.fspath(path)} holds validation rows carved "
+                         f"with {label('val_fraction')} {recorded}, not {val_fraction}: "
+                         f"{given}, or leave out the file to draw a new split")
+
+
+def check_partition_val(path: str | os.PathLike, val_fraction: float, *,
+                        label: Any = None) -> None:
+    """Checks ``val_fraction`` against a partition file's validation rows before any data
+    is loaded (the rule of ``file_validation``).
+
+    Raises:
+      ValueError: a file with ``"val"`` rows and ``val_fraction == 0``, or a
+        ``val_fraction`` other than the one the file records.
+    """
+    doc = _read_partition_json(path)
+    has_val = any(isinstance(c, dict) and isinstance(c.get("val"), list) and c["val"]
+                  for c in doc.pop("clients"))
+    _check_file_val(path, has_val, doc, val_fraction, label or (lambda name: name))
+
+
+def file_validation(path: str | os.PathLike, triples: Triples, val_fraction: float,
+                    *, label: Any = None) -> Triples:
+    """The validation rows of a run read from a partition file, by one rule: the file
+    fixes every row's role.
+
+    - A file with ``"val"`` rows: those rows are the validation rows and are never
+      trained on; ``val_fraction`` must be > 0 and, when the file records the fraction it
+      was written with (``VAL_META``, which ``--save-partition`` writes), equal to it.
+    - A file without ``"val"`` rows: ``val_fraction == 0`` reads it as before; with
+      ``val_fraction > 0`` the rows are carved from its training rows as for a drawn split
+      (``split_validation``), seeded by the file's recorded ``seed`` (0 when it has none),
+      so that every run and seed of the file sees the same rows.
+
+    Args:
+      path: the partition file (for messages and its metadata).
+      triples: ``load_partition(path, ..., with_val=True)``.
+      val_fraction: the run's ``val_fraction``, checked.
+      label: how messages name an option (default: its name).
+
+    Returns:
+      Per client, ``(train, val, test)``.
+
+    Raises:
+      ValueError: a ``val_fraction`` that disagrees with the file's rows.
+    """
+    meta = load_partition_meta(path)
+    has_val = any(len(val) for _, val, _ in triples)
+    _check_file_val(path, has_val, meta, val_fraction, label or (lambda name: name))
+    if has_val or val_fraction == 0:
+        return list(triples)
+    seed = meta.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        seed = 0
+    return split_validation([(tr, te) for tr, _, te in triples], val_fraction, seed)

@@ -30,14 +30,21 @@ from fedjax_sim.data.federated import (
     host_inputs,
 )
 from fedjax_sim.data.partition import (
+    VAL_META,
     _check_int,
     _check_positive,
     _check_scheme,
     check_partition_file,
+    check_partition_val,
     check_splits,
+    check_val_fraction,
+    check_val_rows,
+    eval_splits,
+    file_validation,
     load_partition,
     partition_indices,
     save_partition,
+    split_validation,
     train_test_split,
 )
 from fedjax_sim.data.sources import Pooled, check_source, known_size, load_source
@@ -252,6 +259,8 @@ def make_federated_data_with_public(
     source_options: Mapping[str, Any] | None = None,
     public_source_options: Mapping[str, Any] | None = None,
     layout: str = "auto",
+    client_val_fraction: float = 0.0,
+    eval_split: str = "test",
 ) -> tuple[FederatedData, PublicData, list[tuple[np.ndarray, np.ndarray]], Pooled]:
     """``make_federated_data`` with a public set and a server validation split held out.
 
@@ -275,6 +284,9 @@ def make_federated_data_with_public(
       save_partition_to: write the client splits (and the held-out indices) to this file.
       public_source_options: options of ``public_dataset``'s loader.
       layout: the client data's layout, as in ``make_federated_data``.
+      client_val_fraction, eval_split: the clients' own validation rows and the rows a run
+        evaluates on: ``make_federated_data``'s ``val_fraction`` and ``eval_split`` (named
+        so apart from ``val_fraction``, the server's split here).
 
     Returns:
       ``(data, public, splits, pooled)``.
@@ -299,6 +311,9 @@ def make_federated_data_with_public(
         )
     public_options = dict(public_source_options or {})
     check_layout(layout)
+    client_val_fraction = check_val_fraction(
+        client_val_fraction, eval_split,
+        label=lambda name: "client_val_fraction" if name == "val_fraction" else name)
     if public_dataset is not None:
         check_source(public_dataset, public_options)
         if public_dataset == dataset and public_options == options:
@@ -324,6 +339,7 @@ def make_federated_data_with_public(
     check_seed("seed", seed)
     if partition_file is not None:
         check_partition_file(partition_file)
+        check_partition_val(partition_file, client_val_fraction)
 
     feasibility = dict(
         partition=partition,
@@ -365,8 +381,9 @@ def make_federated_data_with_public(
 
     held = np.concatenate([public_idx, val_idx])
     if partition_file is not None:
-        splits = load_partition(partition_file, n, num_clients=num_clients)
-        used = np.concatenate([np.concatenate([tr, te]) for tr, te in splits])
+        triples = file_validation(partition_file, load_partition(
+            partition_file, n, num_clients=num_clients, with_val=True), client_val_fraction)
+        used = np.concatenate([np.concatenate(split) for split in triples])
         clash = np.intersect1d(used, held)
         if clash.size:
             raise ValueError(
@@ -386,15 +403,22 @@ def make_federated_data_with_public(
         check_splits(local, source=f"the {partition!r} partition", hints=split_hints(
             num_clients=drawn_clients, min_samples=min_samples, test_ratio=test_ratio))
         splits = [(private_idx[tr], private_idx[te]) for tr, te in local]
+        triples = split_validation(splits, client_val_fraction, seed)
+    if eval_split == "val":
+        source = (f"partition file {os.fspath(partition_file)}" if partition_file is not None
+                  else f"the {partition!r} partition")
+        check_val_rows(triples, source=source, val_fraction=client_val_fraction)
+    splits = eval_splits(triples, eval_split)
 
     if save_partition_to is not None:
+        meta = {VAL_META: client_val_fraction} if client_val_fraction > 0 else {}
         save_partition(
-            save_partition_to, splits, dataset=dataset, name=pooled.name, num_samples=n,
+            save_partition_to, triples, dataset=dataset, name=pooled.name, num_samples=n,
             source_options=options, partition=partition, num_clients=len(splits), alpha=alpha,
             min_samples=min_samples, shards_per_client=shards_per_client,
             classes_per_client=classes_per_client, test_ratio=test_ratio, seed=seed,
             public_fraction=public_fraction, public_dataset=public_dataset,
-            val_fraction=val_fraction, public_indices=public_idx, val_indices=val_idx,
+            val_fraction=val_fraction, public_indices=public_idx, val_indices=val_idx, **meta,
         )
 
     public = as_public(public_x, public_y, val_x=host_inputs(pooled.x[val_idx]),
