@@ -51,6 +51,8 @@ from fedjax_sim.spec import (
     run_built,
     share_public_split,
 )
+from fedjax_sim.tuning import DEFAULT_LRS
+from fedjax_sim.tuning import DEFAULT_VAL_FRACTION as DEFAULT_TUNE_VAL
 
 __all__ = ["DEFAULT_COMPARE", "DEFAULT_PUBLIC_FRACTION", "DEFAULT_VAL_FRACTION",
            "build_parser", "check_args", "main"]
@@ -493,6 +495,17 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                          help="comma-separated algorithm names")
     compare.add_argument("--seeds", default=",".join(map(str, DEFAULT_COMPARE_SEEDS)),
                          help="comma-separated seeds")
+    compare.add_argument(
+        "--tune", action="store_true",
+        help="choose each method's learning rate on validation rows first (--tune-lrs on "
+             "--tune-seeds, scored on --val-fraction of each client's training rows, "
+             f"default {DEFAULT_TUNE_VAL}); the table then reports the test rows of the "
+             "chosen values")
+    compare.add_argument("--tune-lrs", default=",".join(map(str, DEFAULT_LRS)),
+                         help="comma-separated learning rates tried by --tune")
+    compare.add_argument("--tune-seeds", default=None,
+                         help="comma-separated seeds --tune scores on (default: the first "
+                              "of --seeds)")
     _add_output_args(compare, "runs/compare-<dataset>-<time>", "--overwrite")
     compare.add_argument("--no-progress", action="store_true")
     _add_config_args(compare)
@@ -572,7 +585,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 # ---- options -> specs ---------------------------------------------------------------------
 
 # Namespace entries that are not spec keys.
-_NOT_KEYS = frozenset({"command", "config", "set", "help", "plugin"})
+_NOT_KEYS = frozenset({"command", "config", "set", "help", "plugin", "tune", "tune_lrs",
+                       "tune_seeds"})
 # Per command, the keys it refuses (from a config file or --set), and why.
 _RUN_ONLY = "works with `fedjax-sim run` only"
 _REFUSED = {
@@ -615,7 +629,7 @@ def _parse_seeds(text: str) -> list[int]:
     return parse_list(text, "--seeds", parse_seed, unique=True)
 
 
-def _parse_lrs(text: str) -> list[float]:
+def _parse_lrs(text: str, label: str = "--sweep-lr") -> list[float]:
     spec = next(spec for spec in COMMON if spec.name == "lr")
 
     def parse(entry: str, label: str) -> float:
@@ -626,7 +640,7 @@ def _parse_lrs(text: str) -> list[float]:
                              ) from None
         return check_hparam(spec, value, label)
 
-    return parse_list(text, "--sweep-lr", parse, unique=True)
+    return parse_list(text, label, parse, unique=True)
 
 
 def _parse_algorithms(text: str) -> list[str]:
@@ -700,6 +714,34 @@ def _is_sweep(grid: config.Grid) -> bool:
     return any(key in ("seed", "lr") and entry.axis for key, entry in entries)
 
 
+def _tuning_plan(args: argparse.Namespace, grid: config.Grid,
+                 specs: list[ExperimentSpec]) -> list[ExperimentSpec]:
+    """``compare --tune``: its grid checked (``args._tune``), and validation rows held out
+    of every run (``--val-fraction``, default ``tuning.DEFAULT_VAL_FRACTION``)."""
+    from fedjax_sim.tuning import check_tuning
+
+    args._tune = None
+    given = _explicit(args) & {"tune_lrs", "tune_seeds"}
+    if not getattr(args, "tune", False):
+        if given:
+            raise ValueError(f"{_flag(sorted(given)[0])} has no effect without --tune")
+        return specs
+    if any(spec.eval_split != "test" for spec in specs):
+        raise ValueError("--tune scores the test rows of the chosen values; drop "
+                         "--eval-split")
+    if "lr" in grid.settings and grid.settings["lr"].origin != "default":
+        raise ValueError(f"--tune chooses each method's learning rate; drop "
+                         f"{grid.settings['lr'].label}")
+    lrs = _parse_lrs(args.tune_lrs, "--tune-lrs")
+    seeds = (parse_list(args.tune_seeds, "--tune-seeds", parse_seed, unique=True)
+             if args.tune_seeds else [specs[0].seed])
+    check_tuning(lrs, seeds)
+    args._tune = (lrs, seeds)
+    if all(spec.val_fraction == 0 for spec in specs):
+        specs = [spec.replace(val_fraction=DEFAULT_TUNE_VAL) for spec in specs]
+    return specs
+
+
 def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
     """The checked specs of a ``run``, ``compare`` or ``sweep`` command line.
 
@@ -725,6 +767,8 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
             ("local", *names), True, algorithm.label, algorithm.origin)}))
     specs = config.expand(grid, default_label=_flag,
                           unclocked=("local",) if command == "compare" else ())
+    if command == "compare":
+        specs = _tuning_plan(args, grid, specs)
     if command in ("compare", "sweep"):
         specs = share_public_split(specs)
     # An option given explicitly that acts in no configuration: refused, not ignored.
@@ -1142,6 +1186,17 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
     with RunDir(out, overwrite=first.overwrite):
         atomic_write_json(out / "config.json", {"options": _options(args, first),
                                                 "environment": environment()})
+        tuning = None
+        if getattr(args, "_tune", None) is not None:
+            from fedjax_sim.sweep import print_line
+            from fedjax_sim.tuning import tune, tuned
+
+            lrs, tune_seeds = args._tune
+            tuning = tune(specs, lrs=lrs, seeds=tune_seeds, output=out, log=print_line)
+            specs = tuned(specs, tuning.chosen)
+            for name, lr in tuning.chosen.items():
+                print(f"tuned {name}: lr {lr:g} (validation accuracy "
+                      f"{tuning.scores[name][lr]:.4f})", file=sys.stderr)
         by_seed = {seed: {spec.algorithm: spec for spec in specs if spec.seed == seed}
                    for seed in seeds}
         # Every algorithm of a seed shares one split (share_public_split).
@@ -1172,7 +1227,9 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
 
         header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
                   "| ties % | MB up | wall s |")
-        lines = [header, "|" + "---|" * 9]
+        if tuning is not None:
+            header = "| algorithm | lr (tuned) " + header[len("| algorithm "):]
+        lines = [header, "|" + "---|" * (9 + (tuning is not None))]
         for name in names:
             rows = [r for r in results[name] if r["status"] != "diverged"]
             failed = len(results[name]) - len(rows)
@@ -1181,6 +1238,8 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
                              + " |" * 7)
                 continue
             label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
+            if tuning is not None:
+                label += f" | {tuning.chosen[name]:g}"
             lines.append(
                 f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
                 f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
@@ -1197,13 +1256,23 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
         timed = next((spec for spec in specs if spec.system is not None), None)
         clock = ("" if timed is None else f"; virtual clock: system {timed.system}, condition "
                  f"{timed.condition or 'wait_all'} (Local without it)")
+        tuned_note = ("" if tuning is None else
+                      f"; lr tuned per method on validation rows ({first.val_fraction:g} of "
+                      f"each client's training rows, held out of every run) over "
+                      f"{', '.join(f'{lr:g}' for lr in args._tune[0])}, seeds "
+                      f"{','.join(map(str, args._tune[1]))}: best mean final validation "
+                      "accuracy")
         setting = (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
                    f"K={data.num_clients}, {first.rounds} rounds, "
-                   f"seeds {','.join(map(str, seeds))}{split}{clock}")
+                   f"seeds {','.join(map(str, seeds))}{split}{clock}{tuned_note}")
         atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
         atomic_write_json(out / "compare.json", {
-            name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
-            for name, rows in results.items()})
+            **{name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
+               for name, rows in results.items()},
+            **({} if tuning is None else {"tuning": {
+                "chosen": tuning.chosen, "folder": tuning.folder.name,
+                "validation_accuracy": {n: {str(lr): v for lr, v in sc.items()}
+                                        for n, sc in tuning.scores.items()}}})})
     print(setting + "\n\n" + table)
     print(f"results in {out}", file=sys.stderr)
     return [r for rows in results.values() for r in rows]
