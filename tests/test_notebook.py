@@ -53,3 +53,8 @@ def test_natural_data_notebook_runs():
     outputs = _execute(NOTEBOOKS / "natural_data.ipynb")
     assert "FEMNIST-shaped, ragged" in outputs and "StackOverflow-shaped, padded" in outputs
     assert "fedper  accuracy" in outputs and "transformer token accuracy" in outputs
+
+
+def test_tuning_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "tuning.ipynb")
+    assert "-> chosen lr" in outputs and "fedper  test accuracy" in outputs
