@@ -1195,8 +1195,10 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
             tuning = tune(specs, lrs=lrs, seeds=tune_seeds, output=out, log=print_line)
             specs = tuned(specs, tuning.chosen)
             for name, lr in tuning.chosen.items():
+                edge = (" (the edge of --tune-lrs: the best may lie beyond it)"
+                        if len(lrs) > 1 and lr in (min(lrs), max(lrs)) else "")
                 print(f"tuned {name}: lr {lr:g} (validation accuracy "
-                      f"{tuning.scores[name][lr]:.4f})", file=sys.stderr)
+                      f"{tuning.scores[name][lr]:.4f}){edge}", file=sys.stderr)
         by_seed = {seed: {spec.algorithm: spec for spec in specs if spec.seed == seed}
                    for seed in seeds}
         # Every algorithm of a seed shares one split (share_public_split).

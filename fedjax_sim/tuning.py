@@ -22,7 +22,7 @@ import numpy as np
 
 from fedjax_sim.spec import ExperimentSpec
 
-DEFAULT_LRS = (0.005, 0.01, 0.05, 0.1)
+DEFAULT_LRS = (0.01, 0.03, 0.1, 0.3, 1.0)
 # The validation share a tuned comparison holds out of every client's training rows.
 DEFAULT_VAL_FRACTION = 0.1
 TUNE_FOLDER = "tune"
