@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -124,3 +125,10 @@ def linear_model(dim: int, classes: int):
 
     return Model("linear", (dim,), classes, ("head",), init,
                  lambda p, x: x @ p["head"]["kernel"] + p["head"]["bias"], ("head",))
+
+
+def write_toml(folder: Path, text: str, name: str = "grid.toml") -> Path:
+    """``text`` (dedented) as the config file ``folder/name``."""
+    path = Path(folder) / name
+    path.write_text(textwrap.dedent(text))
+    return path

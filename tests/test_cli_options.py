@@ -9,10 +9,10 @@ import importlib.util
 import json
 import os
 import signal
-import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import write_toml
 
 import fedjax_sim
 from fedjax_sim import algorithms, cli
@@ -68,10 +68,7 @@ def _error(argv: list[str], capsys, code: int = 2) -> str:
     return err
 
 
-def _toml(tmp_path: Path, text: str, name: str = "grid.toml") -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+_toml = write_toml
 
 
 def _plan(argv: list[str]):

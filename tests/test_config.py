@@ -3,20 +3,15 @@ trains here), and the seed rule shared by run, compare and sweep."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
+from conftest import write_toml
 
 from fedjax_sim import cli, config
 from fedjax_sim.cli import main
 from fedjax_sim.spec import ExperimentSpec, build_data, check_spec
 from fedjax_sim.sweep import group_specs
 
-
-def _toml(tmp_path, text: str, name: str = "grid.toml"):
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
+_toml = write_toml
 
 
 def _plan(argv: list[str]):
