@@ -58,6 +58,10 @@ EXTRA_CASES = [
      "fedobp has no hyperparameter ig_ratoi (did you mean ig_ratio?)"),
     ("run-set-table-typo", "run --algorithm fedobp --set fedobp.ig_ratoi=0.5",
      "fedobp has no hyperparameter ig_ratoi (did you mean ig_ratio?)"),
+    ("run-config-key-typo", "run --config {tmp}/key_typo.toml",
+     "num_client: unknown key (did you mean num_clients?)"),
+    ("run-dropout-one", "run --system homogeneous --dropout 1.0",
+     "--dropout must be in [0, 1), got 1.0"),
     ("run-algorithms-plural", "run --algorithms fedavg,fedper",
      "--algorithms is an option of compare and sweep, not of run; run takes --algorithm"),
     ("run-plugin-option-alone", "run --mix 0.7",
@@ -83,6 +87,7 @@ def prepare_extra_files(tmp: Path) -> None:
     (tmp / "iid_alpha.toml").write_text('partition = "iid"\nalpha = 0.3\n')
     (tmp / "table_typo.toml").write_text('algorithm = "fedobp"\n[fedobp]\nig_ratoi = 0.5\n')
     (tmp / "plugin_missing.toml").write_text('plugin = "no_such_plugin_xyz"\n')
+    (tmp / "key_typo.toml").write_text("num_client = 4\n")
 
 
 def extra_cases(battery) -> list:

@@ -587,7 +587,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     """
     watchdog = safety.Watchdog()
     if program.host_wait:
-        watchdog.wait(program.state, "initializing the state")
+        watchdog.wait(program.state, "initializing the state", first=True)
     state, data, hp = program.state, program.data, program.hp
     blocks: dict[int, Callable] = {}
     compile_s = None
@@ -632,7 +632,7 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
                 events.emit("round_start", round=r + i, state=state, **clock.info())
             state, metrics = blocks[length](state, data, hp)
             if program.host_wait or compile_s is None:
-                watchdog.wait(state, f"rounds {r + 1}-{stop_at}")
+                watchdog.wait(state, f"rounds {r + 1}-{stop_at}", first=compile_s is None)
             if compile_s is None:
                 compile_s = time.perf_counter() - tic
             losses = _note_divergence(tracks, metrics, r, on_divergence)

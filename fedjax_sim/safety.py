@@ -45,6 +45,9 @@ EXIT_OUT_OF_MEMORY = 5
 # times the longest wait seen so far a later wait may last.
 STALL_FLOOR_S = 300.0
 STALL_FACTOR = 20.0
+# The first wait of a kind has nothing to be measured against and includes the first call's
+# compilation and a whole round on a large cohort: it gets this many floors.
+FIRST_WAIT_FLOORS = 6.0
 STALL_ENV = "FEDJAX_SIM_STALL_TIMEOUT"
 
 
@@ -118,8 +121,11 @@ class Watchdog:
         self.hint = hint
         self.longest = 0.0
 
-    def wait(self, tree: Any, what: str) -> Any:
-        limit = max(self.floor, self.factor * self.longest)
+    def wait(self, tree: Any, what: str, *, first: bool = False) -> Any:
+        """Blocks until ``tree`` is ready; ``first``: the first wait of its kind (the first
+        round block, compilation included), allowed :data:`FIRST_WAIT_FLOORS` floors."""
+        limit = max(self.floor * (FIRST_WAIT_FLOORS if first else 1.0),
+                    self.factor * self.longest)
         timer = threading.Timer(limit, self._stalled, args=(what, limit))
         timer.daemon = True
         tic = time.monotonic()

@@ -275,6 +275,29 @@ def test_the_watchdog_ends_a_stalled_wait_with_a_message():
     assert "Traceback" not in proc.stderr
 
 
+def test_the_first_wait_gets_longer_than_the_floor():
+    """The first round block (compilation included) has nothing to be measured against:
+    a first wait of 1.5 s passes a 0.5 s floor (six floors allowed), the same wait later
+    would not."""
+    import time
+
+    stalled = []
+    watchdog = safety.Watchdog(floor=0.5)
+    watchdog._stalled = lambda what, limit: stalled.append(limit)
+
+    class Slow:  # block_until_ready on an object: a 1.5 s wait
+        def block_until_ready(self):
+            time.sleep(1.5)
+            return self
+
+    watchdog.wait(Slow(), "rounds 1-1", first=True)
+    assert not stalled
+    fresh = safety.Watchdog(floor=0.5)
+    fresh._stalled = lambda what, limit: stalled.append(limit)
+    fresh.wait(Slow(), "rounds 2-2")
+    assert stalled == [0.5]
+
+
 def test_summary_statistics_and_sweep_mark_diverged_configurations(tmp_path, capsys):
     main(["run", "--seeds", "0", "--sweep-lr", "0.01,1e30", "--output", str(tmp_path / "s"),
           *TINY])
