@@ -33,6 +33,7 @@ from fedjax_sim.checks import (
     parse_seed,
 )
 from fedjax_sim.models.layers import CONV_IMPLS
+from fedjax_sim.options import fill_help
 from fedjax_sim.platform import (
     check_environment,
     configure_cpu_devices,
@@ -44,6 +45,8 @@ from fedjax_sim.spec import (
     DEFAULT_PUBLIC_FRACTION,
     DEFAULT_VAL_FRACTION,
     HETEROGENEOUS,
+    KINDS,
+    OPTIONS,
     ExperimentSpec,
     build,
     build_clock,
@@ -266,27 +269,11 @@ def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_platform_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cpu-devices", default="auto",
-                        help="on a CPU host, how many XLA devices to show: auto (one per "
-                        "core; the client axis is sharded over them, each core training its "
-                        "own clients) or an integer >= 1 (1: one device whose operations use "
-                        "every core). Ignored when XLA_FLAGS sets "
-                        "--xla_force_host_platform_device_count")
+    _add_option(parser, "cpu_devices", {})
     parser.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                         help="do not keep compiled programs on disk (default: kept in "
                         "$FEDJAX_SIM_COMPILE_CACHE or ~/.cache/fedjax_sim/jax, so that a "
                         "repeated run of the same shapes skips compiling)")
-
-
-def _add_output_args(parser: argparse.ArgumentParser, default: str, unless: str) -> None:
-    parser.add_argument("--output", default=None,
-                        help=f"output folder (default: a new {default}); an existing non-empty "
-                        f"folder is refused unless {unless}")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the fedjax-sim results in an existing --output folder")
-    parser.add_argument("--on-divergence", default="stop", choices=("stop", "warn"),
-                        help="on a NaN or infinite loss or parameter: stop that run at the "
-                        "round (default; it is reported as diverged), or warn and go on")
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -297,87 +284,77 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         "is a grid axis; ALGORITHM.KEY for that algorithm's own value)")
 
 
-def _add_data_args(parser: argparse.ArgumentParser) -> None:
+def _add_option(parser, name: str, context: dict[str, str]) -> None:
+    """The flag of the spec field ``name``, from its schema (``fedjax_sim.options``)."""
+    described = OPTIONS[name]
+    text = fill_help(described, context)
+    if described.negated:
+        parser.add_argument(described.negated, action="store_true", help=text)
+        return
+    flags = (_flag(name), *described.aliases)
+    kind = KINDS[name]
+    if kind is bool:
+        parser.add_argument(*flags, dest=name, action="store_true", help=text)
+        return
+    choices = described.choices if isinstance(described.choices, tuple) else None
+    parser.add_argument(*flags, dest=name, type=None if kind is str else kind,
+                        default=getattr(_DEFAULTS, name), choices=choices, help=text)
+
+
+def _help_context(command: str) -> dict[str, str]:
+    """The values the options' help texts name (``{sources}``, ...), read when the parser
+    is built so that plug-ins count."""
     from fedjax_sim.data import PARTITIONS, SOURCES
     from fedjax_sim.data.natural import NATURAL_DATASETS
 
-    d = _DEFAULTS
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default=d.dataset,
-                       help=f"one of {', '.join(SOURCES)}, or a natural data set read from "
-                       f"its files in --data-dir: {', '.join(NATURAL_DATASETS)} (with "
-                       "--partition natural)")
-    group.add_argument("--data-dir", default=None,
-                       help="tfds data directory (tfds sources), or the folder of a natural "
-                       "data set's files (leaf:*, tff:*)")
-    group.add_argument("--partition", default=d.partition,
-                       help=f"one of {', '.join(PARTITIONS)}")
-    group.add_argument("--alpha", type=float, default=d.alpha,
-                       help="Dirichlet concentration (> 0; --partition dirichlet)")
-    group.add_argument("--num-clients", type=int, default=None,
-                       help="number of clients K (default 20; with --partition-file, the "
-                       "file's count, which a given value must equal)")
-    group.add_argument("--min-samples", type=int, default=d.min_samples,
-                       help="minimum samples per client (dirichlet)")
-    group.add_argument("--shards-per-client", type=int, default=d.shards_per_client,
-                       help="shards of sorted labels per client (--partition shards)")
-    group.add_argument("--classes-per-client", type=int, default=d.classes_per_client,
-                       help="labels per client (--partition classes)")
-    group.add_argument("--test-ratio", type=float, default=d.test_ratio,
-                       help="share of each client's data held out for its test set")
-    group.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                       help="share of each client's training rows held out as its "
-                       "validation rows, in [0, 1) (never trained on; drawn once per "
-                       "partition seed; default 0: none)")
-    group.add_argument("--eval-split", default=d.eval_split,
-                       help="test or val: evaluate on the clients' test rows, or on their "
-                       "validation rows (to choose hyperparameters without the test rows; "
-                       "needs --val-fraction > 0)")
-    group.add_argument("--partition-seed", type=int, default=None,
-                       help="draw the partition and train/test split from this seed for "
-                       "every seed (default: each seed draws its own)")
-    group.add_argument("--partition-file", default=None,
-                       help="load the client split from this JSON file")
-    group.add_argument("--save-partition", default=None,
-                       help="write the client split to this JSON file")
-    group.add_argument("--max-examples", type=int, default=None,
-                       help="natural data sets: keep at most this many examples of each "
-                       "client, the first in file order")
-    group.add_argument("--data-layout", default=d.data_layout,
-                       help="auto, padded or ragged: clients padded to the largest (K, N_max, "
-                       "...) or pooled with per-client offsets (memory of the examples "
-                       "alone); auto pads while that costs little. Same numbers either way")
-    group.add_argument("--model", default=d.model,
-                       help="mlp, cnn, resnet or auto (mlp for flat or small inputs, else cnn)")
-    group.add_argument("--init", default=d.init,
-                       help="parameter initialization: flax (LeCun-normal kernels, zero "
-                       "biases) or torch (PyTorch's nn.Linear / nn.Conv2d defaults, "
-                       "kernels and biases U(+-1/sqrt(fan_in)))")
-    public = parser.add_argument_group(
-        "public data (federated distillation: " + ", ".join(algorithms.DISTILLATION) + ")")
-    public.add_argument("--public-fraction", type=float, default=None,
-                        help="share of the pool held out as public data before partitioning, "
-                        f"in (0, 1) (default {DEFAULT_PUBLIC_FRACTION} when an algorithm needs "
-                        "public data and --public-dataset is not given)")
-    public.add_argument("--public-dataset", default=None,
-                        help="take the public data from this source instead (same input shape)")
-    public.add_argument("--public-size", type=int, default=None,
-                        help="with --public-dataset: use this many random examples of it")
-    public.add_argument("--public-val-fraction", type=float, default=DEFAULT_VAL_FRACTION,
-                        help="share of the pool held out as the server's labeled validation "
-                        "split (FedDF early stopping), in [0, 1)")
-    public.add_argument("--architectures", default=None,
-                        help="heterogeneous models for " + " and ".join(HETEROGENEOUS)
-                        + ": comma-separated mlp[:WIDTHS], cnn, resnet, e.g. "
-                        "mlp:32,mlp:128,mlp:256x128; client k runs architecture k mod A")
+    default_output, unless = _OUTPUT_HELP[command]
+    return {"sources": ", ".join(SOURCES), "natural": ", ".join(NATURAL_DATASETS),
+            "partitions": ", ".join(PARTITIONS), "heterogeneous": " and ".join(HETEROGENEOUS),
+            "public_fraction": str(DEFAULT_PUBLIC_FRACTION),
+            "default_output": default_output, "unless": unless}
 
 
-def _add_training_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("training")
-    group.add_argument("--rounds", type=int, default=_DEFAULTS.rounds,
-                       help="communication rounds")
-    group.add_argument("--eval-every", type=int, default=_DEFAULTS.eval_every,
-                       help="evaluate every N rounds")
+# Per command: the folder a run writes by default, and what lets it reuse a folder.
+_OUTPUT_HELP = {
+    "run": ("runs/<algorithm>-<dataset>-<time>", "--resume or --overwrite"),
+    "compare": ("runs/compare-<dataset>-<time>", "--overwrite"),
+    "sweep": ("runs/sweep-<dataset>-<time>",
+              "it holds this sweep (which then continues) or --overwrite"),
+}
+# The help group of each section's flags (execution and output: the command's own list).
+_SECTION_GROUPS = {
+    "data": ("data", None), "model": ("data", None),
+    "public": ("public data (federated distillation: "
+               + ", ".join(algorithms.DISTILLATION) + ")", None),
+    "clock": ("devices and time", "a per-client system model and a server condition on a "
+              "virtual clock (default: none, the synchronous round without time)"),
+    "loop": ("training", None),
+    "execution": ("how it runs (never changes the numbers)", None),
+    "output": ("output", None),
+}
+
+
+def _add_spec_flags(parser: argparse.ArgumentParser, command: str) -> dict[str, object]:
+    """Every spec option ``command`` takes as a flag, generated from the schema, in help
+    groups by section; returns the groups by title (the training group also lists the
+    hyperparameters)."""
+    context = _help_context(command)
+    groups: dict[str, object] = {}
+    for name, described in OPTIONS.items():
+        if command not in described.commands:
+            continue
+        title, description = _SECTION_GROUPS.get(described.section, (None, None))
+        if title is None:
+            target = parser
+        else:
+            if title not in groups:
+                groups[title] = parser.add_argument_group(title, description)
+            target = groups[title]
+        _add_option(target, name, context)
+    return groups
+
+
+def _add_training_args(parser: argparse.ArgumentParser, group) -> None:
     seen: set[str] = set()
     for spec in COMMON:
         _add_hparam(group, spec, seen)
@@ -389,53 +366,20 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                 _add_hparam(sub, spec, seen, name)
 
 
-def _add_seed_args(parser: argparse.ArgumentParser, *, seeds_help: str) -> None:
-    parser.add_argument("--seed", type=int, default=_DEFAULTS.seed,
-                        help="seed of the run, and of its split unless --partition-seed")
+def _add_sweep_args(parser: argparse.ArgumentParser, *, seeds_help: str) -> None:
     parser.add_argument("--seeds", default=None, help=seeds_help)
-
-
-def _add_loop_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep-lr", default=None,
                         help="comma-separated client learning rates, a grid axis")
-    parser.add_argument("--sweep-strategy", default="auto", choices=("auto", "vmap", "map"),
-                        help="how configurations batched into one program run: vmap, a "
-                        "compiled loop, or auto (the loop on CPU, vmap on accelerators)")
-    parser.add_argument("--rounds-per-call", type=int, default=1,
-                        help="rounds per jitted call (lax.scan over rounds)")
-    parser.add_argument("--devices", type=int, default=None,
-                        help="devices to shard the client axis (a batched program: its "
-                        "configurations) over (default: all visible)")
-    parser.add_argument("--compare-local", action="store_true",
-                        help="also run Local on the same split and report the hurt fraction "
-                        "and the incentivized participation rate (`run`: after the run, as a "
-                        "run folder of its own in OUTPUT/local)")
 
 
-def _add_clock_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "devices and time", "a per-client system model and a server condition on a virtual "
-        "clock (default: none, the synchronous round without time)")
-    group.add_argument("--system", default=None,
-                       help="homogeneous, lognormal or FILE.npz (arrays speed, up, down "
-                       "[, p_off, p_on, dropout]; one value per client)")
-    group.add_argument("--availability-trace", default=None,
-                       help='JSON {"intervals": [[[start, end], ...], ...]}: per client, '
-                       "online intervals in virtual seconds")
-    group.add_argument("--dropout", type=float, default=None,
-                       help="probability that a started job is never reported")
-    group.add_argument("--condition", default=None,
-                       help="wait_all (default), deadline, first_m, fedasync, fedbuff")
-    group.add_argument("--deadline", type=float, default=None,
-                       help="deadline T in virtual seconds (--condition deadline)")
-    group.add_argument("--first-m", "--over-select", dest="first_m", type=int, default=None,
-                       help="aggregate the first M of the sampled (--condition first_m)")
-    group.add_argument("--buffer-size", type=int, default=None,
-                       help="FedBuff: arrivals per server step (default: the cohort size)")
-    group.add_argument("--async-alpha", type=float, default=None,
-                       help="FedAsync: mixing weight alpha in (0, 1] (default 0.6)")
-    group.add_argument("--staleness-exponent", type=float, default=None,
-                       help="FedAsync: a of the staleness weight (1 + tau)^-a (default 0.5)")
+def _add_common(parser: argparse.ArgumentParser, command: str) -> None:
+    """The options run, compare and sweep share: config, plug-ins, platform, and every spec
+    option the command takes."""
+    _add_config_args(parser)
+    _add_plugin_args(parser)
+    _add_platform_args(parser)
+    groups = _add_spec_flags(parser, command)
+    _add_training_args(parser, groups["training"])
 
 
 def _subparser(commands, name: str, help_text: str, description: str):
@@ -464,28 +408,9 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                      "the seeds x learning rates grid as a sweep (see `fedjax-sim sweep`).")
     run.add_argument("--algorithm", default=_DEFAULTS.algorithm,
                      help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
-    _add_seed_args(run, seeds_help="comma-separated seeds: a sweep of one run per seed "
-                   "(and per --sweep-lr), written and resumed as `fedjax-sim sweep` does")
-    _add_loop_args(run)
-    run.add_argument("--distributed", action="store_true",
-                     help="call jax.distributed.initialize() first (one process per host; "
-                     "cluster settings auto-detected on TPU pods, SLURM and Open MPI, or "
-                     "given by --coordinator/--num-processes/--process-id)")
-    run.add_argument("--coordinator", default=None, help="host:port of process 0")
-    run.add_argument("--num-processes", type=int, default=None)
-    run.add_argument("--process-id", type=int, default=None)
-    _add_output_args(run, "runs/<algorithm>-<dataset>-<time>", "--resume or --overwrite")
-    run.add_argument("--checkpoint-every", type=int, default=0)
-    run.add_argument("--resume", action="store_true",
-                     help="continue the run in --output from its latest checkpoint (refused "
-                     "if any setting that changes results differs; --rounds may grow)")
-    run.add_argument("--no-progress", action="store_true")
-    _add_config_args(run)
-    _add_plugin_args(run)
-    _add_platform_args(run)
-    _add_data_args(run)
-    _add_training_args(run)
-    _add_clock_args(run)
+    _add_sweep_args(run, seeds_help="comma-separated seeds: a sweep of one run per seed "
+                    "(and per --sweep-lr), written and resumed as `fedjax-sim sweep` does")
+    _add_common(run, "run")
 
     compare = _subparser(
         commands, "compare", "run several algorithms on the same partitions; print a table",
@@ -506,14 +431,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
     compare.add_argument("--tune-seeds", default=None,
                          help="comma-separated seeds --tune scores on (default: the first "
                               "of --seeds)")
-    _add_output_args(compare, "runs/compare-<dataset>-<time>", "--overwrite")
-    compare.add_argument("--no-progress", action="store_true")
-    _add_config_args(compare)
-    _add_plugin_args(compare)
-    _add_platform_args(compare)
-    _add_data_args(compare)
-    _add_training_args(compare)
-    _add_clock_args(compare)
+    _add_common(compare, "compare")
 
     sweep = _subparser(
         commands, "sweep", "run a grid of configurations x seeds; resumable",
@@ -531,17 +449,8 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                        help="the algorithm (one; see --algorithms)")
     sweep.add_argument("--algorithms", default=None,
                        help="comma-separated algorithms: a grid axis")
-    _add_seed_args(sweep, seeds_help="comma-separated seeds: a grid axis")
-    _add_loop_args(sweep)
-    _add_output_args(sweep, "runs/sweep-<dataset>-<time>",
-                     "it holds this sweep (which then continues) or --overwrite")
-    sweep.add_argument("--no-progress", action="store_true")
-    _add_config_args(sweep)
-    _add_plugin_args(sweep)
-    _add_platform_args(sweep)
-    _add_data_args(sweep)
-    _add_training_args(sweep)
-    _add_clock_args(sweep)
+    _add_sweep_args(sweep, seeds_help="comma-separated seeds: a grid axis")
+    _add_common(sweep, "sweep")
 
     bench = commands.add_parser(
         "bench", help="time rounds on random 28x28x1 data",
@@ -589,24 +498,19 @@ _NOT_KEYS = frozenset({"command", "config", "set", "help", "plugin", "tune", "tu
                        "tune_seeds"})
 # Per command, the keys it refuses (from a config file or --set), and why.
 _RUN_ONLY = "works with `fedjax-sim run` only"
+_RUN_ONLY_KEYS = {name: _RUN_ONLY for name, o in OPTIONS.items() if o.run_only}
 _REFUSED = {
     "compare": {
+        **_RUN_ONLY_KEYS,
         "resume": "is not taken by `fedjax-sim compare`: a comparison starts fresh runs",
         "compare_local": "is not taken by `fedjax-sim compare`: it always runs Local as the "
                          "reference",
-        "checkpoint_every": _RUN_ONLY,
-        "save_partition": _RUN_ONLY,
         "architectures": "works with `fedjax-sim run`; compare uses one --model",
-        "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
-        "process_id": _RUN_ONLY,
     },
     "sweep": {
+        **_RUN_ONLY_KEYS,
         "resume": "is not taken by `fedjax-sim sweep`: a sweep resumes by itself (rerun it "
                   "with the same --output)",
-        "checkpoint_every": _RUN_ONLY,
-        "save_partition": _RUN_ONLY,
-        "distributed": _RUN_ONLY, "coordinator": _RUN_ONLY, "num_processes": _RUN_ONLY,
-        "process_id": _RUN_ONLY,
     },
 }
 

@@ -32,7 +32,6 @@ from fedjax_sim import algorithms
 from fedjax_sim.algorithms.base import Algorithm, check_hparam
 from fedjax_sim.checks import (
     check_choice,
-    check_float,
     check_input_dir,
     check_input_file,
     check_int,
@@ -42,6 +41,7 @@ from fedjax_sim.checks import (
     parse_list,
 )
 from fedjax_sim.models.layers import DEFAULT_INIT
+from fedjax_sim.options import check_value, declared, in_section, kinds, option
 
 # Federated distillation: public data held out of the pool unless public_dataset is given.
 DEFAULT_PUBLIC_FRACTION = 0.2
@@ -53,6 +53,27 @@ SWEEP_STRATEGIES = ("auto", "vmap", "map")
 DIVERGENCE_POLICIES = ("stop", "warn")
 
 
+def _choices(module: str, name: str):
+    """The choices held in ``module.name``, read when checked (the data modules load only
+    when needed, and plug-ins registered later count)."""
+    import importlib
+
+    return lambda: tuple(getattr(importlib.import_module(module), name))
+
+
+def _loop_count(label: str, value: Any) -> int:
+    # "an integer >= 1": the wording of runner.validate_run_options.
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _models() -> tuple[str, ...]:
+    from fedjax_sim.models import MODELS
+
+    return tuple(MODELS)
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentSpec:
     """One experiment: every option of ``fedjax-sim run``, named as its flag with
@@ -62,68 +83,160 @@ class ExperimentSpec:
     algorithm's defaults); give a mapping, it is stored as sorted ``(name, value)`` pairs
     so that the spec stays immutable. Nothing is checked on construction: call
     :func:`check_spec`, which names every bad value and its allowed range.
+
+    Each field is declared once with :func:`fedjax_sim.options.option`: its section, help,
+    range or choices and the commands that take it; the command-line flags, the config-file
+    keys' types and the checks of a single value are generated from that (:data:`OPTIONS`).
     """
 
-    # -- the algorithm --
-    algorithm: str = "fedavg"
+    # -- the algorithm (its flags are written by each command) --
+    algorithm: str = option("fedavg", "algorithm", commands=())
     hparams: tuple[tuple[str, Any], ...] = ()
     # -- data --
-    dataset: str = "digits"
-    data_dir: str | None = None
-    partition: str = "dirichlet"
-    alpha: float = 0.1
-    num_clients: int | None = None
-    min_samples: int = 10
-    shards_per_client: int = 2
-    classes_per_client: int = 2
-    test_ratio: float = 0.25
-    val_fraction: float = 0.0
-    eval_split: str = "test"
-    partition_file: str | None = None
-    save_partition: str | None = None
-    partition_seed: int | None = None
-    data_layout: str = "auto"
-    max_examples: int | None = None
+    dataset: str = option(
+        "digits", "data", "one of {sources}, or a natural data set read from its files in "
+        "--data-dir: {natural} (with --partition natural)")
+    data_dir: str | None = option(
+        None, "data", "tfds data directory (tfds sources), or the folder of a natural data "
+        "set's files (leaf:*, tff:*)", numbers=False)
+    partition: str = option("dirichlet", "data", "one of {partitions}",
+                            choices=_choices("fedjax_sim.data.partition", "PARTITIONS"))
+    alpha: float = option(0.1, "data", "Dirichlet concentration (> 0; --partition dirichlet)",
+                          low=0.0, low_open=True)
+    num_clients: int | None = option(
+        None, "data", "number of clients K (default 20; with --partition-file, the file's "
+        "count, which a given value must equal)", low=1)
+    min_samples: int = option(10, "data", "minimum samples per client (dirichlet)", low=2)
+    shards_per_client: int = option(2, "data", "shards of sorted labels per client "
+                                    "(--partition shards)", low=1)
+    classes_per_client: int = option(2, "data", "labels per client (--partition classes)",
+                                     low=1)
+    test_ratio: float = option(0.25, "data", "share of each client's data held out for its "
+                               "test set", low=0.0, high=1.0, low_open=True, high_open=True)
+    val_fraction: float = option(
+        0.0, "data", "share of each client's training rows held out as its validation rows, "
+        "in [0, 1) (never trained on; drawn once per partition seed; default 0: none)",
+        low=0.0, high=1.0, high_open=True)
+    eval_split: str = option(
+        "test", "data", "test or val: evaluate on the clients' test rows, or on their "
+        "validation rows (to choose hyperparameters without the test rows; needs "
+        "--val-fraction > 0)", choices=_choices("fedjax_sim.data.partition", "EVAL_SPLITS"))
+    partition_seed: int | None = option(
+        None, "data", "draw the partition and train/test split from this seed for every seed "
+        "(default: each seed draws its own)", check=check_seed)
+    partition_file: str | None = option(None, "data",
+                                        "load the client split from this JSON file")
+    save_partition: str | None = option(None, "data", "write the client split to this JSON "
+                                        "file", numbers=False, run_only=True)
+    max_examples: int | None = option(
+        None, "data", "natural data sets: keep at most this many examples of each client, the "
+        "first in file order", low=1)
+    data_layout: str = option(
+        "auto", "data", "auto, padded or ragged: clients padded to the largest (K, N_max, ...) "
+        "or pooled with per-client offsets (memory of the examples alone); auto pads while "
+        "that costs little. Same numbers either way", numbers=False,
+        choices=_choices("fedjax_sim.data.federated", "LAYOUTS"))
     # -- model --
-    model: str = "auto"
-    init: str = DEFAULT_INIT
-    architectures: str | None = None
+    model: str = option("auto", "model", "mlp, cnn, resnet or auto (mlp for flat or small "
+                        "inputs, else cnn)", choices=lambda: ("auto", *_models()))
+    init: str = option(
+        DEFAULT_INIT, "model", "parameter initialization: flax (LeCun-normal kernels, zero "
+        "biases) or torch (PyTorch's nn.Linear / nn.Conv2d defaults, kernels and biases "
+        "U(+-1/sqrt(fan_in)))", choices=_choices("fedjax_sim.models.layers", "INITS"))
+    architectures: str | None = option(
+        None, "model", "heterogeneous models for {heterogeneous}: comma-separated "
+        "mlp[:WIDTHS], cnn, resnet, e.g. mlp:32,mlp:128,mlp:256x128; client k runs "
+        "architecture k mod A")
     # -- public data (federated distillation) --
-    public_fraction: float | None = None
-    public_dataset: str | None = None
-    public_size: int | None = None
-    public_val_fraction: float = DEFAULT_VAL_FRACTION
+    public_fraction: float | None = option(
+        None, "public", "share of the pool held out as public data before partitioning, in "
+        "(0, 1) (default {public_fraction} when an algorithm needs public data and "
+        "--public-dataset is not given)", low=0.0, high=1.0, low_open=True, high_open=True)
+    public_dataset: str | None = option(
+        None, "public", "take the public data from this source instead (same input shape)",
+        choices=_choices("fedjax_sim.data", "SOURCES"))
+    public_size: int | None = option(None, "public", "with --public-dataset: use this many "
+                                     "random examples of it", low=1)
+    public_val_fraction: float = option(
+        DEFAULT_VAL_FRACTION, "public", "share of the pool held out as the server's labeled "
+        "validation split (FedDF early stopping), in [0, 1)", low=0.0, high=1.0,
+        high_open=True)
     # -- devices and time (core.system, core.clock); unset: no system model --
-    system: str | None = None
-    availability_trace: str | None = None
-    dropout: float | None = None
-    condition: str | None = None
-    deadline: float | None = None
-    first_m: int | None = None
-    buffer_size: int | None = None
-    async_alpha: float | None = None
-    staleness_exponent: float | None = None
+    system: str | None = option(
+        None, "clock", "homogeneous, lognormal or FILE.npz (arrays speed, up, down [, p_off, "
+        "p_on, dropout]; one value per client)")
+    availability_trace: str | None = option(
+        None, "clock", 'JSON {{"intervals": [[[start, end], ...], ...]}}: per client, online '
+        "intervals in virtual seconds")
+    # 1 drops every client: nothing would ever be aggregated.
+    dropout: float | None = option(None, "clock", "probability that a started job is never "
+                                   "reported", low=0.0, high=1.0, high_open=True)
+    condition: str | None = option(None, "clock",
+                                   "wait_all (default), deadline, first_m, fedasync, fedbuff")
+    deadline: float | None = option(None, "clock", "deadline T in virtual seconds "
+                                    "(--condition deadline)", low=0.0, low_open=True)
+    first_m: int | None = option(None, "clock", "aggregate the first M of the sampled "
+                                 "(--condition first_m)", low=1, aliases=("--over-select",))
+    buffer_size: int | None = option(None, "clock", "FedBuff: arrivals per server step "
+                                     "(default: the cohort size)", low=1)
+    async_alpha: float | None = option(None, "clock", "FedAsync: mixing weight alpha in "
+                                       "(0, 1] (default 0.6)", low=0.0, high=1.0,
+                                       low_open=True)
+    staleness_exponent: float | None = option(
+        None, "clock", "FedAsync: a of the staleness weight (1 + tau)^-a (default 0.5)",
+        low=0.0)
     # -- the loop --
-    rounds: int = 30
-    eval_every: int = 5
-    seed: int = 0
-    compare_local: bool = False
+    rounds: int = option(30, "loop", "communication rounds", check=_loop_count)
+    eval_every: int = option(5, "loop", "evaluate every N rounds", check=_loop_count)
+    seed: int = option(0, "loop", "seed of the run, and of its split unless --partition-seed",
+                       check=check_seed, commands=("run", "sweep"))
+    compare_local: bool = option(
+        False, "loop", "also run Local on the same split and report the hurt fraction and the "
+        "incentivized participation rate (`run`: after the run, as a run folder of its own "
+        "in OUTPUT/local)", commands=("run", "sweep"))
     # -- how it runs (no effect on the numbers) --
-    rounds_per_call: int = 1
-    devices: int | None = None
-    checkpoint_every: int = 0
-    on_divergence: str = "stop"
-    sweep_strategy: str = "auto"
-    progress: bool = True
-    cpu_devices: str = "auto"
-    distributed: bool = False
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    rounds_per_call: int = option(1, "execution", "rounds per jitted call (lax.scan over "
+                                  "rounds)", low=1, commands=("run", "sweep"))
+    devices: int | None = option(
+        None, "execution", "devices to shard the client axis (a batched program: its "
+        "configurations) over (default: all visible)", low=1, commands=("run", "sweep"))
+    checkpoint_every: int = option(0, "execution", "save a checkpoint every N rounds "
+                                   "(0: none)", low=0, commands=("run",), run_only=True)
+    on_divergence: str = option(
+        "stop", "execution", "on a NaN or infinite loss or parameter: stop that run at the "
+        "round (default; it is reported as diverged), or warn and go on",
+        choices=DIVERGENCE_POLICIES)
+    sweep_strategy: str = option(
+        "auto", "execution", "how configurations batched into one program run: vmap, a "
+        "compiled loop, or auto (the loop on CPU, vmap on accelerators)",
+        choices=SWEEP_STRATEGIES, commands=("run", "sweep"))
+    progress: bool = option(True, "execution", "show a progress bar",
+                            negated="--no-progress")
+    cpu_devices: str = option(
+        "auto", "execution", "on a CPU host, how many XLA devices to show: auto (one per "
+        "core; the client axis is sharded over them, each core training its own clients) or "
+        "an integer >= 1 (1: one device whose operations use every core). Ignored when "
+        "XLA_FLAGS sets --xla_force_host_platform_device_count", commands=())
+    distributed: bool = option(
+        False, "execution", "call jax.distributed.initialize() first (one process per host; "
+        "cluster settings auto-detected on TPU pods, SLURM and Open MPI, or given by "
+        "--coordinator/--num-processes/--process-id)", commands=("run",), run_only=True)
+    coordinator: str | None = option(None, "execution", "host:port of process 0",
+                                     commands=("run",), run_only=True)
+    num_processes: int | None = option(None, "execution", "--distributed: the number of "
+                                       "processes", low=1, commands=("run",), run_only=True)
+    process_id: int | None = option(None, "execution", "--distributed: this process's index, "
+                                    "in [0, --num-processes)", low=0, commands=("run",),
+                                    run_only=True)
     # -- output --
-    output: str | None = None
-    overwrite: bool = False
-    resume: bool = False
+    output: str | None = option(
+        None, "output", "output folder (default: a new {default_output}); an existing "
+        "non-empty folder is refused unless {unless}")
+    overwrite: bool = option(False, "output", "replace the fedjax-sim results in an existing "
+                             "--output folder")
+    resume: bool = option(
+        False, "output", "continue the run in --output from its latest checkpoint (refused if "
+        "any setting that changes results differs; --rounds may grow)", commands=("run",))
 
     def __post_init__(self):
         hparams = self.hparams
@@ -196,51 +309,47 @@ class ExperimentSpec:
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(ExperimentSpec)
                                 if f.name != "hparams")
 
-# Fields that change how a run goes or where it writes, never its numbers.
-EXECUTION = frozenset({
-    "data_dir", "save_partition", "rounds_per_call", "devices", "checkpoint_every",
-    "on_divergence", "sweep_strategy", "progress", "cpu_devices", "distributed", "data_layout",
-    "coordinator", "num_processes", "process_id", "output", "overwrite", "resume",
-})
+# Every option's schema (``fedjax_sim.options``), by field name.
+OPTIONS = declared(ExperimentSpec)
+# The type of every field (how ``--set`` text is read); ``OPTIONAL`` ones may be unset.
+KINDS, OPTIONAL = kinds(ExperimentSpec)
 
-# Options that decide the data, the partition and the model: recorded in config.json and
-# matched on resume (with the algorithm's hyperparameters, the seed and the split itself).
-DATA_OPTIONS = ("dataset", "max_examples", "partition", "alpha", "num_clients", "min_samples",
-                "shards_per_client", "classes_per_client", "test_ratio", "model",
-                "init", "architectures", "public_fraction", "public_dataset", "public_size",
-                "public_val_fraction")
+# Fields that change how a run goes or where it writes, never its numbers.
+EXECUTION = frozenset(name for name, o in OPTIONS.items() if not o.numbers)
 
 # The per-client validation rows and the rows a run evaluates on, at their defaults (no
 # validation rows, the test rows): left out of a run's identity and config.json there.
 VALIDATION_DEFAULTS = {"val_fraction": 0.0, "eval_split": "test"}
 
+# Options that decide the data, the partition and the model: recorded in config.json and
+# matched on resume (with the algorithm's hyperparameters, the seed and the split itself;
+# a partition file or seed fixes the split, which is matched itself).
+DATA_OPTIONS = tuple(name for name in in_section(ExperimentSpec, "data", "model", "public")
+                     if name not in EXECUTION and name not in VALIDATION_DEFAULTS
+                     and name not in ("partition_file", "partition_seed"))
+
 # The options of the virtual clock; unset ones are left out of a run's identity (a run
 # without a system model is the run it always was).
-CLOCK_FIELDS = ("system", "availability_trace", "dropout", "condition", "deadline",
-                "first_m", "buffer_size", "async_alpha", "staleness_exponent")
+CLOCK_FIELDS = in_section(ExperimentSpec, "clock")
 SYSTEM_PRESETS = ("homogeneous", "lognormal")
+# Fields checked by their declared range or choices alone (None allowed when optional);
+# the others also have checks that read other options, in check_spec.
+SIMPLE_CHECKS = ("partition", "alpha", "num_clients", "min_samples", "shards_per_client",
+                 "classes_per_client", "test_ratio", "partition_seed", "data_layout", "model",
+                 "init", "public_size", "public_val_fraction", "max_examples", "dropout",
+                 "deadline", "first_m", "buffer_size", "async_alpha", "staleness_exponent",
+                 "rounds", "eval_every", "seed", "compare_local", "rounds_per_call", "devices",
+                 "checkpoint_every", "on_divergence", "sweep_strategy", "progress",
+                 "distributed", "num_processes", "overwrite", "resume")
 
-# The type of every field (how ``--set`` text is read); ``OPTIONAL`` ones may be unset.
-KINDS: dict[str, type] = {
-    "algorithm": str, "dataset": str, "data_dir": str, "partition": str, "alpha": float,
-    "num_clients": int, "min_samples": int, "shards_per_client": int,
-    "classes_per_client": int, "test_ratio": float, "val_fraction": float,
-    "eval_split": str, "partition_file": str,
-    "save_partition": str, "partition_seed": int, "data_layout": str, "max_examples": int,
-    "model": str,
-    "init": str,
-    "architectures": str, "public_fraction": float, "public_dataset": str,
-    "public_size": int, "public_val_fraction": float, "rounds": int, "eval_every": int,
-    "seed": int, "compare_local": bool, "rounds_per_call": int, "devices": int,
-    "checkpoint_every": int, "on_divergence": str, "sweep_strategy": str, "progress": bool,
-    "cpu_devices": str, "distributed": bool, "coordinator": str, "num_processes": int,
-    "process_id": int, "output": str, "overwrite": bool, "resume": bool,
-    "system": str, "availability_trace": str, "dropout": float, "condition": str,
-    "deadline": float, "first_m": int, "buffer_size": int, "async_alpha": float,
-    "staleness_exponent": float,
-}
-OPTIONAL = frozenset(f.name for f in dataclasses.fields(ExperimentSpec)
-                     if f.default is None)
+
+def check_field(spec: ExperimentSpec, name: str, label: Callable[[str], str]) -> Any:
+    """``spec.name`` checked against its declared range or choices (None passes for an
+    option that may be unset); the value normalized to the field's type."""
+    value = getattr(spec, name)
+    if value is None and name in OPTIONAL:
+        return None
+    return check_value(OPTIONS[name], KINDS[name], value, label(name))
 
 
 def _jsonable(value: Any) -> Any:
@@ -282,23 +391,10 @@ def share_public_split(specs: Iterable[ExperimentSpec]) -> list[ExperimentSpec]:
 # ---- checks ---------------------------------------------------------------------------------
 
 
-def _check_bool(label: str, value: Any) -> bool:
-    if not isinstance(value, bool | np.bool_):
-        raise ValueError(f"{label} must be true or false, got {value!r}")
-    return bool(value)
-
-
 def _check_text(label: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{label} must be text, got {value!r}")
     return value
-
-
-def _check_loop_int(label: str, value: Any, low: int) -> int:
-    # "an integer >= 1": the wording of runner.validate_run_options.
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def parse_architectures(text: str, label: str = "architectures") -> list[tuple[str, dict]]:
@@ -342,63 +438,37 @@ def _check_hparams(spec: ExperimentSpec, label: Callable[[str], str]) -> dict:
 
 def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict) -> None:
     from fedjax_sim.data import (
-        LAYOUTS,
-        PARTITIONS,
         SOURCES,
         check_partition_file,
         check_partition_val,
         check_val_fraction,
     )
     from fedjax_sim.data.sources import check_prepared
-    from fedjax_sim.models import INITS, MODELS
 
     natural = is_natural(spec.dataset)
     if not natural and spec.dataset not in SOURCES:  # SOURCES holds every npz:PATH
         check_choice(label("dataset"), spec.dataset, (*SOURCES, *natural_names()))
-    check_choice(label("partition"), spec.partition, PARTITIONS)
-    if spec.max_examples is not None:
-        check_int(label("max_examples"), spec.max_examples, 1)
-        if not natural:
-            raise ValueError(f"{label('max_examples')} caps the examples of a natural data "
-                             f"set's clients ({', '.join(natural_names())}); "
-                             f"{spec.dataset!r} is partitioned, not natural")
+    if spec.max_examples is not None and not natural:
+        raise ValueError(f"{label('max_examples')} caps the examples of a natural data "
+                         f"set's clients ({', '.join(natural_names())}); "
+                         f"{spec.dataset!r} is partitioned, not natural")
     if natural:
         _check_natural(spec, label)
-    values["alpha"] = check_float(label("alpha"), spec.alpha, 0.0, low_open=True)
-    if spec.num_clients is not None:  # None: 20, or the partition file's count
-        check_int(label("num_clients"), spec.num_clients, 1)
-    check_int(label("min_samples"), spec.min_samples, 2)
-    check_int(label("shards_per_client"), spec.shards_per_client, 1)
-    check_int(label("classes_per_client"), spec.classes_per_client, 1)
-    values["test_ratio"] = check_float(label("test_ratio"), spec.test_ratio, 0.0, 1.0,
-                                       low_open=True, high_open=True)
     values["val_fraction"] = check_val_fraction(spec.val_fraction, spec.eval_split,
                                                 label=label)
     if natural and values["val_fraction"] > 0:
         raise ValueError(f"{label('val_fraction')} does not apply to the natural data set "
                          f"{spec.dataset} yet (its clients come with their own train / test "
                          f"files); use a partitioned source")
-    if spec.partition_seed is not None:
-        check_seed(label("partition_seed"), spec.partition_seed)
-    check_choice(label("data_layout"), spec.data_layout, LAYOUTS)
-    check_choice(label("model"), spec.model, ("auto", *MODELS))
-    check_choice(label("init"), spec.init, INITS)
     if spec.public_fraction is not None:
-        values["public_fraction"] = check_float(
-            label("public_fraction"), spec.public_fraction, 0.0, 1.0, low_open=True,
-            high_open=True)
+        values["public_fraction"] = check_field(spec, "public_fraction", label)
         if spec.public_dataset is not None:
             raise ValueError(f"give {label('public_fraction')} or {label('public_dataset')}, "
                              "not both")
     if spec.public_dataset is not None:
         check_choice(label("public_dataset"), spec.public_dataset, SOURCES)
-    if spec.public_size is not None:
-        check_int(label("public_size"), spec.public_size, 1)
-        if spec.public_dataset is None:
-            raise ValueError(f"{label('public_size')} applies only with "
-                             f"{label('public_dataset')}")
-    values["public_val_fraction"] = check_float(
-        label("public_val_fraction"), spec.public_val_fraction, 0.0, 1.0, high_open=True)
+    if spec.public_size is not None and spec.public_dataset is None:
+        raise ValueError(f"{label('public_size')} applies only with {label('public_dataset')}")
     if wants_public(spec) and spec.public_dataset is None:
         fraction = values.get("public_fraction") or DEFAULT_PUBLIC_FRACTION
         if fraction + values["public_val_fraction"] >= 1:
@@ -435,9 +505,6 @@ def _check_process(spec: ExperimentSpec, label: Callable[[str], str]) -> None:
     except (ValueError, TypeError):
         raise ValueError(f"{label('cpu_devices')} must be 'auto' or an integer >= 1, got "
                          f"{spec.cpu_devices!r}") from None
-    _check_bool(label("distributed"), spec.distributed)
-    if spec.num_processes is not None:
-        check_int(label("num_processes"), spec.num_processes, 1)
     if spec.process_id is not None:
         check_int(label("process_id"), spec.process_id, 0,
                   None if spec.num_processes is None else spec.num_processes - 1)
@@ -474,30 +541,14 @@ def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict
     if spec.availability_trace is not None:
         check_input_file(label("availability_trace"),
                          _check_text(label("availability_trace"), spec.availability_trace))
-    if spec.dropout is not None:
-        # 1 drops every client: nothing would ever be aggregated.
-        values["dropout"] = check_float(label("dropout"), spec.dropout, 0.0, 1.0,
-                                        high_open=True)
     condition = spec.condition or "wait_all"
     check_choice(label("condition"), condition, conditions())
-    if spec.deadline is not None:
-        values["deadline"] = check_float(label("deadline"), spec.deadline, 0.0, low_open=True)
     if condition == "deadline" and spec.deadline is None:
         raise ValueError(f"{label('condition')} deadline needs {label('deadline')} (virtual "
                          "seconds > 0)")
-    if spec.first_m is not None:
-        check_int(label("first_m"), spec.first_m, 1)
     if condition == "first_m" and spec.first_m is None:
         raise ValueError(f"{label('condition')} first_m needs {label('first_m')} (updates "
                          "aggregated per round, at most the cohort size)")
-    if spec.buffer_size is not None:
-        check_int(label("buffer_size"), spec.buffer_size, 1)
-    if spec.async_alpha is not None:
-        values["async_alpha"] = check_float(label("async_alpha"), spec.async_alpha, 0.0, 1.0,
-                                            low_open=True)
-    if spec.staleness_exponent is not None:
-        values["staleness_exponent"] = check_float(label("staleness_exponent"),
-                                                   spec.staleness_exponent, 0.0)
     if spec.num_clients is not None:
         from fedjax_sim.core.cohort import cohort_size
 
@@ -667,21 +718,10 @@ def check_spec(spec: ExperimentSpec, *,
     label = label or (lambda name: name)
     check_choice(label("algorithm"), spec.algorithm,
                  algorithms.ALGORITHMS + algorithms.DISTILLATION)
-    values: dict[str, Any] = {}
-    check_seed(label("seed"), spec.seed)
-    check_int(label("rounds_per_call"), spec.rounds_per_call, 1)
-    if spec.devices is not None:
-        check_int(label("devices"), spec.devices, 1)
     _check_process(spec, label)
+    values = {name: check_field(spec, name, label) for name in SIMPLE_CHECKS}
     _check_data(spec, label, values)
     hparams = _check_hparams(spec, label)
-    _check_loop_int(label("rounds"), spec.rounds, 1)
-    _check_loop_int(label("eval_every"), spec.eval_every, 1)
-    check_int(label("checkpoint_every"), spec.checkpoint_every, 0)
-    for name in ("compare_local", "progress", "overwrite", "resume"):
-        _check_bool(label(name), getattr(spec, name))
-    check_choice(label("on_divergence"), spec.on_divergence, DIVERGENCE_POLICIES)
-    check_choice(label("sweep_strategy"), spec.sweep_strategy, SWEEP_STRATEGIES)
     _check_clock(spec, label, values, hparams)
     if spec.output is not None:  # None: a fresh runs/... folder
         check_output_dir(label("output"), _check_text(label("output"), spec.output))
