@@ -6,8 +6,10 @@ with the simulator (Karimireddy, Guo, Jordan, arXiv:2207.04557; ``fedjax_sim.inc
    program over the contribution levels (every client keeps ``⌈f n_k⌉`` rows) and
    ``--seeds``.
 2. For each cost distribution (unit mean, times a reference cost ``c_ref``): solo optima,
-   the naive scheme's Nash equilibrium, and the mechanism's targets with the check that
-   each is its agent's best response.
+   the naive scheme's Nash equilibrium reached by best responses from zero and every
+   equilibrium total (the lowest and the highest bound what free riding leaves on a
+   curve that is not concave), and the mechanism's targets (the largest fixed point) with
+   the check that each is its agent's best response.
 3. One batched program trains a global model on each distribution's targets; every agent
    gets it degraded to its shaped accuracy γ_i(m) at three contributions (its target, half
    of it, nothing), the pooled term anchored at the trained model, calibrated on the
@@ -24,7 +26,7 @@ defaults take about a minute on 2 CPU cores. Results: experiments/free_riding.md
 
 Usage:
   python experiments/free_riding.py                      # digits
-  python experiments/free_riding.py --dataset mnist1d --rounds 40
+  python experiments/free_riding.py --dataset mnist1d
 """
 
 from __future__ import annotations
@@ -102,10 +104,12 @@ def record(spec, costs, game, trained, deliveries, curve_targets) -> dict:
         "naive": {"contributions": naive.contributions.tolist(), "total": naive.total,
                   "accuracy": naive.accuracy, "utilities": naive.utilities.tolist(),
                   "iterations": naive.iterations, "converged": naive.converged,
-                  "max_gain": naive.max_gain},
+                  "max_gain": naive.max_gain, "totals": naive.totals.tolist(),
+                  "profiles": naive.profiles.tolist(),
+                  "lowest_total": naive.lowest_total, "highest_total": naive.highest_total},
         "shaping": {"targets": mech.targets.tolist(), "total": mech.total,
                     "accuracy": mech.accuracy, "utilities": mech.utilities.tolist(),
-                    "iterations": mech.iterations, "converged": mech.converged,
+                    "residual": mech.residual,
                     "capped": mech.capped.tolist(), "gains": mech.gains.tolist(),
                     "max_gain": mech.max_gain, "delta": mech.delta},
         "trained_on_targets": {"rows": trained.counts.tolist(),
@@ -122,20 +126,28 @@ def record(spec, costs, game, trained, deliveries, curve_targets) -> dict:
     }
 
 
-def table(rows: list[dict], available: float) -> str:
+def table(rows: list[dict], available: float, curve: inc.ValueCurve) -> str:
+    """Per cost distribution: every naive equilibrium total (the one reached from zero in
+    brackets), v at the lowest and the highest of them and at M†, the data under shaping
+    and alone, the utilities (naive: at the equilibrium reached from zero), the checks."""
     lines = [
-        f"| costs | total data: naive / shaping / solo sum (of {available:.0f}) "
-        "| v: naive / shaping | utility mean: naive / shaping / solo "
+        "| costs | naive equilibrium totals (reached from zero) "
+        "| v: naive lowest / naive highest / shaping "
+        f"| total data: shaping / solo sum (of {available:.0f}) "
+        "| utility mean: naive / shaping / solo "
         "| utility min: naive / shaping / solo | naive sweeps | shaping: agents at n_i "
         "| shaping: max gain from deviating "
         "| model trained on the targets: test accuracy (v(M†)) |",
-        "|---" * 9 + "|",
+        "|---" * 10 + "|",
     ]
     for r in rows:
         n, s, a = r["naive"], r["shaping"], r["solo"]
+        totals = ", ".join(f"{t:.0f}" for t in n["totals"])
+        low, high = float(curve(n["lowest_total"])), float(curve(n["highest_total"]))
         lines.append(
-            f"| {r['costs_spec']} | {n['total']:.0f} / {s['total']:.0f} / "
-            f"{sum(a['contributions']):.0f} | {n['accuracy']:.3f} / {s['accuracy']:.3f} | "
+            f"| {r['costs_spec']} | {totals} ({n['total']:.0f}) | "
+            f"{low:.3f} / {high:.3f} / {s['accuracy']:.3f} | {s['total']:.0f} / "
+            f"{sum(a['contributions']):.0f} | "
             f"{np.mean(n['utilities']):.3f} / {np.mean(s['utilities']):.3f} / "
             f"{np.mean(a['utilities']):.3f} | {np.min(n['utilities']):.3f} / "
             f"{np.min(s['utilities']):.3f} / {np.min(a['utilities']):.3f} | "
@@ -174,13 +186,14 @@ def plot_curve(curve, rows, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(curve.m, curve.measured, "o", color="0.6", label="measured")
     ax.plot(curve.m, curve.v, "-", color="k", label="v(m) (running max)")
-    markers = {"naive": ("v", "naive equilibrium"), "shaping": ("^", "shaping (M†)")}
     for j, r in enumerate(rows):
         color = f"C{j}"
-        for key, (marker, label) in markers.items():
-            total = r[key]["total"]
-            ax.plot([total], [curve(total)], marker, color=color, ms=9,
-                    label=f"{label}, {r['costs_spec']}")
+        totals = np.array(r["naive"]["totals"])
+        ax.plot(totals, curve(totals), "v", color=color, ms=9,
+                label=f"naive equilibria, {r['costs_spec']}")
+        total = r["shaping"]["total"]
+        ax.plot([total], [curve(total)], "^", color=color, ms=9,
+                label=f"shaping (M†), {r['costs_spec']}")
         solo_sum = sum(r["solo"]["contributions"])
         ax.plot([solo_sum], [curve(solo_sum)], "s", color=color, ms=6, mfc="none",
                 label=f"solo sum, {r['costs_spec']}")
@@ -284,10 +297,11 @@ def main(argv=None) -> dict:
 
     print(f"{args.dataset}: {clients} clients, {int(caps.sum())} training rows in the game "
           f"(n_i {int(caps.min())}..{int(caps.max())}), FedAvg {rounds} rounds, "
-          f"seeds {seeds}, delta {delta}, c_ref {c_ref:.3e}")
+          f"training seeds {seeds}, cost seed {cost_seed}, delta {delta}, "
+          f"c_ref {c_ref:.3e}")
     print("v(m): " + ", ".join(f"{m:.0f}: {v:.3f}" for m, v in zip(curve.m, curve.v,
                                                                     strict=True)))
-    print(table(rows, caps.sum()))
+    print(table(rows, caps.sum(), curve))
     print(delivery_table(rows))
     print(f"wall time {wall:.1f} s (value curve {curve_s:.1f} s)")
 

@@ -18,18 +18,24 @@ Naive scheme: free riding
 -------------------------
 Everyone receives the global model trained on all contributions: ``a_i = v(Σ_j m_j)``.
 Agent i's best response to the others' total M_−i is
-``argmax_{m in [0, n_i]} v(m + M_−i) − c_i m``, and the Nash equilibrium
-(``naive_equilibrium``, by iterated best responses) has ``v'(M) = min_i c_i`` wherever v is
-differentiable and the cheapest agent is not capped by its n_i: only the lowest-cost
-agents contribute, the total is about the lowest-cost agent's solo amount, and everybody
-else free-rides on it.
+``argmax_{m in [0, n_i]} v(m + M_−i) − c_i m``. On a concave v the equilibrium total is
+unique and has ``v'(M) = min_i c_i`` wherever v is differentiable and the cheapest agent
+is not capped by its n_i: only the lowest-cost agents contribute, the total is about the
+lowest-cost agent's solo amount, and everybody else free-rides on it. A measured v need
+not be concave, and then several totals can be equilibria (agents stop at one kink of v,
+or several give all their data past a steep stretch that follows a flat one):
+``naive_equilibrium`` returns the one reached by best responses from zero and lists every
+equilibrium total (``naive_equilibria``), the lowest and the highest bounding what free
+riding leaves.
 
 Accuracy shaping: the mechanism
 -------------------------------
 Targets ``m_i^†`` are the largest contributions that still leave every agent as well off as
 alone (individual rationality binding): ``m_i^† = max{m <= n_i : v(M^†) − c_i m >=
-u_i^solo}`` with ``M^† = Σ_j m_j^†``, a fixed point found by iterating from the solo amounts
-(the iteration is monotone). Agent i receives
+u_i^solo}`` with ``M^† = Σ_j m_j^†``, the largest fixed point of the non-decreasing map
+``M -> Σ_i min(n_i, (v(M) − u_i^solo)_+ / c_i)`` (a curve with a plateau can have
+smaller ones, at which every agent gives less), solved exactly on the piecewise-linear v.
+Agent i receives
 
     γ_i(m_i; m_−i) = max(v(m_i), v(M) − (1 + δ) c_i (m_i^† − m_i)_+),   M = m_i + Σ_{j≠i} m_j,
 
@@ -74,6 +80,7 @@ from fedjax_sim.incentives.game import (
     best_response,
     check_delta,
     curve_from_points,
+    naive_equilibria,
     naive_equilibrium,
     shaped_accuracy,
     shaping_mechanism,
@@ -118,6 +125,7 @@ __all__ = [
     "level_counts",
     "level_splits",
     "model_accuracies",
+    "naive_equilibria",
     "naive_equilibrium",
     "parse_cost_spec",
     "shaped_accuracy",
