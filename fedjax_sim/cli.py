@@ -49,8 +49,6 @@ from fedjax_sim.spec import (
     OPTIONS,
     ExperimentSpec,
     build,
-    build_clock,
-    build_data,
     run_built,
     share_public_split,
 )
@@ -1014,174 +1012,131 @@ def _add_incentives(out: Path, summary: dict, local: list) -> dict:
 
 
 def _mean_std(values) -> str:
-    values = np.asarray(values, np.float64)
+    values = np.asarray([np.nan if v is None else v for v in values], np.float64)
     if np.isnan(values).all():
         return "—"
     return f"{100 * values.mean():.2f} ± {100 * values.std():.2f}"
 
 
-def _compare_one(built, output, local) -> dict:
-    """One run of a comparison; a diverged run becomes a row marked as such."""
-    from fedjax_sim.safety import DivergedError
-
-    try:
-        return run_built(built, output=output, local=local, overwrite=False, resume=False,
-                         options=built.spec.values()).summary
-    except DivergedError as error:
-        print(f"fedjax-sim compare: {built.algorithm.name} seed {built.spec.seed}: {error}",
-              file=sys.stderr)
-        return {"status": "diverged", "algorithm": built.algorithm.name,
-                "seed": built.spec.seed, "diverged_at": error.round, "accuracy": np.nan,
-                "wall_s": np.nan, "bytes_up": np.nan, "client_mean_accuracy": np.nan,
-                "client_p10": np.nan}
+def _compare_line(record: dict) -> None:
+    accuracy = record.get("accuracy")
+    wall = record.get("wall_s")
+    print(f"seed {record['seed']} {record['algorithm']}: {record['status']}, accuracy "
+          f"{np.nan if accuracy is None else accuracy:.4f} "
+          f"({np.nan if wall is None else wall:.1f} s)", file=sys.stderr, flush=True)
 
 
-def _compare_batched(group: list[ExperimentSpec], splits: dict, folders: dict,
-                     local: dict) -> list[dict]:
-    """One algorithm's seeds of a comparison as one program (``runner.sweep``), each
-    seed on its own split; a diverged seed becomes a row marked as such."""
-    from fedjax_sim import runner
-    from fedjax_sim.rundir import environment
+def _tune_compare(args: argparse.Namespace, specs: list[ExperimentSpec], out: Path):
+    """``compare --tune``: the tuning sweep in ``out/tune``; the specs with the chosen
+    learning rates, and the tuning."""
+    from fedjax_sim.sweep import print_line
+    from fedjax_sim.tuning import tune, tuned
 
-    first = group[0]
-    seeds = [spec.seed for spec in group]
-    built = build(first, data=splits[first.seed][0], public=splits[first.seed][1])
-    traced = set(algorithms.traced_names(first.algorithm))
-    references = [local[seed] for seed in seeds]
-    env = environment()
-    summaries = runner.sweep(
-        first.algorithm, built.model, [splits[seed][0] for seed in seeds],
-        configs=[{"seed": spec.seed, "split": i,
-                  **{k: v for k, v in spec.resolved_hparams().items() if k in traced}}
-                 for i, spec in enumerate(group)],
-        rounds=first.rounds, eval_every=first.eval_every, hparams=first.resolved_hparams(),
-        outputs=[folders[seed] for seed in seeds], rounds_per_call=first.rounds_per_call,
-        config_strategy=first.sweep_strategy, progress=first.progress,
-        devices=first.devices, on_divergence=first.on_divergence,
-        local_accuracies=None if None in references else references,
-        extra_summaries=[{**built.extra_summary, "data_seed": spec.data_seed}
-                         for spec in group],
-        config_records=[{"identity": spec.identity(), "options": spec.values(),
-                         "environment": env} for spec in group],
-        clock=build_clock(first, splits[first.seed][0].num_clients))
-    rows = []
-    for summary in summaries:
-        summary.pop("history")
-        if summary["status"] == "diverged":
-            print(f"fedjax-sim compare: {first.algorithm} seed {summary['seed']}: "
-                  f"{summary['diverged']['message']}", file=sys.stderr)
-            summary.update({k: np.nan for k in ("accuracy", "client_mean_accuracy",
-                                                "client_p10", "bytes_up")})
-        rows.append(summary)
-    return rows
+    lrs, tune_seeds = args._tune
+    tuning = tune(specs, lrs=lrs, seeds=tune_seeds, output=out, log=print_line)
+    for name, lr in tuning.chosen.items():
+        edge = (" (the edge of --tune-lrs: the best may lie beyond it)"
+                if len(lrs) > 1 and lr in (min(lrs), max(lrs)) else "")
+        print(f"tuned {name}: lr {lr:g} (validation accuracy "
+              f"{tuning.scores[name][lr]:.4f}){edge}", file=sys.stderr)
+    return tuned(specs, tuning.chosen), tuning
+
+
+def _compare_table(names: list[str], rows_of: dict[str, list[dict]], tuning) -> str:
+    """compare.md's table: mean ± std over the seeds, one row per algorithm."""
+    # IPR leads with its strict rate (accuracy above Local's), the ties beside it.
+    header = ("| algorithm | accuracy % | client mean % | bottom decile % | strict IPR % "
+              "| ties % | IPR with ties % | hurt % | MB up | wall s |")
+    if tuning is not None:
+        header = "| algorithm | lr (tuned) " + header[len("| algorithm "):]
+    lines = [header, "|" + "---|" * (10 + (tuning is not None))]
+    for name in names:
+        rows = [r for r in rows_of[name] if r["status"] == "complete"]
+        failed = len(rows_of[name]) - len(rows)
+        if not rows:
+            lines.append(f"| {name} | diverged in {failed} of {failed} runs |" + " |" * 8)
+            continue
+        label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
+        if tuning is not None:
+            label += f" | {tuning.chosen[name]:g}"
+        lines.append(
+            f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
+            f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
+            f"| {_mean_std([r['client_p10'] for r in rows])} "
+            f"| {_mean_std([r.get('ipr_strict') for r in rows])} "
+            f"| {_mean_std([r.get('tie_fraction') for r in rows])} "
+            f"| {_mean_std([r.get('ipr') for r in rows])} "
+            f"| {_mean_std([r.get('hurt_fraction') for r in rows])} "
+            f"| {np.mean([r.get('bytes_up', np.nan) for r in rows]) / 1e6:.2f} "
+            f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def _compare_setting(args: argparse.Namespace, specs: list[ExperimentSpec], num_clients: int,
+                     tuning) -> str:
+    """compare.md's first line: the data setting, seeds, clock and tuning."""
+    first = specs[0]
+    seeds = list(dict.fromkeys(spec.seed for spec in specs))
+    split = ("" if first.partition_seed is None
+             else f", split of partition seed {first.partition_seed}")
+    timed = next((spec for spec in specs if spec.system is not None), None)
+    clock = ("" if timed is None else f"; virtual clock: system {timed.system}, condition "
+             f"{timed.condition or 'wait_all'} (Local without it)")
+    tuned_note = ("" if tuning is None else
+                  f"; lr tuned per method on validation rows ({first.val_fraction:g} of "
+                  f"each client's training rows, held out of every run) over "
+                  f"{', '.join(f'{lr:g}' for lr in args._tune[0])}, seeds "
+                  f"{','.join(map(str, args._tune[1]))}: best mean final validation "
+                  "accuracy")
+    return (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
+            f"K={num_clients}, {first.rounds} rounds, "
+            f"seeds {','.join(map(str, seeds))}{split}{clock}{tuned_note}")
+
+
+def _num_clients(out: Path, records: list[dict]) -> int | None:
+    """The client count the runs recorded (the first summary that says)."""
+    for record in records:
+        try:
+            return json.loads((out / record["path"] / "summary.json").read_text())["num_clients"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def cmd_compare(args: argparse.Namespace) -> list[dict]:
-    from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, environment
-    from fedjax_sim.sweep import program_key
+    """``compare``: the plan → group → execute → report pipeline of a sweep
+    (``fedjax_sim.sweep``), Local first as every other run's reference, one folder per
+    algorithm and seed (``<algorithm>/seed<s>/``), and the table."""
+    from fedjax_sim import sweep
+    from fedjax_sim.rundir import RunDir, atomic_write_json, atomic_write_text, preflight
 
     specs = args._specs
     names = args._names
     first = specs[0]
-    seeds = list(dict.fromkeys(spec.seed for spec in specs))
     out = Path(_output(first, "compare"))
-    results: dict[str, list[dict]] = {name: [] for name in names}
-    order = ["local"] + [n for n in names if n != "local"]  # local first: the reference
+    preflight(out, overwrite=first.overwrite)
     with RunDir(out, overwrite=first.overwrite):
-        atomic_write_json(out / "config.json", {"options": _options(args, first),
-                                                "environment": environment()})
         tuning = None
         if getattr(args, "_tune", None) is not None:
-            from fedjax_sim.sweep import print_line
-            from fedjax_sim.tuning import tune, tuned
-
-            lrs, tune_seeds = args._tune
-            tuning = tune(specs, lrs=lrs, seeds=tune_seeds, output=out, log=print_line)
-            specs = tuned(specs, tuning.chosen)
-            for name, lr in tuning.chosen.items():
-                edge = (" (the edge of --tune-lrs: the best may lie beyond it)"
-                        if len(lrs) > 1 and lr in (min(lrs), max(lrs)) else "")
-                print(f"tuned {name}: lr {lr:g} (validation accuracy "
-                      f"{tuning.scores[name][lr]:.4f}){edge}", file=sys.stderr)
-        by_seed = {seed: {spec.algorithm: spec for spec in specs if spec.seed == seed}
-                   for seed in seeds}
-        # Every algorithm of a seed shares one split (share_public_split).
-        splits = {seed: build_data(by_seed[seed][order[0]]) for seed in seeds}
-        data = splits[seeds[0]][0]
-        local: dict[int, list | None] = dict.fromkeys(seeds)
-        for name in order:
-            folders = {seed: out / f"{name}_seed{seed}" if name in names else None
-                       for seed in seeds}
-            group = [by_seed[seed][name] for seed in seeds]
-            if len(group) > 1 and program_key(group[0]) is not None:
-                # The seeds as one program (each its own split).
-                summaries = _compare_batched(group, splits, folders, local)
-            else:
-                summaries = [_compare_one(build(spec, data=splits[spec.seed][0],
-                                                public=splits[spec.seed][1]),
-                                          folders[spec.seed], local[spec.seed])
-                             for spec in group]
-            for seed, summary in zip(seeds, summaries, strict=True):
-                if name == "local" and summary["status"] != "diverged":
-                    local[seed] = summary["client_accuracies"]
-                if name in names:
-                    results[name].append(summary)
-                accuracy = summary.get("accuracy")
-                print(f"seed {seed} {name}: {summary['status']}, accuracy "
-                      f"{np.nan if accuracy is None else accuracy:.4f} "
-                      f"({summary['wall_s']:.1f} s)", file=sys.stderr)
-
-        header = ("| algorithm | accuracy % | client mean % | bottom decile % | hurt % | IPR % "
-                  "| ties % | MB up | wall s |")
-        if tuning is not None:
-            header = "| algorithm | lr (tuned) " + header[len("| algorithm "):]
-        lines = [header, "|" + "---|" * (9 + (tuning is not None))]
-        for name in names:
-            rows = [r for r in results[name] if r["status"] != "diverged"]
-            failed = len(results[name]) - len(rows)
-            if not rows:
-                lines.append(f"| {name} | diverged in {failed} of {failed} runs |"
-                             + " |" * 7)
-                continue
-            label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
-            if tuning is not None:
-                label += f" | {tuning.chosen[name]:g}"
-            lines.append(
-                f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
-                f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
-                f"| {_mean_std([r['client_p10'] for r in rows])} "
-                f"| {_mean_std([r.get('hurt_fraction', np.nan) for r in rows])} "
-                f"| {_mean_std([r.get('ipr', np.nan) for r in rows])} "
-                f"| {_mean_std([r.get('tie_fraction', np.nan) for r in rows])} "
-                f"| {np.mean([r['bytes_up'] for r in rows]) / 1e6:.2f} "
-                f"| {np.mean([r['wall_s'] for r in rows]):.1f} |"
-            )
-        table = "\n".join(lines)
-        split = ("" if first.partition_seed is None
-                 else f", split of partition seed {first.partition_seed}")
-        timed = next((spec for spec in specs if spec.system is not None), None)
-        clock = ("" if timed is None else f"; virtual clock: system {timed.system}, condition "
-                 f"{timed.condition or 'wait_all'} (Local without it)")
-        tuned_note = ("" if tuning is None else
-                      f"; lr tuned per method on validation rows ({first.val_fraction:g} of "
-                      f"each client's training rows, held out of every run) over "
-                      f"{', '.join(f'{lr:g}' for lr in args._tune[0])}, seeds "
-                      f"{','.join(map(str, args._tune[1]))}: best mean final validation "
-                      "accuracy")
-        setting = (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
-                   f"K={data.num_clients}, {first.rounds} rounds, "
-                   f"seeds {','.join(map(str, seeds))}{split}{clock}{tuned_note}")
+            specs, tuning = _tune_compare(args, specs, out)
+        grid = sweep.plan(specs, by_algorithm=True)
+        result = sweep.execute(grid, out, reference="local", on_result=_compare_line,
+                               log=sweep.print_line, options=_options(args, first))
+        rows_of = {name: [r for r in result.records if r["algorithm"] == name]
+                   for name in names}
+        table = _compare_table(names, rows_of, tuning)
+        setting = _compare_setting(args, specs, _num_clients(out, result.records), tuning)
         atomic_write_text(out / "compare.md", f"{setting}\n\n{table}\n")
         atomic_write_json(out / "compare.json", {
-            **{name: [{k: v for k, v in r.items() if k != "client_accuracies"} for r in rows]
-               for name, rows in results.items()},
+            **rows_of,
             **({} if tuning is None else {"tuning": {
                 "chosen": tuning.chosen, "folder": tuning.folder.name,
                 "validation_accuracy": {n: {str(lr): v for lr, v in sc.items()}
                                         for n, sc in tuning.scores.items()}}})})
     print(setting + "\n\n" + table)
     print(f"results in {out}", file=sys.stderr)
-    return [r for rows in results.values() for r in rows]
+    return [r for rows in rows_of.values() for r in rows]
 
 
 def cmd_bench(args: argparse.Namespace) -> dict | list[dict]:

@@ -221,6 +221,8 @@ def make_record(spec: ExperimentSpec, name: str, keys: Sequence[str], summary: d
             record[key] = summary.get(key) if complete else None
     if diverged_at is not None:
         record["diverged_at"] = diverged_at
+    if "bytes_up" in summary:
+        record["bytes_up"] = summary["bytes_up"]
     record.update(rounds=summary.get("rounds", spec.rounds),
                   wall_s=summary.get("wall_s", summary.get("sweep_wall_s")), path=path)
     return record
@@ -279,20 +281,22 @@ def _finished(out: Path) -> dict[tuple[str, int], tuple[Path, dict]]:
 # ---- running ------------------------------------------------------------------------------
 
 
-class _Cache:
-    """The last built data (groups come ordered by data, so one suffices)."""
+class _Splits:
+    """The splits of the group run last, by :func:`data_key`: the next group reuses those
+    it shares (a comparison's algorithms all run on the same splits) and the others are
+    freed before new ones are built."""
 
     def __init__(self):
-        self.key = None
-        self.value = None
+        self.held: dict[str, tuple] = {}
 
-    def data(self, spec: ExperimentSpec):
-        key = data_key(spec)
-        if key != self.key:
-            self.key, self.value = None, None  # free the previous split first
-            self.value = build_data(spec)
-            self.key = key
-        return self.value
+    def get(self, specs: Sequence[ExperimentSpec]) -> list[tuple]:
+        """``(data, public)`` of every spec, built once per distinct data key."""
+        keys = [data_key(spec) for spec in specs]
+        self.held = {k: v for k, v in self.held.items() if k in keys}
+        for key, spec in zip(keys, specs, strict=True):
+            if key not in self.held:
+                self.held[key] = build_data(spec)
+        return [self.held[key] for key in keys]
 
 
 def _tags(spec: ExperimentSpec, name: str, keys: Sequence[str]) -> dict:
@@ -340,45 +344,44 @@ def _run_single(spec, built, folder: Path, tags: dict, local, resume_hint) -> di
                     "seed": spec.seed, "diverged_at": error.round}
 
 
-def _run_batched(group: Group, folders: list[Path], tags: list[dict], env: dict) -> list[dict]:
+def _run_batched(group: Group, splits: list[tuple], folders: list[Path], tags: list[dict],
+                 env: dict, local: list | None) -> list[dict]:
     """A group as one ``runner.sweep`` program: every spec its own seed, split and traced
-    hyperparameters; writes each spec's folder as it goes. With ``compare_local``, the
-    Local references of the group's (seed, split) pairs run first, as one program too."""
+    hyperparameters; writes each spec's folder as it goes.
+
+    ``local``: per spec, the accuracies of its Local reference (a comparison's own Local
+    runs); without it and with ``compare_local``, the references of the group's (seed,
+    split) pairs run first, as one program too.
+    """
     from fedjax_sim import runner
 
     specs = group.specs
     first = specs[0]
-    splits, split_of = [], []
-    keys: dict[str, int] = {}
-    for spec in specs:
-        key = data_key(spec)
-        if key not in keys:
-            keys[key] = len(splits)
-            splits.append(build_data(spec)[0])
-        split_of.append(keys[key])
-    built = build(first, data=splits[0])
+    distinct, split_of = [], []
+    for data, _public in splits:
+        if not any(data is d for d in distinct):
+            distinct.append(data)
+        split_of.append(next(i for i, d in enumerate(distinct) if d is data))
+    built = build(first, data=distinct[0])
     traced = set(algorithms.traced_names(first.algorithm))
-    hparams = first.resolved_hparams()
     configs = [{"seed": spec.seed, "split": split_of[i],
                 **{k: v for k, v in spec.resolved_hparams().items() if k in traced}}
                for i, spec in enumerate(specs)]
-    local = None
-    if built.local is not None:
-        local = _local_references(specs, split_of, splits, built.model)
-    extras = []
-    for spec, tag in zip(specs, tags, strict=True):
-        extra = dict(built.extra_summary)
-        extra["data_seed"] = None if spec.partition_file else spec.data_seed
-        extras.append({**extra, **tag})
+    if local is None and built.local is not None:
+        local = _local_references(specs, split_of, distinct, built.model)
+    if local is not None and any(reference is None for reference in local):
+        local = None  # a reference that diverged leaves the group without incentives
+    extras = [{**built.extra_summary, "data_seed": None if spec.partition_file
+               else spec.data_seed, **tag} for spec, tag in zip(specs, tags, strict=True)]
     records = [{"identity": spec.identity(), "options": spec.values(), "environment": env}
                for spec in specs]
     summaries = runner.sweep(
-        first.algorithm, built.model, splits, configs=configs, rounds=first.rounds,
-        eval_every=first.eval_every, hparams=hparams, outputs=folders, overwrite=True,
-        rounds_per_call=first.rounds_per_call, config_strategy=first.sweep_strategy,
-        progress=first.progress, devices=first.devices, local_accuracies=local,
-        extra_summaries=extras, config_records=records, on_divergence=first.on_divergence,
-        clock=build_clock(first, splits[0].num_clients))
+        first.algorithm, built.model, distinct, configs=configs, rounds=first.rounds,
+        eval_every=first.eval_every, hparams=first.resolved_hparams(), outputs=folders,
+        overwrite=True, rounds_per_call=first.rounds_per_call,
+        config_strategy=first.sweep_strategy, progress=first.progress, devices=first.devices,
+        local_accuracies=local, extra_summaries=extras, config_records=records,
+        on_divergence=first.on_divergence, clock=build_clock(first, distinct[0].num_clients))
     for summary in summaries:
         summary.pop("history")
     return summaries
@@ -410,10 +413,34 @@ def _local_references(specs: Sequence[ExperimentSpec], split_of: list[int], spli
     return [summaries[i].get("client_accuracies") for i in index]
 
 
-def _checked_grid(specs: Sequence[ExperimentSpec]
-                  ) -> tuple[list[ExperimentSpec], list[str], dict[str, str]]:
-    """The specs checked (once per configuration), the varying keys and each
-    configuration's name; refuses an empty grid and a (configuration, seed) twice."""
+# ---- plan -> group -> execute -> report ---------------------------------------------------
+
+
+class Plan(NamedTuple):
+    """A checked grid, ready to run.
+
+    Attributes:
+      specs: every (configuration, seed), checked, in grid order.
+      keys: the options whose values vary between configurations.
+      names: each configuration's folder name, by configuration hash.
+      configs: grid.json's configurations, by configuration hash.
+    """
+
+    specs: list[ExperimentSpec]
+    keys: list[str]
+    names: dict[str, str]
+    configs: dict[str, dict]
+
+
+def plan(specs: Sequence[ExperimentSpec], *, by_algorithm: bool = False) -> Plan:
+    """The grid of ``specs`` checked (once per configuration) and named; refuses an empty
+    grid and a (configuration, seed) twice.
+
+    Args:
+      by_algorithm: name each configuration by its algorithm alone (a comparison: one
+        configuration per algorithm); else by the algorithm, the values that vary and
+        the configuration hash (:func:`config_name`).
+    """
     if not specs:
         raise ValueError("a sweep needs at least one configuration")
     memo: dict[str, ExperimentSpec] = {}
@@ -425,14 +452,17 @@ def _checked_grid(specs: Sequence[ExperimentSpec]
             memo[key] = check_spec(template)
         checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
     keys = varying(checked)
-    names = {spec.config_hash(): config_name(spec, keys) for spec in checked}
+    names = {spec.config_hash(): spec.algorithm if by_algorithm else config_name(spec, keys)
+             for spec in checked}
+    if len(set(names.values())) < len(names):
+        raise ValueError("a comparison takes one configuration per algorithm")
     seen: set[tuple[str, int]] = set()
     for spec in checked:
         pair = (spec.config_hash(), spec.seed)
         if pair in seen:
             raise ValueError(f"{names[pair[0]]} seed {spec.seed} is in the grid twice")
         seen.add(pair)
-    return checked, keys, names
+    return Plan(checked, keys, names, _grid_configs(checked, keys, names))
 
 
 def _grid_configs(specs: list[ExperimentSpec], keys: list[str], names: dict[str, str]
@@ -480,83 +510,137 @@ def run_sweep(
       ValueError: a bad spec, the same configuration and seed twice, an unusable folder.
       fedjax_sim.safety.StoppedError: SIGINT or SIGTERM during a run (rerun to resume).
     """
-    log = log or (lambda _line: None)
-    specs, keys, names = _checked_grid(specs)
-
-    out = Path(output) if output is not None else default_output("sweep", specs[0].dataset)
-    is_sweep = (out / GRID_FILE).is_file()
-    continuing = is_sweep and not overwrite
+    grid = plan(specs)
+    out = Path(output) if output is not None else default_output("sweep", grid.specs[0].dataset)
+    continuing = (out / GRID_FILE).is_file() and not overwrite
     preflight(out, resume=continuing, overwrite=overwrite)
-    configs = _grid_configs(specs, keys, names)
     if continuing:
-        _check_extends(out, configs)
-    env = environment()
+        _check_extends(out, grid.configs)
     with RunDir(out, resume=continuing, overwrite=overwrite):
-        atomic_write_json(out / GRID_FILE, {
-            "axes": {k: list(dict.fromkeys(s.values()[k] for s in specs if k in s.values()))
-                     for k in keys},
-            "configs": list(configs.values()), "runs": len(specs),
-            "options": options or {}, "environment": env})
-        finished = _finished(out) if continuing else {}
-        records: dict[tuple[str, int], dict] = {}
+        return execute(grid, out, continuing=continuing, on_result=on_result, log=log,
+                       resume_hint=resume_hint, options=options)
+
+
+def execute(grid: Plan, out: Path, *, continuing: bool = False, reference: str | None = None,
+            on_result: Callable[[dict], None] | None = None,
+            log: Callable[[str], None] | None = None, resume_hint: str | None = None,
+            options: dict | None = None) -> SweepResult:
+    """Runs a planned grid in ``out``, a folder the caller holds (``RunDir``): writes
+    grid.json, skips what is finished when ``continuing``, runs the groups, and reports
+    (results.jsonl, results.md, curves.png).
+
+    Args:
+      reference: the algorithm whose runs are the others' Local reference (a comparison:
+        ``"local"``): its groups run first, and every other run of the same split and
+        seed is measured against its per-client accuracies (hurt fraction, IPR).
+    """
+    log = log or (lambda _line: None)
+    env = environment()
+    atomic_write_json(out / GRID_FILE, {
+        "axes": {k: list(dict.fromkeys(s.values()[k] for s in grid.specs
+                                       if k in s.values())) for k in grid.keys},
+        "configs": list(grid.configs.values()), "runs": len(grid.specs),
+        "options": options or {}, "environment": env})
+    executor = _Executor(grid, out, env, reference, on_result, resume_hint)
+    pending = executor.skip_finished(_finished(out) if continuing else {})
+    skipped = len(executor.records)
+    write_jsonl(out / RESULTS_FILE, list(executor.records.values()))
+    groups = group_specs(pending)
+    if reference is not None:  # the reference first (a stable sort keeps the grid order)
+        groups.sort(key=lambda g: g.specs[0].algorithm != reference)
+    if skipped:
+        log(f"{skipped} of {_count(len(grid.specs), 'run')} already finished in {out}: "
+            "skipped")
+    if pending:
+        batched = sum(len(g.specs) for g in groups if g.batched)
+        log(f"{_count(len(pending), 'run')} to do in {_count(len(groups), 'program')} "
+            f"({batched} batched over seeds, splits and traced hyperparameters)")
+    for group in groups:
+        executor.run(group)
+    return report(grid, out, executor.records, skipped, log)
+
+
+class _Executor:
+    """Runs groups of a planned grid into their folders and records each result as it
+    comes (results.jsonl rewritten after every run, so that nothing finished is lost)."""
+
+    def __init__(self, grid: Plan, out: Path, env: dict, reference: str | None,
+                 on_result: Callable[[dict], None] | None, resume_hint: str | None):
+        self.grid, self.out, self.env = grid, out, env
+        self.reference, self.on_result, self.resume_hint = reference, on_result, resume_hint
+        self.records: dict[tuple[str, int], dict] = {}
+        self.order: list[dict] = []
+        self.splits = _Splits()
+        self.locals: dict[str, list[float]] = {}  # compare_local references, in memory
+        self.references: dict[tuple[str, int], list[float] | None] = {}
+
+    def folder(self, spec: ExperimentSpec) -> Path:
+        return self.out / self.grid.names[spec.config_hash()] / f"seed{spec.seed}"
+
+    def skip_finished(self, finished: dict) -> list[ExperimentSpec]:
+        """Records the finished runs; returns the specs still to run."""
         pending = []
-        for spec in specs:
+        for spec in self.grid.specs:
             pair = (spec.config_hash(), spec.seed)
             if pair in finished:
-                folder, summary = finished[pair]
-                records[pair] = make_record(spec, names[pair[0]], keys, summary,
-                                            str(folder.relative_to(out)))
+                self.record(spec, finished[pair][1], finished[pair][0], announce=False)
             else:
                 pending.append(spec)
-        skipped = len(records)
-        write_jsonl(out / RESULTS_FILE, list(records.values()))
-        groups = group_specs(pending)
-        if skipped:
-            log(f"{skipped} of {_count(len(specs), 'run')} already finished in {out}: "
-                "skipped")
-        if pending:
-            batched = sum(len(g.specs) for g in groups if g.batched)
-            log(f"{_count(len(pending), 'run')} to do in {_count(len(groups), 'program')} "
-                f"({batched} batched over seeds, splits and traced hyperparameters)")
-        cache = _Cache()
-        locals_: dict[str, list[float]] = {}
-        done_order = list(records.values())
+        return pending
 
-        def finish(spec: ExperimentSpec, summary: dict, folder: Path) -> None:
-            pair = (spec.config_hash(), spec.seed)
-            record = make_record(spec, names[pair[0]], keys, summary,
-                                 str(folder.relative_to(out)))
-            records[pair] = record
-            done_order.append(record)
-            write_jsonl(out / RESULTS_FILE, done_order)
-            if on_result is not None:
-                on_result(record)
+    def record(self, spec: ExperimentSpec, summary: dict, folder: Path, *,
+               announce: bool = True) -> None:
+        pair = (spec.config_hash(), spec.seed)
+        record = make_record(spec, self.grid.names[pair[0]], self.grid.keys, summary,
+                             str(folder.relative_to(self.out)))
+        self.records[pair] = record
+        self.order.append(record)
+        if spec.algorithm == self.reference:
+            self.references[(data_key(spec), spec.seed)] = (
+                summary.get("client_accuracies") if record["status"] == "complete" else None)
+        if announce:
+            write_jsonl(self.out / RESULTS_FILE, self.order)
+            if self.on_result is not None:
+                self.on_result(record)
 
-        for group in groups:
-            first = group.specs[0]
-            folders = [out / names[s.config_hash()] / f"seed{s.seed}" for s in group.specs]
-            tags = [_tags(s, names[s.config_hash()], keys) for s in group.specs]
-            if group.batched:
-                for spec, summary, folder in zip(
-                        group.specs, _run_batched(group, folders, tags, env), folders,
-                        strict=True):
-                    finish(spec, summary, folder)
-                continue
-            data, public = cache.data(first)
-            built = build(first, data=data, public=public)
-            local = _shared_local(first, built, locals_)
-            summary = _run_single(first, built, folders[0], tags[0], local, resume_hint)
-            finish(first, summary, folders[0])
+    def local(self, spec: ExperimentSpec) -> list[float] | None:
+        """A comparison's own Local accuracies for ``spec``'s split and seed (None for the
+        reference itself, or when it diverged)."""
+        if spec.algorithm == self.reference:
+            return None
+        return self.references.get((data_key(spec), spec.seed))
 
-        ordered = [records[(s.config_hash(), s.seed)] for s in specs
-                   if (s.config_hash(), s.seed) in records]
-        write_jsonl(out / RESULTS_FILE, ordered)
-        table = results_table(ordered, specs, keys)
-        note = plot_curves(out, ordered, keys)
-        atomic_write_text(out / "results.md", table + (f"\n{note}\n" if note else ""))
-        if note:
-            log(note)
-    return SweepResult(out, ordered, len(specs) - skipped, skipped)
+    def run(self, group: Group) -> None:
+        specs = group.specs
+        folders = [self.folder(spec) for spec in specs]
+        tags = [_tags(s, self.grid.names[s.config_hash()], self.grid.keys) for s in specs]
+        splits = self.splits.get(specs)
+        if group.batched:
+            local = None if self.reference is None else [self.local(s) for s in specs]
+            summaries = _run_batched(group, splits, folders, tags, self.env, local)
+            for spec, summary, folder in zip(specs, summaries, folders, strict=True):
+                self.record(spec, summary, folder)
+            return
+        spec, (data, public) = specs[0], splits[0]
+        built = build(spec, data=data, public=public)
+        local = (self.local(spec) if self.reference is not None
+                 else _shared_local(spec, built, self.locals))
+        summary = _run_single(spec, built, folders[0], tags[0], local, self.resume_hint)
+        self.record(spec, summary, folders[0])
+
+
+def report(grid: Plan, out: Path, records: dict[tuple[str, int], dict], skipped: int,
+           log: Callable[[str], None] | None = None) -> SweepResult:
+    """Writes results.jsonl in grid order, results.md and curves.png."""
+    ordered = [records[(s.config_hash(), s.seed)] for s in grid.specs
+               if (s.config_hash(), s.seed) in records]
+    write_jsonl(out / RESULTS_FILE, ordered)
+    table = results_table(ordered, grid.specs, grid.keys)
+    note = plot_curves(out, ordered, grid.keys)
+    atomic_write_text(out / "results.md", table + (f"\n{note}\n" if note else ""))
+    if note and log is not None:
+        log(note)
+    return SweepResult(out, ordered, len(grid.specs) - skipped, skipped)
 
 
 def _count(n: int, noun: str) -> str:
@@ -622,7 +706,8 @@ def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
     local = any("hurt_fraction" in r for r in records)
     header = ["algorithm", *keys, "seeds", "accuracy %", "client mean %", "bottom decile %"]
     if local:
-        header += ["hurt %", "IPR %", "ties %"]
+        # IPR leads with its strict rate (accuracy above Local's), the ties beside it.
+        header += ["strict IPR %", "ties %", "IPR with ties %", "hurt %"]
     header.append("folder")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, found in rows.items():
@@ -640,9 +725,10 @@ def results_table(records: Sequence[dict], specs: Sequence[ExperimentSpec],
                   mean_std(r.get("client_mean_accuracy") for r in complete),
                   mean_std(r.get("client_p10") for r in complete)]
         if local:
-            cells += [mean_std(r.get("hurt_fraction") for r in complete),
+            cells += [mean_std(r.get("ipr_strict") for r in complete),
+                      mean_std(r.get("tie_fraction") for r in complete),
                       mean_std(r.get("ipr") for r in complete),
-                      mean_std(r.get("tie_fraction") for r in complete)]
+                      mean_std(r.get("hurt_fraction") for r in complete)]
         cells.append(name)
         lines.append("| " + " | ".join(cells) + " |")
     return _setting_line(specs, keys) + "\n\n" + "\n".join(lines) + "\n"

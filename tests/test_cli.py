@@ -51,12 +51,20 @@ def test_compare_prints_a_table(tmp_path, capsys):
           str(tmp_path), *TINY])
     out = capsys.readouterr().out
     assert "| fedavg |" in out and "| local |" in out
-    assert "| hurt % | IPR % | ties % |" in out
+    assert "| strict IPR % | ties % | IPR with ties % | hurt % |" in out
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("| algorithm |"))
     fedavg = next(line for line in lines if line.startswith("| fedavg |"))
     assert fedavg.count("|") == header.count("|")  # a cell per column
-    assert (tmp_path / "compare.md").exists() and (tmp_path / "fedavg_seed0").is_dir()
+    assert (tmp_path / "compare.md").exists() and (tmp_path / "fedavg" / "seed0").is_dir()
+    # Each incentive column holds its own field of the run (one seed: std 0).
+    cells = dict(zip(header.strip("|").split(" | "), fedavg.strip("|").split(" | "),
+                     strict=True))
+    run = json.loads((tmp_path / "compare.json").read_text())["fedavg"][0]
+    for column, field in (("strict IPR %", "ipr_strict"), ("ties %", "tie_fraction"),
+                          ("IPR with ties %", "ipr"), ("hurt %", "hurt_fraction")):
+        assert cells[column].strip() == f"{100 * run[field]:.2f} ± 0.00", column
+    assert run["ipr"] == pytest.approx(run["ipr_strict"] + run["tie_fraction"])
 
 
 def test_bench_prints_throughput(capsys):

@@ -249,9 +249,10 @@ def test_a_plugin_runs_through_compare_sweep_and_compare_local(plugin, tmp_path,
         (0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
     assert all(r["status"] == "complete" and r["hurt_fraction"] is not None for r in records)
     assert all(r["tie_fraction"] is not None for r in records)
-    assert "| hurt % | IPR % | ties % |" in (tmp_path / "sweep" / "results.md").read_text()
+    assert "| strict IPR % | ties % | IPR with ties % | hurt % |" in (
+        tmp_path / "sweep" / "results.md").read_text()
     # The batched comparison's evaluation records carry the incentives too.
-    folder = tmp_path / "compare" / "fedavg_mix_seed1"
+    folder = tmp_path / "compare" / "fedavg_mix" / "seed1"
     last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     summary = json.loads((folder / "summary.json").read_text())
     assert last["ipr"] == summary["ipr"] and last["tie_fraction"] == summary["tie_fraction"]

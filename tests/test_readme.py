@@ -170,8 +170,13 @@ def _execute(command: str, workdir: Path, cache: Path):
         (workdir / name).write_text(source)
     config = _option(_argv(command), "--config")
     if config:
-        # A config file the README names is the README's TOML example.
-        (workdir / config).write_text(toml_blocks(README.read_text())[0])
+        # A config file of the repository (a page's grid) is copied; another one the README
+        # names is the README's TOML example.
+        target = workdir / config
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shipped = ROOT / config
+        target.write_text(shipped.read_text() if shipped.is_file()
+                          else toml_blocks(README.read_text())[0])
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
            "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

@@ -205,5 +205,6 @@ def test_results_table_shows_hurt_ipr_and_ties():
     lines = results_table([record], [spec], ()).splitlines()
     header = next(line for line in lines if line.startswith("| algorithm"))
     row = next(line for line in lines if line.startswith("| fedavg"))
-    assert "| hurt % | IPR % | ties % |" in header
-    assert "| 25.00 ± 0.00 | 75.00 ± 0.00 | 25.00 ± 0.00 |" in row
+    # The strict rate leads, the ties beside it, then IPR with ties and hurt.
+    assert "| strict IPR % | ties % | IPR with ties % | hurt % |" in header
+    assert "| 50.00 ± 0.00 | 25.00 ± 0.00 | 75.00 ± 0.00 | 25.00 ± 0.00 |" in row

@@ -59,10 +59,10 @@ def test_compare_and_run_seeds_take_the_clock(tmp_path, capsys):
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert "condition fedbuff (Local without it)" in table and "| fedavg |" in table
     # The Local reference trains alone: its run records no virtual clock.
-    local = json.loads((tmp_path / "compare" / "local_seed0" / "metrics.jsonl")
+    local = json.loads((tmp_path / "compare" / "local" / "seed0" / "metrics.jsonl")
                        .read_text().splitlines()[-1])
     assert "virtual_time" not in local
-    fedavg = json.loads((tmp_path / "compare" / "fedavg_seed0" / "metrics.jsonl")
+    fedavg = json.loads((tmp_path / "compare" / "fedavg" / "seed0" / "metrics.jsonl")
                         .read_text().splitlines()[-1])
     assert fedavg["virtual_time"] > 0
     main(["run", "--algorithm", "fedavg", "--seeds", "0,1", *tiny,

@@ -90,7 +90,7 @@ def test_compare_tune_equals_the_chosen_configurations_run_by_hand(tmp_path, cap
                                   eval_every=2, val_fraction=0.1, progress=False,
                                   hparams=(("local_epochs", 1), ("lr", chosen[name])))
             alone = run_spec(spec, output=tmp_path / f"{name}-{seed}")
-            row = json.loads((out / f"{name}_seed{seed}" / "summary.json").read_text())
+            row = json.loads((out / name / f"seed{seed}" / "summary.json").read_text())
             assert row["accuracy"] == alone.summary["accuracy"]
             assert row["client_accuracies"] == alone.summary["client_accuracies"]
 
