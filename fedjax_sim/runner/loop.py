@@ -1,0 +1,355 @@
+"""The host loop: run the compiled blocks, evaluate, emit events, record and finish every track."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fedjax_sim import safety
+from fedjax_sim.core.checkpoint import Checkpointer
+from fedjax_sim.core.clock import CLOCK_METRICS
+from fedjax_sim.core.evaluate import federation_incentives, summarize
+from fedjax_sim.core.state import to_host
+from fedjax_sim.rundir import atomic_write_json, write_jsonl
+from fedjax_sim.runner.programs import (
+    Program,
+    _compile_block,
+)
+
+EVENTS = ("round_start", "round_end", "evaluate", "checkpoint", "finish")
+
+
+class Events:
+    """Named host-side events with user handlers, called in registration order."""
+
+    def __init__(self):
+        self._handlers: dict[str, list[Callable[..., None]]] = defaultdict(list)
+
+    def on(self, event: str, handler: Callable[..., None]) -> Events:
+        """Registers ``handler(**info)`` for ``event``; returns self for chaining.
+
+        Raises:
+          ValueError: an ``event`` not in :data:`EVENTS`.
+          TypeError: a ``handler`` that is not callable.
+        """
+        if not isinstance(event, str) or event not in EVENTS:
+            raise ValueError(f"event must be one of {', '.join(EVENTS)}; got {event!r}")
+        if not callable(handler):
+            raise TypeError(f"handler for event {event!r} must be callable as "
+                            f"handler(**info), got {type(handler).__name__} {handler!r}")
+        self._handlers[event].append(handler)
+        return self
+
+    def emit(self, event: str, **info: Any) -> None:
+        for handler in self._handlers[event]:
+            handler(**info)
+
+
+@dataclasses.dataclass
+class Track:
+    """One configuration's records in the host loop: what it writes and reports."""
+
+    labels: dict
+    hparams: dict
+    out: Path | None = None
+    local_accuracies: Any = None
+    extra_summary: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+    diverged: dict | None = None
+    summary: dict | None = None
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, for a summary's ``reason``."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _record_failure(tracks: list[Track], error: BaseException) -> None:
+    """A ``failed`` summary, with the one-line reason, for every configuration that started
+    writing its folder and has no summary yet: no folder is left without a status."""
+    for track in tracks:
+        if track.out is None or track.summary is not None:
+            continue
+        if not (track.out / "config.json").exists():
+            continue
+        rounds_done = track.history[-1]["round"] if track.history else 0
+        track.summary = {"status": "failed", "reason": one_line(error), **track.labels,
+                         "rounds_done": rounds_done, "hparams": track.hparams}
+        try:
+            atomic_write_json(track.out / "summary.json", track.summary)
+        except OSError:
+            pass  # the original error matters more than a folder that cannot be written
+
+
+class _VirtualTime:
+    """The virtual time of a clocked run (``core.clock``), kept on the host from the round
+    metrics so that the events read it without waiting on the device."""
+
+    def __init__(self, state: Any, program: Program, count: int):
+        self.single = program.size == 1
+        self.last = None
+        if getattr(state, "clock", None) is not None:
+            last = np.asarray(to_host(state.clock.time)).reshape(-1)[:count]
+            self.last = np.broadcast_to(last, (count,))
+
+    def info(self, times=None) -> dict:
+        """``virtual_time`` for an event (``times``: one round's, else the latest)."""
+        if self.last is None:
+            return {}
+        now = self.last if times is None else times
+        return {"virtual_time": float(now[0]) if self.single else now.tolist()}
+
+
+def _block_end(r: int, *, rounds: int, eval_every: int, rounds_per_call: int,
+               checkpoint_every: int) -> int:
+    """The round a call starting after round ``r`` ends at: the next evaluation,
+    checkpoint or the call-length limit."""
+    stop_at = min(rounds, (r // eval_every + 1) * eval_every, r + rounds_per_call)
+    if checkpoint_every:
+        stop_at = min(stop_at, (r // checkpoint_every + 1) * checkpoint_every)
+    return stop_at
+
+
+def _note_divergence(tracks: list[Track], metrics: dict, first: int,
+                     on_divergence: str) -> np.ndarray:
+    """Marks each configuration whose loss or state went non-finite in this call (its
+    first divergence only); returns the (configurations, rounds) losses."""
+    # Rows past the tracks are padding (``sweep``'s repeated configurations).
+    losses = np.asarray(metrics["train_loss"])[:len(tracks)]
+    flags = np.asarray(metrics["nonfinite_any"])[:len(tracks)]
+    new = [c for c in np.flatnonzero((~np.isfinite(losses) | flags).any(axis=1))
+           if tracks[c].diverged is None]
+    if new:
+        clients = np.asarray(to_host(metrics["nonfinite_clients"]))
+        for c in new:
+            tracks[c].diverged = _divergence(losses[c], flags[c], clients[c], first,
+                                             tracks[c].hparams, on_divergence)
+    return losses
+
+
+def _record(program: Program, c: int, track: Track, *, done: int, loss: float,
+            correct: np.ndarray, metrics: dict, start: float) -> dict:
+    """Configuration ``c``'s evaluation record after round ``done``."""
+    up, down = program.comm[c]
+    record = {"round": done, **track.labels, "train_loss": loss,
+              **summarize(correct[c], program.test_counts[c]),
+              "bytes_up": up * done, "bytes_down": down * done,
+              "wall_s": time.perf_counter() - start}
+    for key in CLOCK_METRICS:
+        if key in metrics:
+            record[key] = np.asarray(metrics[key])[c, -1].item()
+    if track.local_accuracies is not None:
+        # Against the Local reference's final accuracies (it ran first).
+        record.update(federation_incentives(record["client_accuracies"],
+                                            track.local_accuracies))
+    if track.diverged is not None:
+        record["diverged_at"] = track.diverged["round"]
+    return record
+
+
+def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int,
+          rounds_per_call: int, checkpoint_every: int, checkpoints: Checkpointer | None,
+          identity: dict | None, first_round: int, events: Events, on_divergence: str,
+          stop: safety.StopRequest, progress: bool, lead: bool, start: float,
+          name: str) -> tuple[Any, int, float | None]:
+    """The host loop, for one run and for a sweep alike.
+
+    Runs rounds ``first_round`` .. ``rounds`` in calls that end at every evaluation and
+    checkpoint; after each evaluation, every configuration's ``metrics.jsonl`` is
+    rewritten. A configuration that diverges under ``stop`` keeps its records up to its
+    divergence and takes no more (the others go on); the loop ends when every one has.
+
+    Returns:
+      ``(final state, rounds done, compile seconds)``.
+    """
+    watchdog = safety.Watchdog()
+    if program.host_wait:
+        watchdog.wait(program.state, "initializing the state", first=True)
+    state, data, hp = program.state, program.data, program.hp
+    blocks: dict[int, Callable] = {}
+    compile_s = None
+    bar = _progress(rounds - first_round, progress and lead, name)
+    clock = _VirtualTime(state, program, len(tracks))
+
+    def live() -> list[int]:
+        return [c for c, t in enumerate(tracks)
+                if t.diverged is None or on_divergence == "warn"]
+
+    def save(done: int) -> None:
+        checkpoints.save(done, state, {"identity": identity, "round": done})
+        events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
+
+    def evaluate(done: int, losses: np.ndarray, metrics: dict) -> None:
+        correct = np.asarray(to_host(program.evaluate(state, data, hp)))
+        for c in live():
+            track = tracks[c]
+            track.history.append(_record(program, c, track, done=done,
+                                         loss=float(losses[c, -1]), correct=correct,
+                                         metrics=metrics, start=start))
+            if lead and track.out is not None:
+                write_jsonl(track.out / "metrics.jsonl", track.history)
+        if bar is not None and live():
+            bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
+        record = (tracks[0].history[-1] if program.size == 1 and tracks[0].history
+                  else [t.history[-1] for t in tracks if t.history])
+        events.emit("evaluate", round=done, state=state, **clock.info(), record=record)
+
+    r = first_round
+    try:
+        while r < rounds and live():
+            stop_at = _block_end(r, rounds=rounds, eval_every=eval_every,
+                                 rounds_per_call=rounds_per_call,
+                                 checkpoint_every=checkpoint_every)
+            length = stop_at - r
+            tic = time.perf_counter()
+            if length not in blocks:
+                blocks[length] = _compile_block(program.make_block(length), state, data, hp,
+                                                program.devices)
+            for i in range(length):
+                events.emit("round_start", round=r + i, state=state, **clock.info())
+            state, metrics = blocks[length](state, data, hp)
+            if program.host_wait or compile_s is None:
+                watchdog.wait(state, f"rounds {r + 1}-{stop_at}", first=compile_s is None)
+            if compile_s is None:
+                compile_s = time.perf_counter() - tic
+            losses = _note_divergence(tracks, metrics, r, on_divergence)
+            times = (np.asarray(metrics["virtual_time"])[:len(tracks)]
+                     if "virtual_time" in metrics else None)
+            for i in range(length):
+                events.emit("round_end", round=r + i + 1, state=state,
+                            metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
+                                                 else m[0, i], metrics),
+                            **clock.info(None if times is None else times[:, i]))
+            if times is not None:
+                clock.last = times[:, -1]
+            if bar is not None:
+                bar.update(length)
+            r = done = stop_at
+            if not live():
+                break
+            if done % eval_every == 0 or done == rounds:
+                evaluate(done, losses, metrics)
+            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
+                save(done)
+            if stop.requested:
+                break
+    except jax.errors.JaxRuntimeError as error:
+        if safety.is_out_of_memory(error):
+            raise safety.OutOfMemoryError(
+                f"{program.algorithm.name} ran out of device memory at round {r + 1}: "
+                f"{str(error).splitlines()[0][:200]}; lower --num-clients, --batch-size or "
+                "the model size, or use --client-strategy sequential") from None
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if stop.requested and r < rounds and checkpoints is not None:
+        save(r)
+        checkpoints.wait()
+    return state, r, compile_s
+
+
+def _finish(program: Program, tracks: list[Track], state: Any, *, rounds: int, done: int,
+            stopped: bool, fields: Callable[[int, Track, str, int], dict],
+            writes: bool) -> None:
+    """Every configuration's summary (``Track.summary``), written with its plots."""
+    for c, track in enumerate(tracks):
+        final = track.history[-1] if track.history else None
+        # Ran to the end: complete, or diverged and kept going (``warn``).
+        to_the_end = final is not None and final["round"] == rounds and not stopped
+        if stopped:
+            status, rounds_done = "stopped", done
+        elif track.diverged is not None:
+            status = "diverged"
+            rounds_done = rounds if to_the_end else track.diverged["round"]
+        else:
+            status, rounds_done = "complete", rounds
+        summary = fields(c, track, status, rounds_done)
+        # A diverged run reports no accuracy, even one that kept going (``warn``): its
+        # records stay in metrics.jsonl, marked by the round it diverged at.
+        if to_the_end and track.diverged is None:
+            summary.update({k: final[k] for k in (
+                "accuracy", "client_mean_accuracy", "client_std", "client_min",
+                "client_p10", "client_accuracies")})
+            if program.algorithm.report is not None:
+                summary.update(program.algorithm.report(program.view(state, c)))
+            if track.local_accuracies is not None:
+                summary.update(federation_incentives(final["client_accuracies"],
+                                                     track.local_accuracies))
+        if track.diverged is not None:
+            summary["diverged"] = track.diverged
+            summary["diverged_at"] = track.diverged["round"]
+        track.summary = summary
+        if writes and track.out is not None:
+            atomic_write_json(track.out / "summary.json", summary)
+            if track.history:
+                _plots(track.out, track.history, {**final, **summary})
+
+
+def _divergence(losses: np.ndarray, flags: np.ndarray, clients: np.ndarray, first: int,
+                hparams: dict, policy: str) -> dict:
+    """A configuration's first divergence in a call of rounds ``first + 1 ..`` (round,
+    clients, message) from its losses, flags and (rounds, K) non-finite clients; warns
+    under ``warn``."""
+    index = int(np.flatnonzero(~np.isfinite(losses) | flags)[0])
+    clients = clients[index]
+    message = safety.divergence_message(first + index + 1, clients, float(losses[index]),
+                                        hparams)
+    if policy == "warn":
+        warnings.warn(message + " (going on: --on-divergence warn)", RuntimeWarning,
+                      stacklevel=4)
+    return {"round": first + index + 1, "clients": np.flatnonzero(clients).tolist(),
+            "message": message}
+
+
+def _progress(total: int, enabled: bool, name: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=name, leave=False)
+
+
+def _plots(out: Path, history: list[dict], summary: dict) -> None:
+    """accuracy.png (accuracy against rounds), clients.png (per-client distribution) and,
+    for a run on the virtual clock, accuracy_vs_time.png (accuracy against virtual time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def accuracy_against(key: str, label: str, name: str) -> None:
+        x = [h[key] for h in history]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(x, [h["accuracy"] for h in history], label="accuracy")
+        ax.plot(x, [h["client_p10"] for h in history], label="bottom decile", linestyle="--")
+        ax.set_xlabel(label)
+        ax.set_ylabel("personalized test accuracy")
+        ax.set_title(f"{summary['algorithm']} on {summary['dataset']}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+
+    accuracy_against("round", "round", "accuracy.png")
+
+    if history and "virtual_time" in history[0]:
+        accuracy_against("virtual_time", "virtual time (s)", "accuracy_vs_time.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(summary["client_accuracies"], bins=20, range=(0, 1))
+    ax.set_xlabel("client test accuracy")
+    ax.set_ylabel("clients")
+    ax.set_title(f"{summary['algorithm']}: {summary['num_clients']} clients")
+    fig.tight_layout()
+    fig.savefig(out / "clients.png", dpi=100)
+    plt.close(fig)
