@@ -182,15 +182,13 @@ def run(
     with folder, mesh_context(mesh), safety.StopRequest() as stop:
         out = Path(output) if output is not None else None
         checkpoints = Checkpointer(out / CHECKPOINT_DIR) if out is not None else None
+        track = Track(labels={"algorithm": algorithm.name, "dataset": data.name, "seed": seed},
+                      hparams=algorithm.hparams, out=out, local_accuracies=local_accuracies,
+                      extra_summary=dict(extra_summary or {}))
         written = False  # config.json of this run is in the folder: it ends with a summary
         try:
             start = time.perf_counter()
             program = _single_program(algorithm, data, seed=seed, mesh=mesh)
-            track = Track(labels={"algorithm": algorithm.name, "dataset": data.name,
-                                  "seed": seed},
-                          hparams=algorithm.hparams, out=out,
-                          local_accuracies=local_accuracies,
-                          extra_summary=dict(extra_summary or {}))
             resumed_from = None
             if resume:
                 program.state, track.history = _resume(
@@ -198,11 +196,8 @@ def run(
                     write=lead)
                 resumed_from = int(program.state.round)
             if out is not None and lead:
-                atomic_write_json(out / "config.json", {
-                    "identity": identity, "settings": settings, "options": options or {},
-                    "environment": environment(), "resumed_from": resumed_from})
-                if not resume:
-                    write_jsonl(out / "metrics.jsonl", [])
+                _write_run_config(out, identity, settings, options, resumed_from,
+                                  fresh=not resume)
                 written = True
             state, done, compile_s = _loop(
                 program, [track], rounds=rounds, eval_every=eval_every,
@@ -211,24 +206,12 @@ def run(
                 first_round=int(program.state.round), events=events,
                 on_divergence=on_divergence, stop=stop, progress=progress, lead=lead,
                 start=start, name=algorithm.name)
-
-            def fields(c, track, status, rounds_done):
-                up, down = program.comm[c]
-                summary = {
-                    "status": status, **track.labels, "num_clients": data.num_clients,
-                    "rounds": rounds, "rounds_done": rounds_done,
-                    "wall_s": time.perf_counter() - start, "compile_s": compile_s,
-                    "bytes_up": up * rounds_done, "bytes_down": down * rounds_done,
-                    "devices": 1 if mesh is None else mesh.size,
-                    "processes": jax.process_count(), "rounds_per_call": rounds_per_call,
-                    "hparams": algorithm.hparams, **track.extra_summary}
-                if resumed_from is not None:
-                    summary["resumed_from"] = resumed_from
-                return summary
-
             stopped = stop.requested and done < rounds
             if checkpoints is not None:
                 checkpoints.wait()
+            fields = _run_fields(program, data, rounds=rounds, rounds_per_call=rounds_per_call,
+                                 mesh=mesh, start=start, compile_s=compile_s,
+                                 resumed_from=resumed_from)
             _finish(program, [track], state, rounds=rounds, done=done, stopped=stopped,
                     fields=fields, writes=lead)
         except Exception as error:
@@ -238,14 +221,53 @@ def run(
         finally:
             if checkpoints is not None:
                 checkpoints.close()
+    _raise_unfinished(track, on_divergence=on_divergence, stopped=stopped, done=done,
+                      signum=stop.signum, checkpoints=checkpoints, resume_hint=resume_hint)
+    events.emit("finish", summary=track.summary, state=state, history=track.history)
+    return RunResult(track.summary, track.history, state)
+
+
+def _write_run_config(out: Path, identity: dict, settings: dict, options: dict | None,
+                      resumed_from: int | None, *, fresh: bool) -> None:
+    """config.json of a run (and an empty metrics.jsonl when it starts afresh)."""
+    atomic_write_json(out / "config.json", {
+        "identity": identity, "settings": settings, "options": options or {},
+        "environment": environment(), "resumed_from": resumed_from})
+    if fresh:
+        write_jsonl(out / "metrics.jsonl", [])
+
+
+def _run_fields(program: Program, data: FederatedData, *, rounds: int, rounds_per_call: int,
+                mesh, start: float, compile_s: float, resumed_from: int | None):
+    """The summary fields of a run, as ``_finish`` asks for them."""
+
+    def fields(c, track, status, rounds_done):
+        up, down = program.comm[c]
+        summary = {
+            "status": status, **track.labels, "num_clients": data.num_clients,
+            "rounds": rounds, "rounds_done": rounds_done,
+            "wall_s": time.perf_counter() - start, "compile_s": compile_s,
+            "bytes_up": up * rounds_done, "bytes_down": down * rounds_done,
+            "devices": 1 if mesh is None else mesh.size,
+            "processes": jax.process_count(), "rounds_per_call": rounds_per_call,
+            "hparams": track.hparams, **track.extra_summary}
+        if resumed_from is not None:
+            summary["resumed_from"] = resumed_from
+        return summary
+
+    return fields
+
+
+def _raise_unfinished(track: Track, *, on_divergence: str, stopped: bool, done: int,
+                      signum: int | None, checkpoints: Checkpointer | None,
+                      resume_hint: str | None) -> None:
+    """A run that diverged under ``stop`` or was stopped by a signal ends in its error."""
     if track.diverged is not None and on_divergence == "stop":
         diverged = track.diverged
         raise safety.DivergedError(diverged["message"], round=diverged["round"],
                                    clients=diverged["clients"])
     if stopped:
-        raise _stopped_error(done, stop.signum, checkpoints, resume_hint)
-    events.emit("finish", summary=track.summary, state=state, history=track.history)
-    return RunResult(track.summary, track.history, state)
+        raise _stopped_error(done, signum, checkpoints, resume_hint)
 
 
 def _config_dir(seed: int, lr: float, overrides: dict, split: int, num_splits: int) -> str:
@@ -381,8 +403,6 @@ def sweep(
       fedjax_sim.safety.StoppedError: after SIGINT or SIGTERM (each folder's summary says
         ``stopped``).
     """
-    from fedjax_sim import algorithms
-
     splits = list(data) if isinstance(data, list | tuple) else [data]
     triples = _check_sweep(name, model, splits, hparams=dict(hparams or {}), seeds=seeds,
                            lrs=lrs, configs=configs, rounds=rounds, eval_every=eval_every,
@@ -395,29 +415,12 @@ def sweep(
                                        "config_records": config_records})
     hparams = dict(hparams or {})
     strategy_override()
-    alg = algorithms.make(name, model, cover=[overrides for _, overrides, _ in triples],
-                          **hparams)
-    if clock is not None:  # every configuration on the same virtual clock, its own state
-        from fedjax_sim.algorithms.base import clocked
-
-        alg = clocked(alg, clock, splits[0].num_clients)
-    hps = []
-    for i, (_, overrides, _) in enumerate(triples):
-        try:
-            hps.append(alg.hp(**overrides))
-        except ValueError as error:
-            raise ValueError(f"configuration {i} ({overrides}): {error}") from None
+    alg, hps = _sweep_algorithm(name, model, splits, triples, hparams, clock)
     if config_strategy == "auto":
         config_strategy = "map" if jax.default_backend() == "cpu" else "vmap"
     mesh, padded = _config_mesh(len(triples), devices)
-    # Every device holds the data (all splits) and the states of its configurations.
-    per_config = _estimate_memory(alg, splits[0], 0, 1)
-    run_devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
-    safety.check_memory(
-        {"client state": per_config["client state"] * padded // len(run_devices),
-         "server state": per_config["server state"] * padded // len(run_devices),
-         "data": sum(safety.tree_bytes(split) for split in splits)},
-        devices=run_devices, what=f"a sweep of {len(triples)} {name} configurations")
+    _check_sweep_memory(alg, splits, mesh, padded, f"a sweep of {len(triples)} {name} "
+                        "configurations")
     folders = _sweep_folders(alg, triples, len(splits), output=output, outputs=outputs,
                              overwrite=overwrite)
     tracks = [_sweep_track(name, c, triple, splits, alg, hparams, folders[c],
@@ -436,15 +439,7 @@ def sweep(
         program = _batched_program(alg, splits, triples + triples[-1:] * extra,
                                    hps + hps[-1:] * extra, config_strategy=config_strategy,
                                    mesh=mesh)
-        env = environment()
-        for c, track in enumerate(tracks):
-            if track.out is not None:
-                record = (config_records[c] if config_records is not None else {
-                    "options": options or {}, "hparams": track.hparams,
-                    "config": {"seed": triples[c][0], "split": triples[c][2],
-                               **triples[c][1]}, "environment": env})
-                atomic_write_json(track.out / "config.json", record)
-                write_jsonl(track.out / "metrics.jsonl", [])
+        _write_sweep_configs(tracks, triples, config_records, options)
         try:
             state, done, compile_s = _loop(
                 program, tracks, rounds=rounds, eval_every=eval_every,
@@ -455,31 +450,16 @@ def sweep(
         except Exception as error:
             _record_failure(tracks, error)
             raise
-        wall = time.perf_counter() - start
-
-        def fields(c, track, status, rounds_done):
-            up, down = program.comm[c]
-            return {
-                "status": status, **track.labels, "num_clients": splits[0].num_clients,
-                # Its share of the program's time (all configurations ran together).
-                "rounds": rounds, "rounds_done": rounds_done, "wall_s": wall / len(triples),
-                "compile_s": compile_s, "bytes_up": up * rounds_done,
-                "bytes_down": down * rounds_done, "hparams": track.hparams,
-                "sweep_size": len(triples), "sweep_wall_s": wall,
-                "config_strategy": config_strategy,
-                "devices": 1 if mesh is None else mesh.size, **track.extra_summary,
-                # A diverged configuration's row reads as one without figures.
-                **({"accuracy": None, "client_p10": None} if status == "diverged" else {})}
-
+        fields = _sweep_fields(program, splits[0].num_clients, rounds=rounds,
+                               wall=time.perf_counter() - start, count=len(triples),
+                               compile_s=compile_s, config_strategy=config_strategy,
+                               mesh=mesh)
         stopped = stop.requested and done < rounds
         _finish(program, tracks, state, rounds=rounds, done=done, stopped=stopped,
                 fields=fields, writes=True)
-        summaries = []
-        for c, track in enumerate(tracks):
-            summary = {**track.summary, "history": track.history}
-            if keep_states:
-                summary["state"] = jax.tree.map(lambda a, c=c: a[c], state)
-            summaries.append(summary)
+        summaries = [{**track.summary, "history": track.history,
+                      **({"state": jax.tree.map(lambda a, c=c: a[c], state)}
+                         if keep_states else {})} for c, track in enumerate(tracks)]
         if output is not None:
             atomic_write_json(Path(output) / "sweep.json", [
                 {k: v for k, v in s.items() if k not in ("client_accuracies", "history", "state")}
@@ -489,6 +469,73 @@ def sweep(
                                   "stopped configurations again)", round=done,
                                   signum=stop.signum, checkpoint=False)
     return summaries
+
+
+def _sweep_algorithm(name: str, model: Any, splits: list, triples: list, hparams: dict,
+                     clock: Any) -> tuple[Algorithm, list]:
+    """The algorithm built once (on the clock when given) and every configuration's
+    traced hyperparameters."""
+    from fedjax_sim import algorithms
+
+    alg = algorithms.make(name, model, cover=[overrides for _, overrides, _ in triples],
+                          **hparams)
+    if clock is not None:  # every configuration on the same virtual clock, its own state
+        from fedjax_sim.algorithms.base import clocked
+
+        alg = clocked(alg, clock, splits[0].num_clients)
+    hps = []
+    for i, (_, overrides, _) in enumerate(triples):
+        try:
+            hps.append(alg.hp(**overrides))
+        except ValueError as error:
+            raise ValueError(f"configuration {i} ({overrides}): {error}") from None
+    return alg, hps
+
+
+def _check_sweep_memory(alg: Algorithm, splits: list, mesh, padded: int, what: str) -> None:
+    """Every device holds the data (all splits) and the states of its configurations."""
+    per_config = _estimate_memory(alg, splits[0], 0, 1)
+    run_devices = [jax.devices()[0]] if mesh is None else list(mesh.devices.flat)
+    safety.check_memory(
+        {"client state": per_config["client state"] * padded // len(run_devices),
+         "server state": per_config["server state"] * padded // len(run_devices),
+         "data": sum(safety.tree_bytes(split) for split in splits)},
+        devices=run_devices, what=what)
+
+
+def _write_sweep_configs(tracks: list[Track], triples: list, config_records: list | None,
+                         options: dict | None) -> None:
+    """config.json (and an empty metrics.jsonl) of every configuration with a folder."""
+    env = environment()
+    for c, track in enumerate(tracks):
+        if track.out is None:
+            continue
+        record = (config_records[c] if config_records is not None else {
+            "options": options or {}, "hparams": track.hparams,
+            "config": {"seed": triples[c][0], "split": triples[c][2], **triples[c][1]},
+            "environment": env})
+        atomic_write_json(track.out / "config.json", record)
+        write_jsonl(track.out / "metrics.jsonl", [])
+
+
+def _sweep_fields(program: Program, num_clients: int, *, rounds: int, wall: float, count: int,
+                  compile_s: float, config_strategy: str, mesh):
+    """The summary fields of a sweep's configurations, as ``_finish`` asks for them."""
+
+    def fields(c, track, status, rounds_done):
+        up, down = program.comm[c]
+        return {
+            "status": status, **track.labels, "num_clients": num_clients,
+            # Its share of the program's time (all configurations ran together).
+            "rounds": rounds, "rounds_done": rounds_done, "wall_s": wall / count,
+            "compile_s": compile_s, "bytes_up": up * rounds_done,
+            "bytes_down": down * rounds_done, "hparams": track.hparams,
+            "sweep_size": count, "sweep_wall_s": wall, "config_strategy": config_strategy,
+            "devices": 1 if mesh is None else mesh.size, **track.extra_summary,
+            # A diverged configuration's row reads as one without figures.
+            **({"accuracy": None, "client_p10": None} if status == "diverged" else {})}
+
+    return fields
 
 
 __all__ = [
