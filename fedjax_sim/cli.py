@@ -386,30 +386,7 @@ def _subparser(commands, name: str, help_text: str, description: str):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The command-line parser.
-
-    Args:
-      suppress_defaults: leave every option that is not given off the namespace (how the
-        command line tells the flags given explicitly, which win over a config file).
-    """
-    from fedjax_sim import __version__
-
-    parser = _Parser(
-        prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = _subparser(commands, "run", "run one algorithm",
-                     "Run one algorithm; with --seeds or --sweep-lr (or lists in --config), "
-                     "the seeds x learning rates grid as a sweep (see `fedjax-sim sweep`).")
-    run.add_argument("--algorithm", default=_DEFAULTS.algorithm,
-                     help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
-    _add_sweep_args(run, seeds_help="comma-separated seeds: a sweep of one run per seed "
-                    "(and per --sweep-lr), written and resumed as `fedjax-sim sweep` does")
-    _add_common(run, "run")
-
+def _add_compare_parser(commands) -> argparse.ArgumentParser:
     compare = _subparser(
         commands, "compare", "run several algorithms on the same partitions; print a table",
         "Run several algorithms on the same partitions, Local first as the reference; "
@@ -430,26 +407,10 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                          help="comma-separated seeds --tune scores on (default: the first "
                               "of --seeds)")
     _add_common(compare, "compare")
+    return compare
 
-    sweep = _subparser(
-        commands, "sweep", "run a grid of configurations x seeds; resumable",
-        "Run a grid (the product of every list in --config, --set and --seeds / "
-        "--algorithms / --sweep-lr) in one process. Configurations of one algorithm that "
-        "differ only in seed, data split (partition settings) and numeric hyperparameters "
-        "share one compiled program. Writes "
-        "grid.json, results.jsonl (one line per finished configuration and seed), "
-        "results.md (mean ± std over seeds, the best configuration of each algorithm on "
-        "each data setting marked), curves.png and "
-        "<config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the same command with the "
-        "same --output to skip what is finished: an interrupted "
-        "sweep resumes; a diverged configuration is marked and the others go on.")
-    sweep.add_argument("--algorithm", default=_DEFAULTS.algorithm,
-                       help="the algorithm (one; see --algorithms)")
-    sweep.add_argument("--algorithms", default=None,
-                       help="comma-separated algorithms: a grid axis")
-    _add_sweep_args(sweep, seeds_help="comma-separated seeds: a grid axis")
-    _add_common(sweep, "sweep")
 
+def _add_bench_parser(commands) -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="time rounds on random 28x28x1 data",
         description="Time rounds of one algorithm on random 28x28x1 data: says what it "
@@ -481,6 +442,55 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
                        help="devices to shard the client axis over (default: all visible)")
     _add_plugin_args(bench)
     _add_platform_args(bench)
+    return bench
+
+
+def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The command-line parser.
+
+    Args:
+      suppress_defaults: leave every option that is not given off the namespace (how the
+        command line tells the flags given explicitly, which win over a config file).
+    """
+    from fedjax_sim import __version__
+
+    parser = _Parser(
+        prog="fedjax-sim", description="Personalized federated learning simulator (JAX)."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = _subparser(commands, "run", "run one algorithm",
+                     "Run one algorithm; with --seeds or --sweep-lr (or lists in --config), "
+                     "the seeds x learning rates grid as a sweep (see `fedjax-sim sweep`).")
+    run.add_argument("--algorithm", default=_DEFAULTS.algorithm,
+                     help=f"one of {', '.join(algorithms.ALGORITHMS + algorithms.DISTILLATION)}")
+    _add_sweep_args(run, seeds_help="comma-separated seeds: a sweep of one run per seed "
+                    "(and per --sweep-lr), written and resumed as `fedjax-sim sweep` does")
+    _add_common(run, "run")
+
+    compare = _add_compare_parser(commands)
+
+    sweep = _subparser(
+        commands, "sweep", "run a grid of configurations x seeds; resumable",
+        "Run a grid (the product of every list in --config, --set and --seeds / "
+        "--algorithms / --sweep-lr) in one process. Configurations of one algorithm that "
+        "differ only in seed, data split (partition settings) and numeric hyperparameters "
+        "share one compiled program. Writes "
+        "grid.json, results.jsonl (one line per finished configuration and seed), "
+        "results.md (mean ± std over seeds, the best configuration of each algorithm on "
+        "each data setting marked), curves.png and "
+        "<config>/seed<s>/{summary.json,metrics.jsonl}. Rerun the same command with the "
+        "same --output to skip what is finished: an interrupted "
+        "sweep resumes; a diverged configuration is marked and the others go on.")
+    sweep.add_argument("--algorithm", default=_DEFAULTS.algorithm,
+                       help="the algorithm (one; see --algorithms)")
+    sweep.add_argument("--algorithms", default=None,
+                       help="comma-separated algorithms: a grid axis")
+    _add_sweep_args(sweep, seeds_help="comma-separated seeds: a grid axis")
+    _add_common(sweep, "sweep")
+
+    bench = _add_bench_parser(commands)
     parser.commands = {"run": run, "compare": compare, "sweep": sweep, "bench": bench}
     if suppress_defaults:
         for sub in (run, compare, sweep, bench):

@@ -171,75 +171,28 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
     Returns:
       ``(final state, rounds done, compile seconds)``.
     """
-    watchdog = safety.Watchdog()
-    if program.host_wait:
-        watchdog.wait(program.state, "initializing the state", first=True)
-    state, data, hp = program.state, program.data, program.hp
-    blocks: dict[int, Callable] = {}
-    compile_s = None
+    loop = _HostLoop(program, tracks, eval_every=eval_every, checkpoints=checkpoints,
+                     identity=identity, events=events, on_divergence=on_divergence,
+                     lead=lead, start=start)
     bar = _progress(rounds - first_round, progress and lead, name)
-    clock = _VirtualTime(state, program, len(tracks))
-
-    def live() -> list[int]:
-        return [c for c, t in enumerate(tracks)
-                if t.diverged is None or on_divergence == "warn"]
-
-    def save(done: int) -> None:
-        checkpoints.save(done, state, {"identity": identity, "round": done})
-        events.emit("checkpoint", round=done, state=state, path=checkpoints.directory)
-
-    def evaluate(done: int, losses: np.ndarray, metrics: dict) -> None:
-        correct = np.asarray(to_host(program.evaluate(state, data, hp)))
-        for c in live():
-            track = tracks[c]
-            track.history.append(_record(program, c, track, done=done,
-                                         loss=float(losses[c, -1]), correct=correct,
-                                         metrics=metrics, start=start))
-            if lead and track.out is not None:
-                write_jsonl(track.out / "metrics.jsonl", track.history)
-        if bar is not None and live():
-            bar.set_postfix(acc=f"{tracks[live()[0]].history[-1]['accuracy']:.4f}")
-        record = (tracks[0].history[-1] if program.size == 1 and tracks[0].history
-                  else [t.history[-1] for t in tracks if t.history])
-        events.emit("evaluate", round=done, state=state, **clock.info(), record=record)
-
     r = first_round
     try:
-        while r < rounds and live():
+        while r < rounds and loop.live():
             stop_at = _block_end(r, rounds=rounds, eval_every=eval_every,
                                  rounds_per_call=rounds_per_call,
                                  checkpoint_every=checkpoint_every)
-            length = stop_at - r
-            tic = time.perf_counter()
-            if length not in blocks:
-                blocks[length] = _compile_block(program.make_block(length), state, data, hp,
-                                                program.devices)
-            for i in range(length):
-                events.emit("round_start", round=r + i, state=state, **clock.info())
-            state, metrics = blocks[length](state, data, hp)
-            if program.host_wait or compile_s is None:
-                watchdog.wait(state, f"rounds {r + 1}-{stop_at}", first=compile_s is None)
-            if compile_s is None:
-                compile_s = time.perf_counter() - tic
-            losses = _note_divergence(tracks, metrics, r, on_divergence)
-            times = (np.asarray(metrics["virtual_time"])[:len(tracks)]
-                     if "virtual_time" in metrics else None)
-            for i in range(length):
-                events.emit("round_end", round=r + i + 1, state=state,
-                            metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
-                                                 else m[0, i], metrics),
-                            **clock.info(None if times is None else times[:, i]))
-            if times is not None:
-                clock.last = times[:, -1]
+            losses, metrics = loop.advance(r, stop_at)
             if bar is not None:
-                bar.update(length)
-            r = done = stop_at
-            if not live():
+                bar.update(stop_at - r)
+            r = stop_at
+            if not loop.live():
                 break
-            if done % eval_every == 0 or done == rounds:
-                evaluate(done, losses, metrics)
-            if checkpoints is not None and checkpoint_every and done % checkpoint_every == 0:
-                save(done)
+            if r % eval_every == 0 or r == rounds:
+                loop.evaluate(r, losses, metrics)
+                if bar is not None and loop.live():
+                    bar.set_postfix(acc=f"{tracks[loop.live()[0]].history[-1]['accuracy']:.4f}")
+            if checkpoints is not None and checkpoint_every and r % checkpoint_every == 0:
+                loop.save(r)
             if stop.requested:
                 break
     except jax.errors.JaxRuntimeError as error:
@@ -253,9 +206,84 @@ def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int
         if bar is not None:
             bar.close()
     if stop.requested and r < rounds and checkpoints is not None:
-        save(r)
+        loop.save(r)
         checkpoints.wait()
-    return state, r, compile_s
+    return loop.state, r, loop.compile_s
+
+
+class _HostLoop:
+    """The state of :func:`_loop` between calls: the current state, the compiled blocks
+    by length, the watchdog and the virtual clock's last times."""
+
+    def __init__(self, program: Program, tracks: list[Track], *, eval_every: int,
+                 checkpoints: Checkpointer | None, identity: dict | None, events: Events,
+                 on_divergence: str, lead: bool, start: float):
+        self.program, self.tracks, self.eval_every = program, tracks, eval_every
+        self.checkpoints, self.identity, self.events = checkpoints, identity, events
+        self.on_divergence, self.lead, self.start = on_divergence, lead, start
+        self.watchdog = safety.Watchdog()
+        if program.host_wait:
+            self.watchdog.wait(program.state, "initializing the state", first=True)
+        self.state = program.state
+        self.blocks: dict[int, Callable] = {}
+        self.compile_s: float | None = None
+        self.clock = _VirtualTime(self.state, program, len(tracks))
+
+    def live(self) -> list[int]:
+        """The configurations still taking rounds."""
+        return [c for c, t in enumerate(self.tracks)
+                if t.diverged is None or self.on_divergence == "warn"]
+
+    def advance(self, r: int, stop_at: int) -> tuple[np.ndarray, dict]:
+        """Rounds ``r`` .. ``stop_at`` in one call (compiled once per length), with their
+        events; returns the losses and the call's metrics."""
+        program, events, clock = self.program, self.events, self.clock
+        length = stop_at - r
+        tic = time.perf_counter()
+        if length not in self.blocks:
+            self.blocks[length] = _compile_block(program.make_block(length), self.state,
+                                                 program.data, program.hp, program.devices)
+        for i in range(length):
+            events.emit("round_start", round=r + i, state=self.state, **clock.info())
+        self.state, metrics = self.blocks[length](self.state, program.data, program.hp)
+        first = self.compile_s is None
+        if program.host_wait or first:
+            self.watchdog.wait(self.state, f"rounds {r + 1}-{stop_at}", first=first)
+        if first:
+            self.compile_s = time.perf_counter() - tic
+        losses = _note_divergence(self.tracks, metrics, r, self.on_divergence)
+        times = (np.asarray(metrics["virtual_time"])[:len(self.tracks)]
+                 if "virtual_time" in metrics else None)
+        for i in range(length):
+            events.emit("round_end", round=r + i + 1, state=self.state,
+                        metrics=jax.tree.map(lambda m, i=i: m[:, i] if program.size > 1
+                                             else m[0, i], metrics),
+                        **clock.info(None if times is None else times[:, i]))
+        if times is not None:
+            clock.last = times[:, -1]
+        return losses, metrics
+
+    def save(self, done: int) -> None:
+        self.checkpoints.save(done, self.state, {"identity": self.identity, "round": done})
+        self.events.emit("checkpoint", round=done, state=self.state,
+                         path=self.checkpoints.directory)
+
+    def evaluate(self, done: int, losses: np.ndarray, metrics: dict) -> None:
+        """Evaluates every live configuration, rewrites its metrics.jsonl, emits
+        ``evaluate``."""
+        program, tracks = self.program, self.tracks
+        correct = np.asarray(to_host(program.evaluate(self.state, program.data, program.hp)))
+        for c in self.live():
+            track = tracks[c]
+            track.history.append(_record(program, c, track, done=done,
+                                         loss=float(losses[c, -1]), correct=correct,
+                                         metrics=metrics, start=self.start))
+            if self.lead and track.out is not None:
+                write_jsonl(track.out / "metrics.jsonl", track.history)
+        record = (tracks[0].history[-1] if program.size == 1 and tracks[0].history
+                  else [t.history[-1] for t in tracks if t.history])
+        self.events.emit("evaluate", round=done, state=self.state, **self.clock.info(),
+                         record=record)
 
 
 def _finish(program: Program, tracks: list[Track], state: Any, *, rounds: int, done: int,

@@ -102,45 +102,12 @@ def sweep_configs(
         ``configs``, a configuration without a seed, or two identical configurations.
     """
     from fedjax_sim import algorithms
-    from fedjax_sim.algorithms.base import check_hparam
 
     specs = {spec.name: spec for spec in algorithms.hparam_specs(name) if spec.traced}
-    if seeds is not None:
-        if isinstance(seeds, str | bytes) or not seeds:
-            raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
-        seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
-        _refuse_repeats("seeds", seeds)
-    if configs is None:
-        if seeds is None:
-            raise ValueError("seeds must be a non-empty list of seeds, got None")
-        if lrs is None:
-            configs = [{}]
-        else:
-            if isinstance(lrs, str | bytes) or not lrs:
-                raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
-            lrs = [check_hparam(specs["lr"], lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
-            _refuse_repeats("lrs", lrs)
-            configs = [{"lr": lr} for lr in lrs]
-    elif lrs is not None:
-        raise ValueError("give lrs or configs, not both (a config may set lr)")
-    elif isinstance(configs, dict | str | bytes) or not configs or not all(
-            isinstance(c, dict) for c in configs):
-        raise ValueError(f"configs must be a non-empty list of dicts, got {configs!r}")
+    seeds, configs = _checked_axes(specs, seeds, lrs, configs)
     triples = []
     for i, config in enumerate(configs):
-        overrides = {k: v for k, v in config.items() if k not in ("seed", "split")}
-        unknown = sorted(set(overrides) - set(specs))
-        if unknown:
-            raise ValueError(
-                f"configs[{i}]: {', '.join(unknown)} is not a traced hyperparameter of "
-                f"{name}; a sweep varies {', '.join(specs)} (run the others separately)")
-        overrides = {k: check_hparam(specs[k], v, f"configs[{i}].{k}")
-                     for k, v in overrides.items()}
-        split = config.get("split", 0)
-        if (not isinstance(split, int) or isinstance(split, bool)
-                or not 0 <= split < num_splits):
-            raise ValueError(f"configs[{i}].split must be an integer in [0, {num_splits}) "
-                             f"(one of the data splits), got {split!r}")
+        overrides, split = _checked_config(name, specs, i, config, num_splits)
         if seeds is not None:
             if "seed" in config:
                 raise ValueError(f"configs[{i}] sets a seed and seeds is given; give one")
@@ -159,6 +126,55 @@ def sweep_configs(
                              f"repeats configuration {resolved.index(entry)} (each runs "
                              "once)")
     return triples
+
+
+def _checked_axes(specs: dict, seeds: Any, lrs: Any, configs: Any
+                  ) -> tuple[list[int] | None, list[dict]]:
+    """``seeds`` checked, and the configurations (``configs``, or one per learning rate
+    of ``lrs``, or one without overrides)."""
+    from fedjax_sim.algorithms.base import check_hparam
+
+    if seeds is not None:
+        if isinstance(seeds, str | bytes) or not seeds:
+            raise ValueError(f"seeds must be a non-empty list of seeds, got {seeds!r}")
+        seeds = [check_seed(f"seeds[{i}]", s) for i, s in enumerate(seeds)]
+        _refuse_repeats("seeds", seeds)
+    if configs is None:
+        if seeds is None:
+            raise ValueError("seeds must be a non-empty list of seeds, got None")
+        if lrs is None:
+            return seeds, [{}]
+        if isinstance(lrs, str | bytes) or not lrs:
+            raise ValueError(f"lrs must be a non-empty list of learning rates, got {lrs!r}")
+        lrs = [check_hparam(specs["lr"], lr, f"lrs[{i}]") for i, lr in enumerate(lrs)]
+        _refuse_repeats("lrs", lrs)
+        return seeds, [{"lr": lr} for lr in lrs]
+    if lrs is not None:
+        raise ValueError("give lrs or configs, not both (a config may set lr)")
+    if isinstance(configs, dict | str | bytes) or not configs or not all(
+            isinstance(c, dict) for c in configs):
+        raise ValueError(f"configs must be a non-empty list of dicts, got {configs!r}")
+    return seeds, configs
+
+
+def _checked_config(name: str, specs: dict, i: int, config: dict, num_splits: int
+                    ) -> tuple[dict, int]:
+    """Configuration ``i``'s traced overrides (checked) and its split."""
+    from fedjax_sim.algorithms.base import check_hparam
+
+    overrides = {k: v for k, v in config.items() if k not in ("seed", "split")}
+    unknown = sorted(set(overrides) - set(specs))
+    if unknown:
+        raise ValueError(
+            f"configs[{i}]: {', '.join(unknown)} is not a traced hyperparameter of "
+            f"{name}; a sweep varies {', '.join(specs)} (run the others separately)")
+    overrides = {k: check_hparam(specs[k], v, f"configs[{i}].{k}")
+                 for k, v in overrides.items()}
+    split = config.get("split", 0)
+    if not isinstance(split, int) or isinstance(split, bool) or not 0 <= split < num_splits:
+        raise ValueError(f"configs[{i}].split must be an integer in [0, {num_splits}) "
+                         f"(one of the data splits), got {split!r}")
+    return overrides, split
 
 
 def _refuse_repeats(label: str, values: list) -> None:
