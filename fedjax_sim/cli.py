@@ -1130,9 +1130,9 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
         tuning = None
         if getattr(args, "_tune", None) is not None:
             specs, tuning = _tune_compare(args, specs, out)
-        grid = sweep.plan(specs, by_algorithm=True)
-        result = sweep.execute(grid, out, reference="local", on_result=_compare_line,
-                               log=sweep.print_line, options=_options(args, first))
+        grid = sweep.plan(specs, by_algorithm=True, reference="local")
+        result = sweep.execute(grid, out, on_result=_compare_line, log=sweep.print_line,
+                               options=_options(args, first))
         rows_of = {name: [r for r in result.records if r["algorithm"] == name]
                    for name in names}
         table = _compare_table(names, rows_of, tuning)

@@ -175,7 +175,9 @@ def varying(specs: Sequence[ExperimentSpec]) -> list[str]:
     count: dict[str, int] = {}
     for spec in specs:
         for key, value in spec.values().items():
-            if key in ("seed", "algorithm", "progress", "output", "overwrite"):
+            # compare_local reads in the algorithm: a grid's Local reference runs are local.
+            if key in ("seed", "algorithm", "progress", "output", "overwrite",
+                       "compare_local"):
                 continue
             seen.setdefault(key, set()).add(json.dumps(value, default=str))
             count[key] = count.get(key, 0) + 1
@@ -349,9 +351,8 @@ def _run_batched(group: Group, splits: list[tuple], folders: list[Path], tags: l
     """A group as one ``runner.sweep`` program: every spec its own seed, split and traced
     hyperparameters; writes each spec's folder as it goes.
 
-    ``local``: per spec, the accuracies of its Local reference (a comparison's own Local
-    runs); without it and with ``compare_local``, the references of the group's (seed,
-    split) pairs run first, as one program too.
+    ``local``: per spec, the accuracies of its Local reference, run before in the grid
+    (None: no reference, or one that diverged).
     """
     from fedjax_sim import runner
 
@@ -367,8 +368,6 @@ def _run_batched(group: Group, splits: list[tuple], folders: list[Path], tags: l
     configs = [{"seed": spec.seed, "split": split_of[i],
                 **{k: v for k, v in spec.resolved_hparams().items() if k in traced}}
                for i, spec in enumerate(specs)]
-    if local is None and built.local is not None:
-        local = _local_references(specs, split_of, distinct, built.model)
     if local is not None and any(reference is None for reference in local):
         local = None  # a reference that diverged leaves the group without incentives
     extras = [{**built.extra_summary, "data_seed": None if spec.partition_file
@@ -387,32 +386,6 @@ def _run_batched(group: Group, splits: list[tuple], folders: list[Path], tags: l
     return summaries
 
 
-def _local_references(specs: Sequence[ExperimentSpec], split_of: list[int], splits: list,
-                      model) -> list[list[float]]:
-    """Per spec, the per-client accuracies of its Local reference (its split, seed and
-    Local hyperparameters), every distinct reference in one program."""
-    from fedjax_sim import runner
-    from fedjax_sim.spec import local_hparams
-
-    traced = set(algorithms.traced_names("local"))
-    first = specs[0]
-    structural = {k: v for k, v in local_hparams(first).items() if k not in traced}
-    configs, index = [], []
-    for spec, split in zip(specs, split_of, strict=True):
-        values = algorithms.resolve("local", **local_hparams(spec))
-        config = {"seed": spec.seed, "split": split,
-                  **{k: v for k, v in values.items() if k in traced}}
-        if config not in configs:
-            configs.append(config)
-        index.append(configs.index(config))
-    summaries = runner.sweep(
-        "local", model, splits, configs=configs, rounds=first.rounds,
-        eval_every=first.eval_every, hparams=structural,
-        rounds_per_call=first.rounds_per_call, config_strategy=first.sweep_strategy,
-        progress=first.progress, devices=first.devices, on_divergence=first.on_divergence)
-    return [summaries[i].get("client_accuracies") for i in index]
-
-
 # ---- plan -> group -> execute -> report ---------------------------------------------------
 
 
@@ -424,22 +397,76 @@ class Plan(NamedTuple):
       keys: the options whose values vary between configurations.
       names: each configuration's folder name, by configuration hash.
       configs: grid.json's configurations, by configuration hash.
+      references: for each (configuration hash, seed) measured against a Local reference,
+        the (configuration hash, seed) of that reference's run in the grid.
     """
 
     specs: list[ExperimentSpec]
     keys: list[str]
     names: dict[str, str]
     configs: dict[str, dict]
+    references: dict[tuple[str, int], tuple[str, int]]
+
+    def reference_runs(self) -> set[tuple[str, int]]:
+        return set(self.references.values())
 
 
-def plan(specs: Sequence[ExperimentSpec], *, by_algorithm: bool = False) -> Plan:
-    """The grid of ``specs`` checked (once per configuration) and named; refuses an empty
-    grid and a (configuration, seed) twice.
+def local_reference(spec: ExperimentSpec) -> ExperimentSpec:
+    """The Local run ``spec`` is measured against (``compare_local``): the same data,
+    split, seed, loop and the hyperparameters Local takes, without the virtual clock."""
+    from fedjax_sim.spec import CLOCK_FIELDS, local_hparams
+
+    return spec.replace(algorithm="local", hparams=local_hparams(spec), compare_local=False,
+                        **dict.fromkeys(CLOCK_FIELDS))
+
+
+def _with_references(specs: list[ExperimentSpec], reference: str | None
+                     ) -> tuple[list[ExperimentSpec], dict]:
+    """The grid with the Local references its runs are measured against, and the map
+    from each measured run to its reference's run.
+
+    ``reference``: the grid's own algorithm every other run of the same data and seed is
+    measured against (a comparison's ``local``). Otherwise a spec with ``compare_local``
+    gets :func:`local_reference`, added to the grid (once) where it is not already;
+    several architectures keep their Local references in memory (one per architecture,
+    ``spec.local_accuracies``).
+    """
+    references = {}
+    if reference is not None:
+        own = {(data_key(s), s.seed): (s.config_hash(), s.seed) for s in specs
+               if s.algorithm == reference}
+        for spec in specs:
+            key = (data_key(spec), spec.seed)
+            if spec.algorithm != reference and key in own:
+                references[(spec.config_hash(), spec.seed)] = own[key]
+        return specs, references
+    present = {(s.config_hash(), s.seed) for s in specs}
+    added = []
+    for spec in specs:
+        if not spec.compare_local or spec.architectures is not None:
+            continue
+        local = check_spec(local_reference(spec))
+        pair = (local.config_hash(), local.seed)
+        references[(spec.config_hash(), spec.seed)] = pair
+        if pair not in present:
+            present.add(pair)
+            added.append(local)
+    return added + specs, references
+
+
+def plan(specs: Sequence[ExperimentSpec], *, by_algorithm: bool = False,
+         reference: str | None = None) -> Plan:
+    """The grid of ``specs`` checked (once per configuration), with the Local references
+    its runs are measured against, and named; refuses an empty grid and a
+    (configuration, seed) twice.
 
     Args:
       by_algorithm: name each configuration by its algorithm alone (a comparison: one
         configuration per algorithm); else by the algorithm, the values that vary and
         the configuration hash (:func:`config_name`).
+      reference: the algorithm of the grid whose runs are the others' Local reference
+        (a comparison: ``"local"``); without it, each spec with ``compare_local`` gets
+        its Local reference as a run of the grid (:func:`local_reference`).
     """
     if not specs:
         raise ValueError("a sweep needs at least one configuration")
@@ -451,6 +478,7 @@ def plan(specs: Sequence[ExperimentSpec], *, by_algorithm: bool = False) -> Plan
         if key not in memo:
             memo[key] = check_spec(template)
         checked.append(memo[key].replace(seed=check_seed("seed", spec.seed)))
+    checked, references = _with_references(checked, reference)
     keys = varying(checked)
     names = {spec.config_hash(): spec.algorithm if by_algorithm else config_name(spec, keys)
              for spec in checked}
@@ -462,7 +490,7 @@ def plan(specs: Sequence[ExperimentSpec], *, by_algorithm: bool = False) -> Plan
         if pair in seen:
             raise ValueError(f"{names[pair[0]]} seed {spec.seed} is in the grid twice")
         seen.add(pair)
-    return Plan(checked, keys, names, _grid_configs(checked, keys, names))
+    return Plan(checked, keys, names, _grid_configs(checked, keys, names), references)
 
 
 def _grid_configs(specs: list[ExperimentSpec], keys: list[str], names: dict[str, str]
@@ -521,7 +549,7 @@ def run_sweep(
                        resume_hint=resume_hint, options=options)
 
 
-def execute(grid: Plan, out: Path, *, continuing: bool = False, reference: str | None = None,
+def execute(grid: Plan, out: Path, *, continuing: bool = False,
             on_result: Callable[[dict], None] | None = None,
             log: Callable[[str], None] | None = None, resume_hint: str | None = None,
             options: dict | None = None) -> SweepResult:
@@ -529,10 +557,9 @@ def execute(grid: Plan, out: Path, *, continuing: bool = False, reference: str |
     grid.json, skips what is finished when ``continuing``, runs the groups, and reports
     (results.jsonl, results.md, curves.png).
 
-    Args:
-      reference: the algorithm whose runs are the others' Local reference (a comparison:
-        ``"local"``): its groups run first, and every other run of the same split and
-        seed is measured against its per-client accuracies (hurt fraction, IPR).
+    The Local references of the plan (:attr:`Plan.references`) run first; every run
+    measured against one gets its per-client accuracies (hurt fraction, IPR), or none when
+    it diverged.
     """
     log = log or (lambda _line: None)
     env = environment()
@@ -541,13 +568,14 @@ def execute(grid: Plan, out: Path, *, continuing: bool = False, reference: str |
                                        if k in s.values())) for k in grid.keys},
         "configs": list(grid.configs.values()), "runs": len(grid.specs),
         "options": options or {}, "environment": env})
-    executor = _Executor(grid, out, env, reference, on_result, resume_hint)
+    executor = _Executor(grid, out, env, on_result, resume_hint)
     pending = executor.skip_finished(_finished(out) if continuing else {})
     skipped = len(executor.records)
     write_jsonl(out / RESULTS_FILE, list(executor.records.values()))
     groups = group_specs(pending)
-    if reference is not None:  # the reference first (a stable sort keeps the grid order)
-        groups.sort(key=lambda g: g.specs[0].algorithm != reference)
+    # The references first (a stable sort keeps the grid order).
+    firsts = grid.reference_runs()
+    groups.sort(key=lambda g: (g.specs[0].config_hash(), g.specs[0].seed) not in firsts)
     if skipped:
         log(f"{skipped} of {_count(len(grid.specs), 'run')} already finished in {out}: "
             "skipped")
@@ -564,15 +592,17 @@ class _Executor:
     """Runs groups of a planned grid into their folders and records each result as it
     comes (results.jsonl rewritten after every run, so that nothing finished is lost)."""
 
-    def __init__(self, grid: Plan, out: Path, env: dict, reference: str | None,
+    def __init__(self, grid: Plan, out: Path, env: dict,
                  on_result: Callable[[dict], None] | None, resume_hint: str | None):
         self.grid, self.out, self.env = grid, out, env
-        self.reference, self.on_result, self.resume_hint = reference, on_result, resume_hint
+        self.on_result, self.resume_hint = on_result, resume_hint
+        self.firsts = grid.reference_runs()
         self.records: dict[tuple[str, int], dict] = {}
         self.order: list[dict] = []
         self.splits = _Splits()
-        self.locals: dict[str, list[float]] = {}  # compare_local references, in memory
-        self.references: dict[tuple[str, int], list[float] | None] = {}
+        # Several architectures' references, in memory.
+        self.locals: dict[str, list[float]] = {}
+        self.accuracies: dict[tuple[str, int], list[float] | None] = {}
 
     def folder(self, spec: ExperimentSpec) -> Path:
         return self.out / self.grid.names[spec.config_hash()] / f"seed{spec.seed}"
@@ -595,20 +625,22 @@ class _Executor:
                              str(folder.relative_to(self.out)))
         self.records[pair] = record
         self.order.append(record)
-        if spec.algorithm == self.reference:
-            self.references[(data_key(spec), spec.seed)] = (
-                summary.get("client_accuracies") if record["status"] == "complete" else None)
+        if pair in self.firsts:
+            self.accuracies[pair] = (summary.get("client_accuracies")
+                                     if record["status"] == "complete" else None)
         if announce:
             write_jsonl(self.out / RESULTS_FILE, self.order)
             if self.on_result is not None:
                 self.on_result(record)
 
     def local(self, spec: ExperimentSpec) -> list[float] | None:
-        """A comparison's own Local accuracies for ``spec``'s split and seed (None for the
-        reference itself, or when it diverged)."""
-        if spec.algorithm == self.reference:
-            return None
-        return self.references.get((data_key(spec), spec.seed))
+        """The per-client accuracies of ``spec``'s Local reference (None without one, or
+        when it diverged)."""
+        pair = self.grid.references.get((spec.config_hash(), spec.seed))
+        return None if pair is None else self.accuracies.get(pair)
+
+    def measured(self, spec: ExperimentSpec) -> bool:
+        return (spec.config_hash(), spec.seed) in self.grid.references
 
     def run(self, group: Group) -> None:
         specs = group.specs
@@ -616,15 +648,17 @@ class _Executor:
         tags = [_tags(s, self.grid.names[s.config_hash()], self.grid.keys) for s in specs]
         splits = self.splits.get(specs)
         if group.batched:
-            local = None if self.reference is None else [self.local(s) for s in specs]
+            local = ([self.local(s) for s in specs] if self.measured(specs[0]) else None)
             summaries = _run_batched(group, splits, folders, tags, self.env, local)
             for spec, summary, folder in zip(specs, summaries, folders, strict=True):
                 self.record(spec, summary, folder)
             return
         spec, (data, public) = specs[0], splits[0]
         built = build(spec, data=data, public=public)
-        local = (self.local(spec) if self.reference is not None
-                 else _shared_local(spec, built, self.locals))
+        if self.measured(spec):  # its reference ran in the grid (None: it diverged)
+            built, local = built._replace(local=None), self.local(spec)
+        else:
+            local = _shared_local(spec, built, self.locals)
         summary = _run_single(spec, built, folders[0], tags[0], local, self.resume_hint)
         self.record(spec, summary, folders[0])
 

@@ -242,9 +242,13 @@ def test_a_plugin_runs_through_compare_sweep_and_compare_local(plugin, tmp_path,
     # program, and mix 1 is FedAvg.
     cli.main(["sweep", "--algorithm", "fedavg_mix", "--set", "fedavg_mix.mix=0.5,1.0",
               "--seeds", "0,1", "--compare-local", *tiny, "--output", str(tmp_path / "sweep")])
-    assert "4 runs to do in 1 program" in capsys.readouterr().err
+    # The two seeds' Local references run first, as runs of the grid (one program).
+    assert "6 runs to do in 2 programs" in capsys.readouterr().err
     records = [json.loads(line) for line in
                (tmp_path / "sweep" / "results.jsonl").read_text().splitlines()]
+    local = [r for r in records if r["algorithm"] == "local"]
+    assert sorted(r["seed"] for r in local) == [0, 1] and "hurt_fraction" not in local[0]
+    records = [r for r in records if r["algorithm"] == "fedavg_mix"]
     assert sorted((r["values"]["mix"], r["seed"]) for r in records) == [
         (0.5, 0), (0.5, 1), (1.0, 0), (1.0, 1)]
     assert all(r["status"] == "complete" and r["hurt_fraction"] is not None for r in records)

@@ -208,3 +208,34 @@ def test_results_table_shows_hurt_ipr_and_ties():
     # The strict rate leads, the ties beside it, then IPR with ties and hurt.
     assert "| strict IPR % | ties % | IPR with ties % | hurt % |" in header
     assert "| 50.00 ± 0.00 | 25.00 ± 0.00 | 75.00 ± 0.00 | 25.00 ± 0.00 |" in row
+
+
+def test_compare_local_references_are_runs_of_the_sweep(tmp_path, capsys):
+    # Each learning rate and seed has its Local reference (Local takes the lr): they run
+    # first, as runs of the grid in one program, each equal to `run --algorithm local`.
+    setting = ["--num-clients", "3", "--rounds", "2", "--eval-every", "1", "--local-epochs",
+               "1", "--no-progress"]
+    out = tmp_path / "sweep"
+    command = ["sweep", "--algorithm", "fedavg", "--set", "lr=0.05,0.1", "--seeds", "0,1",
+               "--compare-local", *setting, "--output", str(out)]
+    main(command)
+    assert "8 runs to do in 2 programs" in capsys.readouterr().err
+    records = _records(out)
+    local = {(r["lr"], r["seed"]): r for r in records if r["algorithm"] == "local"}
+    assert sorted(local) == [(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1)]
+    assert all("hurt_fraction" not in r for r in local.values())
+    main(["run", "--algorithm", "local", "--seed", "1", "--lr", "0.1", *setting,
+          "--output", str(tmp_path / "alone")])
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    reference = json.loads((out / local[(0.1, 1)]["path"] / "summary.json").read_text())
+    assert reference["client_accuracies"] == alone["client_accuracies"]
+    # A measured run's incentives are against its own reference's accuracies.
+    fedavg = {(r["lr"], r["seed"]): r for r in records if r["algorithm"] == "fedavg"}
+    assert len(fedavg) == 4
+    summary = json.loads((out / fedavg[(0.1, 1)]["path"] / "summary.json").read_text())
+    below = [a < b for a, b in zip(summary["client_accuracies"],
+                                   reference["client_accuracies"], strict=True)]
+    assert summary["hurt_fraction"] == pytest.approx(sum(below) / len(below))
+    # A rerun skips every finished run, the references included.
+    main(command)
+    assert "8 of 8 runs already finished" in capsys.readouterr().err
