@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -1244,6 +1245,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedjax_sim.core.checkpoint import CheckpointError
     from fedjax_sim.safety import RunError, StoppedError
 
+    restore = _one_line_warnings(lambda: prog)
     try:
         plugins = _load_plugins(argv)
         parser = build_parser()
@@ -1273,7 +1275,30 @@ def main(argv: list[str] | None = None) -> int:
         if not str(error).startswith("Unable to initialize backend"):
             raise
         parser.exit(2, f"{prog}: error: {_error_message(error, args)}\n")
+    finally:
+        restore()
     return 0
+
+
+def _one_line_warnings(prog: Callable[[], str]) -> Callable[[], None]:
+    """Warnings as one line ``fedjax-sim <command>: warning: ...`` (no source line), and
+    the libraries' own error logs (orbax on a torn checkpoint, which the run handles and
+    reports itself) kept off the terminal; returns what restores both."""
+    import logging
+    import warnings
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = (lambda message, category, filename, lineno, line=None:
+                              f"{prog()}: warning: {message}\n")
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+
+    def restore() -> None:
+        warnings.formatwarning = shown
+        absl.setLevel(level)
+
+    return restore
 
 
 if __name__ == "__main__":

@@ -321,3 +321,20 @@ def test_a_stop_in_the_local_reference_saves_it_and_resume_continues_it(tmp_path
     keys = ("accuracy", "hurt_fraction", "ipr", "tie_fraction")
     assert ({k: json.loads((out / "summary.json").read_text())[k] for k in keys}
             == {k: json.loads((whole / "summary.json").read_text())[k] for k in keys})
+
+
+def test_warnings_are_one_line(tmp_path):
+    # A run that diverges under --on-divergence warn goes on with one warning line: the
+    # command's name and the message, no source line of the code that warned (a process of
+    # its own: pytest records warnings instead of printing them).
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedjax_sim", "run", "--algorithm", "fedavg", "--lr", "1e30",
+         "--on-divergence", "warn", "--no-progress", "--output", str(tmp_path / "run"),
+         *TINY], capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stderr.splitlines() if "warning:" in line.lower()]
+    assert lines and all(line.startswith("fedjax-sim run: warning: ") for line in lines), \
+        done.stderr
+    assert "warnings.warn(" not in done.stderr and "RuntimeWarning" not in done.stderr
