@@ -53,7 +53,7 @@ from fedjax_sim.spec import (
     run_built,
     share_public_split,
 )
-from fedjax_sim.tuning import DEFAULT_LRS
+from fedjax_sim.tuning import DEFAULT_LRS, STATISTICS, describe
 from fedjax_sim.tuning import DEFAULT_VAL_FRACTION as DEFAULT_TUNE_VAL
 
 __all__ = ["DEFAULT_COMPARE", "DEFAULT_PUBLIC_FRACTION", "DEFAULT_VAL_FRACTION",
@@ -407,6 +407,13 @@ def _add_compare_parser(commands) -> argparse.ArgumentParser:
     compare.add_argument("--tune-seeds", default=None,
                          help="comma-separated seeds --tune scores on (default: the first "
                               "of --seeds)")
+    compare.add_argument("--tune-statistic", default="final", choices=STATISTICS,
+                         help="what --tune scores a run by: its final round's validation "
+                              "accuracy (default) or its best evaluation round's")
+    compare.add_argument("--tune-own", action="store_true",
+                         help="--tune also chooses each method's own key hyperparameter "
+                              "(FedOBP's ig_ratio, Ditto's ditto_lambda, FedProx's mu: "
+                              "HParam.tune_values), with the learning rate")
     _add_common(compare, "compare")
     return compare
 
@@ -504,7 +511,7 @@ def build_parser(*, suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
 # Namespace entries that are not spec keys.
 _NOT_KEYS = frozenset({"command", "config", "set", "help", "plugin", "tune", "tune_lrs",
-                       "tune_seeds"})
+                       "tune_seeds", "tune_statistic", "tune_own"})
 # Per command, the keys it refuses (from a config file or --set), and why.
 _RUN_ONLY = "works with `fedjax-sim run` only"
 _RUN_ONLY_KEYS = {name: _RUN_ONLY for name, o in OPTIONS.items() if o.run_only}
@@ -627,29 +634,61 @@ def _is_sweep(grid: config.Grid) -> bool:
     return any(key in ("seed", "lr") and entry.axis for key, entry in entries)
 
 
+def _tune_options(args: argparse.Namespace) -> dict[str, tuple] | None:
+    """The tuning options as ``key -> (value, label)``: the config file's ``[tune]`` table,
+    overridden by the --tune-* flags given; None when tuning is off (no --tune, no
+    table)."""
+    explicit = _explicit(args)
+    table = {}
+    if getattr(args, "config", None) is not None:
+        table = config.tune_table(config.read_toml(args.config), source=args.config)
+    flags = {key: (getattr(args, f"tune_{key}"), _flag(f"tune_{key}"))
+             for key in config.TUNE_KEYS if f"tune_{key}" in explicit}
+    if not getattr(args, "tune", False) and not table:
+        if flags:
+            raise ValueError(f"{sorted(v[1] for v in flags.values())[0]} has no effect "
+                             "without --tune (or a [tune] table)")
+        return None
+    return {**table, **flags}
+
+
 def _tuning_plan(args: argparse.Namespace, grid: config.Grid,
                  specs: list[ExperimentSpec]) -> list[ExperimentSpec]:
     """``compare --tune``: its grid checked (``args._tune``), and validation rows held out
     of every run (``--val-fraction``, default ``tuning.DEFAULT_VAL_FRACTION``)."""
-    from fedjax_sim.tuning import check_tuning
+    from fedjax_sim.tuning import check_tuning, own_grid
 
     args._tune = None
-    given = _explicit(args) & {"tune_lrs", "tune_seeds"}
-    if not getattr(args, "tune", False):
-        if given:
-            raise ValueError(f"{_flag(sorted(given)[0])} has no effect without --tune")
+    given = _tune_options(args)
+    if given is None:
         return specs
     if any(spec.eval_split != "test" for spec in specs):
         raise ValueError("--tune scores the test rows of the chosen values; drop "
                          "--eval-split")
-    if "lr" in grid.settings and grid.settings["lr"].origin != "default":
-        raise ValueError(f"--tune chooses each method's learning rate; drop "
-                         f"{grid.settings['lr'].label}")
-    lrs = _parse_lrs(args.tune_lrs, "--tune-lrs")
-    seeds = (parse_list(args.tune_seeds, "--tune-seeds", parse_seed, unique=True)
-             if args.tune_seeds else [specs[0].seed])
-    check_tuning(lrs, seeds)
-    args._tune = (lrs, seeds)
+    chosen_keys = ["lr"]
+    own = given.get("own", (False, ""))[0]
+    if own:
+        chosen_keys += [found[0] for spec in specs if (found := own_grid(spec.algorithm))]
+    entries = {**grid.settings, **{k: e for table in grid.tables.values()
+                                    for k, e in table.items()}}
+    for key in dict.fromkeys(chosen_keys):
+        if key in entries and entries[key].origin != "default":
+            what = "learning rate" if key == "lr" else f"{key} (--tune-own)"
+            raise ValueError(f"--tune chooses each method's {what}; drop "
+                             f"{entries[key].label}")
+    lrs_value, lrs_label = given.get("lrs", (args.tune_lrs, "--tune-lrs"))
+    lrs = (_parse_lrs(lrs_value, lrs_label) if isinstance(lrs_value, str)
+           else list(lrs_value))
+    seeds_value, seeds_label = given.get("seeds", (args.tune_seeds, "--tune-seeds"))
+    if seeds_value is None:
+        seeds = [specs[0].seed]
+    elif isinstance(seeds_value, str):
+        seeds = parse_list(seeds_value, seeds_label, parse_seed, unique=True)
+    else:
+        seeds = [check_seed(f"{seeds_label}[{i}]", s) for i, s in enumerate(seeds_value)]
+    statistic = given.get("statistic", (args.tune_statistic, ""))[0]
+    check_tuning(lrs, seeds, statistic)
+    args._tune = {"lrs": lrs, "seeds": seeds, "statistic": statistic, "own": bool(own)}
     if all(spec.val_fraction == 0 for spec in specs):
         specs = [spec.replace(val_fraction=DEFAULT_TUNE_VAL) for spec in specs]
     return specs
@@ -664,6 +703,10 @@ def plan(args: argparse.Namespace) -> list[ExperimentSpec]:
     """
     command = args.command
     grid = _grid(args)
+    if command != "compare" and getattr(args, "config", None) is not None and \
+            config.tune_table(config.read_toml(args.config), source=args.config):
+        raise ValueError(f"{args.config}: [{config.TUNE_TABLE}] works with `fedjax-sim "
+                         "compare` only")
     if command == "run":
         config.check_axes(grid, ("seed", "lr"), "run")
         args._sweep = _is_sweep(grid)
@@ -1041,15 +1084,23 @@ def _tune_compare(args: argparse.Namespace, specs: list[ExperimentSpec], out: Pa
     """``compare --tune``: the tuning sweep in ``out/tune``; the specs with the chosen
     learning rates, and the tuning."""
     from fedjax_sim.sweep import print_line
-    from fedjax_sim.tuning import tune, tuned
+    from fedjax_sim.tuning import own_grid, tune, tuned
 
-    lrs, tune_seeds = args._tune
-    tuning = tune(specs, lrs=lrs, seeds=tune_seeds, output=out, log=print_line)
-    for name, lr in tuning.chosen.items():
-        edge = (" (the edge of --tune-lrs: the best may lie beyond it)"
-                if len(lrs) > 1 and lr in (min(lrs), max(lrs)) else "")
-        print(f"tuned {name}: lr {lr:g} (validation accuracy "
-              f"{tuning.scores[name][lr]:.4f}){edge}", file=sys.stderr)
+    options = args._tune
+    lrs = options["lrs"]
+    tuning = tune(specs, lrs=lrs, seeds=options["seeds"], output=out, own=options["own"],
+                  statistic=options["statistic"], log=print_line)
+    for name, values in tuning.chosen.items():
+        grids = {"lr": lrs}
+        if options["own"] and own_grid(name):
+            grids[own_grid(name)[0]] = own_grid(name)[1]
+        edges = [key for key, value in values.items()
+                 if len(grids[key]) > 1 and value in (min(grids[key]), max(grids[key]))]
+        edge = (f" (the edge of its grid in {', '.join(edges)}: the best may lie beyond)"
+                if edges else "")
+        print(f"tuned {name}: {describe(values)} ({options['statistic']} validation "
+              f"accuracy {tuning.scores[name][describe(values)]:.4f}){edge}",
+              file=sys.stderr)
     return tuned(specs, tuning.chosen), tuning
 
 
@@ -1059,7 +1110,7 @@ def _compare_table(names: list[str], rows_of: dict[str, list[dict]], tuning) -> 
     header = ("| algorithm | accuracy % | client mean % | bottom decile % | strict IPR % "
               "| ties % | IPR with ties % | hurt % | MB up | wall s |")
     if tuning is not None:
-        header = "| algorithm | lr (tuned) " + header[len("| algorithm "):]
+        header = "| algorithm | tuned | " + header[len("| algorithm | "):]
     lines = [header, "|" + "---|" * (10 + (tuning is not None))]
     for name in names:
         rows = [r for r in rows_of[name] if r["status"] == "complete"]
@@ -1069,7 +1120,7 @@ def _compare_table(names: list[str], rows_of: dict[str, list[dict]], tuning) -> 
             continue
         label = name if not failed else f"{name} ({failed} of {failed + len(rows)} diverged)"
         if tuning is not None:
-            label += f" | {tuning.chosen[name]:g}"
+            label += f" | {describe(tuning.chosen[name])}"
         lines.append(
             f"| {label} | {_mean_std([r['accuracy'] for r in rows])} "
             f"| {_mean_std([r['client_mean_accuracy'] for r in rows])} "
@@ -1094,12 +1145,15 @@ def _compare_setting(args: argparse.Namespace, specs: list[ExperimentSpec], num_
     timed = next((spec for spec in specs if spec.system is not None), None)
     clock = ("" if timed is None else f"; virtual clock: system {timed.system}, condition "
              f"{timed.condition or 'wait_all'} (Local without it)")
-    tuned_note = ("" if tuning is None else
-                  f"; lr tuned per method on validation rows ({first.val_fraction:g} of "
-                  f"each client's training rows, held out of every run) over "
-                  f"{', '.join(f'{lr:g}' for lr in args._tune[0])}, seeds "
-                  f"{','.join(map(str, args._tune[1]))}: best mean final validation "
-                  "accuracy")
+    tuned_note = ""
+    if tuning is not None:
+        options = args._tune
+        what = "lr and each method's own key hyperparameter" if options["own"] else "lr"
+        tuned_note = (f"; {what} tuned per method on validation rows ({first.val_fraction:g} "
+                      f"of each client's training rows, held out of every run), lr over "
+                      f"{', '.join(f'{lr:g}' for lr in options['lrs'])}, seeds "
+                      f"{','.join(map(str, options['seeds']))}: best mean "
+                      f"{options['statistic']} validation accuracy")
     return (f"{first.dataset}, {first.partition} (alpha={first.alpha}), "
             f"K={num_clients}, {first.rounds} rounds, "
             f"seeds {','.join(map(str, seeds))}{split}{clock}{tuned_note}")
@@ -1143,8 +1197,8 @@ def cmd_compare(args: argparse.Namespace) -> list[dict]:
             **rows_of,
             **({} if tuning is None else {"tuning": {
                 "chosen": tuning.chosen, "folder": tuning.folder.name,
-                "validation_accuracy": {n: {str(lr): v for lr, v in sc.items()}
-                                        for n, sc in tuning.scores.items()}}})})
+                "statistic": tuning.statistic,
+                "validation_accuracy": tuning.scores}})})
     print(setting + "\n\n" + table)
     print(f"results in {out}", file=sys.stderr)
     return [r for rows in rows_of.values() for r in rows]

@@ -59,6 +59,10 @@ INVERTED = {"no_progress": "progress"}
 _UNSET = ("none", "null")
 # The config-file key of ``--plugin``: modules imported before the options are parsed.
 PLUGIN_KEY = "plugin"
+# The config-file table of ``compare --tune``'s options, and its keys (the flags
+# --tune-lrs, --tune-seeds, --tune-statistic, --tune-own without the prefix).
+TUNE_TABLE = "tune"
+TUNE_KEYS = {"lrs": list, "seeds": list, "statistic": str, "own": bool}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,6 +303,9 @@ def grid_from_mapping(mapping: Mapping[str, Any], *, source: str,
         if key == PLUGIN_KEY:
             plugin_entries(mapping, source=source)  # checked; imported before parsing
             continue
+        if key == TUNE_TABLE:
+            tune_table(mapping, source=source)  # checked; read by compare --tune
+            continue
         if isinstance(value, dict):
             if key not in _all_algorithms():
                 if key in known:
@@ -316,6 +323,31 @@ def grid_from_mapping(mapping: Mapping[str, Any], *, source: str,
                              "give one")
         settings[name] = entry
     return Grid(settings, tables, table_labels)
+
+
+def tune_table(mapping: Mapping[str, Any], *, source: str) -> dict[str, tuple[Any, str]]:
+    """The ``[tune]`` table of a config file: key -> (value, label), each key of
+    :data:`TUNE_KEYS` with its type (the values' ranges are checked by the tuner).
+
+    Raises:
+      ValueError: ``tune`` that is not a table, an unknown key, a value of the wrong type.
+    """
+    table = mapping.get(TUNE_TABLE, {})
+    label = f"{source}: [{TUNE_TABLE}]"
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{source}: {TUNE_TABLE} must be a table ([{TUNE_TABLE}]) of "
+                         f"{', '.join(TUNE_KEYS)}")
+    found = {}
+    for key, value in table.items():
+        if key not in TUNE_KEYS:
+            raise ValueError(f"{label}: unknown key {key!r}"
+                             f"{did_you_mean(key, TUNE_KEYS)}; valid: {', '.join(TUNE_KEYS)}")
+        kind = TUNE_KEYS[key]
+        if not isinstance(value, kind) or (kind is list and not value):
+            what = {list: "a non-empty list", str: "text", bool: "true or false"}[kind]
+            raise ValueError(f"{label} {key} must be {what}, got {value!r}")
+        found[key] = (value, f"{label} {key}")
+    return found
 
 
 def plugin_entries(mapping: Mapping[str, Any], *, source: str) -> list[str]:

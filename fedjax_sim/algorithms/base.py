@@ -191,6 +191,9 @@ class HParam:
     # 0 leaves a part of the program out (momentum's buffer, the decay pass): when every
     # value an algorithm is built for is 0, the value is compiled in rather than traced.
     zero_off: bool = False
+    # The values ``compare --tune --tune-own`` tries for a method's key hyperparameter
+    # (one per method; a traced one, so the tuning grid stays one program).
+    tune_values: tuple | None = None
 
 
 def check_hparam(spec: HParam, value: Any, label: str | None = None) -> Any:

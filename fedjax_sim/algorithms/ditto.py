@@ -32,7 +32,7 @@ from fedjax_sim.models.base import Model
 HPARAMS = (
     HParam("ditto_lambda", 1.0, float, lambda v: v >= 0, ">= 0",
            "Ditto: strength λ of the pull of the personal model towards the global one",
-           traced=True),
+           traced=True, tune_values=(0.1, 1.0, 2.0)),
     HParam("personal_epochs", 1, int, lambda v: v >= 1, "a positive integer",
            "Ditto: epochs of personal-model training per round"),
 )

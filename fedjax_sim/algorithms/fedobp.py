@@ -118,7 +118,8 @@ ABILITIES = ASYNCHRONOUS
 HPARAMS = (
     HParam("ig_ratio", 0.9999, float, lambda v: 0 <= v <= 1, "in [0, 1]",
            "FedOBP: quantile q of each client's element scores; elements above it stay "
-           "personal (about 1 - q of them); 1 = FedAvg, 0 = all personal", traced=True),
+           "personal (about 1 - q of them); 1 = FedAvg, 0 = all personal", traced=True,
+           tune_values=(0.9999, 0.99, 0.9)),
     HParam("obp_variant", "drift_param", str, lambda v: v in VARIANTS,
            f"one of {', '.join(VARIANTS)}",
            "FedOBP: element score; drift_param |(θk-θg)θk| and drift_sq (θk-θg)² use the "

@@ -41,7 +41,7 @@ ABILITIES = ASYNCHRONOUS
 HPARAMS = (
     HParam("mu", 0.01, float, lambda v: v >= 0, ">= 0",
            "FedProx: strength μ of the proximal term μ/2 ||w - w_global||^2 (0: FedAvg)",
-           traced=True, zero_off=True),
+           traced=True, zero_off=True, tune_values=(0.001, 0.01, 0.1, 1.0)),
 )
 
 
