@@ -456,10 +456,6 @@ def _check_data(spec: ExperimentSpec, label: Callable[[str], str], values: dict)
         _check_natural(spec, label)
     values["val_fraction"] = check_val_fraction(spec.val_fraction, spec.eval_split,
                                                 label=label)
-    if natural and values["val_fraction"] > 0:
-        raise ValueError(f"{label('val_fraction')} does not apply to the natural data set "
-                         f"{spec.dataset} yet (its clients come with their own train / test "
-                         f"files); use a partitioned source")
     if spec.public_fraction is not None:
         values["public_fraction"] = check_field(spec, "public_fraction", label)
         if spec.public_dataset is not None:
@@ -838,7 +834,9 @@ def build_data(spec: ExperimentSpec):
                               advice="lower --num-clients or --max-examples")
         data, _, _ = load_natural(spec.dataset, spec.data_dir, min_samples=spec.min_samples,
                                   max_examples=spec.max_examples,
-                                  max_clients=spec.num_clients)
+                                  max_clients=spec.num_clients,
+                                  val_fraction=spec.val_fraction, eval_split=spec.eval_split,
+                                  seed=spec.data_seed)
         return data, None
 
     common = dict(

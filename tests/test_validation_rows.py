@@ -245,10 +245,42 @@ def test_identity_and_config_hash():
     assert check_spec(ExperimentSpec(val_fraction=0)).config_hash() == base.config_hash()
 
 
-def test_natural_data_sets_refuse_validation_rows():
-    with pytest.raises(ValueError, match="val_fraction does not apply to the natural"):
-        check_spec(ExperimentSpec(dataset="leaf:femnist", partition="natural",
-                                  data_dir=".", val_fraction=0.1))
+def test_natural_data_sets_hold_out_validation_rows(tmp_path):
+    # LEAF's FEMNIST files: each client's validation rows come out of its training file's
+    # examples (split_validation on their positions), the test file stays as it is.
+    from natural_fixtures import write_leaf
+
+    from fedjax_sim.data.natural import load_natural
+    from fedjax_sim.data.partition import split_validation
+
+    write_leaf(tmp_path, "femnist", scale=3)
+    plain, _, _ = load_natural("leaf:femnist", tmp_path)
+    held, _, _ = load_natural("leaf:femnist", tmp_path, val_fraction=0.25, seed=7)
+    on_val, _, _ = load_natural("leaf:femnist", tmp_path, val_fraction=0.25,
+                                eval_split="val", seed=7)
+
+    def rows(data, split, k):
+        x, y, n = (np.asarray(a) for a in client_examples(data, split))
+        return x[k, :n[k]], y[k, :n[k]]
+
+    counts = np.asarray(plain.train_counts)
+    triples = split_validation([(np.arange(n), np.arange(1)) for n in counts], 0.25, 7)
+    for k, (keep, val, _) in enumerate(triples):
+        x, y = rows(plain, "train", k)
+        assert len(val) >= 1 and len(keep) + len(val) == len(y)
+        np.testing.assert_array_equal(rows(held, "train", k)[0], x[keep])
+        np.testing.assert_array_equal(rows(held, "test", k)[1], rows(plain, "test", k)[1])
+        np.testing.assert_array_equal(rows(on_val, "test", k)[0], x[val])
+        np.testing.assert_array_equal(rows(on_val, "train", k)[1], y[keep])
+    # Through the spec: checked and built like a partitioned source.
+    spec = check_spec(ExperimentSpec(dataset="leaf:femnist", partition="natural",
+                                     data_dir=str(tmp_path), val_fraction=0.25,
+                                     eval_split="val", seed=7))
+    data, _ = build_data(spec)
+    alone, _, _ = load_natural("leaf:femnist", tmp_path, min_samples=spec.min_samples,
+                               val_fraction=0.25, eval_split="val", seed=7)
+    np.testing.assert_array_equal(np.asarray(data.test_y), np.asarray(alone.test_y))
+    np.testing.assert_array_equal(np.asarray(data.train_x), np.asarray(alone.train_x))
 
 
 def test_run_evaluates_on_validation_rows(tmp_path, capsys):

@@ -334,6 +334,7 @@ def _limit_checked(name: str, value: Any, low: int) -> None:
 
 def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1,
                  max_examples: int | None = None, max_clients: int | None = None,
+                 val_fraction: float = 0.0, eval_split: str = "test", seed: int = 0,
                  **options: Any) -> tuple[RaggedFederatedData, list[str], dict]:
     """Reads a natural federated data set (see the module docstring for the files).
 
@@ -345,6 +346,12 @@ def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1
       max_examples: keep at most this many examples per client and split, the first in
         file order (Reddi et al.'s StackOverflow setting is 1,000).
       max_clients: keep the first clients in sorted id order (after dropping).
+      val_fraction: share of each kept client's training examples held out as its
+        validation rows, in [0, 1) (``partition.split_validation``: drawn from ``seed``
+        and the client's position, never trained on; the test files stay as they are).
+      eval_split: ``test`` (the test files) or ``val`` (the validation rows, to choose
+        hyperparameters; needs ``val_fraction > 0``): what the run is evaluated on.
+      seed: the seed of the validation rows.
       **options: the data set's own options (:data:`NATURAL_OPTIONS`): ``only_digits``
         (tff:emnist), ``label_key`` and ``test_ratio`` (tff:cifar100), ``vocab_size``
         (tff:stackoverflow, leaf:sent140).
@@ -413,11 +420,31 @@ def load_natural(spec: str, data_dir: str | os.PathLike, *, min_samples: int = 1
         raise ValueError(f"{spec}: no client in {data_dir} has >= min_samples={min_samples} "
                          "training examples and a test example")
     num_classes = _num_classes(spec, options, [train[c][1] for c in kept])
-    data = ragged_from_clients([train[c] for c in kept], [test[c] for c in kept],
-                               num_classes=num_classes, name=spec)
+    trains, evals = _with_validation([train[c] for c in kept], [test[c] for c in kept],
+                                     val_fraction, eval_split, seed)
+    data = ragged_from_clients(trains, evals, num_classes=num_classes, name=spec)
     info = {"clients_read": read, "clients_in_both_splits": len(ids),
             "dropped_small": len(ids) - len(usable), "clients": len(kept)}
     return data, list(kept), info
+
+
+def _with_validation(train: list[tuple], test: list[tuple], val_fraction: float,
+                     eval_split: str, seed: int) -> tuple[list[tuple], list[tuple]]:
+    """Per client, its training examples less its validation rows, and the rows it is
+    evaluated on (its test examples, or with ``eval_split="val"`` its validation rows)."""
+    from fedjax_sim.data.partition import check_val_fraction, split_validation
+
+    check_val_fraction(val_fraction, eval_split)
+    if val_fraction == 0:
+        return train, test
+    triples = split_validation([(np.arange(len(y)), np.arange(len(t[1])))
+                                for (_, y), t in zip(train, test, strict=True)],
+                               val_fraction, seed)
+    trains, evals = [], []
+    for (x, y), held, (keep, val, _) in zip(train, test, triples, strict=True):
+        trains.append((x[keep], y[keep]))
+        evals.append((x[val], y[val]) if eval_split == "val" else held)
+    return trains, evals
 
 
 def natural_size(spec: str, data_dir: str | os.PathLike, **options: Any) -> int | None:
