@@ -78,6 +78,18 @@ EXTRA_CASES = [
      "--conv-impl has no effect with --model mlp"),
     ("bench-config", "bench --config {tmp}/iid_alpha.toml",
      "--config is an option of run and compare and sweep, not of bench"),
+    ("compare-tune-statistic", "compare --tune --tune-statistic median",
+     "--tune-statistic: invalid choice: 'median'"),
+    ("compare-tune-own-with-mu", "compare --tune --tune-own --algorithms fedprox --mu 0.1",
+     "--tune chooses each method's mu (--tune-own); drop --mu"),
+    ("compare-tune-own-alone", "compare --tune-own",
+     "--tune-own has no effect without --tune"),
+    ("compare-tune-table-typo", "compare --config {tmp}/tune_typo.toml",
+     "[tune]: unknown key 'lr' (did you mean lrs?)"),
+    ("compare-tune-table-type", "compare --config {tmp}/tune_type.toml",
+     "[tune] seeds must be a non-empty list"),
+    ("sweep-tune-table", "sweep --config {tmp}/tune_ok.toml",
+     "[tune] works with `fedjax-sim compare` only"),
 ]
 
 
@@ -88,6 +100,9 @@ def prepare_extra_files(tmp: Path) -> None:
     (tmp / "table_typo.toml").write_text('algorithm = "fedobp"\n[fedobp]\nig_ratoi = 0.5\n')
     (tmp / "plugin_missing.toml").write_text('plugin = "no_such_plugin_xyz"\n')
     (tmp / "key_typo.toml").write_text("num_client = 4\n")
+    (tmp / "tune_typo.toml").write_text("[tune]\nlr = [0.1]\n")
+    (tmp / "tune_type.toml").write_text("[tune]\nseeds = 0\n")
+    (tmp / "tune_ok.toml").write_text("[tune]\nlrs = [0.1]\n")
 
 
 def extra_cases(battery) -> list:
