@@ -718,6 +718,11 @@ def check_spec(spec: ExperimentSpec, *,
     values = {name: check_field(spec, name, label) for name in SIMPLE_CHECKS}
     _check_data(spec, label, values)
     hparams = _check_hparams(spec, label)
+    if (takes(spec.algorithm, "incfl_local_rounds") and "incfl_local_rounds" not in hparams
+            and hparams.get("incfl_local_epochs") is None):
+        # IncFL's thresholds come from the Local reference the run compares against: as
+        # many rounds as the run (recorded, so that the identity says what ran).
+        hparams["incfl_local_rounds"] = values["rounds"]
     _check_clock(spec, label, values, hparams)
     if spec.output is not None:  # None: a fresh runs/... folder
         check_output_dir(label("output"), _check_text(label("output"), spec.output))

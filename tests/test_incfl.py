@@ -205,6 +205,83 @@ def test_thresholds_are_each_clients_local_only_training_loss():
     np.testing.assert_allclose(stepped.init(key, data).clients["rho"], rho, rtol=1e-6)
 
 
+def _numpy_training_loss(model, params, x, y, n):
+    """Mean cross-entropy of ``params`` on the first ``n`` rows, the log-softmax in float64."""
+    logits = np.asarray(model.apply(params, x[:n]), np.float64)
+    logits -= logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -np.mean(log_p[np.arange(n), np.asarray(y[:n])])
+
+
+def test_default_thresholds_are_the_training_losses_of_the_local_reference_in_numpy():
+    # Equal clients and full batches: Local's R rounds of E epochs are R × E plain gradient
+    # steps from the initial model, whatever the batch orders. The default R is 30.
+    rng = np.random.default_rng(4)
+    k, n, dim, classes, epochs, lr = 4, 6, 5, 3, 2, 0.5
+    x = rng.normal(size=(k, n, dim)).astype(np.float32)
+    y = rng.integers(0, classes, (k, n)).astype(np.int32)
+    data = to_device(FederatedData(x, y, np.full(k, n, np.int32), x[:, :2], y[:, :2],
+                                   np.full(k, 2, np.int32), num_classes=classes, name="eq"))
+    alg = algorithms.make("incfl", linear_model(dim, classes), local_epochs=epochs,
+                          batch_size=n, lr=lr)
+    assert alg.hparams["incfl_local_rounds"] == 30
+    assert alg.hparams["incfl_local_epochs"] is None
+    state = jax.jit(alg.init)(jax.random.key(2), data)
+    w = np.asarray(state.server["params"]["head"]["kernel"], np.float64)
+    b = np.asarray(state.server["params"]["head"]["bias"], np.float64)
+    xs = x.astype(np.float64)
+    rho = np.array([_loss_and_grad(*_descend(w, b, xs[i], y[i], lr, 30 * epochs), xs[i],
+                                   y[i])[0] for i in range(k)])
+    np.testing.assert_allclose(state.clients["rho"], rho, rtol=1e-4)
+    # Ten epochs from the same start (a different budget) give other thresholds.
+    short = np.array([_loss_and_grad(*_descend(w, b, xs[i], y[i], lr, 10), xs[i], y[i])[0]
+                      for i in range(k)])
+    assert np.all(short > rho + 1e-3)
+    assert alg.report(state)["incfl_rho_rounds"] == 30
+    assert alg.report(state)["incfl_rho_epochs"] is None
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_thresholds_are_the_losses_of_the_local_reference_run(momentum):
+    # Unequal clients, mini-batches, half the clients per round and (traced) momentum: ρ_k
+    # is the training loss of client k's model at the end of the Local run a compare_local
+    # reference makes (same seed, same rounds, the runner's own loop); clients Local never
+    # sampled keep the initial model.
+    from fedjax_sim.runner import run
+
+    data = random_federated(seed=6, num_clients=6, n_max=21)
+    model = make_model("mlp", (6,), 4, hidden=(8,))
+    hp = dict(batch_size=4, lr=0.2, local_epochs=2, join_ratio=0.5)
+    rounds, seed = 3, 11
+    # The IncFL round is built for momentum 0 and 0.5 (a sweep's cover): its Local
+    # reference then takes momentum as data too.
+    alg = algorithms.make("incfl", model, **hp, incfl_local_rounds=rounds,
+                          cover=[{"momentum": 0.5}])
+    device_data = to_device(data)
+    rho = np.asarray(jax.jit(alg.init_with)(jax.random.key(seed), device_data,
+                                            alg.hp(momentum=momentum)).clients["rho"])
+    reference = run(algorithms.make("local", model, **hp, momentum=momentum), data,
+                    rounds=rounds, seed=seed, progress=False).state.clients["params"]
+    expected = np.array([
+        _numpy_training_loss(model, jax.tree.map(lambda leaf, i=i: leaf[i], reference),
+                             data.train_x[i], data.train_y[i], int(data.train_counts[i]))
+        for i in range(data.num_clients)])
+    np.testing.assert_allclose(rho, expected, rtol=2e-5)
+    initial = model.init(jax.random.split(jax.random.key(seed))[1])
+    untouched = [i for i in range(data.num_clients) if all(
+        np.array_equal(leaf[i], start) for leaf, start in
+        zip(jax.tree.leaves(reference), jax.tree.leaves(initial), strict=True))]
+    for i in untouched:  # never sampled in 3 rounds of 3 of 6 clients, if any
+        np.testing.assert_allclose(rho[i], _numpy_training_loss(
+            model, initial, data.train_x[i], data.train_y[i], int(data.train_counts[i])),
+            rtol=2e-5)
+    # The one-pass option trains every client from the initial model instead.
+    one_pass = algorithms.make("incfl", model, **hp, incfl_local_epochs=rounds * 2)
+    other = np.asarray(jax.jit(one_pass.init)(jax.random.key(seed), device_data)
+                       .clients["rho"])
+    assert not np.allclose(other, rho)
+
+
 def test_mean_loss_in_blocks_masks_padding_and_overlap():
     data = random_federated(seed=1, num_clients=2, n_max=23)
     model = make_model("mlp", (6,), 4, hidden=(8,))
@@ -225,6 +302,7 @@ def test_mean_loss_in_blocks_masks_padding_and_overlap():
     ("incfl_temperature", 0.0), ("incfl_temperature", -1.0),
     ("incfl_temperature", float("inf")), ("incfl_temperature", float("nan")),
     ("incfl_local_epochs", 0), ("incfl_local_epochs", 1.5), ("server_lr", 0.0),
+    ("incfl_local_rounds", 0), ("incfl_local_rounds", 2.5), ("incfl_local_rounds", None),
 ])
 def test_bad_options_name_themselves(option, value):
     model = make_model("mlp", (6,), 4, hidden=(8,))
@@ -235,6 +313,7 @@ def test_bad_options_name_themselves(option, value):
 def test_traced_options_are_checked_and_take_new_values_without_rebuilding():
     assert set(algorithms.traced_names("incfl")) >= {"incfl_temperature", "server_lr", "lr"}
     assert "incfl_local_epochs" not in algorithms.traced_names("incfl")
+    assert "incfl_local_rounds" not in algorithms.traced_names("incfl")
     model = make_model("mlp", (6,), 4, hidden=(8,))
     alg = algorithms.make("incfl", model)
     for value in (0.0, -1.0, float("inf")):
@@ -247,6 +326,7 @@ def test_traced_options_are_checked_and_take_new_values_without_rebuilding():
     (["--incfl-temperature", "0"], "--incfl-temperature must be > 0, got 0.0"),
     (["--incfl-temperature", "inf"], "--incfl-temperature must be a finite number > 0"),
     (["--incfl-local-epochs", "0"], "--incfl-local-epochs must be a positive integer"),
+    (["--incfl-local-rounds", "0"], "--incfl-local-rounds must be a positive integer"),
 ])
 def test_the_command_line_refuses_bad_options_in_one_line(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -271,6 +351,7 @@ def test_partial_participation_runs_and_reports_its_thresholds():
     rho = np.asarray(result.state.clients["rho"])
     assert summary["incfl_rho_min"] == pytest.approx(rho.min())
     assert summary["incfl_rho_max"] == pytest.approx(rho.max())
+    assert (summary["incfl_rho_epochs"], summary["incfl_rho_rounds"]) == (1, None)
     # Every evaluation record carries the incentive fields (Local reference given).
     for record in result.history:
         assert {"ipr", "ipr_strict", "tie_fraction", "hurt_fraction"} <= set(record)
@@ -296,10 +377,26 @@ def test_compare_with_fedavg_on_two_devices_with_sparse_evaluation(tmp_path):
         capture_output=True, text=True, env=TWO_DEVICES, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| incfl |" in proc.stdout and "ties %" in proc.stdout
-    summary = json.loads((tmp_path / "incfl_seed0" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "incfl" / "seed0" / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["devices"] == 2
     records = [json.loads(line) for line in
-               (tmp_path / "incfl_seed0" / "metrics.jsonl").read_text().splitlines()]
+               (tmp_path / "incfl" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [2]
     for key in ("ipr", "ipr_strict", "tie_fraction", "hurt_fraction"):
         assert records[-1][key] == summary[key]
+
+
+def test_the_thresholds_follow_the_runs_rounds():
+    # ρ_k comes from a Local run of the run's own length unless set: recorded in the spec
+    # (so the identity says what ran); epochs given instead leave the rounds unset.
+    from fedjax_sim.spec import ExperimentSpec, check_spec
+
+    assert check_spec(ExperimentSpec(algorithm="incfl", rounds=20)).hparam_dict[
+        "incfl_local_rounds"] == 20
+    given = check_spec(ExperimentSpec(algorithm="incfl", rounds=20,
+                                      hparams={"incfl_local_rounds": 5}))
+    assert given.hparam_dict["incfl_local_rounds"] == 5
+    epochs = check_spec(ExperimentSpec(algorithm="incfl", rounds=20,
+                                       hparams={"incfl_local_epochs": 10}))
+    assert "incfl_local_rounds" not in epochs.hparam_dict
+    assert "incfl_local_rounds" not in check_spec(ExperimentSpec(rounds=20)).hparam_dict

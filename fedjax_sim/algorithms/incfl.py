@@ -28,24 +28,49 @@ space: no weight underflows to a 0/0) and steps
 
     w ← w + η_g (Σ_{k∈S} p_k w_k − w).
 
-Choices made here:
+The thresholds ρ_k. In MaxFL a client's requirement is a threshold on its training loss,
+and the threshold the paper studies is the training loss of the client's own local model:
+ρ_k = f_k(ŵ_k), with ŵ_k the model client k trains in isolation on its own data, the model
+it would use if it did not federate. The same local model is what the global model is
+then measured against. Here ŵ_k is, by default, exactly the model of the run's Local
+reference (``algorithms.local``, the reference of ``compare_local`` and of the IPR):
 
-* ρ_k is computed once, when the state is initialized: every client trains a local-only
-  model from the same initial global model for ``incfl_local_epochs`` epochs (epochs even
-  when the run sets ``local_steps``) with the run's client optimizer, learning rate and
-  batch size, and ρ_k is that model's mean cross-entropy on the client's own training
-  rows. ρ (K,) is kept in the client part of the state (``clients["rho"]``), unchanged.
+* ``incfl_local_rounds`` = R (default 30, a run's default number of rounds): when the state
+  is initialized, Local runs R rounds from the run's key, with the run's local budget
+  (``local_epochs`` or ``local_steps`` per round), client optimizer, learning rate, batch
+  size and participation (``join_ratio``); ρ_k is the mean cross-entropy of client k's
+  resulting model on its own training rows. Local's initial model is the initial global
+  model (both split the key as FedAvg does) and Local's rounds draw their keys from the same
+  state key as the reference run, so with R equal to the run's ``rounds`` ŵ_k is the Local
+  reference's final model and ρ_k its training loss (equal up to float rounding: here the
+  R rounds are compiled into one loop, in the reference run round by round).
+  Keep R at the run's ``rounds``: with R below it the thresholds are looser than the
+  reference IncFL is compared with, above it stricter.
+* ``incfl_local_epochs`` = E, when set, replaces that: every client trains a local-only
+  model from the initial global model for E epochs in one pass (epochs even when the run
+  sets ``local_steps``; every client, whatever ``join_ratio``), with the run's client
+  optimizer, learning rate and batch size, and ρ_k is its mean training cross-entropy.
+  This model is not the Local reference's unless E = rounds × local_epochs, full
+  participation and plain SGD (and even then its batch orders differ).
+
+ρ (K,) is computed once and kept in the client part of the state (``clients["rho"]``),
+unchanged. Other choices made here:
+
 * f_k is the mean training loss (the paper's f_k is the client's training objective),
   evaluated in blocks of at most :data:`LOSS_BLOCK` rows.
 * Normalizing by Σ q_j keeps the step's size when every client is far from its threshold
   (each q_k <= 1/4). With a flat surrogate (T → ∞) every p_k is 1/|S|: the server averages
   the cohort's models uniformly, which is FedAvg when the clients hold equal sample counts.
+  The weights ignore the clients' sample counts (each client counts once in the appeal, as
+  in the paper's objective), so on unequal clients even the flat surrogate is not FedAvg.
 * ``incfl_temperature`` (T > 0) and ``server_lr`` (η_g > 0, the one definition of
-  ``server_opt.SERVER_LR``) are traced; ``incfl_local_epochs`` is structural.
+  ``server_opt.SERVER_LR``) are traced; ``incfl_local_rounds`` and ``incfl_local_epochs``
+  are structural.
 
 Round metrics: ``incfl_appeal``, the share of the cohort with f_k <= ρ_k (the global model
 appeal on training losses, before the round's update), and ``incfl_max_weight``, the
-largest p_k. ``summary.json`` records ρ's mean, minimum and maximum.
+largest p_k. ``summary.json`` records ρ's mean, minimum and maximum and how ρ was trained
+(``incfl_rho_rounds``: R, or ``incfl_rho_epochs``: E).
 
 Written as a plug-in through ``fedjax_sim.algorithms.register``, as any user algorithm.
 """
@@ -61,6 +86,7 @@ import optax
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
+    COMMON,
     Algorithm,
     HParam,
     execution,
@@ -70,6 +96,7 @@ from fedjax_sim.algorithms.base import (
     per_round_bytes,
     shared_logits,
 )
+from fedjax_sim.algorithms.local import local
 from fedjax_sim.algorithms.server_opt import SERVER_LR
 from fedjax_sim.core.local import token_weights
 from fedjax_sim.core.rounds import Method
@@ -83,8 +110,14 @@ HPARAMS = (
            "IncFL: temperature T of the sigmoid surrogate σ((ρ_k − f_k(w)) / T) of the "
            "global model appeal (large: flat, uniform weights)", traced=True),
     SERVER_LR,
-    HParam("incfl_local_epochs", 10, int, lambda v: v >= 1, "a positive integer",
-           "IncFL: epochs of the local-only model whose training loss is the threshold ρ_k"),
+    HParam("incfl_local_rounds", 30, int, lambda v: v >= 1, "a positive integer",
+           "IncFL: the threshold ρ_k is the training loss of the model Local trains in this "
+           "many rounds (the run's own settings and seed): with the run's --rounds, ρ_k is "
+           "the training loss of the Local reference's final model"),
+    HParam("incfl_local_epochs", None, int, lambda v: v is None or v >= 1,
+           "a positive integer or unset",
+           "IncFL: when set, ρ_k is instead the training loss of a local-only model trained "
+           "this many epochs in one pass from the initial model"),
 )
 
 # Rows of a client's training data whose loss is computed in one pass (bounds the memory of
@@ -134,11 +167,31 @@ def mean_loss(model: Model, params: Any, x: jax.Array, y: jax.Array, n: jax.Arra
     return sums[0] / jnp.maximum(sums[1], 1.0)
 
 
+def training_losses(model: Model, hp: dict) -> Any:
+    """``(params, data) -> (K,)``: each client's mean training cross-entropy
+    (:func:`mean_loss`) under its own model, ``params`` leaves (K, ...), mapped over the
+    clients with the run's execution strategy."""
+    run = execution(hp)
+
+    def losses(params, data):
+        rows, pool = data.client_rows("train")
+        unpack = data.unpacker("train")
+
+        def one_client(pool, row, own):
+            x, y, n = unpack(pool, row)
+            return mean_loss(model, own, x, y, n)
+
+        return run.map(one_client, (rows, params), shared=pool)
+
+    return losses
+
+
 def local_thresholds(model: Model, hp: dict, epochs: int) -> Any:
     """``(traced, params, data, keys) -> ρ (K,)``: every client trains a local-only model
-    from ``params`` for ``epochs`` epochs (``base.local_sgd`` with the run's optimizer and
-    batch size) and ρ_k is its mean training loss (:func:`mean_loss`), mapped over the
-    clients with the run's execution strategy."""
+    from ``params`` for ``epochs`` epochs in one pass (``base.local_sgd`` with the run's
+    optimizer and batch size; ``keys`` (K,) draw the batch orders) and ρ_k is its mean
+    training loss (:func:`mean_loss`), mapped over the clients with the run's execution
+    strategy."""
     run = execution(hp)
 
     def thresholds(traced, params, data, keys):
@@ -153,6 +206,33 @@ def local_thresholds(model: Model, hp: dict, epochs: int) -> Any:
             return mean_loss(model, trained, x, y, n)
 
         return run.map(one_client, (rows, keys), shared=(traced, params, pool))
+
+    return thresholds
+
+
+def reference_thresholds(model: Model, hp: dict, rounds: int, *, cover=()) -> Any:
+    """``(key, data, traced) -> ρ (K,)``: the Local algorithm with the run's settings
+    (``algorithms.local`` over the common hyperparameters of ``hp``) initialized from
+    ``key`` and run ``rounds`` rounds, as the Local reference of a run with seed ``key``
+    is; ρ_k is the mean training loss of client k's final model.
+
+    ``traced`` holds at least Local's traced hyperparameters (the client ``lr``,
+    ``momentum``, ``weight_decay``); ``cover`` is the IncFL round's cover (the same values
+    of those hyperparameters are compiled in or traced as in the run's Local reference).
+    """
+    common = {spec.name: hp[spec.name] for spec in COMMON}
+    names = tuple(spec.name for spec in COMMON if spec.traced)
+    reference = local(model, cover=tuple({k: c[k] for k in names if k in c} for c in cover),
+                      **common)
+    kept = tuple(reference.hp())  # the traced ones not compiled in
+    losses = training_losses(model, common)
+
+    def thresholds(key, data, traced):
+        own = {k: traced[k] for k in kept}
+        state = reference.init_with(key, data, own)
+        state = jax.lax.fori_loop(
+            0, rounds, lambda _, s: reference.round_with(s, data, own)[0], state)
+        return losses(state.clients["params"], data)
 
     return thresholds
 
@@ -177,12 +257,13 @@ def aggregate(params: Any, uploads: Any, weights: jax.Array, server_lr: Any) -> 
     return jax.tree.map(lambda m, x: m + (1.0 - server_lr) * (x - m), mean, params)
 
 
-def rho_report(rho) -> dict:
+def rho_report(rho, **training) -> dict:
     """Summary fields of the thresholds ρ (K,): ``incfl_rho_mean``, ``incfl_rho_min``,
-    ``incfl_rho_max``."""
+    ``incfl_rho_max``, and ``training`` (how ρ was trained) as ``incfl_rho_<name>``."""
     rho = np.asarray(rho, np.float64).reshape(-1)
     return {"incfl_rho_mean": float(rho.mean()), "incfl_rho_min": float(rho.min()),
-            "incfl_rho_max": float(rho.max())}
+            "incfl_rho_max": float(rho.max()),
+            **{f"incfl_rho_{name}": value for name, value in training.items()}}
 
 
 def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
@@ -190,13 +271,28 @@ def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
 
     State: ``server = {"params": w}``, ``clients = {"rho": ρ}`` with ρ (K,).
     """
-    thresholds = jax.jit(local_thresholds(model, hp, hp["incfl_local_epochs"]))
+    epochs, rounds = hp["incfl_local_epochs"], hp["incfl_local_rounds"]
+    if epochs is None:
+        reference = jax.jit(reference_thresholds(model, hp, rounds, cover=cover))
+
+        def thresholds(key, params, data, traced):
+            del params  # Local's initial model is the same one, drawn from the same key
+            return reference(key, data, traced)
+
+        training = {"rounds": rounds, "epochs": None}
+    else:
+        one_pass = jax.jit(local_thresholds(model, hp, epochs))
+
+        def thresholds(key, params, data, traced):
+            keys = jax.random.split(jax.random.fold_in(key, RHO_STREAM), data.num_clients)
+            return one_pass(traced, params, data, keys)
+
+        training = {"rounds": None, "epochs": epochs}
 
     def init_with(key, data, traced):
-        state_key, model_key = jax.random.split(key)  # as FedAvg's
+        state_key, model_key = jax.random.split(key)  # as FedAvg's and Local's
         params = model.init(model_key)
-        keys = jax.random.split(jax.random.fold_in(key, RHO_STREAM), data.num_clients)
-        rho = thresholds(traced, params, data, keys)
+        rho = thresholds(key, params, data, traced)
         return SimState.create(state_key, {"params": params}, {"rho": rho}, data.num_clients)
 
     def client_update(traced, start, own, x, y, n, key):
@@ -219,7 +315,7 @@ def incfl(model: Model, *, cover=(), **hp) -> Algorithm:
 
     def report(state):
         # Gathers client shards held by other processes (multi-host runs).
-        return rho_report(to_host(state.clients["rho"]))
+        return rho_report(to_host(state.clients["rho"]), **training)
 
     size = num_params_bytes(model)
     method = Method(client_update, shared_logits(model), server_update=server_update,
