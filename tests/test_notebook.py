@@ -57,4 +57,4 @@ def test_natural_data_notebook_runs():
 
 def test_tuning_notebook_runs():
     outputs = _execute(NOTEBOOKS / "tuning.ipynb")
-    assert "-> chosen lr" in outputs and "fedper  test accuracy" in outputs
+    assert "-> chosen {'lr'" in outputs and "fedper  test accuracy" in outputs
