@@ -294,12 +294,45 @@ def _compiled_zero(value: Any) -> bool:
 
 
 def cross_entropy_loss(model: Model) -> Callable:
-    """``(params, xb, yb, wb) -> weighted mean cross-entropy`` for ``model``."""
+    """``(params, xb, yb, wb) -> weighted mean cross-entropy`` for ``model``.
+
+    Raises:
+      ValueError: for a model with running statistics (batch normalization), whose
+        training loss is :func:`train_loss`'s: an algorithm that builds its own local loss
+        on this one would train it in evaluation mode and never update its statistics.
+    """
+    if model.has_stats:
+        raise ValueError(batch_norm_refusal(model))
 
     def loss(params, xb, yb, wb):
         return weighted_cross_entropy(model.apply(params, xb), yb, wb)
 
     return loss
+
+
+def train_loss(model: Model) -> Callable:
+    """The local training loss of ``model``: :func:`cross_entropy_loss` for a model
+    without running statistics; for a batch-normalized one,
+    ``(params, xb, yb, wb) -> (weighted mean cross-entropy, new_stats)`` in training mode
+    (``Model.train``: batch statistics over the rows with weight > 0), the form
+    ``core.local.train(..., stats=model.state_names)`` takes."""
+    if not model.has_stats:
+        return cross_entropy_loss(model)
+
+    def loss(params, xb, yb, wb):
+        logits, new_stats = model.train(params, xb, wb)
+        return weighted_cross_entropy(logits, yb, wb), new_stats
+
+    return loss
+
+
+def batch_norm_refusal(model: Model) -> str:
+    """The one-line refusal of an algorithm with its own local loss for a model with
+    running statistics."""
+    return (f"model {model.name} has batch normalization (running statistics in "
+            f"{', '.join(model.state_names)}), which this algorithm's own local loss does not "
+            "train; algorithms that do: fedbn, fedavg, local, fedprox, scaffold, fedper, "
+            "lg_fedavg, fedbabu, fedavg_ft")
 
 
 def schedule(hp: dict, epochs: int | None = None) -> dict:
@@ -354,17 +387,30 @@ def local_sgd(
     """One client's local training with this run's budget:
     ``(params, x, y, n, key) -> (params, mean loss)``.
 
+    For a model with running statistics (batch normalization) every step trains in
+    training mode and then replaces the statistics by their moving average
+    (``core.local.sgd_step``): algorithms that train through here with the default loss
+    support such models, and aggregate the statistics as they aggregate the weights.
+
     Args:
       optimizer: defaults to ``client_optimizer(hp)`` (pass a ``core.local.frozen`` one to
         train only some layers).
-      loss_fn: defaults to the model's weighted cross-entropy.
+      loss_fn: defaults to the model's weighted cross-entropy (:func:`train_loss`).
       epochs: overrides ``local_epochs`` (ignored when ``local_steps`` is set).
+
+    Raises:
+      ValueError: a ``loss_fn`` for a model with running statistics (see
+        :func:`cross_entropy_loss`).
     """
     from fedjax_sim.core import local
 
+    if model.has_stats and loss_fn is not None:
+        raise ValueError(batch_norm_refusal(model))
     optimizer = optimizer or client_optimizer(hp)
-    loss_fn = loss_fn or cross_entropy_loss(model)
+    loss_fn = loss_fn or train_loss(model)
     budget = schedule(hp, epochs=epochs)
+    if model.has_stats:
+        budget["stats"] = model.state_names
 
     def train(params, x, y, n, key):
         return local.train(loss_fn, optimizer, params, x, y, n, key, **budget)
@@ -649,8 +695,10 @@ def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
     every evaluation fine-tunes afresh from the current global model."""
     from fedjax_sim.core import local
 
-    loss_fn = cross_entropy_loss(model)
+    loss_fn = train_loss(model)
     budget = schedule(hp, epochs=epochs)
+    if model.has_stats:
+        budget["stats"] = model.state_names
     run = execution(hp)
 
     def evaluate_with(state: SimState, data: FederatedData, traced: Traced):

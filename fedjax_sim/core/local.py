@@ -280,21 +280,44 @@ def weighted_cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Ar
     return jnp.sum(per_token * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def sgd_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> StepFn:
+def sgd_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+             stats: tuple[str, ...] = ()) -> StepFn:
     """A step function for ``scan_batches`` with carry ``(params, opt_state)``.
 
     Args:
-      loss_fn: ``(params, xb, yb, wb) -> scalar``.
+      loss_fn: ``(params, xb, yb, wb) -> scalar``; with ``stats``,
+        ``(params, xb, yb, wb) -> (scalar, new_stats)``, ``new_stats`` a dict of the
+        top-level entries ``stats`` (a batch-normalized model's training mode).
       optimizer: any optax transformation.
+      stats: top-level parameter entries that hold running statistics. The gradient is
+        taken with them held constant (they get a zero gradient), the optimizer steps
+        every leaf, and then ``new_stats`` replaces those entries, so that no update of
+        the optimizer (weight decay, momentum) reaches the statistics. Empty: the plain
+        step.
     """
+    if not stats:
 
-    def step(carry, xb, yb, wb):
+        def step(carry, xb, yb, wb):
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb, wb)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        return step
+
+    def stats_step(carry, xb, yb, wb):
         params, opt_state = carry
-        loss, grads = jax.value_and_grad(loss_fn)(params, xb, yb, wb)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), loss
 
-    return step
+        def objective(trainable):
+            fixed = {name: jax.lax.stop_gradient(params[name]) for name in stats}
+            return loss_fn({**trainable, **fixed}, xb, yb, wb)
+
+        (loss, new_stats), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return ({**params, **{name: new_stats[name] for name in stats}}, opt_state), loss
+
+    return stats_step
 
 
 def train(
@@ -310,16 +333,19 @@ def train(
     epochs: int | None = None,
     steps: int | None = None,
     augment: str | None = None,
+    stats: tuple[str, ...] = (),
 ) -> tuple[PyTree, jax.Array]:
     """Local training of one client from ``params`` with a fresh optimizer state.
 
     ``key`` is a PRNG key or a :class:`FixedOrder` (see :func:`batch_schedule`).
+    ``stats``: the running-statistics entries of a batch-normalized model's parameters,
+    with ``loss_fn`` returning ``(loss, new_stats)`` (see :func:`sgd_step`).
 
     Returns:
       The trained parameters and the mean training loss.
     """
     (params, _), loss = scan_batches(
-        sgd_step(loss_fn, optimizer),
+        sgd_step(loss_fn, optimizer, stats=tuple(stats)),
         (params, optimizer.init(params)),
         x,
         y,

@@ -1,7 +1,8 @@
 """Classifiers as pure (init, apply) pairs over plain parameter dicts.
 
 Every model names its classifier layer ``head`` (``Model.head == ("head",)``), so that
-personalized methods can split head and base by name.
+personalized methods can split head and base by name. ``cnn_bn`` adds batch normalization,
+with its running statistics in the parameter dict (``Model.state_names``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 
 from fedjax_sim.models.base import Model, Params
-from fedjax_sim.models.cnn import cnn, emnist_cnn
+from fedjax_sim.models.cnn import cnn, cnn_bn, emnist_cnn
 from fedjax_sim.models.layers import (
     DEFAULT_INIT,
     INITS,
@@ -29,12 +30,12 @@ from fedjax_sim.models.resnet import resnet
 from fedjax_sim.models.transformer import transformer
 
 MODELS = ("mlp", "cnn", "resnet", "emnist_cnn", "char_lstm", "so_lstm", "sent_lstm",
-          "transformer")
+          "transformer", "cnn_bn")
 
-_FACTORIES = {"mlp": mlp, "cnn": cnn, "resnet": resnet, "emnist_cnn": emnist_cnn,
+_FACTORIES = {"mlp": mlp, "cnn": cnn, "cnn_bn": cnn_bn, "resnet": resnet, "emnist_cnn": emnist_cnn,
               "char_lstm": char_lstm, "so_lstm": so_lstm, "sent_lstm": sent_lstm,
               "transformer": transformer}
-_CONV_MODELS = ("cnn", "resnet", "emnist_cnn")
+_CONV_MODELS = ("cnn", "cnn_bn", "resnet", "emnist_cnn")
 # Models that read int tokens (B, L) and give logits (B, L, V) for every position.
 SEQUENCE_MODELS = ("char_lstm", "so_lstm", "transformer")
 # Models that read int tokens (B, L): the above, and sent_lstm (one label per sequence).
@@ -140,6 +141,7 @@ __all__ = [
     "char_lstm",
     "check_init",
     "cnn",
+    "cnn_bn",
     "conv2d",
     "count_params",
     "emnist_cnn",

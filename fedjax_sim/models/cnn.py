@@ -18,9 +18,11 @@ from fedjax_sim.models.base import Model
 from fedjax_sim.models.layers import (
     DEFAULT_INIT,
     Conv,
+    batch_norm,
     check_init,
     check_model_args,
     dense,
+    linen_bn_model,
     linen_model,
     max_pool_2x2,
     resolve_conv_impl,
@@ -121,6 +123,111 @@ def cnn(
         param_init=check_init(init),
     )
     return linen_model(module, name="cnn", input_shape=shape, num_classes=int(num_classes))
+
+
+# PyTorch's BatchNorm defaults (the FedBN paper's models): running statistics move by 0.1 of
+# the batch's per step (flax's momentum is the weight of the old value), epsilon 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+class CNNBN(nn.Module):
+    """conv1 -> bn1 -> pool -> conv2 -> bn2 -> pool -> fc1 -> bn3 -> head, ReLU after
+    each batch normalization (the FedBN paper's placement: conv / linear, BN, ReLU).
+
+    Attributes:
+      as :class:`CNN`, and
+      momentum: weight of the old running statistics in their moving average.
+      epsilon: added to the variance.
+    """
+
+    num_classes: int
+    padding: str = "VALID"
+    conv_impl: str = "xla"
+    channels: tuple[int, int] = (32, 64)
+    hidden: int = 512
+    param_init: str = DEFAULT_INIT
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPSILON
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Computes logits.
+
+        Args:
+          x: (B, H, W, C).
+          train: normalize with the batch's statistics over the rows where ``mask``
+            holds (and update the running ones) rather than with the running ones.
+          mask: (B,) bool, the rows that count for the batch statistics.
+
+        Returns:
+          (B, num_classes) logits.
+        """
+        x = jnp.asarray(x, jnp.float32)
+
+        def norm(h, name):
+            return batch_norm(h, train=train, mask=mask, momentum=self.momentum,
+                              epsilon=self.epsilon, name=name)
+
+        for i, ch in enumerate(self.channels):
+            conv = Conv(ch, (5, 5), padding=self.padding, impl=self.conv_impl,
+                        param_init=self.param_init, name=f"conv{i + 1}")
+            x = max_pool_2x2(nn.relu(norm(conv(x), f"bn{i + 1}")))
+        x = x.reshape(x.shape[0], -1)
+        x = dense(self.hidden, x.shape[-1], init=self.param_init, name="fc1")(x)
+        x = nn.relu(norm(x, "bn3"))
+        return dense(self.num_classes, x.shape[-1], init=self.param_init, name="head")(x)
+
+
+def cnn_bn(
+    input_shape: Sequence[int],
+    num_classes: int,
+    *,
+    conv_impl: str = "auto",
+    padding: str = "auto",
+    init: str = DEFAULT_INIT,
+    momentum: float = BN_MOMENTUM,
+) -> Model:
+    """:func:`cnn` with batch normalization after both convolutions and fc1.
+
+    The running means and variances are parameters of the model like any other leaf,
+    under ``params["batch_stats"]`` (``{"bn1", "bn2", "bn3"}``, each ``{"mean", "var"}``),
+    so that per-client statistics are one more (K, ...) subtree of the clients' state.
+    ``Model.apply`` normalizes with them (evaluation); ``Model.train`` with the batch's
+    statistics over its real rows, and returns the running ones after one moving-average
+    step (the running variance is the batch's biased variance, as in flax; PyTorch's is
+    the unbiased one).
+
+    Args:
+      input_shape, num_classes, conv_impl, padding, init: as in :func:`cnn`.
+      momentum: weight of the old running statistics, in [0, 1) (0.9 is PyTorch's
+        ``momentum=0.1``).
+
+    Returns:
+      The model; parameters ``{"conv1", "bn1", "conv2", "bn2", "fc1", "bn3", "head",
+      "batch_stats"}``; ``norm_layers == ("bn1", "bn2", "bn3")``.
+
+    Raises:
+      ValueError: as :func:`cnn`, or a momentum outside [0, 1).
+    """
+    shape = check_model_args(input_shape, num_classes, model="cnn_bn", rank=3)
+    if padding not in PADDINGS:
+        raise ValueError(f"cnn_bn: unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"cnn_bn: momentum must be in [0, 1), got {momentum!r}")
+    h, w, _ = shape
+    if padding == "auto":
+        fits = min(_feature_side(h, "VALID"), _feature_side(w, "VALID")) >= 1
+        padding = "VALID" if fits else "SAME"
+    if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
+        raise ValueError(f"cnn_bn: input_shape {shape} is too small for {padding} padding")
+    module = CNNBN(
+        num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl),
+        param_init=check_init(init), momentum=float(momentum),
+    )
+    return linen_bn_model(module, name="cnn_bn", input_shape=shape,
+                          num_classes=int(num_classes), norm_layers=("bn1", "bn2", "bn3"))
 
 
 class EMNISTCNN(nn.Module):

@@ -470,3 +470,93 @@ def linen_model(
         apply_fn=apply_fn,
         layers=tuple(layers),
     )
+
+
+# The top-level parameter entry that holds a batch-normalized model's running statistics.
+BATCH_STATS = "batch_stats"
+
+
+def batch_norm(x: jax.Array, *, train: bool, mask: jax.Array | None, momentum: float,
+               epsilon: float, name: str) -> jax.Array:
+    """``nn.BatchNorm`` over every axis but the last, inside a compact module.
+
+    Args:
+      x: (B, ..., C).
+      train: normalize with the statistics of the batch's rows where ``mask`` holds, and
+        update the running ones; otherwise normalize with the running statistics.
+      mask: (B,) bool, the rows that count (padding: False); ``None`` for all.
+      momentum: weight of the old running statistics in their moving average.
+      epsilon: added to the variance.
+      name: the layer's parameter name.
+
+    Returns:
+      x normalized, scaled and shifted, (B, ..., C).
+    """
+    if mask is not None:
+        mask = jnp.broadcast_to(mask.reshape(mask.shape[0], *([1] * (x.ndim - 1))), x.shape)
+    # Two-pass variance: E[(x - mean)^2] rather than E[x^2] - mean^2.
+    return nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                        use_fast_variance=False, name=name)(x, mask=mask)
+
+
+def linen_bn_model(
+    module: nn.Module,
+    *,
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    norm_layers: tuple[str, ...],
+    head: tuple[str, ...] = ("head",),
+) -> Model:
+    """Wraps a ``flax.linen`` classifier with batch normalization as a
+    :class:`~fedjax_sim.models.base.Model`.
+
+    The module is called as ``module(x, train=..., mask=...)`` (``mask``: (B,) bool rows
+    that count for the batch statistics) and holds the collections ``"params"`` and
+    ``"batch_stats"``. The model's parameters are one plain dict: the ``"params"``
+    collection's top-level entries and, beside them, :data:`BATCH_STATS` with the running
+    statistics (``Model.state_names``).
+
+    Args:
+      module: maps (B, *input_shape) to (B, num_classes) logits.
+      name: registry name.
+      input_shape: one example's shape.
+      num_classes: number of logits.
+      norm_layers: top-level names of its normalization layers.
+      head: top-level parameter names that form the classifier head.
+
+    Returns:
+      The model, with ``train_fn`` and ``state_names == (BATCH_STATS,)``.
+    """
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+
+    @jax.jit
+    def init_fn(key: jax.Array) -> Params:
+        variables = module.init(key, dummy)
+        extra = set(variables) - {"params", BATCH_STATS}
+        if extra:
+            raise ValueError(f"{name}: unsupported variable collections {sorted(extra)}")
+        return {**variables["params"], BATCH_STATS: variables[BATCH_STATS]}
+
+    def variables(params: Params) -> dict:
+        trainable = {k: v for k, v in params.items() if k != BATCH_STATS}
+        return {"params": trainable, BATCH_STATS: params[BATCH_STATS]}
+
+    def apply_fn(params: Params, x: jax.Array) -> jax.Array:
+        return module.apply(variables(params), x)
+
+    def train_fn(params: Params, x: jax.Array, weights: jax.Array):
+        logits, updated = module.apply(variables(params), x, train=True, mask=weights > 0,
+                                       mutable=[BATCH_STATS])
+        return logits, {BATCH_STATS: updated[BATCH_STATS]}
+
+    layers: list[str] = []
+
+    def record_order(key):
+        layers.extend(module.init(key, dummy)["params"])
+        return 0
+
+    jax.eval_shape(record_order, jax.random.key(0))
+    return Model(name=name, input_shape=input_shape, num_classes=num_classes, head=head,
+                 init_fn=init_fn, apply_fn=apply_fn, layers=tuple(layers), train_fn=train_fn,
+                 state_names=(BATCH_STATS,), norm_layers=tuple(norm_layers))
