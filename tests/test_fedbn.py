@@ -282,9 +282,11 @@ def test_algorithms_that_train_through_local_sgd_support_batch_norm(name, model,
     assert np.all(np.asarray(correct) >= 0)
 
 
-@pytest.mark.parametrize("name", ["ditto", "apfl", "fedrep"])
+@pytest.mark.parametrize("name", ["ditto", "apfl", "fedrep", "fedobp", "incfl", "pfedhn"])
 def test_algorithms_with_their_own_loss_refuse_batch_norm(name, model):
-    with pytest.raises(ValueError, match="has batch normalization"):
+    # Declared on the algorithm (Abilities.batch_norm), refused by make before any build.
+    assert not algorithms.abilities(name).batch_norm
+    with pytest.raises(ValueError, match=f"{name} does not train batch-normalized models"):
         algorithms.make(name, model, **COMMON)
 
 

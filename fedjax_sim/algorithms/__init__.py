@@ -377,6 +377,12 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
                 raise ValueError(f"augment={resolved['augment']!r} needs image inputs "
                                  f"(H, W, C); the model takes {tuple(shape)}: set augment "
                                  "to 'none'")
+    models = model if isinstance(model, tuple | list) else (model,)
+    if any(getattr(m, "has_stats", False) for m in models) and not entry.abilities.batch_norm:
+        able = ", ".join(n for n in names() if abilities(n).batch_norm)
+        raise ValueError(f"{name} does not train batch-normalized models (--model "
+                         f"{next(m.name for m in models if m.has_stats)}): its clients do not "
+                         f"update running statistics; algorithms that do: {able}")
     covered = resolve_cover(name, resolved, cover)
     extra = {}
     if batch_order is not None:

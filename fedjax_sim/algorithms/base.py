@@ -72,15 +72,20 @@ class Abilities:
         be mixed in.
       heterogeneous: it takes a tuple of models, one architecture per client group
         (``--architectures``).
+      batch_norm: it trains batch-normalized models (``Model.has_stats``) correctly: its
+        clients train through the standard local step (``local_sgd``), which updates the
+        running statistics, and it says how it aggregates them; the others refuse such a
+        model in ``make``.
     """
 
     clock: bool = True
     clock_refusal: str = ""
     asynchronous: bool = False
     heterogeneous: bool = False
+    batch_norm: bool = False
 
     def __post_init__(self):
-        for name in ("clock", "asynchronous", "heterogeneous"):
+        for name in ("clock", "asynchronous", "heterogeneous", "batch_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Abilities.{name} must be True or False, got "
                                 f"{getattr(self, name)!r}")
@@ -91,6 +96,8 @@ class Abilities:
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
 ASYNCHRONOUS = Abilities(asynchronous=True)
+# ... and trains batch-normalized models through the standard local step.
+ASYNCHRONOUS_BN = Abilities(asynchronous=True, batch_norm=True)
 
 
 class Algorithm(NamedTuple):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 
 from fedjax_sim.algorithms.base import (
-    ASYNCHRONOUS,
+    ASYNCHRONOUS_BN,
     Algorithm,
     federated_algorithm,
     local_sgd,
@@ -25,7 +25,7 @@ from fedjax_sim.core.state import SimState
 from fedjax_sim.models.base import Model
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ABILITIES = ASYNCHRONOUS
+ABILITIES = ASYNCHRONOUS_BN
 HPARAMS = ()
 
 # make(..., batch_order=...) is accepted (host-drawn batch orders, core.local.FixedOrder).

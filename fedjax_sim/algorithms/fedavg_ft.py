@@ -8,7 +8,7 @@ of On-device Personalization", 2019; Collins et al., FedRep, ICML 2021, Table 1)
 from __future__ import annotations
 
 from fedjax_sim.algorithms.base import (
-    ASYNCHRONOUS,
+    ASYNCHRONOUS_BN,
     Algorithm,
     HParam,
     federated_algorithm,
@@ -20,7 +20,7 @@ from fedjax_sim.algorithms.fedavg import fedavg_method, global_init
 from fedjax_sim.models.base import Model
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ABILITIES = ASYNCHRONOUS
+ABILITIES = ASYNCHRONOUS_BN
 HPARAMS = (
     HParam("finetune_epochs", 1, int, lambda v: v >= 1, "a positive integer",
            "epochs of local fine-tuning before each evaluation"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     HParam,
     client_optimizer,
@@ -29,6 +30,8 @@ from fedjax_sim.core.rounds import Method
 from fedjax_sim.kernels import split
 from fedjax_sim.models.base import Model
 
+# Batch-normalized models: the statistics are averaged with the body.
+ABILITIES = Abilities(batch_norm=True)
 HPARAMS = (
     HParam("finetune_epochs", 1, int, lambda v: v >= 1, "a positive integer",
            "epochs of local fine-tuning before each evaluation"),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     federated_algorithm,
     num_params_bytes,
@@ -36,6 +37,7 @@ from fedjax_sim.algorithms.fedavg import fedavg_method, global_init
 from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 from fedjax_sim.models.base import Model
 
+ABILITIES = Abilities(batch_norm=True)
 HPARAMS = ()
 
 
@@ -62,4 +64,4 @@ def fedbn(model: Model, *, cover=(), **hp) -> Algorithm:
                      cover=cover)
 
 
-register("fedbn", fedbn, HPARAMS)
+register("fedbn", fedbn, HPARAMS, abilities=ABILITIES)

@@ -14,13 +14,13 @@ bit for bit.
 
 from __future__ import annotations
 
-from fedjax_sim.algorithms.base import ASYNCHRONOUS, Algorithm
+from fedjax_sim.algorithms.base import ASYNCHRONOUS_BN, Algorithm
 from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 from fedjax_sim.algorithms.server_opt import SERVER_HPARAMS
 from fedjax_sim.models.base import Model
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ABILITIES = ASYNCHRONOUS
+ABILITIES = ASYNCHRONOUS_BN
 HPARAMS = SERVER_HPARAMS
 
 # make(..., batch_order=...) is accepted (host-drawn batch orders, core.local.FixedOrder).

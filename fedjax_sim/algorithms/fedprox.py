@@ -22,7 +22,7 @@ import optax
 
 from fedjax_sim.algorithms import register
 from fedjax_sim.algorithms.base import (
-    ASYNCHRONOUS,
+    ASYNCHRONOUS_BN,
     Algorithm,
     HParam,
     client_optimizer,
@@ -37,7 +37,7 @@ from fedjax_sim.core.rounds import Method
 from fedjax_sim.models.base import Model
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ABILITIES = ASYNCHRONOUS
+ABILITIES = ASYNCHRONOUS_BN
 HPARAMS = (
     HParam("mu", 0.01, float, lambda v: v >= 0, ">= 0",
            "FedProx: strength μ of the proximal term μ/2 ||w - w_global||^2 (0: FedAvg)",

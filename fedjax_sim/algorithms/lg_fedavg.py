@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import ASYNCHRONOUS, Algorithm, HParam
+from fedjax_sim.algorithms.base import ASYNCHRONOUS_BN, Algorithm, HParam
 from fedjax_sim.algorithms.partial import decoupled, plain_sgd
 from fedjax_sim.algorithms.server_opt import SERVER_HPARAMS
 from fedjax_sim.models.base import Model
 
 # Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ABILITIES = ASYNCHRONOUS
+ABILITIES = ASYNCHRONOUS_BN
 HPARAMS = (
     HParam("lg_global_layers", None, int, lambda v: v is None or v >= 1,
            "a positive integer or unset",

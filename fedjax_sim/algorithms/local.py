@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import jax
 
-from fedjax_sim.algorithms.base import Algorithm, federated_algorithm, local_sgd
+from fedjax_sim.algorithms.base import Abilities, Algorithm, federated_algorithm, local_sgd
 from fedjax_sim.core.rounds import Method, keep_server, personal_only
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
+# Batch-normalized models: every client keeps its own statistics.
+ABILITIES = Abilities(batch_norm=True)
 HPARAMS = ()
 
 

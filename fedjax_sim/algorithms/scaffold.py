@@ -56,6 +56,7 @@ from fedjax_sim.models.base import Model
 
 # The virtual clock's partial cohorts would break it.
 ABILITIES = Abilities(
+    batch_norm=True,
     clock=False,
     clock_refusal="its server control variate steps by |S| / N of the clients that report")
 HPARAMS = (SERVER_LR,)
