@@ -5,8 +5,9 @@ For each dataset (Dirichlet 0.1, min 5 samples per client; mnist1d 100 clients a
 0.1, digits 40 clients at join ratio 0.25, as its 1797 samples admit no Dirichlet-0.1 draw
 over 100 clients: a cohort of N = 10 either way), each
 algorithm and each system model it runs every condition for the same number of
-*dispatched jobs' worth of aggregation slots*: ``--rounds`` synchronous rounds, FedBuff
-(B = 5) twice as many server steps, FedAsync (B = 1) ten times as many, and reports
+*dispatched jobs' worth of aggregation slots*: ``--rounds`` synchronous rounds, and N / B
+times as many asynchronous server steps of B updates (FedAsync: B = 1; FedBuff: its
+default, a tenth of the 10 clients in flight, 1, or each B of ``--buffers``), and reports
 
 * ``time_to_target``: virtual seconds until the accuracy first reaches the target (90% of
   the best final accuracy among the conditions of the same dataset, algorithm and system
@@ -17,14 +18,17 @@ algorithm and each system model it runs every condition for the same number of
   by compute speed (under homogeneous devices the quartiles are by client index).
 
 The deadline is the median job duration of the clients on that system model; first_m
-aggregates the first M = 7 of the N = 10 sampled.
+aggregates the first M = 7 of the N = 10 sampled. ``--dropout P`` gives every client that
+dropout probability (``core.clock``'s dropout model).
 
-A speed check follows: the round time with the system model (wait_all, homogeneous)
-against the same algorithm without it, in one process, alternating, median of several
-calls; the ratio's target is <= 1.10.
+A speed check follows (or runs alone, ``--speed-only``): the round time with the system
+model (wait_all, homogeneous) against the same algorithm without it, in one process,
+alternating, median of several calls; the ratio's target is <= 1.10.
 
     python experiments/clock.py                # the defaults of experiments/clock.md
     python experiments/clock.py --quick        # digits, FedAvg, fewer rounds
+    python experiments/clock.py --buffers 1,2,5,9 --conditions wait_all,fedbuff ...
+    python experiments/clock.py --speed-only --repeats 41
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedjax_sim.algorithms.base import clocked  # noqa: E402
 from fedjax_sim.core import system as system_lib  # noqa: E402
-from fedjax_sim.core.clock import Clock, job_samples  # noqa: E402
+from fedjax_sim.core.clock import Clock, default_buffer, job_samples  # noqa: E402
 from fedjax_sim.core.cohort import cohort_size  # noqa: E402
 from fedjax_sim.spec import (  # noqa: E402
     ExperimentSpec,
@@ -58,7 +62,6 @@ from fedjax_sim.spec import (  # noqa: E402
 CONDITIONS = ("wait_all", "deadline", "first_m", "fedasync", "fedbuff")
 # Clients and join ratio per dataset (a cohort of 10).
 CLIENTS = {"digits": (40, 0.25), "mnist1d": (100, 0.1)}
-BUFFER = 5
 FIRST_M = 7
 
 
@@ -84,18 +87,28 @@ def median_duration(spec: ExperimentSpec, built) -> float:
     return float(np.median(durations))
 
 
-def one_run(args, data, dataset, algorithm, system, condition, deadline) -> dict:
+def one_run(args, data, dataset, algorithm, system, condition, deadline,
+            buffer=None) -> dict:
+    """One run of ``condition``; FedBuff with ``buffer`` updates per step (``None``: its
+    default)."""
     extra = {"system": system, "condition": condition}
-    rounds = args.rounds
+    if args.dropout is not None:
+        extra["dropout"] = args.dropout
+    clients, join = CLIENTS.get(dataset, (100, 0.1))
+    cohort = cohort_size(clients, join)
+    rounds, per_step = args.rounds, None
     if condition == "deadline":
         extra["deadline"] = deadline
     elif condition == "first_m":
         extra["first_m"] = FIRST_M
     elif condition == "fedbuff":
-        extra["buffer_size"] = BUFFER
-        rounds *= 10 // BUFFER
+        per_step = default_buffer(cohort) if buffer is None else buffer
+        if buffer is not None:
+            extra["buffer_size"] = buffer
     elif condition == "fedasync":
-        rounds *= 10
+        per_step = 1
+    if per_step is not None:  # the same number of updates as the synchronous rounds
+        rounds = rounds * cohort // per_step
     every = max(1, rounds // args.evals)
     spec = base_spec(args, dataset, algorithm, **extra).replace(
         rounds=rounds, eval_every=every, rounds_per_call=every)
@@ -108,7 +121,8 @@ def one_run(args, data, dataset, algorithm, system, condition, deadline) -> dict
     quarter = len(order) // 4
     return {
         "dataset": dataset, "algorithm": algorithm, "system": system,
-        "condition": condition, "steps": rounds,
+        "condition": condition, "buffer": per_step, "dropout": args.dropout,
+        "steps": rounds,
         "history": [(h["virtual_time"], h["accuracy"]) for h in result.history],
         "accuracy": result.history[-1]["accuracy"],
         "client_p10": result.history[-1]["client_p10"],
@@ -181,7 +195,7 @@ def plot_time(rows: list[dict], path: Path) -> Path:
         for r in rows:
             if (r["dataset"], r["algorithm"], r["system"]) == panel:
                 t, acc = zip(*r["history"], strict=True)
-                ax.plot(t, acc, marker="o", label=r["condition"])
+                ax.plot(t, acc, marker="o", label=label(r))
         ax.set_title(" / ".join(panel), fontsize=9)
         ax.set_xlabel("virtual time (s)")
         ax.set_ylim(0, 1)
@@ -195,17 +209,73 @@ def plot_time(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def main() -> None:
+def label(row: dict) -> str:
+    """A row's condition, FedBuff with its buffer size."""
+    if row["condition"] == "fedbuff":
+        return f"fedbuff B={row.get('buffer')}"
+    return row["condition"]
+
+
+def run_group(args, data, dataset, algorithm, system) -> list[dict]:
+    """Every condition (FedBuff once per buffer size) on one dataset, algorithm and system
+    model; time to target against 90% of the group's best final accuracy."""
+    spec = base_spec(args, dataset, algorithm, system=system)
+    deadline = median_duration(spec, build(spec, data=data))
+    buffers = [None] if args.buffers is None else [int(b) for b in args.buffers.split(",")]
+    group = []
+    for c in args.conditions.split(","):
+        for buffer in buffers if c == "fedbuff" else [None]:
+            group.append(one_run(args, data, dataset, algorithm, system, c, deadline,
+                                 buffer))
+    target = 0.9 * max(r["accuracy"] for r in group)
+    for r in group:
+        r["target"] = target
+        r["time_to_target"] = time_to(r["history"], target)
+        r["deadline"] = deadline
+    return group
+
+
+def print_table(rows: list[dict], speed: dict | None) -> None:
+    if rows:
+        _print_rows(rows)
+    if speed is not None:
+        print(f"\nspeed check (digits, fedavg, 40 clients, join 0.25, wait_all homogeneous): "
+              f"{speed['clock_round_s'] * 1e3:.2f} ms / round with the system model, "
+              f"{speed['plain_round_s'] * 1e3:.2f} ms without: ratio {speed['ratio']:.3f}")
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print("| dataset | algorithm | system | condition | time to target (s) | accuracy "
+          "| bottom decile | wasted | virtual time (s) | slow q | fast q | gini |")
+    print("|" + "---|" * 12)
+    for r in rows:
+        ttt = "never" if r["time_to_target"] is None else f"{r['time_to_target']:.0f}"
+        print(f"| {r['dataset']} | {r['algorithm']} | {r['system']} | {label(r)} | "
+              f"{ttt} | {r['accuracy']:.3f} | {r['client_p10']:.3f} | "
+              f"{r['wasted_work']:.2f} | {r['virtual_time']:.0f} | {r['slow_q']:.3f} | "
+              f"{r['fast_q']:.3f} | {r['participation_gini']:.2f} |")
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="digits,mnist1d")
     parser.add_argument("--algorithms", default="fedavg,fedper")
     parser.add_argument("--systems", default="homogeneous,lognormal")
     parser.add_argument("--conditions", default=",".join(CONDITIONS))
+    parser.add_argument("--buffers", default=None,
+                        help="FedBuff buffer sizes B, one run each (default: FedBuff's "
+                        "default, a tenth of the clients in flight)")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="every client's dropout probability (default: none)")
     parser.add_argument("--rounds", type=int, default=20,
-                        help="synchronous rounds (FedBuff: x2 steps, FedAsync: x10)")
+                        help="synchronous rounds (asynchronous: x N / B server steps)")
     parser.add_argument("--evals", type=int, default=4, help="evaluations per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=7, help="speed check calls per side")
+    parser.add_argument("--no-speed-check", action="store_true",
+                        help="skip the speed check")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="run the speed check alone")
     parser.add_argument("--quick", action="store_true",
                         help="digits, fedavg, 10 rounds")
     parser.add_argument("--output", default=str(ROOT / "experiments/results/clock.json"))
@@ -213,9 +283,16 @@ def main() -> None:
                         help="accuracy against virtual time")
     parser.add_argument("--replot", action="store_true",
                         help="only redraw --plot from the JSON in --output")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.replot:
         print(plot_time(json.loads(Path(args.output).read_text())["rows"], Path(args.plot)))
+        return
+    if args.speed_only:
+        print_table([], speed_check(args))
         return
     if args.quick:
         args.datasets, args.algorithms, args.rounds = "digits", "fedavg", 10
@@ -225,32 +302,11 @@ def main() -> None:
         data, _ = build_data(base_spec(args, dataset, "fedavg"))
         for algorithm in args.algorithms.split(","):
             for system in args.systems.split(","):
-                spec = base_spec(args, dataset, algorithm, system=system)
-                deadline = median_duration(spec, build(spec, data=data))
-                group = [one_run(args, data, dataset, algorithm, system, c, deadline)
-                         for c in args.conditions.split(",")]
-                target = 0.9 * max(r["accuracy"] for r in group)
-                for r in group:
-                    r["target"] = target
-                    r["time_to_target"] = time_to(r["history"], target)
-                    r["deadline"] = deadline
-                rows.extend(group)
+                rows.extend(run_group(args, data, dataset, algorithm, system))
                 print(f"{dataset} {algorithm} {system}: done "
                       f"({time.perf_counter() - start:.0f} s)", flush=True)
-    speed = speed_check(args)
-    header = ("| dataset | algorithm | system | condition | time to target (s) | accuracy "
-              "| bottom decile | wasted | virtual time (s) | slow q | fast q | gini |")
-    print(header)
-    print("|" + "---|" * 12)
-    for r in rows:
-        ttt = "never" if r["time_to_target"] is None else f"{r['time_to_target']:.0f}"
-        print(f"| {r['dataset']} | {r['algorithm']} | {r['system']} | {r['condition']} | "
-              f"{ttt} | {r['accuracy']:.3f} | {r['client_p10']:.3f} | "
-              f"{r['wasted_work']:.2f} | {r['virtual_time']:.0f} | {r['slow_q']:.3f} | "
-              f"{r['fast_q']:.3f} | {r['participation_gini']:.2f} |")
-    print(f"\nspeed check (digits, fedavg, 40 clients, join 0.25, wait_all homogeneous): "
-          f"{speed['clock_round_s'] * 1e3:.2f} ms / round with the system model, "
-          f"{speed['plain_round_s'] * 1e3:.2f} ms without: ratio {speed['ratio']:.3f}")
+    speed = None if args.no_speed_check else speed_check(args)
+    print_table(rows, speed)
     print(f"total {time.perf_counter() - start:.0f} s")
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

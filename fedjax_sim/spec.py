@@ -177,8 +177,11 @@ class ExperimentSpec:
                                     "(--condition deadline)", low=0.0, low_open=True)
     first_m: int | None = option(None, "clock", "aggregate the first M of the sampled "
                                  "(--condition first_m)", low=1, aliases=("--over-select",))
-    buffer_size: int | None = option(None, "clock", "FedBuff: arrivals per server step "
-                                     "(default: the cohort size)", low=1)
+    buffer_size: int | None = option(
+        None, "clock", "FedBuff: updates per server step B, in [1, N - 1] below the N = "
+        "num_clients x join_ratio clients in flight (default N / 10 rounded down, at least "
+        "1: the paper's 10 of 100; B = N waits for as many updates as clients train, with "
+        "every client in flight a wait_all round)", low=1)
     async_alpha: float | None = option(None, "clock", "FedAsync: mixing weight alpha in "
                                        "(0, 1] (default 0.6)", low=0.0, high=1.0,
                                        low_open=True)
@@ -550,11 +553,15 @@ def _check_clock(spec: ExperimentSpec, label: Callable[[str], str], values: dict
 
         cohort = cohort_size(spec.num_clients,
                              algorithms.resolve(spec.algorithm, **hparams)["join_ratio"])
-        for name in ("first_m", "buffer_size"):
-            value = getattr(spec, name)
-            if value is not None and value > cohort:
-                raise ValueError(f"{label(name)} must be at most the cohort size N = "
-                                 f"{cohort} (num_clients x join_ratio), got {value}")
+        if spec.first_m is not None and spec.first_m > cohort:
+            raise ValueError(f"{label('first_m')} must be at most the cohort size N = "
+                             f"{cohort} (num_clients x join_ratio), got {spec.first_m}")
+        # B = N waits for as many updates as clients train at once (wait_all at N = K).
+        most = max(1, cohort - 1)
+        if spec.buffer_size is not None and spec.buffer_size > most:
+            raise ValueError(f"{label('buffer_size')} must be in [1, {most}], below the "
+                             f"N = {cohort} clients in flight (num_clients x join_ratio), "
+                             f"got {spec.buffer_size}")
     abilities = algorithms.abilities(spec.algorithm)
     if abilities.heterogeneous or algorithms.uses_public(spec.algorithm):
         raise ValueError(f"algorithm {spec.algorithm} cannot run under condition {condition}: "

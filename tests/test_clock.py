@@ -6,6 +6,7 @@ import dataclasses
 import heapq
 import json
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,10 @@ def test_fedbuff_without_staleness_equals_fedavg():
     model = make_model("mlp", data.input_shape, data.num_classes)
     hp = dict(local_epochs=1, batch_size=n_max, lr=0.1, join_ratio=1.0)
     alg = algorithms.make("fedavg", model, **hp)
-    buff = clocked(alg, Clock(system.homogeneous(4), condition="fedbuff", buffer_size=4), 4)
+    # B = C = K = 4: every step waits for all clients, a synchronous round (warned about).
+    with pytest.warns(UserWarning, match="with every client in flight, a synchronous"):
+        buff = clocked(alg, Clock(system.homogeneous(4), condition="fedbuff", buffer_size=4),
+                       4)
     data = to_device(data)
     plain, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), data), data)
     state, metrics = jax.jit(buff.round)(buff.init(jax.random.key(0), data), data)
@@ -110,6 +114,30 @@ def num_bytes(alg, data):
     up, _ = alg.comm_bytes(data)
     from fedjax_sim.core.cohort import cohort_size
     return up / cohort_size(data.num_clients, alg.hparams["join_ratio"])
+
+
+def test_fedbuff_defaults_to_a_buffer_below_the_concurrency():
+    """FedBuff's default B is a tenth of the C clients in flight (Nguyen et al.'s 10 of
+    100), at least 1; B = C is warned about by the Python API (and refused by the command
+    line, test_cli_refuses_bad_clock_options)."""
+    homog = system.homogeneous(40)
+    buff = Clock(homog, condition="fedbuff")
+    assert [buff.buffer(c) for c in (1, 4, 10, 25, 100)] == [1, 1, 1, 2, 10]
+    assert Clock(homog, condition="fedasync", buffer_size=3).buffer(10) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_clock(buff, 40, 10)
+        check_clock(Clock(homog, condition="fedbuff", buffer_size=9), 40, 10)
+    with pytest.warns(UserWarning, match="buffer_size 10 = the 10 clients in flight"):
+        check_clock(Clock(homog, condition="fedbuff", buffer_size=10), 40, 10)
+    data, _, alg = _setup("fedavg", num_clients=40, join_ratio=0.5)  # C = 20, B = 2
+    timed = clocked(alg, Clock(system.lognormal(40, seed=1), condition="fedbuff"), 40)
+    state, metrics = jax.jit(timed.round)(timed.init(jax.random.key(0), to_device(data)),
+                                          to_device(data))
+    assert int(metrics["aggregated"]) == 2
+    # The first arrival's slot was refilled at once; the flushing one's waits for the next
+    # step: C - 1 clients in flight.
+    assert int(np.sum(np.isfinite(np.asarray(state.clock.finish)))) == 19
 
 
 def test_fedbuff_clock_matches_an_event_simulation():
@@ -311,6 +339,8 @@ def test_bad_system_and_condition_values():
       "--num-clients", "6", "--join-ratio", "0.5"], "--first-m must be at most"),
     (["--system", "homogeneous", "--condition", "fedbuff", "--buffer-size", "0"],
      "--buffer-size must be"),
+    (["--system", "homogeneous", "--condition", "fedbuff", "--buffer-size", "3",
+      "--num-clients", "6", "--join-ratio", "0.5"], "--buffer-size must be in [1, 2]"),
     (["--condition", "fedbuff"], "--condition needs --system"),
 ])
 def test_cli_refuses_bad_clock_options(tmp_path, capsys, argv, message):

@@ -187,6 +187,8 @@ def assert_same(expected, got):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=where)
 
 
+# B = C (8, 0.5, 4) is a configuration check_clock warns about; it still refills freed slots.
+@pytest.mark.filterwarnings("ignore:fedbuff with buffer_size:UserWarning")
 @pytest.mark.parametrize("num_clients, join_ratio, buffer", [(10, 0.4, 3), (8, 0.5, 4)])
 def test_fedbuff_refills_at_each_arrival(num_clients, join_ratio, buffer):
     expected, got = run_both("fedbuff", num_clients, join_ratio, buffer, steps=8)
@@ -227,6 +229,7 @@ def test_event_simulation_sends_jobs_at_arrivals():
     assert second["in_flight"] == {2: (11.0, 0)}
 
 
+@pytest.mark.filterwarnings("ignore:fedbuff with buffer_size:UserWarning")  # B = C = 2
 def test_a_client_coming_online_takes_the_next_freed_slot():
     """With an availability trace, a slot freed between two flushes goes to a client
     online at the arrival's time, not only to those online at the step's start."""

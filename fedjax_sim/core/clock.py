@@ -2,69 +2,94 @@
 
 A course of federated training is a sequence of events: a client's update arrives, every
 awaited update arrived, a time budget ran out, a client went on or offline. With a
-per-client system model (``core.system``) every sampled client's job gets a finish time
+per-client system model (``core.system``) every dispatched client's job gets a finish time
 (download, local training, upload); a *server condition* decides, from those times, which
 updates the server aggregates and when. All of it runs inside the jitted round, for all
 clients at once.
 
+The round itself is the skeleton of ``core.rounds`` (dispatch, train, receive, aggregate):
+the clock is passed into it as a ``core.rounds.Schedule`` (:meth:`Clock.schedule`), whose
+dispatch step runs the events below, whose merge step is an asynchronous server's and
+whose record step advances :class:`ClockState`. This module imports the skeleton's steps;
+the skeleton imports nothing of the clock.
+
 Conditions are small pure functions registered by name (:func:`register_condition`):
 
 * synchronous ones, ``fn(finish, valid, clock) -> (arrived, round_time)`` over the
-  cohort's (N,) finish times (virtual seconds from the round's start) and (N,) ``valid``
-  (online when sampled and not dropped): which updates the server aggregates and how long
-  the round took. Built in:
+  cohort's N slots: ``finish`` (N,) the virtual seconds from the round's start when each
+  slot's job ends, for the server (its update arrives, or it learns that the job dropped
+  out; ``inf``: the slot holds no job), ``valid`` (N,) whether the job delivers an update.
+  They say which updates the server aggregates and how long the round took. Built in:
 
-  - ``wait_all``: today's synchronous round; the round lasts until the slowest valid
-    member arrives (a dropped client is not waited for);
-  - ``deadline``: aggregate what arrived by ``deadline`` T; the round ends at T, or at the
-    last arrival when every valid member arrived before T; later work is wasted;
-  - ``first_m``: over-selection: of the N sampled, aggregate the first M arrivals; the
-    round ends at the M-th (or the last valid one when fewer than M are valid).
+  - ``wait_all``: the round lasts until every slot's job ended;
+  - ``deadline``: aggregate what arrived by ``deadline`` T; the round ends at T, or when
+    every slot's job ended before T; later work is wasted;
+  - ``first_m``: over-selection: of the N sampled, aggregate the first M updates; the
+    round ends at the M-th (or when every job ended, when fewer than M deliver).
 
 * asynchronous ones, ``fn(current, uploads, starts, staleness, use, clock) -> new``: the
-  server's merge of the arrivals of one server step into its model (in the space of the
+  server's merge of the updates of one server step into its model (in the space of the
   uploads): ``current`` the global model, ``uploads`` / ``starts`` (B, ...) the arrived
   models and the global models they started from, ``staleness`` (B,) server versions
-  since then, ``use`` (B,) which arrivals count. Built in:
+  since then, ``use`` (B,) which entries are updates. Built in:
 
-  - ``fedasync`` (Xie, Koyejo, Gupta 2019): ``w ← (1 − α_t) w + α_t w_k``, one arrival
-    per step, ``α_t = async_alpha · (1 + τ)^(−staleness_exponent)``;
+  - ``fedasync`` (Xie, Koyejo, Gupta 2019): ``w ← (1 − α_t) w + α_t w_k``, one update per
+    step, ``α_t = async_alpha · (1 + τ)^(−staleness_exponent)``;
   - ``fedbuff`` (Nguyen et al., AISTATS 2022): the server buffers B = ``buffer_size``
-    arrivals, weights each delta by ``1 / √(1 + τ)``, steps
-    ``w ← w + server_lr · Σ_k w_k Δ_k / |used|`` and clears the buffer.
+    updates, weights each delta by ``1 / √(1 + τ)``, steps
+    ``w ← w + server_lr · Σ_k w_k Δ_k / |used|`` and clears the buffer. B defaults to a
+    tenth of the clients in flight (:func:`default_buffer`; the ratio of the paper's
+    experiments, e.g. 10 of 100). B = C waits for as many updates as clients train at
+    once; with every client in flight (C = K) that is a synchronous ``wait_all`` round:
+    :func:`check_clock` warns about it.
 
-Synchronous rounds keep the round skeleton (``core.rounds.federated``): the aggregation
-weights become ``counts × arrived``; members whose update is not aggregated keep their
-previous personal rows; a round where nothing arrived leaves the server unchanged. The
-cohort is drawn among online clients (uniformly, as without a system model when every
-client is online: then the cohort and every float equal today's round).
+Synchronous rounds: the aggregation weights become ``counts × arrived``; members whose
+update is not aggregated keep their previous personal rows; a round where nothing arrived
+leaves the server unchanged. The cohort is drawn among online clients (uniformly, as
+without a system model when every client is online: then the cohort and every float equal
+the plain round's).
 
 In the asynchronous modes C = the usual cohort size clients are in flight, as FedBuff's
 server keeps them (Nguyen et al. 2022, Algorithm 1): a client reports when its job ends,
 and the server at once sends a job to another one. Each server step (one ``round`` of the
 state) is one flush of the buffer: first the free slots are filled with clients drawn
-among the online, free ones (event 0), then the B next arrivals are taken one event at a
-time in time order (on (K,) finish times; a ``lax.scan`` over the first B − 1, which send
-jobs: none for FedAsync, B = 1). Every arrival but the B-th frees its slot, which is
-filled at once, at the arrival's time, with the model current then: the one of this step,
-not yet updated (event j for the j-th arrival); the B-th arrival's update completes the
-buffer, the server merges the B updates, advances the virtual clock to that arrival, and
-its slot is filled with the new model at the next step's event 0. A dispatched client
-receives what the server sends at that moment (kept per client: a (K, ...) copy,
-``ClockState.start``, typed keys as raw key data), is stamped with the server version (so
-its staleness counts from the model it received) and gets a finish time from its dispatch.
-A client whose update waits in the buffer is not drawn again before the flush (a buffer
-holds one update per client; its personal rows are written at the flush): with populations
-much larger than C, as in the paper, this rarely binds, and with C = K a freed slot waits
-for the flush. The arrivals of a step are trained together, each from what it received.
-Event j >= 1 draws its clients and their dropouts with the step's keys folded with j
-(:func:`dispatch_scores`), among the clients online then (the step's Markov state, or the
-trace at the arrival's time); event 0 uses the step's keys unfolded, so FedAsync (B = 1,
-no event inside a step sends a job) is unchanged. Personal rows (FedPer's heads, FedOBP's
-personal parts) are written back when a client's update is merged. A dropped client holds
-its slot until its would-be finish time and its update is then discarded (wasted), still
-counting as one of the step's B arrivals. A step with nothing in flight and no client
-online waits: with a trace the clock jumps to the next interval start.
+among the online, free ones (event 0), then the step's events are taken one at a time in
+time order (on (K,) finish times, a ``lax.while_loop``) until the B-th update arrives.
+Every event but that last one frees its slot, which is filled at once, at the event's
+time, with the model current then: the one of this step, not yet updated (event j for the
+step's j-th event); the B-th update completes the buffer, the server merges the B updates,
+advances the virtual clock to that arrival, and its slot is filled with the new model at
+the next step's event 0. A dispatched client receives what the server sends at that
+moment (kept per client: a (K, ...) copy, ``ClockState.start``, typed keys as raw key
+data), is stamped with the server version (so its staleness counts from the model it
+received) and gets a finish time from its dispatch. A client whose update waits in the
+buffer is not drawn again before the flush (a buffer holds one update per client; its
+personal rows are written at the flush): with populations much larger than C, as in the
+paper, this rarely binds, and with C = K a freed slot waits for the flush. The updates of
+a step are trained together, each from what it received. A step with nothing in flight and
+no client online waits: with a trace the clock jumps to the next interval start.
+
+Dropout, one model for every condition. A client that starts a job drops out of it with
+its dropout probability, drawn when the job is sent. The server learns of it only when the
+job would have finished, or when its round ends first (a deadline, the M-th update): a
+dropped job never counts as an update, neither among ``wait_all``'s awaited nor ``first_m``'s
+M nor in FedBuff's buffer, and its work is wasted. Its slot is refilled at the moment the
+server learns of the drop, from the model current then: in a synchronous round by a client
+drawn among the online clients not yet in the round (each client trains at most once a
+round; with none left the slot stays empty), whose job the condition waits for as for any
+other (``wait_all`` waits for it, ``deadline`` takes it if it arrives by T, ``first_m``
+counts it among the M); in the asynchronous modes as at an arrival (the client that
+dropped is free again). An asynchronous step handles at most C + ``EVENTS_PER_UPDATE`` · B
+events: at dropout rates that reach it (near 1) the step merges the updates it holds.
+FederatedScope and FedScale model a lost update otherwise (``experiments/clock.md``,
+Dropout): a stale update dropped on arrival, its slot refilled at the next aggregation; a
+client inactive at its completion time removed before its round is timed.
+
+Random draws of the clock: event 0 of a round or step draws its clients
+(:func:`dispatch_scores`) and its dropouts (:func:`dropout_draws`) with the salted keys of
+:func:`step_keys`; event j >= 1 (the j-th drop the server learns of in a synchronous round,
+the j-th arrival or drop of an asynchronous step) with those keys folded with j, among the
+clients online then (the round's Markov state, or the trace at the event's time).
 
 Availability decides who can be sampled (dispatched); a client that goes offline during a
 job is modeled by its dropout probability, not by the availability chain or trace.
@@ -74,6 +99,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -83,17 +109,10 @@ import numpy as np
 from flax import struct
 
 from fedjax_sim.core import system as system_lib
-from fedjax_sim.core.cohort import client_map, cohort_size
-from fedjax_sim.core.rounds import (
-    CohortResult,
-    advance,
-    draw_cohort,
-    round_orders,
-    run_cohort,
-    with_examples,
-)
+from fedjax_sim.core.cohort import cohort_size
+from fedjax_sim.core.rounds import Plan, RoundKeys, Schedule, draw_cohort
 from fedjax_sim.core.system import SystemModel
-from fedjax_sim.kernels.aggregation import gather, scatter
+from fedjax_sim.kernels.aggregation import gather
 
 # Salt of the clock's keys: folded into the round key, so that the keys the round draws
 # its cohort and training from are those of a round without a system model.
@@ -104,6 +123,10 @@ ASYNCHRONOUS = ("fedasync", "fedbuff")
 
 # Round metrics and record fields of a clocked run.
 CLOCK_METRICS = ("virtual_time", "round_time", "wasted_work", "aggregated")
+
+# Events (arrivals and drops) an asynchronous server step handles per update of its
+# buffer, besides one per client in flight: far more than dropout rates below 0.8 need.
+EVENTS_PER_UPDATE = 8
 
 
 class Condition(NamedTuple):
@@ -146,6 +169,12 @@ def get_condition(name: str) -> Condition:
     return _CONDITIONS[name]
 
 
+def default_buffer(flight: int) -> int:
+    """FedBuff's default buffer size B for ``flight`` clients in flight: a tenth of them,
+    rounded down, at least 1 (the ratio of Nguyen et al.'s experiments, 10 of 100)."""
+    return max(1, flight // 10)
+
+
 @dataclasses.dataclass(frozen=True)
 class Clock:
     """A system model and the server condition a run follows.
@@ -155,7 +184,8 @@ class Clock:
       condition: a registered condition name.
       deadline: T in virtual seconds (``deadline``).
       first_m: M, updates aggregated per round (``first_m``), at most the cohort size.
-      buffer_size: B, arrivals per server step (``fedbuff``; default: the cohort size).
+      buffer_size: B, updates per server step (``fedbuff``; default
+        :func:`default_buffer` of the cohort size, the clients in flight).
       async_alpha: α of ``fedasync``, in (0, 1].
       staleness_exponent: a of the polynomial staleness weight ``(1 + τ)^(−a)``, >= 0.
       server_lr: η_g of ``fedbuff``, > 0.
@@ -174,24 +204,34 @@ class Clock:
     def asynchronous(self) -> bool:
         return get_condition(self.condition).asynchronous
 
-    def buffer(self, cohort: int) -> int:
-        """Arrivals per server step of an asynchronous condition."""
+    def buffer(self, flight: int) -> int:
+        """Updates per server step of an asynchronous condition with ``flight`` clients
+        in flight."""
         if self.condition == "fedasync":
             return 1
-        return cohort if self.buffer_size is None else self.buffer_size
+        return default_buffer(flight) if self.buffer_size is None else self.buffer_size
 
-    def round(self, method, *, join_ratio: float, execution, budget: tuple,
-              comm_bytes: Callable, batch_order: Any = None) -> Callable:
-        """``round_with(state, data, hp)`` of ``method`` on this clock: the round skeleton
-        (``core.rounds.federated``) hands the round to its clock, which knows its
-        condition; the skeleton never imports this module."""
-        common = dict(join_ratio=join_ratio, execution=execution, clock=self, budget=budget,
-                      comm_bytes=comm_bytes)
-        if self.asynchronous:
-            if batch_order is not None:
-                raise ValueError(f"condition {self.condition} takes no fixed batch order")
-            return asynchronous_round(method, **common)
-        return synchronous_round(method, batch_order=batch_order, **common)
+    def schedule(self, *, join_ratio: float, budget: tuple, comm_bytes: Callable,
+                 batch_order: Any = None) -> Schedule:
+        """The ``core.rounds.Schedule`` of this clock's condition, which the round skeleton
+        (``core.rounds.federated``) runs under.
+
+        Args:
+          join_ratio: fixes the cohort size N (synchronous) or the clients in flight C.
+          budget: ``(local_epochs, local_steps, batch_size)``: the samples a job processes.
+          comm_bytes: the algorithm's ``comm_bytes(data) -> (up, down)`` of a cohort.
+          batch_order: host batch orders (synchronous conditions only).
+
+        Raises:
+          ValueError: batch orders under an asynchronous condition.
+        """
+        if not self.asynchronous:
+            return synchronous_schedule(self, join_ratio=join_ratio, budget=budget,
+                                        comm_bytes=comm_bytes)
+        if batch_order is not None:
+            raise ValueError(f"condition {self.condition} takes no fixed batch order")
+        return asynchronous_schedule(self, join_ratio=join_ratio, budget=budget,
+                                     comm_bytes=comm_bytes)
 
     def describe(self) -> dict:
         """The settings as JSON-able values (the system model by its size)."""
@@ -214,6 +254,10 @@ def _finite(label: str, value: Any, low: float, *, closed: bool, high: float | N
 def check_clock(clock: Clock, num_clients: int, cohort: int) -> Clock:
     """Checks ``clock`` against a run of ``num_clients`` clients and cohort size
     ``cohort``, on the host, before anything is compiled.
+
+    Warns (``UserWarning``) when FedBuff's buffer is as large as the ``cohort`` >= 2
+    clients in flight: each step then waits for as many updates as clients train at once
+    (with every client in flight, a synchronous round).
 
     Raises:
       ValueError: naming the setting and its allowed range: an unknown condition, a
@@ -244,6 +288,12 @@ def check_clock(clock: Clock, num_clients: int, cohort: int) -> Clock:
         if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= cohort:
             raise ValueError(f"buffer_size must be an integer in [1, {cohort}] (at most the "
                              f"clients in flight), got {b!r}")
+    if clock.condition == "fedbuff" and cohort >= 2 and clock.buffer(cohort) == cohort:
+        warnings.warn(f"fedbuff with buffer_size {cohort} = the {cohort} clients in flight: "
+                      "each server step waits for as many updates as clients train at once "
+                      "(with every client in flight, a synchronous wait_all round); FedBuff "
+                      f"buffers fewer (default {default_buffer(cohort)})", UserWarning,
+                      stacklevel=3)
     _finite("async_alpha", clock.async_alpha, 0, closed=False, high=1.0, allowed="in (0, 1]")
     _finite("staleness_exponent", clock.staleness_exponent, 0, closed=True, allowed=">= 0")
     _finite("server_lr", clock.server_lr, 0, closed=False, allowed="> 0")
@@ -253,27 +303,34 @@ def check_clock(clock: Clock, num_clients: int, cohort: int) -> Clock:
 # --- Built-in conditions -----------------------------------------------------------------
 
 
+def _last_end(finish):
+    """When the last job of the round ended for the server (0 without any job)."""
+    return jnp.max(jnp.where(jnp.isfinite(finish), finish, 0.0))
+
+
 def wait_all(finish, valid, clock):
-    """Every valid member; the round lasts until the slowest of them."""
+    """Every delivered update; the round lasts until every job ended."""
     del clock
-    return valid, jnp.max(jnp.where(valid, finish, 0.0))
+    return valid, _last_end(finish)
 
 
 def deadline(finish, valid, clock):
-    """The valid members that arrive by T; the round ends at T, or at the last arrival
-    when every valid member arrived before T."""
+    """The updates that arrive by T; the round ends at T, or when every job ended before
+    T."""
     arrived = valid & (finish <= clock.deadline)
-    everyone = jnp.all(arrived == valid)
-    last = jnp.max(jnp.where(arrived, finish, 0.0))
-    return arrived, jnp.where(everyone, last, jnp.float32(clock.deadline))
+    everyone = jnp.all(jnp.where(jnp.isfinite(finish), finish <= clock.deadline, True))
+    return arrived, jnp.where(everyone, _last_end(finish), jnp.float32(clock.deadline))
 
 
 def first_m(finish, valid, clock):
-    """The first M valid arrivals; the round ends at the M-th (or the last valid one)."""
+    """The first M updates; the round ends at the M-th (or when every job ended, with
+    fewer than M)."""
     times = jnp.where(valid, finish, jnp.inf)
     rank = jnp.argsort(jnp.argsort(times, stable=True), stable=True)
     arrived = valid & (rank < clock.first_m)
-    return arrived, jnp.max(jnp.where(arrived, finish, 0.0))
+    enough = jnp.sum(valid) >= clock.first_m
+    return arrived, jnp.where(enough, jnp.max(jnp.where(arrived, finish, 0.0)),
+                              _last_end(finish))
 
 
 def staleness_weight(staleness, exponent):
@@ -282,7 +339,7 @@ def staleness_weight(staleness, exponent):
 
 
 def fedasync(current, uploads, starts, staleness, use, clock):
-    """FedAsync's mixing of the one arrival of a step into the global model."""
+    """FedAsync's mixing of the one update of a step into the global model."""
     del starts
     alpha = clock.async_alpha * staleness_weight(staleness, clock.staleness_exponent)
     alpha = jnp.where(use, alpha, 0.0)[0]
@@ -367,10 +424,6 @@ def upload_view(received: Any) -> Any:
     return received[0] if isinstance(received, tuple) else received
 
 
-def _with_view(received: Any, view: Any) -> Any:
-    return (view, *received[1:]) if isinstance(received, tuple) else view
-
-
 def _same_space(view: Any, uploads: Any) -> bool:
     try:
         pairs = jax.tree.map(lambda v, u: jnp.shape(v) == jnp.shape(u)[1:], view, uploads)
@@ -388,6 +441,22 @@ def job_samples(train_counts: jax.Array, budget: tuple) -> jax.Array:
     return epochs * train_counts.astype(jnp.float32)
 
 
+class _Jobs(NamedTuple):
+    """(K,) one job of each client: its virtual seconds and its samples."""
+
+    durations: jax.Array
+    samples: jax.Array
+
+
+def _jobs(system: SystemModel, data: Any, budget: tuple, comm_bytes: Callable,
+          cohort: int) -> _Jobs:
+    up, down = comm_bytes(data)
+    samples = job_samples(data.train_counts, budget)
+    durations = system_lib.job_durations(system, samples, float(down) / cohort,
+                                         float(up) / cohort)
+    return _Jobs(durations, samples)
+
+
 def _system(clock: Clock) -> SystemModel:
     return jax.tree.map(jnp.asarray, clock.system)
 
@@ -402,99 +471,25 @@ def _idle_until(system: SystemModel, time: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(later), later, time)
 
 
-def _bytes_per_client(comm_bytes: Callable, data: Any, cohort: int) -> tuple[float, float]:
-    up, down = comm_bytes(data)
-    return float(down) / cohort, float(up) / cohort
-
-
-def _masked_rows(present: jax.Array, new: Any, old: Any) -> Any:
-    """Rows of ``new`` where ``present`` (K,), else ``old``."""
-    def pick(a, b):
-        return jnp.where(present.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-
-    return jax.tree.map(pick, new, old)
-
-
 def _metrics(clock: ClockState, round_time, aggregated) -> dict:
     return {"virtual_time": clock.time, "round_time": jnp.asarray(round_time, jnp.float32),
             "wasted_work": clock.wasted / jnp.maximum(clock.trained, 1.0),
             "aggregated": jnp.asarray(aggregated, jnp.int32)}
 
 
-def synchronous_round(method, *, join_ratio: float, execution, clock: Clock, budget: tuple,
-                      comm_bytes: Callable, batch_order: Any = None) -> Callable:
-    """``round_with(state, data, hp)`` of ``method`` under a synchronous condition."""
-    cond = get_condition(clock.condition)
-
-    def client(shared, own, x, y, n, key):
-        hp, received = shared
-        return method.client_update(hp, received, own, x, y, n, key)
-
-    def round_with(state, data, hp):
-        num_clients = data.num_clients
-        size = cohort_size(num_clients, join_ratio)
-        system = _system(clock)
-        c = state.clock
-        next_key, round_key = jax.random.split(state.key)
-        cohort_key, received, context = method.broadcast(hp, state, round_key)
-        avail_key, drop_key, pick_key = jax.random.split(jax.random.fold_in(round_key, _SALT), 3)
-        online = system_lib.availability(avail_key, system, c.online, c.time)
-        uniform, _ = draw_cohort(cohort_key, num_clients, size)
-        if uniform is None:
-            index = None
-        else:
-            # Uniform among the online clients: today's draw when it holds only online
-            # ones (always, when everyone is online), else a draw that prefers them.
-            score = jnp.where(online, jax.random.uniform(pick_key, (num_clients,)), -1.0)
-            _, preferred = jax.lax.top_k(score, size)
-            index = jnp.where(jnp.all(online[uniform]), uniform, preferred)
-        down_b, up_b = _bytes_per_client(comm_bytes, data, size)
-        samples = job_samples(data.train_counts, budget)
-        durations = system_lib.job_durations(system, samples, down_b, up_b)
-        dropped = system_lib.draw_dropout(drop_key, system)
-        started = gather(online, index)
-        valid = started & ~gather(dropped, index)
-        arrived, round_time = cond.fn(gather(durations, index), valid, clock)
-        cohort = run_cohort(
-            cohort_key, state.clients, data, client, join_ratio=join_ratio,
-            mean_uploads=method.mean_uploads, server=(hp, received),
-            orders=round_orders(batch_order, state.round),
-            strategy=execution.strategy, chunk_size=execution.chunk_size,
-            index=index, present=arrived,
-        )
-        present = (arrived if index is None
-                   else jnp.zeros((num_clients,), bool).at[index].set(arrived))
-        clients = _masked_rows(present, cohort.clients, state.clients)
-        server, metrics = method.server_update(hp, state, cohort, context)
-        any_arrived = jnp.any(arrived)
-        if server is not None:
-            server = jax.tree.map(lambda a, b: jnp.where(any_arrived, a, b), server,
-                                  state.server)
-        work = gather(samples, index)
-        nobody = ~jnp.any(valid)
-        round_time = jnp.where(nobody, _idle_until(system, c.time) - c.time, round_time)
-        new_clock = c.replace(
-            time=c.time + round_time, online=online,
-            participation=c.participation + present.astype(jnp.int32),
-            trained=c.trained + jnp.sum(jnp.where(started, work, 0.0)),
-            wasted=c.wasted + jnp.sum(jnp.where(started & ~arrived, work, 0.0)),
-        )
-        state = advance(state, next_key, server=server, clients=clients)
-        state = state.replace(clock=new_clock)
-        return state, {"train_loss": cohort.loss, **metrics,
-                       **_metrics(new_clock, round_time, jnp.sum(arrived))}
-
-    return round_with
+# --- Random draws of the events ----------------------------------------------------------
 
 
 class StepKeys(NamedTuple):
-    """The keys of one asynchronous server step, drawn from the state's key.
+    """The keys of one round or asynchronous server step, drawn from the state's key.
 
     Attributes:
       next: the state's key after the step.
-      round: the key the method's ``broadcast`` gets (as in a synchronous round).
-      avail, drop, pick, train: the availability step, the dropout draws, the client draws
-        and the training keys of the step (salted, so that ``round`` stays a plain round's).
+      round: the key the method's ``broadcast`` gets (as in a plain round).
+      avail, drop, pick: the availability step, the dropout draws and the client draws
+        (salted, so that ``round`` stays a plain round's).
+      train: the training keys of an asynchronous step (a synchronous round trains with
+        the cohort key, as a plain round); ``None`` in a synchronous round.
     """
 
     next: jax.Array
@@ -502,22 +497,35 @@ class StepKeys(NamedTuple):
     avail: jax.Array
     drop: jax.Array
     pick: jax.Array
-    train: jax.Array
+    train: jax.Array | None
 
 
-def step_keys(state_key: jax.Array) -> StepKeys:
-    """The keys of the asynchronous server step taken from a state with key ``state_key``."""
-    next_key, round_key = jax.random.split(state_key)
-    return StepKeys(next_key, round_key,
-                    *jax.random.split(jax.random.fold_in(round_key, _SALT), 4))
+def step_keys(state_key: jax.Array, *, asynchronous: bool = True) -> StepKeys:
+    """The keys of the round (``asynchronous=False``) or asynchronous server step taken
+    from a state with key ``state_key``."""
+    return _salted(*jax.random.split(state_key), asynchronous=asynchronous)
+
+
+def _salted(next_key: jax.Array, round_key: jax.Array, *, asynchronous: bool) -> StepKeys:
+    salted = jax.random.fold_in(round_key, _SALT)
+    if asynchronous:
+        return StepKeys(next_key, round_key, *jax.random.split(salted, 4))
+    return StepKeys(next_key, round_key, *jax.random.split(salted, 3), None)
 
 
 def dispatch_scores(pick_key: jax.Array, event: Any, num_clients: int) -> jax.Array:
-    """(K,) uniform scores by which dispatch event ``event`` of an asynchronous server step
-    ranks the clients it may send a job to (the highest first): event 0 fills the free
-    slots at the step's start, event j >= 1 the slot of the step's j-th arrival.
-    ``pick_key``: ``step_keys(state.key).pick``."""
+    """(K,) uniform scores by which dispatch event ``event`` of a round or asynchronous
+    step ranks the clients it may send a job to (the highest first): event 0 draws the
+    cohort among the online (synchronous) or fills the free slots at the step's start,
+    event j >= 1 the slot of the j-th event (see the module docstring).
+    ``pick_key``: ``step_keys(state.key, ...).pick``."""
     return jax.random.uniform(_event_key(pick_key, event), (num_clients,))
+
+
+def dropout_draws(drop_key: jax.Array, event: Any, system: SystemModel) -> jax.Array:
+    """(K,) bool: whether each client would drop out of a job sent at event ``event``.
+    ``drop_key``: ``step_keys(state.key, ...).drop``."""
+    return system_lib.draw_dropout(_event_key(drop_key, event), system)
 
 
 def _event_key(key: jax.Array, event: Any) -> jax.Array:
@@ -541,6 +549,256 @@ def _typed_keys(raw: Any, like: Any) -> Any:
         if _is_key(a) else r, raw, like)
 
 
+# --- Synchronous rounds ------------------------------------------------------------------
+
+
+class _Slots(NamedTuple):
+    """A synchronous round's N jobs, one per cohort slot.
+
+    Attributes:
+      client: (N,) int32, the client of each slot's job.
+      end: (N,) float32, when the job ends for the server, in virtual seconds from the
+        round's start: its update arrives, or the server learns that it dropped out (at its
+        would-be finish); ``inf``: the slot holds no job (its client was offline).
+      dropped: (N,) bool, the job dropped out.
+      closed: (N,) bool, a dropped job whose slot found no client to take it.
+    """
+
+    client: jax.Array
+    end: jax.Array
+    dropped: jax.Array
+    closed: jax.Array
+
+    @property
+    def valid(self) -> jax.Array:
+        """(N,) bool: the slot's job delivers an update."""
+        return jnp.isfinite(self.end) & ~self.dropped
+
+
+class _RoundRecord(NamedTuple):
+    """What a synchronous round's dispatch hands its record: the online state, (K,) who
+    was aggregated, (N,) which slots held a job and its samples, the samples of the
+    dropped jobs whose slot was refilled, and the round's length."""
+
+    online: jax.Array
+    aggregated: jax.Array
+    started: jax.Array
+    work: jax.Array
+    lost: jax.Array
+    round_time: jax.Array
+
+
+def synchronous_schedule(clock: Clock, *, join_ratio: float, budget: tuple,
+                         comm_bytes: Callable) -> Schedule:
+    """The ``core.rounds.Schedule`` of a synchronous condition: the cohort is drawn among
+    the online clients, each slot's job gets a finish time, dropped jobs are refilled when
+    the server learns of them (the module docstring's dropout model), and the condition
+    decides which updates count and how long the round lasts."""
+    cond = get_condition(clock.condition)
+
+    def dispatch(state, data, keys: RoundKeys, received) -> Plan:
+        del received
+        num_clients, c, system = data.num_clients, state.clock, _system(clock)
+        size = cohort_size(num_clients, join_ratio)
+        k = _salted(keys.next, keys.round, asynchronous=False)
+        online = system_lib.availability(k.avail, system, c.online, c.time)
+        uniform, train_key = draw_cohort(keys.cohort, num_clients, size)
+        index = _online_cohort(uniform, online, k.pick, size)
+        jobs = _jobs(system, data, budget, comm_bytes, size)
+        slots = _first_jobs(index, online, jobs, dropout_draws(k.drop, 0, system))
+        lost = jnp.zeros((), jnp.float32)
+        # Refills need a free client (none under full participation) and a drop.
+        if index is not None and np.any(np.asarray(clock.system.dropout) > 0):
+            slots, lost = _refill(slots, cond=cond, clock=clock, system=system,
+                                  online=online, start=c.time, keys=k, jobs=jobs)
+            index = slots.client
+        arrived, round_time = cond.fn(slots.end, slots.valid, clock)
+        aggregated = (arrived if index is None
+                      else jnp.zeros((num_clients,), bool).at[index].set(arrived))
+        record = _RoundRecord(online, aggregated, jnp.isfinite(slots.end),
+                              gather(jobs.samples, index), lost, round_time)
+        return Plan(index, train_key, arrived, clock=record)
+
+    def record(state, plan: Plan, cohort) -> tuple[Any, dict]:
+        del cohort
+        c, r = state.clock, plan.clock
+        nobody = ~jnp.any(r.started)
+        round_time = jnp.where(nobody, _idle_until(_system(clock), c.time) - c.time,
+                               r.round_time)
+        new_clock = c.replace(
+            time=c.time + round_time, online=r.online,
+            participation=c.participation + r.aggregated.astype(jnp.int32),
+            trained=c.trained + jnp.sum(jnp.where(r.started, r.work, 0.0)) + r.lost,
+            wasted=(c.wasted + jnp.sum(jnp.where(r.started & ~plan.present, r.work, 0.0))
+                    + r.lost),
+        )
+        return (state.replace(clock=new_clock),
+                _metrics(new_clock, round_time, jnp.sum(plan.present)))
+
+    return Schedule(dispatch, record=record)
+
+
+def _online_cohort(uniform: jax.Array | None, online: jax.Array, pick_key: jax.Array,
+                   size: int) -> jax.Array | None:
+    """The cohort: uniform among the online clients. The plain round's draw when it holds
+    only online ones (always, when everyone is online), else a draw that prefers them."""
+    if uniform is None:
+        return None
+    score = jnp.where(online, dispatch_scores(pick_key, 0, online.shape[0]), -1.0)
+    _, preferred = jax.lax.top_k(score, size)
+    return jnp.where(jnp.all(online[uniform]), uniform, preferred)
+
+
+def _first_jobs(index: jax.Array | None, online: jax.Array, jobs: _Jobs,
+                dropped: jax.Array) -> _Slots:
+    """The jobs the round starts with: one per cohort member online now."""
+    started = gather(online, index)
+    client = jnp.arange(online.shape[0], dtype=jnp.int32) if index is None else index
+    return _Slots(client, jnp.where(started, gather(jobs.durations, index), jnp.inf),
+                  started & gather(dropped, index), jnp.zeros(started.shape, bool))
+
+
+def _refill(slots: _Slots, *, cond: Condition, clock: Clock, system: SystemModel,
+            online: jax.Array, start: jax.Array, keys: StepKeys,
+            jobs: _Jobs) -> tuple[_Slots, jax.Array]:
+    """Hands the slot of every dropped job the server learns of before the round ends
+    (its would-be finish at most the round's end under the condition) to a client drawn
+    among the online ones not yet in the round, in time order; event j is the j-th drop.
+
+    Returns:
+      The final slots, and the samples of the replaced (wasted) jobs.
+    """
+    num_clients = online.shape[0]
+
+    def pending(s: _Slots) -> jax.Array:
+        _, end = cond.fn(s.end, s.valid, clock)
+        return s.dropped & ~s.closed & (s.end <= end)
+
+    def event(carry):
+        s, used, j, lost = carry
+        slot = jnp.argmin(jnp.where(pending(s), s.end, jnp.inf))
+        time, old = s.end[slot], s.client[slot]
+        now = online if system.trace is None else system_lib.online_at(system, start + time)
+        score = jnp.where(now & ~used, dispatch_scores(keys.pick, j, num_clients), -1.0)
+        who = jnp.argmax(score).astype(s.client.dtype)
+        found = score[who] >= 0
+        s = _Slots(s.client.at[slot].set(jnp.where(found, who, old)),
+                   s.end.at[slot].set(jnp.where(found, time + jobs.durations[who], time)),
+                   s.dropped.at[slot].set(~found | dropout_draws(keys.drop, j, system)[who]),
+                   s.closed.at[slot].set(~found))
+        lost = lost + jnp.where(found, jobs.samples[old], 0.0)
+        return s, used.at[who].set(used[who] | found), j + 1, lost
+
+    used = jnp.zeros((num_clients,), bool).at[slots.client].set(True)
+    slots, _, _, lost = jax.lax.while_loop(
+        lambda carry: jnp.any(pending(carry[0])), event,
+        (slots, used, jnp.int32(1), jnp.zeros((), jnp.float32)))
+    return slots, lost
+
+
+# --- Asynchronous server steps -----------------------------------------------------------
+
+
+class _Flight(NamedTuple):
+    """(K,) per client, the jobs in flight during an asynchronous step.
+
+    Attributes:
+      finish: finish time of its job in flight (virtual seconds; ``inf``: free).
+      version: the server version its job started from.
+      dropped: whether its job drops out.
+      fresh: it was sent a job in this step.
+      taken: its update waits in the buffer.
+    """
+
+    finish: jax.Array
+    version: jax.Array
+    dropped: jax.Array
+    fresh: jax.Array
+    taken: jax.Array
+
+
+class _Buffer(NamedTuple):
+    """The step's updates in arrival order: (B,) clients and the server versions their
+    jobs started from, the first ``count`` of them filled."""
+
+    who: jax.Array
+    version: jax.Array
+    count: jax.Array
+
+
+class _StepRecord(NamedTuple):
+    """What an asynchronous step's dispatch hands its merge and record."""
+
+    online: jax.Array
+    flight: _Flight
+    staleness: jax.Array
+    work: jax.Array
+    lost: jax.Array
+    now: jax.Array
+    start: Any
+
+
+def asynchronous_schedule(clock: Clock, *, join_ratio: float, budget: tuple,
+                          comm_bytes: Callable) -> Schedule:
+    """The ``core.rounds.Schedule`` of an asynchronous condition: one server step per
+    round of the state (see the module docstring)."""
+    cond = get_condition(clock.condition)
+
+    def dispatch(state, data, keys: RoundKeys, received) -> Plan:
+        num_clients, c, system = data.num_clients, state.clock, _system(clock)
+        flight = cohort_size(num_clients, join_ratio)
+        size, events = clock.buffer(flight), flight + EVENTS_PER_UPDATE * clock.buffer(flight)
+        k = _salted(keys.next, keys.round, asynchronous=True)
+        online = system_lib.availability(k.avail, system, c.online, c.time)
+        jobs = _jobs(system, data, budget, comm_bytes, flight)
+        send = _sender(k, system, jobs, flight, c.server_version)
+        # Event 0: the free slots go to online, free clients, who receive the current
+        # model (after the previous step's flush).
+        free = ~jnp.isfinite(c.finish)
+        nobody = jnp.zeros((num_clients,), bool)
+        f = send(0, c.time, _Flight(c.finish, c.version, c.dropped, nobody, nobody),
+                 free & online, flight - jnp.sum(~free))
+        f, buf, count, last, lost = _events(f, send, online=online, system=system, size=size,
+                                            flight=flight, events=events, time=c.time,
+                                            samples=jobs.samples)
+        index = _with_placeholders(buf, f.taken)
+        use = jnp.arange(size) < buf.count
+        now = jnp.where(count == 0, _idle_until(system, c.time), jnp.maximum(c.time, last))
+        start = _keep_sent(c.start, _raw_keys(received), f.fresh,
+                           min(num_clients, flight + events))
+        record = _StepRecord(online, f, c.server_version - buf.version,
+                             jnp.where(use, jobs.samples[index], 0.0), lost, now, start)
+        return Plan(index, k.train, use, _typed_keys(gather(start, index), received), record)
+
+    def merge(received, plan: Plan, uploads):
+        current = upload_view(received)
+        if not _same_space(current, uploads):
+            raise ValueError("asynchronous conditions need uploads in the space of the model "
+                             "the server sends (the client's new model or its shared part)")
+        return cond.fn(current, uploads, upload_view(plan.sent), plan.clock.staleness,
+                       plan.present, clock)
+
+    return Schedule(dispatch, merge=merge, record=_step_record)
+
+
+def _sender(keys: StepKeys, system: SystemModel, jobs: _Jobs, flight: int,
+            server_version: jax.Array) -> Callable:
+    """``send(event, time, f, available, need) -> f``: event ``event`` sends jobs, with
+    the model current then, to the (at most ``need``) ``available`` clients it ranks
+    highest."""
+
+    def send(event, time, f: _Flight, available, need) -> _Flight:
+        num_clients = f.finish.shape[0]
+        new = _dispatch(dispatch_scores(keys.pick, event, num_clients), available, need,
+                        flight, num_clients)
+        drop = dropout_draws(keys.drop, event, system)
+        return f._replace(finish=jnp.where(new, time + jobs.durations, f.finish),
+                          version=jnp.where(new, server_version, f.version),
+                          dropped=jnp.where(new, drop, f.dropped), fresh=f.fresh | new)
+
+    return send
+
+
 def _dispatch(scores: jax.Array, available: jax.Array, need: jax.Array, flight: int,
               num_clients: int) -> jax.Array:
     """(K,) bool: the (at most ``need``) available clients with the highest scores."""
@@ -551,136 +809,79 @@ def _dispatch(scores: jax.Array, available: jax.Array, need: jax.Array, flight: 
     return jnp.zeros((num_clients,), bool).at[target].set(True, mode="drop")
 
 
-def asynchronous_round(method, *, join_ratio: float, execution, clock: Clock, budget: tuple,
-                       comm_bytes: Callable) -> Callable:
-    """``round_with(state, data, hp)`` of ``method`` under an asynchronous condition: one
-    server step per call (see the module docstring)."""
-    cond = get_condition(clock.condition)
+def _events(f: _Flight, send: Callable, *, online, system, size, flight, events, time,
+            samples) -> tuple:
+    """The step's events in time order, until the B-th update arrives, nothing is in
+    flight or ``events`` events passed. An update enters the buffer, a drop is wasted;
+    every event but the B-th update hands its slot to a new client at once, among those
+    online then, free and without an update in the buffer.
 
-    def client(hp, received, own, x, y, n, key):
-        return method.client_update(hp, received, own, x, y, n, key)
+    Returns:
+      ``(flight, buffer, events handled, time of the last, samples of the drops)``.
+    """
+    num_clients = f.finish.shape[0]
 
-    def round_with(state, data, hp):
-        num_clients = data.num_clients
-        flight = cohort_size(num_clients, join_ratio)
-        size = clock.buffer(flight)
-        system = _system(clock)
-        c = state.clock
-        keys = step_keys(state.key)
-        _, received, context = method.broadcast(hp, state, keys.round)
-        current = upload_view(received)
-        sent = _raw_keys(received)  # what every client dispatched in this step receives
-        online = system_lib.availability(keys.avail, system, c.online, c.time)
-        down_b, up_b = _bytes_per_client(comm_bytes, data, flight)
-        samples = job_samples(data.train_counts, budget)
-        durations = system_lib.job_durations(system, samples, down_b, up_b)
+    def event(carry):
+        f, buf, j, _, lost = carry
+        who = jnp.argmin(f.finish)
+        time, valid = f.finish[who], ~f.dropped[who]
+        gone = jnp.arange(num_clients) == who
+        buf = _Buffer(buf.who.at[buf.count].set(jnp.where(valid, who, buf.who[buf.count])),
+                      buf.version.at[buf.count].set(
+                          jnp.where(valid, f.version[who], buf.version[buf.count])),
+                      buf.count + valid.astype(jnp.int32))
+        f = f._replace(finish=jnp.where(gone, jnp.inf, f.finish), taken=f.taken | (gone & valid))
+        now = online if system.trace is None else system_lib.online_at(system, time)
+        need = jnp.where(buf.count < size, flight - jnp.sum(jnp.isfinite(f.finish)), 0)
+        f = send(j, time, f, now & ~jnp.isfinite(f.finish) & ~f.taken, need)
+        return f, buf, j + 1, time, lost + jnp.where(valid, 0.0, samples[who])
 
-        def dispatch(event, time, finish, version, dropped, available, need):
-            new = _dispatch(dispatch_scores(keys.pick, event, num_clients), available, need,
-                            flight, num_clients)
-            drop = system_lib.draw_dropout(_event_key(keys.drop, event), system)
-            return (new, jnp.where(new, time + durations, finish),
-                    jnp.where(new, c.server_version, version), jnp.where(new, drop, dropped))
+    def going(carry):
+        f, buf, j, _, _ = carry
+        return (buf.count < size) & jnp.any(jnp.isfinite(f.finish)) & (j <= events)
 
-        # Event 0: fill the free slots with online, free clients, who receive the current
-        # model (after the previous step's flush).
-        free = ~jnp.isfinite(c.finish)
-        fresh, finish, version, dropped = dispatch(
-            0, c.time, c.finish, c.version, c.dropped, free & online,
-            flight - jnp.sum(~free))
+    empty = jnp.zeros((size,), jnp.int32)
+    f, buf, j, last, lost = jax.lax.while_loop(
+        going, event, (f, _Buffer(empty, empty, jnp.int32(0)), jnp.int32(1),
+                       jnp.asarray(time, jnp.float32), jnp.zeros((), jnp.float32)))
+    return f, buf, j - 1, last, lost
 
-        # The B arrivals of the step, one event each, in time order. Every arrival but the
-        # last (whose flush steps the model) frees a slot that is filled at once, at its
-        # arrival time, with the model current then: the one of this step. A client whose
-        # update waits in the buffer is not drawn again before the flush.
-        def arrive(finish, taken):
-            # Nobody in flight: a placeholder not taken yet (unique rows to scatter).
-            who = jnp.where(jnp.any(jnp.isfinite(finish)), jnp.argmin(finish),
-                            jnp.argmin(taken))
-            time = finish[who]
-            gone = jnp.arange(num_clients) == who
-            return who, time, jnp.where(gone, jnp.inf, finish), taken | gone
 
-        def arrival(carry, j):
-            finish, version, dropped, fresh, taken = carry
-            who, time, finish, taken = arrive(finish, taken)
-            arrived = jnp.isfinite(time)
-            online_now = (online if system.trace is None
-                          else system_lib.online_at(system, time))
-            need = jnp.where(arrived, flight - jnp.sum(jnp.isfinite(finish)), 0)
-            new, finish, version, dropped = dispatch(
-                j, time, finish, version, dropped,
-                online_now & ~jnp.isfinite(finish) & ~taken, need)
-            return (finish, version, dropped, fresh | new, taken), (who, time)
+def _with_placeholders(buf: _Buffer, taken: jax.Array) -> jax.Array:
+    """(B,) the buffer's clients, its unfilled entries given the lowest-numbered clients
+    without an update in it (distinct rows, trained and never used)."""
+    size = buf.who.shape[0]
+    spare, = jnp.nonzero(~taken, size=size, fill_value=0)
+    slot = jnp.arange(size)
+    return jnp.where(slot < buf.count, buf.who, spare[jnp.maximum(slot - buf.count, 0)])
 
-        (finish, version, dropped, fresh, taken), (sel, sel_time) = jax.lax.scan(
-            arrival, (finish, version, dropped, fresh, jnp.zeros((num_clients,), bool)),
-            jnp.arange(1, size))
-        who, time, finish, _ = arrive(finish, taken)  # the B-th: the flush
-        sel = jnp.append(sel, who)
-        sel_time = jnp.append(sel_time, time)
-        arrived = jnp.isfinite(sel_time)
-        use = arrived & ~dropped[sel]
-        now = jnp.maximum(c.time, jnp.max(jnp.where(arrived, sel_time, c.time)))
-        staleness = c.server_version - version[sel]
 
-        # Keep a copy of what the server sent for every client dispatched in this step (at
-        # most C + B of them); each arrival reads what it received from it: this step's
-        # model if it was dispatched in this step, else the copy kept at its dispatch.
-        written, = jnp.nonzero(fresh, size=min(num_clients, flight + size),
-                               fill_value=num_clients)
-        start = jax.tree.map(
-            lambda s, g: s.at[written].set(jnp.broadcast_to(g, (written.shape[0], *g.shape)),
-                                           mode="drop"), c.start, sent)
-        base = _typed_keys(gather(start, sel), received)
+def _keep_sent(start: Any, sent: Any, fresh: jax.Array, most: int) -> Any:
+    """The per-client copy of what the server sent, with ``sent`` written for every client
+    dispatched in this step (at most ``most`` of them)."""
+    num_clients = fresh.shape[0]
+    written, = jnp.nonzero(fresh, size=most, fill_value=num_clients)
+    return jax.tree.map(
+        lambda s, g: s.at[written].set(jnp.broadcast_to(g, (written.shape[0], *g.shape)),
+                                       mode="drop"), start, sent)
 
-        own = gather(state.clients, sel)
-        rows, pool = data.client_rows("train")
-        n = gather(data.train_counts, sel)
-        train_keys = jax.random.split(keys.train, size)
-        started = with_examples(client, data.unpacker("train"), row_at=2)
-        uploads, new_rows, losses = client_map(
-            started, (base, own, gather(rows, sel), train_keys), shared=(hp, pool),
-            strategy=execution.strategy, chunk_size=execution.chunk_size)
-        if not _same_space(current, uploads):
-            raise ValueError("asynchronous conditions need uploads in the space of the model "
-                             "the server sends (the client's new model or its shared part)")
-        merged = cond.fn(current, uploads, upload_view(base), staleness, use, clock)
-        counts = n * use.astype(n.dtype)
-        weights = counts.astype(jnp.float32)
-        loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-        kept = jax.tree.map(lambda a, b: jnp.where(
-            use.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new_rows, own)
-        clients = scatter(state.clients, sel, kept)
-        cohort = CohortResult(sel, counts, merged, clients, loss)
-        server, metrics = method.server_update(hp, state, cohort, context)
-        any_used = jnp.any(use)
-        if server is not None:
-            server = jax.tree.map(lambda a, b: jnp.where(any_used, a, b), server,
-                                  state.server)
-        nothing = ~jnp.any(arrived)
-        now = jnp.where(nothing, _idle_until(system, c.time), now)
 
-        used = jnp.zeros((num_clients,), bool).at[jnp.where(use, sel, num_clients)].set(
-            True, mode="drop")
-        work = jnp.where(arrived, samples[sel], 0.0)
-        new_clock = c.replace(
-            time=now, online=online,
-            participation=c.participation + used.astype(jnp.int32),
-            trained=c.trained + jnp.sum(work),
-            wasted=c.wasted + jnp.sum(jnp.where(use, 0.0, work)),
-            finish=finish, version=version, dropped=dropped,
-            staleness=c.staleness.at[jnp.where(use, sel, num_clients)].set(
-                staleness, mode="drop"),
-            server_version=c.server_version + any_used.astype(jnp.int32),
-            start=start,
-        )
-        state = advance(state, keys.next, server=server, clients=clients)
-        state = state.replace(clock=new_clock)
-        return state, {"train_loss": loss, **metrics,
-                       **_metrics(new_clock, now - c.time, jnp.sum(use))}
-
-    return round_with
+def _step_record(state, plan: Plan, cohort) -> tuple[Any, dict]:
+    """An asynchronous step's record: the virtual clock after its flush."""
+    del cohort
+    c, r, use, index = state.clock, plan.clock, plan.present, plan.index
+    num_clients = c.finish.shape[0]
+    merged = jnp.where(use, index, num_clients)  # num_clients: written nowhere
+    new_clock = c.replace(
+        time=r.now, online=r.online,
+        participation=c.participation + jnp.zeros((num_clients,), jnp.int32).at[merged].set(
+            1, mode="drop"),
+        trained=c.trained + jnp.sum(r.work) + r.lost, wasted=c.wasted + r.lost,
+        finish=r.flight.finish, version=r.flight.version, dropped=r.flight.dropped,
+        staleness=c.staleness.at[merged].set(r.staleness, mode="drop"),
+        server_version=c.server_version + jnp.any(use).astype(jnp.int32), start=r.start,
+    )
+    return state.replace(clock=new_clock), _metrics(new_clock, r.now - c.time, jnp.sum(use))
 
 
 def clocked_init(method, init_with: Callable, clock: Clock) -> Callable:

@@ -1,4 +1,5 @@
-"""The shape shared by every round: sample a cohort, train it, hand back what it produced.
+"""The shape shared by every round: dispatch a cohort, train it, receive and aggregate
+what it produced.
 
 An algorithm supplies only what is its own, as a :class:`Method` (or a
 :class:`GroupMethod` for clients in groups of architectures): the client update, the
@@ -8,6 +9,16 @@ skeleton: the key split, cohort sampling, gathering the cohort's rows, mapping o
 clients with the execution strategy, scattering personal state back, advancing the state
 and the training metrics are written here once (as evosax's shared ``tell`` around each
 strategy's own part).
+
+A round is four steps, each a function of this module: *dispatch* (who trains and from
+what: a :class:`Plan`), *train* (:func:`train_cohort`, the members' client updates over
+the execution strategy), *receive* (the personal rows of the members whose update counts
+are written back) and *aggregate* (:func:`aggregate`, the server update). When the round
+runs on a virtual clock, the clock is passed in as a :class:`Schedule`, the condition of
+the round: its own dispatch (who is online, finish times, the server condition), an
+optional merge of the arrived uploads (asynchronous servers) and a record of the clock's
+state; the steps between are the same functions. ``core.clock`` builds its schedules from
+this module; this module imports nothing of the clock.
 
 The hooks take ``hp`` first (all but ``logits``, which reads what ``eval_inputs`` made):
 the algorithm's traced hyperparameters, a dict of scalar arrays that reaches the round as
@@ -45,22 +56,20 @@ from fedjax_sim.core.state import SimState
 from fedjax_sim.data.federated import FederatedData
 from fedjax_sim.kernels.aggregation import gather, scatter
 
-# client_fn(server, client_state_k, x_k, y_k, n_k, key_k)
-#     -> (upload_k, new_client_state_k, loss_k)
-ClientFn = Callable[[Any, Any, jax.Array, jax.Array, jax.Array, jax.Array],
-                    tuple[Any, Any, jax.Array]]
-
 
 class CohortResult(NamedTuple):
     """What one round's cohort produced.
 
     Attributes:
       index: (M,) client indices, or ``None`` under full participation.
-      counts: (M,) training sample counts (the FedAvg aggregation weights).
+      counts: (M,) training sample counts (the FedAvg aggregation weights), zero for a
+        member whose update does not count (:attr:`Plan.present`).
       uploads: per-client uploads, leaves (M, ...); with ``mean_uploads`` their
-        sample-weighted mean instead (no client axis).
-      clients: the full (K, ...) client state with the cohort's new rows written back.
-      loss: scalar, sample-weighted mean training loss of the cohort.
+        sample-weighted mean instead (no client axis); under a schedule with a merge, the
+        merged model.
+      clients: the full (K, ...) client state with the new rows of the members whose
+        update counts written back.
+      loss: scalar, sample-weighted mean training loss of the members whose update counts.
     """
 
     index: jax.Array | None
@@ -70,106 +79,86 @@ class CohortResult(NamedTuple):
     loss: jax.Array
 
 
-def run_cohort(
-    key: jax.Array,
-    clients: Any,
-    data: FederatedData,
-    client_fn: ClientFn,
-    *,
-    join_ratio: float,
-    strategy: str = "auto",
-    chunk_size: int = 8,
-    mean_uploads: bool = False,
-    server: Any = None,
-    orders: jax.Array | None = None,
-    index: Any = "sample",
-    present: jax.Array | None = None,
-) -> CohortResult:
-    """Samples ``round(join_ratio * K)`` clients and runs ``client_fn`` on each of them.
+# --- The round's steps -------------------------------------------------------------------
 
-    Args:
-      client_fn: ``(server, own, x, y, n, key) -> (upload, new_own, loss)``.
-      server: what the server sends every sampled client this round (the global model,
-        keys, soft targets, ...), handed to ``client_fn`` as its first argument. A client
-        function must read the round's values only through it, never through a closure
-        (``core.cohort`` says why).
-      mean_uploads: hand back the sample-weighted mean of the uploads (what FedAvg-style
-        servers compute) rather than the stacked uploads. The loop strategies then keep a
-        running sum and train the cohort in place (``core.cohort.train_in_place``): no
-        (M, ...) copy of the cohort's state, data or uploads is made, and with the client
-        axis sharded every device trains the members it holds.
-      orders: (K, E, N_max) sample orders of this round, one row per client (see
-        :func:`round_orders`), or ``None``. When given, each sampled client receives
-        ``core.local.FixedOrder(orders[k])`` in place of its PRNG key, which
-        ``core.local.train`` reads as its batch order.
-      index: the cohort, (M,) client indices or ``None`` (everyone), drawn beforehand with
-        :func:`draw_cohort` from this ``key``; by default it is drawn here.
-      present: optional (M,) bool, whose updates count: the weights (and the counts handed
-        back) become ``counts * present``; the rows of absent members are still trained
-        and written (the caller decides what to keep). ``None``: every member counts.
 
-    Raises:
-      ValueError: if ``orders`` does not have K rows and ``N_max`` columns.
+class RoundKeys(NamedTuple):
+    """The keys of one round, split from the state's key.
+
+    Attributes:
+      next: the state's key after the round.
+      round: the key the method's ``broadcast`` gets.
+      cohort: the key ``broadcast`` hands back, which the cohort is drawn and trained with.
     """
-    num_clients = data.num_clients
-    size = cohort_size(num_clients, join_ratio)
-    drawn, train_key = draw_cohort(key, num_clients, size)
-    if isinstance(index, str):
-        index = drawn
-    keys = jax.random.split(train_key, size)
-    if orders is not None:
-        n_max = data.width("train")
-        if orders.ndim != 3 or orders.shape[0] != num_clients or orders.shape[2] != n_max:
-            raise ValueError(f"batch orders of a round must have shape (clients, epochs, "
-                             f"N_max) = ({num_clients}, E, {n_max}), got {orders.shape}")
-        keys = FixedOrder(gather(orders, index))
-    counts = gather(data.train_counts, index)
-    weights = counts.astype(jnp.float32)
-    if present is not None:
-        counts = counts * present.astype(counts.dtype)
-        weights = weights * present.astype(jnp.float32)
-    rows, pool = data.client_rows("train")
-    client_fn = with_examples(client_fn, data.unpacker("train"))
-    shared = (server, pool)
-    if mean_uploads and resolve_strategy(strategy) != "vmap":
-        # Loop strategies read and write the resident (K, ...) arrays in place.
-        uploads, new_clients, losses = train_in_place(
-            client_fn, clients, (rows,), index, keys, weights, shared=shared,
-            strategy=strategy, chunk_size=chunk_size,
-        )
-        loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-        return CohortResult(index, counts, uploads, new_clients, loss)
-    cohort_args = (gather(clients, index), gather(rows, index), keys)
-    if mean_uploads:
-        uploads, (new_rows, losses) = client_map_mean(
-            lambda *a: _upload_first(client_fn(*a)), cohort_args, weights, shared=shared,
-            strategy=strategy, chunk_size=chunk_size,
-        )
-    else:
-        uploads, new_rows, losses = client_map(
-            client_fn, cohort_args, shared=shared, strategy=strategy, chunk_size=chunk_size
-        )
-    loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-    return CohortResult(index, counts, uploads, scatter(clients, index, new_rows), loss)
+
+    next: jax.Array
+    round: jax.Array
+    cohort: jax.Array
 
 
-def with_examples(client_fn: Callable, unpack: Callable, row_at: int = 1) -> Callable:
-    """``client_fn(shared, *before, x, y, n, *after)`` as a function of a client's data
-    row: ``(shared_and_pool, *before, row, *after)`` with ``row_at`` arguments before the
-    row, its examples read with ``unpack`` (see ``FederatedData.client_rows``) inside the
-    mapped function, where the ragged layout slices them out of the pool."""
+class Plan(NamedTuple):
+    """The dispatch step's result: who trains in this round and from what.
 
-    def client(shared_and_pool, *args):
-        shared, pool = shared_and_pool
-        return client_fn(shared, *args[:row_at], *unpack(pool, args[row_at]),
-                         *args[row_at + 1:])
+    Attributes:
+      index: (M,) the members' client indices (distinct), or ``None``: all K in order.
+      train_key: the key the members' training keys are split from (one per member).
+      present: optional (M,) bool, whose updates count: the aggregation weights and counts
+        become ``counts * present``, and an absent member keeps its previous personal rows
+        (its rows are still trained). ``None``: every member counts.
+      sent: optional, what the server sent each member (leaves (M, ...)) when members
+        train from different models (an asynchronous server); ``None``: every member
+        receives the round's ``broadcast``.
+      clock: the schedule's own bookkeeping, read by its ``record``.
+    """
 
-    return client
+    index: jax.Array | None
+    train_key: jax.Array
+    present: jax.Array | None = None
+    sent: Any = None
+    clock: Any = None
+
+
+# dispatch(state, data, keys, received) -> Plan
+Dispatch = Callable[[SimState, FederatedData, RoundKeys, Any], Plan]
+# merge(received, plan, uploads) -> the stacked uploads merged into the server's view
+Merge = Callable[[Any, Plan, Any], Any]
+# record(state, plan, cohort) -> (state with its clock advanced, metrics of the clock)
+Record = Callable[[SimState, Plan, CohortResult], tuple[SimState, dict]]
+
+
+class Schedule(NamedTuple):
+    """The condition a round runs under: how it dispatches, merges and records.
+
+    Attributes:
+      dispatch: ``(state, data, keys, received) -> Plan``.
+      merge: optional ``(received, plan, uploads) -> uploads``: the members' uploads,
+        stacked (leaves (M, ...)), merged into what the server update reads (an
+        asynchronous server's step); ``None``: the server update reads the cohort's
+        uploads (their mean with ``Method.mean_uploads``).
+      record: optional ``(state, plan, cohort) -> (state, metrics)``, after the state
+        advanced: the schedule's own state (the virtual clock) and metrics.
+    """
+
+    dispatch: Dispatch
+    merge: Merge | None = None
+    record: Record | None = None
+
+
+def sampled(join_ratio: float) -> Schedule:
+    """The plain round's schedule: ``round(join_ratio * K)`` clients drawn uniformly
+    with the cohort key (:func:`draw_cohort`); every update counts."""
+
+    def dispatch(state: SimState, data: FederatedData, keys: RoundKeys, received: Any):
+        del state, received
+        size = cohort_size(data.num_clients, join_ratio)
+        return Plan(*draw_cohort(keys.cohort, data.num_clients, size))
+
+    return Schedule(dispatch)
 
 
 def draw_cohort(key: jax.Array, num_clients: int, size: int) -> tuple:
-    """``(index, train_key)``: the cohort :func:`run_cohort` draws from ``key`` (``None``
-    under full participation) and the key its members train with."""
+    """``(index, train_key)``: the cohort drawn from ``key`` (``None`` under full
+    participation) and the key its members train with."""
     cohort_key, train_key = jax.random.split(key)
     return sample_cohort(cohort_key, num_clients, size), train_key
 
@@ -192,9 +181,156 @@ def round_orders(batch_order: Any, round_index: jax.Array) -> jax.Array | None:
     return table[round_index % table.shape[0]]
 
 
+def with_examples(client_fn: Callable, unpack: Callable, row_at: int = 1) -> Callable:
+    """``client_fn(shared, *before, x, y, n, *after)`` as a function of a client's data
+    row: ``(shared_and_pool, *before, row, *after)`` with ``row_at`` arguments before the
+    row, its examples read with ``unpack`` (see ``FederatedData.client_rows``) inside the
+    mapped function, where the ragged layout slices them out of the pool."""
+
+    def client(shared_and_pool, *args):
+        shared, pool = shared_and_pool
+        return client_fn(shared, *args[:row_at], *unpack(pool, args[row_at]),
+                         *args[row_at + 1:])
+
+    return client
+
+
+def train_cohort(
+    plan: Plan,
+    clients: Any,
+    data: FederatedData,
+    client_update: Callable,
+    *,
+    hp: Any,
+    received: Any,
+    execution: Execution,
+    mean_uploads: bool = False,
+    orders: jax.Array | None = None,
+) -> CohortResult:
+    """The train and receive steps: runs ``client_update`` on every member of ``plan``
+    and writes back the rows of those whose update counts.
+
+    Args:
+      client_update: ``(hp, received, own, x, y, n, key) -> (upload, new_own, loss)``.
+      received: what the server sent every member this round (the global model, keys,
+        soft targets, ...), unless ``plan.sent`` gives each its own. A client function
+        reads the round's values only through it and ``hp``, never through a closure
+        (``core.cohort`` says why).
+      mean_uploads: hand back the sample-weighted mean of the uploads (what FedAvg-style
+        servers compute) rather than the stacked uploads. The loop strategies then keep a
+        running sum and train the cohort in place (``core.cohort.train_in_place``): no
+        (M, ...) copy of the cohort's state, data or uploads is made, and with the client
+        axis sharded every device trains the members it holds.
+      orders: (K, E, N_max) sample orders of this round, one row per client (see
+        :func:`round_orders`), or ``None``. When given, each member receives
+        ``core.local.FixedOrder(orders[k])`` in place of its PRNG key, which
+        ``core.local.train`` reads as its batch order.
+
+    Raises:
+      ValueError: if ``orders`` does not have K rows and ``N_max`` columns.
+    """
+    index = plan.index
+    size = data.num_clients if index is None else index.shape[0]
+    keys = jax.random.split(plan.train_key, size)
+    if orders is not None:
+        keys = FixedOrder(gather(_checked_orders(orders, data), index))
+    counts = gather(data.train_counts, index)
+    weights = counts.astype(jnp.float32)
+    if plan.present is not None:
+        counts = counts * plan.present.astype(counts.dtype)
+        weights = weights * plan.present.astype(jnp.float32)
+    uploads, new, losses = _train(plan, clients, data, client_update, keys, weights,
+                                  hp=hp, received=received, execution=execution,
+                                  mean_uploads=mean_uploads)
+    loss = jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    clients = receive(plan, clients, new, data.num_clients)
+    return CohortResult(index, counts, uploads, clients, loss)
+
+
+def _checked_orders(orders: jax.Array, data: FederatedData) -> jax.Array:
+    num_clients, n_max = data.num_clients, data.width("train")
+    if orders.ndim != 3 or orders.shape[0] != num_clients or orders.shape[2] != n_max:
+        raise ValueError(f"batch orders of a round must have shape (clients, epochs, "
+                         f"N_max) = ({num_clients}, E, {n_max}), got {orders.shape}")
+    return orders
+
+
+class _Trained(NamedTuple):
+    """New client rows: the members' (M, ...) rows, or, when trained in place, the whole
+    (K, ...) state with every member's row written."""
+
+    rows: Any
+    in_place: bool
+
+
+def _train(plan, clients, data, client_update, keys, weights, *, hp, received, execution,
+           mean_uploads) -> tuple[Any, _Trained, jax.Array]:
+    """``(uploads, new rows, (M,) losses)`` of the members, over the execution strategy."""
+    rows, pool = data.client_rows("train")
+    unpack, strategy = data.unpacker("train"), execution.strategy
+    common = dict(strategy=strategy, chunk_size=execution.chunk_size)
+    if plan.sent is None:
+        def member(shared, own, x, y, n, key):
+            # The traced hyperparameters travel with what the server sends (never through
+            # a closure: see core.cohort).
+            return client_update(shared[0], shared[1], own, x, y, n, key)
+
+        fn, shared, sent = with_examples(member, unpack), ((hp, received), pool), ()
+    else:
+        fn = with_examples(client_update, unpack, row_at=2)
+        shared, sent = (hp, pool), (plan.sent,)
+    if mean_uploads and not sent and resolve_strategy(strategy) != "vmap":
+        # Loop strategies read and write the resident (K, ...) arrays in place.
+        uploads, new_clients, losses = train_in_place(
+            fn, clients, (rows,), plan.index, keys, weights, shared=shared, **common)
+        return uploads, _Trained(new_clients, True), losses
+    args = (*sent, gather(clients, plan.index), gather(rows, plan.index), keys)
+    if mean_uploads:
+        uploads, (new_rows, losses) = client_map_mean(
+            lambda *a: _upload_first(fn(*a)), args, weights, shared=shared, **common)
+    else:
+        uploads, new_rows, losses = client_map(fn, args, shared=shared, **common)
+    return uploads, _Trained(new_rows, False), losses
+
+
 def _upload_first(out):
     upload, new_row, loss = out
     return upload, (new_row, loss)
+
+
+def receive(plan: Plan, clients: Any, new: _Trained, num_clients: int) -> Any:
+    """The receive step: ``clients`` (K, ...) with the new rows of the members whose
+    update counts; the others keep their rows."""
+    present = plan.present
+    if new.in_place:
+        if present is None:
+            return new.rows
+        if plan.index is not None:
+            present = jnp.zeros((num_clients,), bool).at[plan.index].set(present)
+        return _where_rows(present, new.rows, clients)
+    rows = new.rows
+    if present is not None:
+        rows = _where_rows(present, rows, gather(clients, plan.index))
+    return scatter(clients, plan.index, rows)
+
+
+def _where_rows(keep: jax.Array, new: Any, old: Any) -> Any:
+    """Rows of ``new`` where ``keep`` (leading axis), else those of ``old``."""
+    def pick(a, b):
+        return jnp.where(keep.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+
+    return jax.tree.map(pick, new, old)
+
+
+def aggregate(method: Method, hp: Any, state: SimState, cohort: CohortResult,
+              context: Any, present: jax.Array | None = None) -> tuple[Any, dict]:
+    """The aggregate step: ``method``'s server update; with ``present`` given and no
+    update counting, the server part is left unchanged."""
+    server, metrics = method.server_update(hp, state, cohort, context)
+    if server is not None and present is not None:
+        counted = jnp.any(present)
+        server = jax.tree.map(lambda a, b: jnp.where(counted, a, b), server, state.server)
+    return server, metrics
 
 
 def advance(
@@ -209,7 +345,7 @@ def advance(
     )
 
 
-# --- The skeleton ----------------------------------------------------------------------
+# --- The algorithm's parts ---------------------------------------------------------------
 
 # client_update(hp, received, own_k, x_k, y_k, n_k, key_k) -> (upload_k, new_own_k, loss_k)
 ClientUpdate = Callable[..., tuple[Any, Any, jax.Array]]
@@ -272,7 +408,7 @@ class Method(NamedTuple):
         anything the server update needs from before the cohort ran.
       eval_inputs: ``(hp, state) -> (client part, shared part)`` read by ``logits``.
       mean_uploads: the cohort hands back the uploads' sample-weighted mean instead of
-        stacking them (see :func:`run_cohort`).
+        stacking them (see :func:`train_cohort`).
     """
 
     client_update: ClientUpdate
@@ -281,6 +417,9 @@ class Method(NamedTuple):
     broadcast: Broadcast = send_global
     eval_inputs: EvalInputs = personal_and_global
     mean_uploads: bool = True
+
+
+# --- The skeleton ----------------------------------------------------------------------
 
 
 def federated(
@@ -302,8 +441,10 @@ def federated(
       execution: how per-client functions run over the client axis.
       batch_order: optional host sample orders (R, K, E, N_max) that replace the random
         batch order (:func:`round_orders`).
-      clock: optional ``core.clock.Clock`` (system model and server condition): the round
-        then runs on the virtual clock (``core.clock``); ``None``: today's round.
+      clock: optional virtual clock (``core.clock.Clock``: system model and server
+        condition): the round runs under the :class:`Schedule` it gives
+        (``clock.schedule(join_ratio=..., budget=..., comm_bytes=..., batch_order=...)``);
+        ``None``: the plain round (:func:`sampled`).
       budget: with ``clock``, ``(local_epochs, local_steps, batch_size)`` (the samples a
         job processes).
       comm_bytes: with ``clock``, the algorithm's ``comm_bytes`` (bytes a job moves).
@@ -312,34 +453,37 @@ def federated(
       ``round_with(state, data, hp) -> (state, metrics)`` and
       ``evaluate_with(state, data, hp) -> (correct[K], loss_sum[K])``.
     """
-
-    def client(shared, own, x, y, n, key):
-        # The traced hyperparameters travel with what the server sends (never through a
-        # closure: see core.cohort).
-        hp, received = shared
-        return method.client_update(hp, received, own, x, y, n, key)
+    if clock is None:
+        schedule = sampled(join_ratio)
+    else:
+        schedule = clock.schedule(join_ratio=join_ratio, budget=budget,
+                                  comm_bytes=comm_bytes, batch_order=batch_order)
+    mean_uploads = method.mean_uploads and schedule.merge is None
 
     def round_with(state: SimState, data: FederatedData, hp: Any):
         next_key, round_key = jax.random.split(state.key)
         cohort_key, received, context = method.broadcast(hp, state, round_key)
-        cohort = run_cohort(
-            cohort_key, state.clients, data, client, join_ratio=join_ratio,
-            mean_uploads=method.mean_uploads, server=(hp, received),
-            orders=round_orders(batch_order, state.round),
-            strategy=execution.strategy, chunk_size=execution.chunk_size,
-        )
-        server, metrics = method.server_update(hp, state, cohort, context)
+        plan = schedule.dispatch(state, data, RoundKeys(next_key, round_key, cohort_key),
+                                 received)
+        cohort = train_cohort(plan, state.clients, data, method.client_update, hp=hp,
+                              received=received, execution=execution,
+                              mean_uploads=mean_uploads,
+                              orders=round_orders(batch_order, state.round))
+        if schedule.merge is not None:
+            cohort = cohort._replace(uploads=schedule.merge(received, plan, cohort.uploads))
+        server, metrics = aggregate(method, hp, state, cohort, context, plan.present)
         state = advance(state, next_key, server=server, clients=cohort.clients)
-        return state, {"train_loss": cohort.loss, **metrics}
+        metrics = {"train_loss": cohort.loss, **metrics}
+        if schedule.record is None:
+            return state, metrics
+        state, timing = schedule.record(state, plan, cohort)
+        return state, {**metrics, **timing}
 
     def evaluate_with(state: SimState, data: FederatedData, hp: Any):
         own, shared = method.eval_inputs(hp, state)
         return count_correct(method.logits, own, shared, data,
                              strategy=execution.strategy, chunk_size=execution.chunk_size)
 
-    if clock is not None:  # the clock runs the round under its condition
-        return clock.round(method, join_ratio=join_ratio, execution=execution, budget=budget,
-                           comm_bytes=comm_bytes, batch_order=batch_order), evaluate_with
     return round_with, evaluate_with
 
 

@@ -11,7 +11,8 @@ clients at once:
   with probability ``p_off``, an offline one comes back with probability ``p_on``; the
   stationary online share is ``p_on / (p_on + p_off)``;
 * ``dropout``: probability that a client that started a job never reports it (its work
-  is wasted);
+  is wasted; the server learns of it at the job's would-be finish time, see
+  ``core.clock``);
 * ``trace`` (optional): (K, I, 2) online intervals ``[start, end)`` in virtual seconds,
   padded with empty ``[inf, inf)`` intervals; when given it replaces the Markov chain (a
   client is online at time t when t lies in one of its intervals).
@@ -310,7 +311,7 @@ def availability(key: jax.Array, system: SystemModel, online: jax.Array,
 
 
 def draw_dropout(key: jax.Array, system: SystemModel) -> jax.Array:
-    """(K,) bool: which clients drop out of the job they start now."""
+    """(K,) bool: which clients would drop out of a job they start now."""
     return jax.random.uniform(key, system.dropout.shape) < system.dropout
 
 
