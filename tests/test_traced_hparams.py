@@ -28,7 +28,10 @@ OTHER = {"lr": 0.03, "momentum": 0.5, "weight_decay": 1e-3, "ig_ratio": 0.5,
          "distill_lr": 0.02, "dsfl_temperature": 0.3, "fccl_lambda": 0.01,
          "fccl_public_lr": 0.002, "feddf_lr": 0.002, "feddf_temperature": 2.0,
          "mu": 0.1, "server_lr": 0.7, "server_momentum": 0.5, "beta1": 0.8, "beta2": 0.9,
-         "tau": 0.01, "incfl_temperature": 0.3}
+         "tau": 0.01, "incfl_temperature": 0.3, "hn_lr": 0.05, "fedrod_gamma": 0.5,
+         "fedproto_lambda": 0.3, "fedamp_alpha": 0.02, "fedamp_lambda": 0.05,
+         "fedamp_sigma": 2.0, "fedala_eta": 0.5, "fedala_sample_ratio": 0.6,
+         "fedala_threshold": 0.05}
 # The heterogeneous-group algorithms pretrain before the first round: slower to compile.
 # The default suite checks one algorithm of each kind of state (none, personal, EMA,
 # distillation targets, control variates); -m slow checks every one.

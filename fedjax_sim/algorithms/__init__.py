@@ -424,8 +424,18 @@ def abilities(name: str) -> Abilities:
 
 # The standard baselines and IncFL, written as plug-ins through ``register`` (as a user
 # would); importing them registers them, and from here on their names are built-in ones too.
-from fedjax_sim.algorithms import fedopt, fedprox, incfl, scaffold  # noqa: E402, F401
-from fedjax_sim.algorithms import fedbn, pfedhn  # noqa: E402, F401
+from fedjax_sim.algorithms import (  # noqa: E402, F401
+    fedala,
+    fedamp,
+    fedbn,
+    fedopt,
+    fedproto,
+    fedprox,
+    fedrod,
+    incfl,
+    pfedhn,
+    scaffold,
+)
 
 _BUILTIN = frozenset(_REGISTRY)
 
