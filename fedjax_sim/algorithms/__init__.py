@@ -428,12 +428,16 @@ from fedjax_sim.algorithms import (  # noqa: E402, F401
     fedala,
     fedamp,
     fedbn,
+    feddyn,
     fedopt,
     fedproto,
     fedprox,
     fedrod,
     incfl,
+    moon,
+    perfedavg,
     pfedhn,
+    pfedme,
     scaffold,
 )
 

@@ -38,9 +38,14 @@ Choices made here (the paper runs one client per step; with a cohort of M):
   keeps every per-client quantity on the client axis); they never leave it.
 
 Communication per sampled client and round: θ_k down, Δθ_k up (|θ| floats each way).
+``hn_lr`` is traced: a sweep over it is one program, each value giving its own run's
+floats to float32 rounding (about 1 ulp: compiled in or traced, XLA fuses the
+hypernetwork's products differently), not bit for bit.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -90,12 +95,12 @@ def hypernetwork(model: Model, hp: dict):
         body = []
         width = dim
         for i in range(layers):
-            bound = 1.0 / jnp.sqrt(width)
+            bound = 1.0 / math.sqrt(width)
             body.append({"w": jax.random.uniform(keys[i], (width, hidden), jnp.float32,
                                                  -bound, bound),
                          "b": jnp.zeros((hidden,), jnp.float32)})
             width = hidden
-        head = {"w": 0.01 / jnp.sqrt(hidden) * jax.random.normal(
+        head = {"w": (0.01 / math.sqrt(hidden)) * jax.random.normal(
                     keys[-1], (hidden, template.size), jnp.float32),
                 "b": ravel_pytree(target_init)[0].astype(jnp.float32)}
         return {"body": body, "head": head}
