@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -727,3 +728,24 @@ def finetuned_evaluate(model: Model, hp: dict, epochs: int) -> Callable:
                        shared=(traced, state.server["params"], train_pool, test_pool))
 
     return evaluate_with
+
+
+def zeros_init(model, server_key: str, client_key: str):
+    """``init_with`` of an algorithm whose state is the global model, a zero tree
+    ``server_key`` beside it (with ``weight``, the total training samples) and a zero
+    tree ``client_key`` per client (SCAFFOLD's control variates, FedDyn's ``h`` and
+    gradients)."""
+    from fedjax_sim.core.state import SimState
+    from fedjax_sim.kernels.aggregation import broadcast
+
+    def init_with(key, data, traced):
+        del traced
+        state_key, model_key = jax.random.split(key)
+        params = model.init(model_key)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        weight = jnp.sum(jnp.asarray(data.train_counts, jnp.float32))
+        server = {"params": params, server_key: zeros, "weight": weight}
+        clients = {client_key: broadcast(zeros, data.num_clients)}
+        return SimState.create(state_key, server, clients, data.num_clients)
+
+    return init_with

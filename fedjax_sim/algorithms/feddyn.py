@@ -56,10 +56,9 @@ from fedjax_sim.algorithms.base import (
     num_params_bytes,
     per_round_bytes,
     shared_logits,
+    zeros_init,
 )
 from fedjax_sim.core.rounds import Method
-from fedjax_sim.core.state import SimState
-from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
 # Synchronous clock conditions only: the h step reads the model the cohort started from.
@@ -100,15 +99,7 @@ def feddyn(model: Model, *, cover=(), **hp) -> Algorithm:
     ∇L_k(θ_k)}`` with leaves (K, ...).
     """
 
-    def init_with(key, data, traced):
-        del traced
-        state_key, model_key = jax.random.split(key)
-        params = model.init(model_key)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        weight = jnp.sum(jnp.asarray(data.train_counts, jnp.float32))
-        server = {"params": params, "h": zeros, "weight": weight}
-        clients = {"grad": broadcast(zeros, data.num_clients)}
-        return SimState.create(state_key, server, clients, data.num_clients)
+    init_with = zeros_init(model, "h", "grad")
 
     def client_update(traced, start, own, x, y, n, key):
         h = {**hp, **traced}

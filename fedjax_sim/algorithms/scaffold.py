@@ -47,11 +47,10 @@ from fedjax_sim.algorithms.base import (
     num_params_bytes,
     per_round_bytes,
     shared_logits,
+    zeros_init,
 )
 from fedjax_sim.algorithms.server_opt import SERVER_LR
 from fedjax_sim.core.rounds import Method
-from fedjax_sim.core.state import SimState
-from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
 
 # The virtual clock's partial cohorts would break it.
@@ -93,15 +92,7 @@ def scaffold(model: Model, *, cover=(), **hp) -> Algorithm:
     {"control": c_i}`` with leaves (K, ...).
     """
 
-    def init_with(key, data, traced):
-        del traced
-        state_key, model_key = jax.random.split(key)
-        params = model.init(model_key)
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        weight = jnp.sum(jnp.asarray(data.train_counts, jnp.float32))
-        server = {"params": params, "control": zeros, "weight": weight}
-        clients = {"control": broadcast(zeros, data.num_clients)}
-        return SimState.create(state_key, server, clients, data.num_clients)
+    init_with = zeros_init(model, "control", "control")
 
     def send(traced, state, round_key):
         del traced

@@ -79,6 +79,20 @@ def _feature_side(n: int, padding: str) -> int:
     return n
 
 
+def _resolve_padding(shape: tuple, padding: str, model: str) -> str:
+    """``padding`` checked, ``auto`` resolved (VALID where the features keep a pixel, else
+    SAME), and refused where the input is too small for it."""
+    if padding not in PADDINGS:
+        raise ValueError(f"{model}: unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+    h, w, _ = shape
+    if padding == "auto":
+        fits = min(_feature_side(h, "VALID"), _feature_side(w, "VALID")) >= 1
+        padding = "VALID" if fits else "SAME"
+    if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
+        raise ValueError(f"{model}: input_shape {shape} is too small for {padding} padding")
+    return padding
+
+
 def cnn(
     input_shape: Sequence[int],
     num_classes: int,
@@ -110,14 +124,7 @@ def cnn(
         on an unknown ``init``.
     """
     shape = check_model_args(input_shape, num_classes, model="cnn", rank=3)
-    if padding not in PADDINGS:
-        raise ValueError(f"cnn: unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
-    h, w, _ = shape
-    if padding == "auto":
-        fits = min(_feature_side(h, "VALID"), _feature_side(w, "VALID")) >= 1
-        padding = "VALID" if fits else "SAME"
-    if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
-        raise ValueError(f"cnn: input_shape {shape} is too small for {padding} padding")
+    padding = _resolve_padding(shape, padding, "cnn")
     module = CNN(
         num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl),
         param_init=check_init(init),
@@ -212,16 +219,9 @@ def cnn_bn(
       ValueError: as :func:`cnn`, or a momentum outside [0, 1).
     """
     shape = check_model_args(input_shape, num_classes, model="cnn_bn", rank=3)
-    if padding not in PADDINGS:
-        raise ValueError(f"cnn_bn: unknown padding {padding!r}; valid: {', '.join(PADDINGS)}")
+    padding = _resolve_padding(shape, padding, "cnn_bn")
     if not 0 <= momentum < 1:
         raise ValueError(f"cnn_bn: momentum must be in [0, 1), got {momentum!r}")
-    h, w, _ = shape
-    if padding == "auto":
-        fits = min(_feature_side(h, "VALID"), _feature_side(w, "VALID")) >= 1
-        padding = "VALID" if fits else "SAME"
-    if min(_feature_side(h, padding), _feature_side(w, padding)) < 1:
-        raise ValueError(f"cnn_bn: input_shape {shape} is too small for {padding} padding")
     module = CNNBN(
         num_classes=int(num_classes), padding=padding, conv_impl=resolve_conv_impl(conv_impl),
         param_init=check_init(init), momentum=float(momentum),
