@@ -397,44 +397,24 @@ def compare(methods, seeds, rounds: int, partition_file, *, log=print) -> list[d
 
 def time_rounds(methods, rounds: int, partition_file, *, repeats: int = 3,
                 log=print) -> list[dict]:
-    """fedjax-sim's time per round of each method and of FedAvg on this setting.
-
-    Every algorithm is compiled first; then, ``repeats`` times, each runs ``rounds``
-    jitted rounds in turn (FedAvg first), so that the load of the machine reaches all of
-    them alike. The best of the repeats counts.
+    """fedjax-sim's time per round of each method against FedAvg's on this setting
+    (``round_cost.round_times``: compiled first, interleaved, fastest repeat).
 
     Returns:
       Per algorithm ``{"method", "round_ms", "ratio"}``: milliseconds per round and the
-      ratio to FedAvg's.
+      median ratio to FedAvg's.
     """
-    import jax
+    from round_cost import round_times
 
-    from fedjax_sim import algorithms
     from fedjax_sim.models import make_model
-    from fedjax_sim.runner import to_device
 
-    data = to_device(load_data(partition_file))
+    data = load_data(partition_file)
     model = make_model("mlp", data.input_shape, data.num_classes, init="torch",
                        hidden=SETTING["hidden"])
-    built = {"fedavg": algorithms.make("fedavg", model, **fedavg_hparams("fedavg"))}
-    for method in methods:
-        built[method] = algorithms.make(METHODS[method][0], model, **method_hparams(method))
-    runs = {}
-    for name, alg in built.items():
-        step = jax.jit(alg.round)
-        state, _ = step(alg.init(jax.random.key(0), data), data)  # compiles
-        jax.block_until_ready(state)
-        runs[name] = [step, state, float("inf")]
-    for _ in range(repeats):
-        for run in runs.values():
-            step, state, best = run
-            tic = time.perf_counter()
-            for _ in range(rounds):
-                state, _ = step(state, data)
-            jax.block_until_ready(state)
-            run[1], run[2] = state, min(best, (time.perf_counter() - tic) / rounds)
-    rows = [{"method": name, "round_ms": 1e3 * run[2],
-             "ratio": run[2] / runs["fedavg"][2]} for name, run in runs.items()]
+    configs = [("fedavg", "fedavg", fedavg_hparams("fedavg"))]
+    configs += [(m, METHODS[m][0], method_hparams(m)) for m in methods]
+    rows = [{"method": row["config"], "round_ms": row["ms"], "ratio": row["ratio"]}
+            for row in round_times(configs, data, model, rounds=rounds, repeats=repeats)]
     for row in rows:
         log(json.dumps(row), flush=True)
     return rows

@@ -293,40 +293,18 @@ def run_torch(method: str, clients: list[dict], *, seed: int, rounds: int, hpara
 
 
 def round_times(methods, data, *, rounds: int, repeats: int) -> list[dict]:
-    """fedjax-sim's time per round of each method and of FedAvg on the setting, in one
-    process: every round is built and jitted first and run past its first rounds (the
-    compilation, FedALA's start phases), then each method runs ``rounds`` rounds in turn,
-    ``repeats`` times. Per method: the fastest repeat's ms per round, and the median over
-    the repeats of its ratio to FedAvg's time in the same repeat (on a shared machine the
-    ratio of neighbouring timings is steadier than either)."""
-    import jax
+    """fedjax-sim's time per round of each method against FedAvg's on the setting
+    (``round_cost.round_times``: compiled first, interleaved, fastest repeat and median
+    ratio)."""
+    from round_cost import round_times as timed
 
-    from fedjax_sim import algorithms
     from fedjax_sim.models import make_model
-    from fedjax_sim.runner import to_device
 
-    data = to_device(data)
     model = make_model("mlp", data.input_shape, data.num_classes, init="torch",
                        hidden=SETTING["hidden"])
-    built = {}
-    for method in ("fedavg", *methods):
-        alg = algorithms.make(method, model, **method_hparams(method))
-        step = jax.jit(alg.round)
-        state = alg.init(jax.random.key(0), data)
-        for _ in range(3):
-            state, _ = step(state, data)
-        built[method] = (step, jax.block_until_ready(state))
-    times = {method: [] for method in built}
-    for _ in range(repeats):
-        for method, (step, state) in built.items():
-            tic = time.perf_counter()
-            for _ in range(rounds):
-                state, _ = step(state, data)
-            jax.block_until_ready(state)
-            times[method].append((time.perf_counter() - tic) / rounds)
-    base = np.asarray(times["fedavg"])
-    return [{"method": m, "ms": 1e3 * float(np.min(t)),
-             "ratio": float(np.median(np.asarray(t) / base))} for m, t in times.items()]
+    configs = [(m, m, method_hparams(m)) for m in ("fedavg", *methods)]
+    return [{"method": row["config"], **row}
+            for row in timed(configs, data, model, rounds=rounds, repeats=repeats)]
 
 
 def main(argv=None) -> list[dict]:

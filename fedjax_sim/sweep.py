@@ -133,7 +133,8 @@ def program_key(spec: ExperimentSpec) -> str | None:
         identity.pop("seed")
     for field in SPLIT_FIELDS:
         identity.pop(field, None)
-    traced = set(algorithms.traced_names(spec.algorithm))
+    # The privacy budget sets σ (traced) before the run and nothing in the program.
+    traced = set(algorithms.traced_names(spec.algorithm)) | {"dp_target_epsilon"}
     identity["hparams"] = {k: v for k, v in identity["hparams"].items() if k not in traced}
     identity.update(rounds_per_call=spec.rounds_per_call, devices=spec.devices,
                     sweep_strategy=spec.sweep_strategy, on_divergence=spec.on_divergence)
@@ -225,6 +226,9 @@ def make_record(spec: ExperimentSpec, name: str, keys: Sequence[str], summary: d
         record["diverged_at"] = diverged_at
     if "bytes_up" in summary:
         record["bytes_up"] = summary["bytes_up"]
+    for key in ("dp_epsilon", "dp_delta", "dp_noise_multiplier"):  # privacy.SPENT
+        if key in summary:
+            record[key] = summary[key]
     record.update(rounds=summary.get("rounds", spec.rounds),
                   wall_s=summary.get("wall_s", summary.get("sweep_wall_s")), path=path)
     return record

@@ -58,3 +58,9 @@ def test_natural_data_notebook_runs():
 def test_tuning_notebook_runs():
     outputs = _execute(NOTEBOOKS / "tuning.ipynb")
     assert "-> chosen {'lr'" in outputs and "fedper  test accuracy" in outputs
+
+
+def test_privacy_notebook_runs():
+    outputs = _execute(NOTEBOOKS / "privacy.ipynb")
+    assert "target ε 2: calibrated σ = " in outputs and "no DP    round 6" in outputs
+    assert "ε ≤ 2    round 6" in outputs and "cohort " in outputs

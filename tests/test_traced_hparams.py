@@ -33,7 +33,8 @@ OTHER = {"lr": 0.03, "momentum": 0.5, "weight_decay": 1e-3, "ig_ratio": 0.5,
          "fedamp_sigma": 2.0, "fedala_eta": 0.5, "fedala_sample_ratio": 0.6,
          "fedala_threshold": 0.05, "feddyn_alpha": 0.02, "moon_mu": 0.5, "moon_tau": 0.3,
          "perfedavg_beta": 0.002, "pfedme_lambda": 10.0, "pfedme_personal_lr": 0.02,
-         "pfedme_beta": 0.8}
+         "pfedme_beta": 0.8, "dp_noise_multiplier": 0.7, "dp_clip_norm": 0.3,
+         "dp_target_quantile": 0.7, "dp_clip_lr": 0.1}
 # The heterogeneous-group algorithms pretrain before the first round: slower to compile.
 # The default suite checks one algorithm of each kind of state (none, personal, EMA,
 # distillation targets, control variates); -m slow checks every one.

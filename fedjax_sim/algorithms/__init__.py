@@ -298,6 +298,19 @@ def resolve(name: str, **hparams) -> dict:
             for key, spec in specs.items()}
 
 
+def check_private(name: str, resolved: dict) -> None:
+    """Refuses ``dp`` on for an algorithm that does not declare ``Abilities.private``.
+
+    Raises:
+      ValueError: naming the algorithm and those that run under differential privacy.
+    """
+    if resolved.get("dp", "off") != "off" and not _entry(name).abilities.private:
+        able = ", ".join(n for n in names() if abilities(n).private)
+        raise ValueError(f"{name} does not run under differential privacy (dp="
+                         f"{resolved['dp']}): what its clients send is not one model update "
+                         f"that clipping and noise cover; algorithms that do: {able}")
+
+
 def takes_batch_order(name: str) -> bool:
     """Whether algorithm ``name`` accepts ``make(..., batch_order=...)``: host-drawn sample
     orders (R, K, E, N_max) replacing the random batch order (``core.local.FixedOrder``)."""
@@ -383,6 +396,11 @@ def make(name: str, model: Model, *, public=None, batch_order=None, cover=None,
         raise ValueError(f"{name} does not train batch-normalized models (--model "
                          f"{next(m.name for m in models if m.has_stats)}): its clients do not "
                          f"update running statistics; algorithms that do: {able}")
+    check_private(name, resolved)
+    if resolved.get("dp", "off") != "off" and any(getattr(m, "has_stats", False)
+                                                  for m in models):
+        raise ValueError(f"dp={resolved['dp']} does not run batch-normalized models: their "
+                         "running statistics would be clipped and noised with the weights")
     covered = resolve_cover(name, resolved, cover)
     extra = {}
     if batch_order is not None:

@@ -45,6 +45,7 @@ import numpy as np
 import optax
 
 from fedjax_sim.checks import INT32_MAX
+from fedjax_sim.core import privacy as privacy_lib
 from fedjax_sim.core.cohort import STRATEGIES, Execution
 from fedjax_sim.core.evaluate import score
 from fedjax_sim.core.local import weighted_cross_entropy
@@ -77,6 +78,10 @@ class Abilities:
         clients train through the standard local step (``local_sgd``), which updates the
         running statistics, and it says how it aggregates them; the others refuse such a
         model in ``make``.
+      private: it runs under user-level differential privacy (``dp``, ``core.privacy``):
+        each client uploads only a model in the space of what the server sent (the
+        model or its shared part) and the server reads nothing else of it, so clipping
+        and noising that update covers everything a client sends.
     """
 
     clock: bool = True
@@ -84,9 +89,10 @@ class Abilities:
     asynchronous: bool = False
     heterogeneous: bool = False
     batch_norm: bool = False
+    private: bool = False
 
     def __post_init__(self):
-        for name in ("clock", "asynchronous", "heterogeneous", "batch_norm"):
+        for name in ("clock", "asynchronous", "heterogeneous", "batch_norm", "private"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Abilities.{name} must be True or False, got "
                                 f"{getattr(self, name)!r}")
@@ -95,10 +101,11 @@ class Abilities:
                             f"{self.clock_refusal!r}")
 
 
-# Uploads in the global model's space: the asynchronous conditions can mix stale ones in.
-ASYNCHRONOUS = Abilities(asynchronous=True)
+# Uploads in the global model's space: the asynchronous conditions can mix stale ones in,
+# and differential privacy can clip and noise them.
+ASYNCHRONOUS = Abilities(asynchronous=True, private=True)
 # ... and trains batch-normalized models through the standard local step.
-ASYNCHRONOUS_BN = Abilities(asynchronous=True, batch_norm=True)
+ASYNCHRONOUS_BN = Abilities(asynchronous=True, batch_norm=True, private=True)
 
 
 class Algorithm(NamedTuple):
@@ -252,6 +259,46 @@ def _optional_positive_int(name, help):
     )
 
 
+def _optional_float(name, check, allowed, help):
+    return HParam(name, None, float, lambda v: v is None or check(v), f"{allowed} or unset",
+                  help)
+
+
+# User-level differential privacy (``core.privacy``); off by default.
+PRIVACY = (
+    HParam("dp", "off", str, lambda v: v in privacy_lib.MODES,
+           f"one of {privacy_lib.MODES}", "user-level differential privacy (DP-FedAvg): "
+           "off, fixed clipping, or adaptive clipping (Andrew et al. 2021)",
+           choices=privacy_lib.MODES),
+    HParam("dp_sampling", "poisson", str, lambda v: v in privacy_lib.SAMPLINGS,
+           f"one of {privacy_lib.SAMPLINGS}", "how a private round samples its cohort: each "
+           "client with probability join_ratio (poisson), or round(join_ratio N) clients "
+           "(fixed)", choices=privacy_lib.SAMPLINGS),
+    HParam("dp_noise_multiplier", 1.0, float, lambda v: v >= 0, ">= 0",
+           "σ: the Gaussian noise's standard deviation over the clip norm (unset with "
+           "dp_target_epsilon: calibrated)", traced=True),
+    HParam("dp_clip_norm", 1.0, float, lambda v: v > 0, "> 0",
+           "C: L2 norm each client update is clipped to (adaptive: the initial C)",
+           traced=True),
+    HParam("dp_target_quantile", 0.5, float, lambda v: 0 <= v <= 1, "in [0, 1]",
+           "adaptive clipping: the quantile of the update norms C follows", traced=True),
+    HParam("dp_clip_lr", 0.2, float, lambda v: v >= 0, ">= 0",
+           "adaptive clipping: the geometric step size of C", traced=True),
+    _optional_float("dp_count_noise_multiplier", lambda v: v > 0, "> 0",
+                    "adaptive clipping: σ_b of the clipped count (default: the expected "
+                    "cohort / 20)"),
+    _optional_float("dp_delta", lambda v: 0 < v < 1, "in (0, 1)",
+                    "δ of the reported ε (default 1 / number of clients)"),
+    _optional_float("dp_target_epsilon", lambda v: v > 0, "> 0",
+                    "privacy budget ε: calibrates σ for the planned rounds, or refuses "
+                    "rounds that would exceed it"),
+    HParam("dp_accountant", "rdp", str, lambda v: v in privacy_lib.ACCOUNTANTS,
+           f"one of {privacy_lib.ACCOUNTANTS}", "dp-accounting's accountant: rdp (Rényi) "
+           "or pld (privacy loss distributions; poisson sampling only)",
+           choices=privacy_lib.ACCOUNTANTS),
+)
+
+
 COMMON = (
     _positive_int("local_epochs", 5, "local epochs per round"),
     _optional_positive_int(
@@ -274,6 +321,7 @@ COMMON = (
         choices=STRATEGIES,
     ),
     _positive_int("chunk_size", 8, "clients per chunk for client_strategy=chunked"),
+    *PRIVACY,
     HParam(
         "augment", "none", str, lambda v: v in AUGMENTATIONS, f"one of {AUGMENTATIONS}",
         "augment every local batch in the jitted step: crop_flip is CIFAR's random crop "
@@ -605,12 +653,15 @@ def federated_algorithm(
         :func:`clocked`, which checks it first).
     """
     init_with_arg, report_arg = init_with, report
+    privacy = privacy_lib.make_privacy(hp) if clock is None else None
     round_with, default_evaluate = federated(
         method, join_ratio=hp["join_ratio"], execution=execution(hp),
         batch_order=check_batch_order(batch_order, hp), clock=clock,
         budget=(hp["local_epochs"], hp["local_steps"], hp["batch_size"]),
-        comm_bytes=comm_bytes,
+        comm_bytes=comm_bytes, privacy=privacy,
     )
+    if privacy is not None:
+        init_with = _with_privacy_state(init_with)
     step_bytes = comm_bytes
     if clock is not None:
         from fedjax_sim.core import clock as clock_lib
@@ -630,6 +681,13 @@ def federated_algorithm(
             derive=derive, cover=cover, clock=new_clock)
 
     return algorithm._replace(with_clock=with_clock, clock=clock)
+
+
+def _with_privacy_state(init_with: Callable) -> Callable:
+    def init(key, data, traced):
+        return init_with(key, data, traced).replace(privacy=privacy_lib.init_state(traced))
+
+    return init
 
 
 def _step_bytes(comm_bytes: Callable, join_ratio: float, clock: Any) -> Callable:

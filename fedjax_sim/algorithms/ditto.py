@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from fedjax_sim.algorithms.base import (
+    Abilities,
     Algorithm,
     HParam,
     cross_entropy_loss,
@@ -28,6 +29,10 @@ from fedjax_sim.core.rounds import Method, personal_only
 from fedjax_sim.core.state import SimState
 from fedjax_sim.kernels.aggregation import broadcast
 from fedjax_sim.models.base import Model
+
+# The global model is FedAvg's (uploads in its space); the personal model is computed from
+# the global model and the client's own data: under DP it is post-processing.
+ABILITIES = Abilities(private=True)
 
 HPARAMS = (
     HParam("ditto_lambda", 1.0, float, lambda v: v >= 0, ">= 0",

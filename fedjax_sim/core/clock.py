@@ -110,7 +110,7 @@ from flax import struct
 
 from fedjax_sim.core import system as system_lib
 from fedjax_sim.core.cohort import cohort_size
-from fedjax_sim.core.rounds import Plan, RoundKeys, Schedule, draw_cohort
+from fedjax_sim.core.rounds import Plan, RoundKeys, Schedule, draw_cohort, upload_view
 from fedjax_sim.core.system import SystemModel
 from fedjax_sim.kernels.aggregation import gather
 
@@ -416,12 +416,6 @@ def init_clock(num_clients: int, start: Any = None) -> ClockState:
         server_version=jnp.zeros((), jnp.int32),
         start=jax.tree.map(lambda a: jnp.zeros((k, *jnp.shape(a)), jnp.asarray(a).dtype),
                            start))
-
-
-def upload_view(received: Any) -> Any:
-    """The part of what the server sends that lives in the space of the uploads: all of
-    it, or the first element of a tuple (FedOBP sends ``(params, mask key)``)."""
-    return received[0] if isinstance(received, tuple) else received
 
 
 def _same_space(view: Any, uploads: Any) -> bool:

@@ -163,6 +163,12 @@ def draw_cohort(key: jax.Array, num_clients: int, size: int) -> tuple:
     return sample_cohort(cohort_key, num_clients, size), train_key
 
 
+def upload_view(received: Any) -> Any:
+    """The part of what the server sends that lives in the space of the uploads: all of
+    it, or the first element of a tuple (FedOBP sends ``(params, mask key)``)."""
+    return received[0] if isinstance(received, tuple) else received
+
+
 def round_orders(batch_order: Any, round_index: jax.Array) -> jax.Array | None:
     """This round's (K, E, N_max) rows of host batch orders (R, K, E, N_max).
 
@@ -431,6 +437,7 @@ def federated(
     clock: Any = None,
     budget: tuple | None = None,
     comm_bytes: Callable | None = None,
+    privacy: Any = None,
 ) -> tuple[Callable, Callable]:
     """The round and the evaluation of ``method``, each taking the traced hyperparameters.
 
@@ -448,32 +455,54 @@ def federated(
       budget: with ``clock``, ``(local_epochs, local_steps, batch_size)`` (the samples a
         job processes).
       comm_bytes: with ``clock``, the algorithm's ``comm_bytes`` (bytes a job moves).
+      privacy: optional ``core.privacy.Privacy``: the cohort is drawn as the accountant
+        assumes and the members' updates are clipped, summed and noised before the
+        server update reads them as the cohort's mean model (not with ``clock``).
 
     Returns:
       ``round_with(state, data, hp) -> (state, metrics)`` and
       ``evaluate_with(state, data, hp) -> (correct[K], loss_sum[K])``.
     """
+    if clock is not None and privacy is not None:
+        raise ValueError("differential privacy does not run on the virtual clock")
     if clock is None:
         schedule = sampled(join_ratio)
     else:
         schedule = clock.schedule(join_ratio=join_ratio, budget=budget,
                                   comm_bytes=comm_bytes, batch_order=batch_order)
-    mean_uploads = method.mean_uploads and schedule.merge is None
+    mean_uploads = (method.mean_uploads and schedule.merge is None and privacy is None)
 
     def round_with(state: SimState, data: FederatedData, hp: Any):
         next_key, round_key = jax.random.split(state.key)
         cohort_key, received, context = method.broadcast(hp, state, round_key)
-        plan = schedule.dispatch(state, data, RoundKeys(next_key, round_key, cohort_key),
-                                 received)
+        if privacy is None:
+            plan = schedule.dispatch(state, data,
+                                     RoundKeys(next_key, round_key, cohort_key), received)
+        else:
+            sample_key, train_key = jax.random.split(cohort_key)
+            drawn = privacy.draw(sample_key, data.num_clients)
+            plan = Plan(drawn.index, train_key, drawn.present)
         cohort = train_cohort(plan, state.clients, data, method.client_update, hp=hp,
                               received=received, execution=execution,
                               mean_uploads=mean_uploads,
                               orders=round_orders(batch_order, state.round))
+        private = {}
         if schedule.merge is not None:
             cohort = cohort._replace(uploads=schedule.merge(received, plan, cohort.uploads))
-        server, metrics = aggregate(method, hp, state, cohort, context, plan.present)
+        elif privacy is not None:
+            from fedjax_sim.core.privacy import noise_key
+
+            merged, own_state, private = privacy.privatize(
+                hp, state.privacy, upload_view(received), cohort.uploads, plan.present,
+                noise_key(round_key, hp), data.num_clients)
+            cohort = cohort._replace(uploads=merged)
+            state = state.replace(privacy=own_state)
+            private["dp_truncated"] = drawn.truncated
+        # A private round releases its noised mean even when nobody was sampled.
+        present = None if privacy is not None else plan.present
+        server, metrics = aggregate(method, hp, state, cohort, context, present)
         state = advance(state, next_key, server=server, clients=cohort.clients)
-        metrics = {"train_loss": cohort.loss, **metrics}
+        metrics = {"train_loss": cohort.loss, **metrics, **private}
         if schedule.record is None:
             return state, metrics
         state, timing = schedule.record(state, plan, cohort)

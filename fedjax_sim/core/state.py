@@ -24,6 +24,8 @@ class SimState:
         algorithm keeps nothing on clients between rounds.
       clock: the virtual clock of a run with a system model (``core.clock.ClockState``),
         ``None`` otherwise (no leaves: the state of a run without one is unchanged).
+      privacy: a private run's own state (``core.privacy``: the current clip norm),
+        ``None`` otherwise.
     """
 
     key: jax.Array
@@ -31,6 +33,7 @@ class SimState:
     server: Any
     clients: Any
     clock: Any = None
+    privacy: Any = None
 
     @classmethod
     def create(cls, key: jax.Array, server: Any, clients: Any, num_clients: int) -> SimState:

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from fedjax_sim import safety
+from fedjax_sim.core import privacy
 from fedjax_sim.core.checkpoint import Checkpointer
 from fedjax_sim.core.clock import CLOCK_METRICS
 from fedjax_sim.core.evaluate import federation_incentives, summarize
@@ -144,9 +145,10 @@ def _record(program: Program, c: int, track: Track, *, done: int, loss: float,
               **summarize(correct[c], program.test_counts[c]),
               "bytes_up": up * done, "bytes_down": down * done,
               "wall_s": time.perf_counter() - start}
-    for key in CLOCK_METRICS:
+    for key in CLOCK_METRICS + privacy.METRICS:
         if key in metrics:
             record[key] = np.asarray(metrics[key])[c, -1].item()
+    record.update(_epsilon(program, c, done))
     if track.local_accuracies is not None:
         # Against the Local reference's final accuracies (it ran first).
         record.update(federation_incentives(record["client_accuracies"],
@@ -154,6 +156,16 @@ def _record(program: Program, c: int, track: Track, *, done: int, loss: float,
     if track.diverged is not None:
         record["diverged_at"] = track.diverged["round"]
     return record
+
+
+def _epsilon(program: Program, c: int, done: int) -> dict:
+    """Configuration ``c``'s privacy spent after ``done`` rounds (``{}`` without DP)."""
+    static = program.algorithm.hparams
+    if static.get("dp", "off") == "off":
+        return {}
+    sigmas = np.asarray(program.hp["dp_noise_multiplier"]).reshape(-1)
+    return privacy.epsilon_fields(static, float(sigmas[min(c, sigmas.size - 1)]),
+                                  program.test_counts.shape[-1], done)
 
 
 def _loop(program: Program, tracks: list[Track], *, rounds: int, eval_every: int,
@@ -302,6 +314,8 @@ def _finish(program: Program, tracks: list[Track], state: Any, *, rounds: int, d
         else:
             status, rounds_done = "complete", rounds
         summary = fields(c, track, status, rounds_done)
+        if final is not None:  # the privacy spent by what was released, at any status
+            summary.update({k: final[k] for k in privacy.SPENT if k in final})
         # A diverged run reports no accuracy, even one that kept going (``warn``): its
         # records stay in metrics.jsonl, marked by the round it diverged at.
         if to_the_end and track.diverged is None:

@@ -87,6 +87,7 @@ def _state_shardings(state_shape: SimState, mesh: Mesh) -> SimState:
         server=jax.tree.map(lambda _: replicated, state_shape.server),
         clients=jax.tree.map(client_leaf, state_shape.clients),
         clock=jax.tree.map(lambda _: replicated, state_shape.clock),
+        privacy=jax.tree.map(lambda _: replicated, state_shape.privacy),
     )
 
 
