@@ -200,7 +200,8 @@ class ExperimentSpec:
         False, "loop", "also run Local on the same split and report the hurt fraction and the "
         "incentivized participation rate (`run`: after the run, as a run folder of its own "
         "in OUTPUT/local)", commands=("run", "sweep"))
-    # -- how it runs (no effect on the numbers) --
+    # -- how it runs: the same computation; only the order of float sums can change (a
+    # different device count can move a 30-round accuracy by about a seed's spread) --
     rounds_per_call: int = option(1, "execution", "rounds per jitted call (lax.scan over "
                                   "rounds)", low=1, commands=("run", "sweep"))
     devices: int | None = option(

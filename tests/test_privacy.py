@@ -263,3 +263,14 @@ def test_a_sweep_over_sigma_and_seeds_is_one_program(tmp_path, capsys):
     lines = (tmp_path / "out" / "results.jsonl").read_text().splitlines()
     epsilons = sorted({round(json.loads(line)["dp_epsilon"], 9) for line in lines})
     assert len(epsilons) == 2
+
+
+def test_num_samples_sets_the_mnist1d_generator_and_nothing_else():
+    from fedjax_sim.spec import ExperimentSpec, build_data, check_spec
+
+    with pytest.raises(ValueError, match="num_samples sets how many examples the mnist1d"):
+        check_spec(ExperimentSpec(dataset="digits", num_samples=2000))
+    spec = check_spec(ExperimentSpec(dataset="mnist1d", num_samples=600, num_clients=10))
+    data, _ = build_data(spec)
+    total = int(np.asarray(data.train_counts).sum() + np.asarray(data.test_counts).sum())
+    assert total == 600
