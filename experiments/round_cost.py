@@ -81,6 +81,7 @@ def main(argv=None) -> list[dict]:
                         help="algorithm or algorithm:key=value,... (comma-separated or several)")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--num-samples", type=int, default=None, help="mnist1d's generator")
+    parser.add_argument("--model", default="mlp", help="mlp, cnn, cnn_bn, ...")
     parser.add_argument("--num-clients", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--join-ratio", type=float, default=1.0)
@@ -101,7 +102,7 @@ def main(argv=None) -> list[dict]:
     options = None if args.num_samples is None else {"num_samples": args.num_samples}
     data, _, _ = make_federated_data(args.dataset, num_clients=args.num_clients,
                                      alpha=args.alpha, source_options=options)
-    model = make_model("mlp", data.input_shape, data.num_classes, init="torch")
+    model = make_model(args.model, data.input_shape, data.num_classes, init="torch")
     common = {"join_ratio": args.join_ratio, "local_epochs": args.local_epochs,
               "lr": args.lr}
     table = [(BASELINE, BASELINE, common)]

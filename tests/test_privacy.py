@@ -274,3 +274,21 @@ def test_num_samples_sets_the_mnist1d_generator_and_nothing_else():
     data, _ = build_data(spec)
     total = int(np.asarray(data.train_counts).sum() + np.asarray(data.test_counts).sum())
     assert total == 600
+
+
+def test_resume_continues_the_clip_norm_and_the_noise(tmp_path):
+    from fedjax_sim.cli import main
+
+    def run(folder, rounds, *extra):
+        main(["run", "--dataset", "synthetic", "--num-clients", "10", "--rounds", str(rounds),
+              "--eval-every", "2", "--local-epochs", "1", "--join-ratio", "0.3", "--dp",
+              "adaptive", "--checkpoint-every", "2", "--no-progress", "--output",
+              str(tmp_path / folder), *extra])
+        return [json.loads(line) for line in
+                (tmp_path / folder / "metrics.jsonl").read_text().splitlines()]
+
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, "--resume")
+    keys = ("round", "accuracy", "dp_clip_norm_now", "dp_epsilon")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in straight]
