@@ -39,7 +39,8 @@ def command(out: Path, dataset: str, alpha: float) -> list[str]:
 
 def local_records(folder: Path) -> list[dict]:
     """The Local reference's summaries (one per seed)."""
-    return [json.loads(p.read_text()) for p in sorted((folder / "local").glob("seed*/summary.json"))]
+    paths = sorted((folder / "local").glob("seed*/summary.json"))
+    return [json.loads(p.read_text()) for p in paths]
 
 
 def cell(values: list[float]) -> str:
