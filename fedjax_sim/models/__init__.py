@@ -1,8 +1,8 @@
 """Classifiers as pure (init, apply) pairs over plain parameter dicts.
 
 Every model names its classifier layer ``head`` (``Model.head == ("head",)``), so that
-personalized methods can split head and base by name. ``cnn_bn`` adds batch normalization,
-with its running statistics in the parameter dict (``Model.state_names``).
+personalized methods can split head and base by name. ``cnn_bn`` and ``resnet_bn`` add batch
+normalization, with their running statistics in the parameter dict (``Model.state_names``).
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ from fedjax_sim.models.layers import (
 )
 from fedjax_sim.models.lstm import char_lstm, sent_lstm, so_lstm
 from fedjax_sim.models.mlp import mlp
-from fedjax_sim.models.resnet import resnet
+from fedjax_sim.models.resnet import resnet, resnet_bn
 from fedjax_sim.models.transformer import transformer
 
 MODELS = ("mlp", "cnn", "resnet", "emnist_cnn", "char_lstm", "so_lstm", "sent_lstm",
-          "transformer", "cnn_bn")
+          "transformer", "cnn_bn", "resnet_bn")
 
 _FACTORIES = {"mlp": mlp, "cnn": cnn, "cnn_bn": cnn_bn, "resnet": resnet, "emnist_cnn": emnist_cnn,
               "char_lstm": char_lstm, "so_lstm": so_lstm, "sent_lstm": sent_lstm,
-              "transformer": transformer}
-_CONV_MODELS = ("cnn", "cnn_bn", "resnet", "emnist_cnn")
+              "transformer": transformer, "resnet_bn": resnet_bn}
+_CONV_MODELS = ("cnn", "cnn_bn", "resnet", "resnet_bn", "emnist_cnn")
 # Models that read int tokens (B, L) and give logits (B, L, V) for every position.
 SEQUENCE_MODELS = ("char_lstm", "so_lstm", "transformer")
 # Models that read int tokens (B, L): the above, and sent_lstm (one label per sequence).
@@ -149,6 +149,7 @@ __all__ = [
     "max_pool_2x2",
     "mlp",
     "resnet",
+    "resnet_bn",
     "resolve_conv_impl",
     "sent_lstm",
     "so_lstm",
