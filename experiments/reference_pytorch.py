@@ -536,6 +536,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def methods_and_seeds(args, known) -> tuple[list[str], list[int]]:
+    """``--methods`` (each one of ``known``) and ``--seeds`` of a reference script."""
+    methods = _parse_list(args.methods, str, "--methods")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"--methods must be among {', '.join(known)}, got {unknown[0]!r}")
+    return methods, _parse_list(args.seeds, int, "--seeds")
+
+
 def _parse_list(text: str, kind, label: str) -> list:
     values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     if not values:
@@ -562,11 +571,7 @@ def main(argv=None) -> list[dict]:
                         help="instead: per method and seed, fedjax-sim's run and the PyTorch "
                              "loop fed its initial weights and batch orders (lockstep)")
     args = parser.parse_args(argv)
-    methods = _parse_list(args.methods, str, "--methods")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods must be among {', '.join(METHODS)}, got {unknown[0]!r}")
-    seeds = _parse_list(args.seeds, int, "--seeds")
+    methods, seeds = methods_and_seeds(args, METHODS)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be an integer >= 1, got {args.rounds}")
 

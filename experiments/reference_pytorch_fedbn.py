@@ -69,7 +69,13 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from reference_pytorch import _parse_list, count_correct, train_epochs, weighted_average
+from reference_pytorch import (
+    _parse_list,
+    count_correct,
+    methods_and_seeds,
+    train_epochs,
+    weighted_average,
+)
 
 METHODS = ("fedavg", "fedbn", "fedbn_conv", "local")
 NORMS = ("bn1", "bn2", "bn3")
@@ -437,11 +443,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", default=None, help="also write the per-seed rows here")
     parser.add_argument("--torch-threads", type=int, default=1)
     args = parser.parse_args(argv)
-    methods = _parse_list(args.methods, str, "--methods")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods must be among {', '.join(METHODS)}, got {unknown[0]!r}")
-    seeds = _parse_list(args.seeds, int, "--seeds")
+    methods, seeds = methods_and_seeds(args, METHODS)
     alphas = (_parse_list(args.alphas, float, "--alphas") if args.alphas
               else [default_spec().alpha])
     if args.rounds is not None and args.rounds < 1:

@@ -49,7 +49,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from reference_pytorch import (
     SETTING,
-    _parse_list,
     client_arrays,
     count_correct,
     draw_partition,
@@ -57,6 +56,7 @@ from reference_pytorch import (
     make_net,
     markdown_table,
     method_hparams,
+    methods_and_seeds,
     run_fedjax,
     weighted_average,
 )
@@ -319,11 +319,7 @@ def main(argv=None) -> list[dict]:
                         help="instead: fedjax-sim's time per round of each method against "
                              "FedAvg's on the setting (--rounds rounds, 15 repeats)")
     args = parser.parse_args(argv)
-    methods = _parse_list(args.methods, str, "--methods")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods must be among {', '.join(METHODS)}, got {unknown[0]!r}")
-    seeds = _parse_list(args.seeds, int, "--seeds")
+    methods, seeds = methods_and_seeds(args, METHODS)
     if args.rounds < 1:
         raise ValueError(f"--rounds must be an integer >= 1, got {args.rounds}")
 
