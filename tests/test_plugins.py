@@ -73,7 +73,9 @@ def test_registered_algorithm_works_where_built_ins_do(plugin, small_data):
     assert plugin in algorithms.ALGORITHMS and plugin not in algorithms.DISTILLATION
     assert plugin in algorithms.names() and not algorithms.uses_public(plugin)
     assert algorithms.hparam_specs(plugin)[-1].name == "mix"
-    assert algorithms.traced_names(plugin) == ("lr", "momentum", "weight_decay", "mix")
+    assert algorithms.traced_names(plugin) == (
+        "lr", "momentum", "weight_decay", "dp_noise_multiplier", "dp_clip_norm",
+        "dp_target_quantile", "dp_clip_lr", "mix")
     assert algorithms.resolve(plugin, mix=0.25)["mix"] == 0.25
     with pytest.raises(ValueError, match=r"mix must be in \(0, 1\], got 0.0"):
         algorithms.resolve(plugin, mix=0.0)

@@ -570,6 +570,9 @@ def assemble(
     numeric = numeric_values(specs, hp)
     compiled = {spec.name for spec in specs if spec.zero_off
                 and all(values[spec.name] == 0 for values in (numeric, *cover))}
+    # Without DP its traced values reach nothing: left out of hp.
+    unused = ({spec.name for spec in PRIVACY if spec.traced}
+              if hp.get("dp", "off") == "off" else set())
 
     def encode(overrides: Mapping[str, float]) -> Traced:
         unknown = sorted(set(overrides) - set(by_name))
@@ -578,6 +581,9 @@ def assemble(
                 f"{', '.join(unknown)} is not a traced hyperparameter of {name}; traced: "
                 f"{', '.join(by_name)} (the others fix the program's structure)")
         checked = {key: check_hparam(by_name[key], value) for key, value in overrides.items()}
+        if unused & set(checked):
+            raise ValueError(f"{sorted(unused & set(checked))[0]}: this {name} round was "
+                             "built with dp off (no part of the program for it)")
         values = numeric_values(specs, {**hp, **checked})
         for key in sorted(compiled):
             if values[key] != 0:
@@ -585,7 +591,8 @@ def assemble(
                     f"{key}={values[key]}: this {name} round was built with {key} 0 only "
                     "(compiled in, no part of the program for it); build it with "
                     "make(..., cover=...) naming this value")
-        traced = as_traced({k: v for k, v in values.items() if k not in compiled})
+        traced = as_traced({k: v for k, v in values.items()
+                            if k not in compiled and k not in unused})
         if derive is not None:
             traced.update(derive(values))
         return traced
