@@ -581,9 +581,10 @@ def assemble(
                 f"{', '.join(unknown)} is not a traced hyperparameter of {name}; traced: "
                 f"{', '.join(by_name)} (the others fix the program's structure)")
         checked = {key: check_hparam(by_name[key], value) for key, value in overrides.items()}
-        if unused & set(checked):
-            raise ValueError(f"{sorted(unused & set(checked))[0]}: this {name} round was "
-                             "built with dp off (no part of the program for it)")
+        changed = sorted(k for k in unused & set(checked) if checked[k] != numeric[k])
+        if changed:
+            raise ValueError(f"{changed[0]}: this {name} round was built with dp off (no "
+                             "part of the program for it)")
         values = numeric_values(specs, {**hp, **checked})
         for key in sorted(compiled):
             if values[key] != 0:
